@@ -1,0 +1,377 @@
+"""The ``llada`` command line: each subcommand parses its flags and calls one typed function.
+
+Subcommands: generate, chat, score, info, convert, init. Run ``llada SUBCOMMAND --help`` for examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tqdm.auto import tqdm
+
+from llada.checkpoint import CheckpointError, read_config, save_model, weight_files
+from llada.config import PRESETS, preset
+from llada.likelihood import log_likelihood
+from llada.model import LLaDAModel
+from llada.sampling import REMASKING_CHOICES, generate
+from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+# --- shared helpers ----------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise CliError(f"unknown --device {name!r}: {error}") from error
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` is bf16 on GPU and float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "stored":
+        return None
+    if name not in DTYPES:
+        raise CliError(f"unknown --dtype {name!r}; choose one of auto, stored, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(model_dir: str, device: str, dtype: str) -> tuple[LLaDAModel, Tokenizer]:
+    target = resolve_device(device)
+    model = LLaDAModel.from_pretrained(model_dir, dtype=resolve_dtype(dtype, target), device=target)
+    return model, Tokenizer.from_pretrained(model_dir)
+
+
+def answer_text(tokenizer: Tokenizer, answer_ids: Sequence[int]) -> str:
+    """Decoded answer up to (not including) the first EOS or end-of-turn token."""
+    stops = {tokenizer.ids.eos, tokenizer.ids.eot}
+    kept = []
+    for token in answer_ids:
+        if token in stops:
+            break
+        kept.append(token)
+    return tokenizer.decode([t for t in kept if t != tokenizer.ids.mask], skip_special_tokens=True)
+
+
+def _atomic_text_writer(path: Path) -> tuple[TextIO, Callable[[], None]]:
+    """A file handle writing to a temporary file and a function that renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    stream = os.fdopen(handle, "w", encoding="utf-8")
+
+    def commit() -> None:
+        stream.close()
+        os.replace(temporary, path)
+
+    return stream, commit
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+def run_generate(model: str, prompt: str, chat: bool = True, steps: int = 128, gen_length: int = 128,
+                 block_length: int = 32, temperature: float = 0.0, cfg_scale: float = 0.0,
+                 remasking: str = "low_confidence", device: str = "auto", dtype: str = "auto", seed: int = 0,
+                 show_prompt: bool = False) -> str:
+    """Generate one answer for ``prompt`` and return its text."""
+    torch.manual_seed(seed)
+    net, tokenizer = load(model, device, dtype)
+    messages: list[Message] = [{"role": "user", "content": prompt}]
+    ids = tokenizer.encode_chat(messages) if chat else tokenizer.encode(prompt)
+    prompt_ids = torch.tensor([ids], device=net.device)
+    generator = torch.Generator(device=net.device).manual_seed(seed)
+    out = generate(net, prompt_ids, steps=steps, gen_length=gen_length, block_length=block_length,
+                   temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=tokenizer.ids.mask,
+                   eos_id=tokenizer.ids.eos, eot_id=tokenizer.ids.eot, generator=generator, progress=True)
+    text = answer_text(tokenizer, out[0, len(ids):].tolist())
+    return (prompt + text) if show_prompt else text
+
+
+def run_chat(model: str, steps: int = 128, gen_length: int = 128, block_length: int = 32, temperature: float = 0.0,
+             cfg_scale: float = 0.0, remasking: str = "low_confidence", device: str = "auto", dtype: str = "auto",
+             seed: int = 0, system: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Multi-turn chat on the terminal; the answer is printed block by block as it is decided."""
+    torch.manual_seed(seed)
+    net, tokenizer = load(model, device, dtype)
+    generator = torch.Generator(device=net.device).manual_seed(seed)
+    history: list[Message] = [{"role": "system", "content": system}] if system else []
+    stdout.write("Chat with the model. Commands: /reset clears the history, /exit quits.\n")
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            stdout.write("(history cleared)\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        ids = tokenizer.encode_chat(history)
+        if len(ids) + gen_length > net.config.max_sequence_length:
+            history = history[:-1]
+            stdout.write(f"(the conversation is too long for the model's context of {net.config.max_sequence_length} "
+                         f"tokens; /reset to start over)\n")
+            continue
+        shown = ""
+
+        def stream(x: torch.Tensor, block: int) -> None:
+            nonlocal shown
+            decided = x[0, len(ids):len(ids) + (block + 1) * block_length].tolist()
+            text = answer_text(tokenizer, decided)
+            if text.startswith(shown):
+                stdout.write(text[len(shown):])
+                stdout.flush()
+                shown = text
+
+        out = generate(net, torch.tensor([ids], device=net.device), steps=steps, gen_length=gen_length,
+                       block_length=block_length, temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
+                       mask_id=tokenizer.ids.mask, eos_id=tokenizer.ids.eos, eot_id=tokenizer.ids.eot,
+                       generator=generator, on_block=stream)
+        reply = answer_text(tokenizer, out[0, len(ids):].tolist())
+        stdout.write(reply[len(shown):] + "\n")
+        history.append({"role": "assistant", "content": reply})
+
+
+def run_score(model: str, input: str, output: str | None = None, mc_num: int = 128, batch_size: int = 16,
+              cfg_scale: float = 0.0, chat: bool = False, device: str = "auto", dtype: str = "auto",
+              seed: int = 0) -> int:
+    """Score each {"prompt", "answer"} line of a JSONL file; write the lines back with the ELBO added.
+
+    Returns the number of lines scored. Malformed lines stop the run with the file and line number,
+    before any model work, so nothing is half-written.
+    """
+    pairs = _read_pairs(Path(input))
+    net, tokenizer = load(model, device, dtype)
+    generator = torch.Generator(device=net.device).manual_seed(seed)
+    stream, commit = _atomic_text_writer(Path(output)) if output else (sys.stdout, lambda: None)
+    for record in tqdm(pairs, desc="scoring", unit="pair", disable=len(pairs) < 2):
+        prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": record["prompt"]}]) if chat
+                      else tokenizer.encode(record["prompt"]))
+        answer_ids = tokenizer.encode(record["answer"], add_special_tokens=False)
+        if not answer_ids:
+            raise CliError(f"{input}: answer {record['answer']!r} tokenizes to nothing")
+        estimate = log_likelihood(net, torch.tensor(prompt_ids), torch.tensor(answer_ids), mc_num=mc_num,
+                                  batch_size=batch_size, cfg_scale=cfg_scale, mask_id=tokenizer.ids.mask,
+                                  generator=generator)
+        result = dict(record, log_likelihood=estimate.log_likelihood, stderr=estimate.stderr,
+                      num_samples=estimate.num_samples, answer_tokens=len(answer_ids))
+        stream.write(json.dumps(result, ensure_ascii=False) + "\n")
+    commit()
+    return len(pairs)
+
+
+def _read_pairs(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise CliError(f"input file {path} does not exist")
+    pairs = []
+    with path.open(encoding="utf-8", errors="strict") as file:
+        try:
+            lines = file.readlines()
+        except UnicodeDecodeError as error:
+            raise CliError(f"{path} is not UTF-8 text: {error}") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CliError(f"{path}:{number}: invalid JSON: {error.msg}") from error
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
+            raise CliError(f"{path}:{number}: each line needs string fields 'prompt' and 'answer'")
+        pairs.append(record)
+    if not pairs:
+        raise CliError(f"{path} has no prompt/answer pairs")
+    return pairs
+
+
+def run_info(model: str) -> dict:
+    """Describe a checkpoint directory or a preset name: config, size, memory, files."""
+    if model in PRESETS and not Path(model).exists():
+        config, files = preset(model), {}
+    else:
+        config = read_config(model)
+        files = {str(p.name) for p in weight_files(model).values()}
+    info = {"config": asdict(config), "parameters": config.num_parameters(),
+            "parameters_without_embedding": config.num_parameters(include_embedding=False),
+            "forward_gflops_per_token_at_2048": round(config.flops_per_token(2048) / 1e9, 3),
+            "weights_memory_gib": {name: round(config.memory_bytes(size) / 2**30, 3)
+                                   for name, size in (("bf16", 2), ("fp32", 4))}}
+    if files:
+        info["weight_files"] = sorted(files)
+        try:
+            tokenizer = Tokenizer.from_pretrained(model)
+            info["tokenizer"] = {"vocab_size": tokenizer.vocab_size, **asdict(tokenizer.ids),
+                                 "chat_template": tokenizer.chat_template is not None}
+        except TokenizerError as error:
+            info["tokenizer"] = f"unavailable: {error}"
+    return info
+
+
+def run_convert(source: str, destination: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> None:
+    """Re-save a checkpoint with another dtype and/or shard size; tokenizer files are copied along."""
+    target_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    model = LLaDAModel.from_pretrained(source, dtype=target_dtype)
+    extras = [Path(source) / name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    save_model(model, destination, max_shard_size=max_shard_size, extra_files=extras)
+
+
+def run_init(destination: str, preset_name: str = "tiny", tokenizer: str | None = None,
+             train_tokenizer_on: Sequence[str] = (), vocab_size: int | None = None, seed: int = 0,
+             dtype: str = "float32") -> None:
+    """Create a randomly initialised checkpoint (weights + tokenizer) in the official layout.
+
+    The tokenizer comes from an existing checkpoint (``tokenizer``) or is trained on text files; the
+    model's vocabulary and special ids follow it.
+    """
+    if tokenizer:
+        tok = Tokenizer.from_pretrained(tokenizer)
+    elif train_tokenizer_on:
+        texts = [Path(p).read_text(encoding="utf-8") for p in train_tokenizer_on]
+        tok = train_tokenizer(texts, vocab_size=vocab_size or PRESETS[preset_name].vocab_size)
+    else:
+        raise CliError("init needs a tokenizer: --tokenizer DIR or --train-tokenizer-on FILE...")
+    config = preset(preset_name, vocab_size=tok.vocab_size, embedding_size=tok.vocab_size, mask_token_id=tok.ids.mask,
+                    eos_token_id=tok.ids.eos, pad_token_id=tok.ids.pad, eot_token_id=tok.ids.eot)
+    torch.manual_seed(seed)
+    model = LLaDAModel(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        tok.save_pretrained(scratch)
+        save_model(model, destination, dtype=resolve_dtype(dtype, torch.device("cpu")),
+                   extra_files=[Path(scratch) / name for name in TOKENIZER_FILES])
+
+
+# --- argument parsing --------------------------------------------------------------------------
+
+EPILOGS = {
+    "generate": "example:\n  llada generate --model ckpt/ --prompt 'What is a diffusion model?' --steps 64 --gen-length 64",
+    "chat": "example:\n  llada chat --model ckpt/ --gen-length 128 --block-length 32",
+    "score": "input lines look like {\"prompt\": \"The capital of France is\", \"answer\": \" Paris\"}\n"
+             "example:\n  llada score --model ckpt/ --input pairs.jsonl --output scored.jsonl --mc-num 64",
+    "info": "examples:\n  llada info ckpt/\n  llada info 8b",
+    "convert": "example:\n  llada convert fp32-ckpt/ bf16-ckpt/ --dtype bf16 --max-shard-size 2GB",
+    "init": "example:\n  llada init tiny-ckpt/ --preset tiny --train-tokenizer-on README.md --vocab-size 512",
+}
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (official LLaDA layout)")
+    parser.add_argument("--steps", type=int, default=128, help="denoising steps in total (default 128)")
+    parser.add_argument("--gen-length", type=int, default=128, help="answer length in tokens (default 128)")
+    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default 0 = off)")
+    parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), stored, bf16, fp16, fp32")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llada", description="Large Language Diffusion Models: generate, chat, "
+                                     "score and manage LLaDA checkpoints.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    gen = command("generate", "Generate an answer to a prompt with the reference diffusion sampler.")
+    _add_sampling(gen)
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    gen.add_argument("--show-prompt", action="store_true", help="print the prompt before the answer")
+    _add_runtime(gen)
+
+    chat = command("chat", "Interactive multi-turn chat; answers appear block by block.")
+    _add_sampling(chat)
+    chat.add_argument("--system", help="optional system message")
+    _add_runtime(chat)
+
+    score = command("score", "Monte-Carlo ELBO log-likelihood of answers given prompts (JSONL in, JSONL out).")
+    score.add_argument("--model", required=True, help="checkpoint directory")
+    score.add_argument("--input", required=True, help="JSONL file with 'prompt' and 'answer' per line")
+    score.add_argument("--output", help="JSONL file to write (default: standard output)")
+    score.add_argument("--mc-num", type=int, default=128, help="Monte-Carlo samples per pair (default 128)")
+    score.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default 16)")
+    score.add_argument("--cfg-scale", type=float, default=0.0)
+    score.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    _add_runtime(score)
+
+    info = command("info", "Show a checkpoint's (or preset's) config, parameter count and memory needs.")
+    info.add_argument("model", help="checkpoint directory or preset name (" + ", ".join(PRESETS) + ")")
+
+    convert = command("convert", "Re-save a checkpoint with another dtype or shard size.")
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or stored (default bf16)")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
+
+    init = command("init", "Create a randomly initialised checkpoint with a tokenizer (for tests and demos).")
+    init.add_argument("destination")
+    init.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    init.add_argument("--tokenizer", help="take the tokenizer from this checkpoint directory")
+    init.add_argument("--train-tokenizer-on", nargs="+", default=(), help="train a BPE tokenizer on these text files")
+    init.add_argument("--vocab-size", type=int, help="vocabulary size when training a tokenizer")
+    init.add_argument("--dtype", default="float32", help="stored dtype (default float32)")
+    init.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    sampling = {}
+    if args.command in ("generate", "chat"):
+        sampling = dict(model=args.model, steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                        temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                        device=args.device, dtype=args.dtype, seed=args.seed)
+    try:
+        if args.command == "generate":
+            print(run_generate(prompt=args.prompt, chat=not args.no_chat, show_prompt=args.show_prompt, **sampling))
+        elif args.command == "chat":
+            run_chat(system=args.system, **sampling)
+        elif args.command == "score":
+            run_score(args.model, args.input, args.output, mc_num=args.mc_num, batch_size=args.batch_size,
+                      cfg_scale=args.cfg_scale, chat=args.chat, device=args.device, dtype=args.dtype, seed=args.seed)
+        elif args.command == "info":
+            print(json.dumps(run_info(args.model), indent=2))
+        elif args.command == "convert":
+            run_convert(args.source, args.destination, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        elif args.command == "init":
+            run_init(args.destination, preset_name=args.preset, tokenizer=args.tokenizer,
+                     train_tokenizer_on=args.train_tokenizer_on, vocab_size=args.vocab_size, seed=args.seed,
+                     dtype=args.dtype)
+    except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as error:
+        print(f"llada {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""Model configuration: the architecture hyper-parameters, named presets, and the official config.json.
+
+This module knows the *meaning* of the official LLaDA ``config.json`` keys (OLMo-style names such as
+``d_model`` and ``mlp_hidden_size``) and which of their values this implementation supports. It does
+not read or write files; ``checkpoint.py`` does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Official LLaDA-8B special token ids; used only as preset defaults. Checkpoints and tokenizer files
+# override them, so no code path relies on these numbers for a checkpoint that says otherwise.
+OFFICIAL_MASK_ID = 126336
+OFFICIAL_EOS_ID = 126081
+OFFICIAL_EOT_ID = 126348
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a LLaDA mask predictor (a LLaMA-style Transformer without a causal mask)."""
+
+    d_model: int = 4096  # hidden size
+    n_layers: int = 32
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads; None means n_heads (multi-head attention)
+    mlp_hidden_size: int = 12288  # SwiGLU inner width
+    vocab_size: int = 126464  # tokens the tokenizer can produce
+    embedding_size: int | None = None  # rows of the embedding / logits; None means vocab_size
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    weight_tying: bool = False  # share the embedding and output projection
+    max_sequence_length: int = 4096  # longest sequence the RoPE tables cover
+    init_std: float = 0.02
+    mask_token_id: int = OFFICIAL_MASK_ID
+    eos_token_id: int = OFFICIAL_EOS_ID
+    pad_token_id: int | None = OFFICIAL_EOS_ID
+    eot_token_id: int | None = OFFICIAL_EOT_ID  # end-of-turn; not an official config key
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.embedding_size is None:
+            self.embedding_size = self.vocab_size
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                     "embedding_size", "max_sequence_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"config.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"config.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension d_model/n_heads = {self.head_dim} must be even for RoPE")
+        if self.embedding_size < self.vocab_size:
+            raise ValueError(f"config.embedding_size ({self.embedding_size}) is smaller than vocab_size ({self.vocab_size})")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "eot_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.embedding_size:
+                raise ValueError(f"config.{name} = {value} is outside the embedding table (size {self.embedding_size})")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError("config.rope_theta and config.rms_norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        """Number of weights, counted from the shapes (the tests check it against a built model)."""
+        kv_dim = self.n_kv_heads * self.head_dim
+        attention = self.d_model * (2 * self.d_model + 2 * kv_dim)  # q, attn_out, k, v
+        mlp = 3 * self.d_model * self.mlp_hidden_size  # gate, up, down
+        norms = 2 * self.d_model
+        total = self.n_layers * (attention + mlp + norms) + self.d_model  # + final norm
+        embedding = self.embedding_size * self.d_model
+        output = 0 if self.weight_tying else embedding
+        if include_embedding:
+            total += embedding + output
+        else:
+            total += output
+        return total
+
+    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """Matmul FLOPs per token for one forward pass (x3 with ``training`` for forward + backward).
+
+        Counts 2 FLOPs per multiply-add of every weight matmul (the embedding lookup is free, the
+        output projection is not) plus attention's QK^T and AV, which grow with ``seq_len``
+        (bidirectional: every query sees all ``seq_len`` keys).
+        """
+        weight_flops = 2 * self.num_parameters(include_embedding=False)
+        weight_flops -= 2 * (2 * self.n_layers + 1) * self.d_model  # norm weights are not matmuls
+        attention_flops = 2 * 2 * self.n_layers * seq_len * self.d_model
+        forward = weight_flops + attention_flops
+        return float(3 * forward if training else forward)
+
+    def memory_bytes(self, bytes_per_param: int = 2) -> int:
+        """Bytes needed to hold the weights in a dtype of ``bytes_per_param`` bytes."""
+        return self.num_parameters() * bytes_per_param
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For unit tests: runs in milliseconds on a CPU.
+    "tiny": ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=192, vocab_size=512,
+                        max_sequence_length=512, mask_token_id=511, eos_token_id=510, pad_token_id=510,
+                        eot_token_id=509),
+    # Demo scale (tens of millions of parameters with a ~16k vocabulary).
+    "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, mlp_hidden_size=1536, vocab_size=16384,
+                         max_sequence_length=1024, mask_token_id=16383, eos_token_id=16382, pad_token_id=16382,
+                         eot_token_id=16381),
+    # ~1B parameters with the official vocabulary: the training-throughput benchmark's model.
+    "1b": ModelConfig(d_model=2048, n_layers=16, n_heads=16, mlp_hidden_size=5632, vocab_size=126464,
+                      max_sequence_length=4096),
+    # The released LLaDA-8B-Base / LLaDA-8B-Instruct architecture.
+    "8b": ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
+                      vocab_size=126464, embedding_size=126464, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_sequence_length=4096),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset, optionally with fields changed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+# --- the official config.json ------------------------------------------------------------------
+
+# Keys of the official config.json that map one-to-one onto ModelConfig fields.
+_DIRECT_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
+                "rope_theta", "rms_norm_eps", "weight_tying", "max_sequence_length", "init_std", "mask_token_id",
+                "eos_token_id", "pad_token_id", "eot_token_id")
+
+# Official keys whose value must be exactly this for the architecture implemented here; any other
+# value would silently change the network, so it is rejected.
+_REQUIRED_VALUES: dict[str, Any] = {
+    "block_type": "llama",
+    "activation_type": "silu",
+    "layer_norm_type": "rms",
+    "rope": True,
+    "alibi": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "scale_logits": False,
+    "attention_layer_norm": False,
+    "input_emb_norm": False,
+    "clip_qkv": None,
+    "multi_query_attention": None,
+    "bias_for_layer_norm": False,
+    "layer_norm_with_affine": True,
+    "block_group_size": 1,
+}
+
+# Official keys that only matter for training-time behaviour or bookkeeping of the original code base;
+# read and ignored (dropouts are 0 in the releases and the model here has none).
+_IGNORED_KEYS = {
+    "activation_type", "alibi_bias_max", "architectures", "attention_dropout", "attention_layer_norm_with_affine",
+    "auto_map", "bos_token_id", "embedding_dropout", "flash_attention", "init_cutoff_factor", "init_device",
+    "init_fn", "mlp_ratio", "model_type", "precision", "residual_dropout", "rope_full_precision", "torch_dtype",
+    "transformers_version", "use_cache", "layer_norm_eps", "tie_word_embeddings",
+}
+
+
+def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from an official LLaDA ``config.json`` dictionary.
+
+    Raises ValueError naming the key when a value would change the architecture (e.g. a non-llama
+    ``block_type``) or when a required key is missing. Unknown keys are ignored only if they are known
+    official bookkeeping keys; anything else is reported, since it may mean a different model family.
+    """
+    for key, required in _REQUIRED_VALUES.items():
+        if key in raw and raw[key] != required and not (required is None and raw[key] in (None, False)):
+            raise ValueError(f"{source}: unsupported {key}={raw[key]!r} (this implementation supports {required!r})")
+    if raw.get("attention_dropout", 0) or raw.get("residual_dropout", 0) or raw.get("embedding_dropout", 0):
+        raise ValueError(f"{source}: dropout is not supported; set attention/residual/embedding_dropout to 0")
+    missing = [key for key in ("d_model", "n_layers", "n_heads", "vocab_size") if key not in raw]
+    if missing:
+        raise ValueError(f"{source} lacks required keys {missing}; is this a LLaDA checkpoint?")
+    unknown = sorted(set(raw) - set(_DIRECT_KEYS) - set(_REQUIRED_VALUES) - _IGNORED_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; they may change the architecture, remove them if not")
+    fields = {key: raw[key] for key in _DIRECT_KEYS if key in raw}
+    mlp_ratio = raw.get("mlp_ratio")
+    if "mlp_hidden_size" not in fields and mlp_ratio:
+        fields["mlp_hidden_size"] = int(mlp_ratio * raw["d_model"])
+    if "tie_word_embeddings" in raw and "weight_tying" not in raw:
+        fields["weight_tying"] = bool(raw["tie_word_embeddings"])
+    if "eot_token_id" not in raw:
+        fields["eot_token_id"] = None  # known only from the tokenizer files
+    try:
+        return ModelConfig(**fields)
+    except TypeError as error:  # a field of the wrong kind, e.g. a string for an int
+        raise ValueError(f"{source}: {error}") from error
+
+
+def config_to_hf_dict(config: ModelConfig) -> dict[str, Any]:
+    """The official ``config.json`` dictionary for ``config`` (loadable by the original modeling code)."""
+    raw: dict[str, Any] = {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "clip_qkv": None,
+        "embedding_dropout": 0.0,
+        "flash_attention": False,
+        "include_bias": False,
+        "init_device": "meta",
+        "init_fn": "mitchell",
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mlp_ratio": math.ceil(config.mlp_hidden_size / config.d_model),
+        "multi_query_attention": None,
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rope": True,
+        "rope_full_precision": True,
+        "scale_logits": False,
+        "use_cache": False,
+    }
+    for key in _DIRECT_KEYS:
+        value = getattr(config, key)
+        if key == "eot_token_id" and value is None:
+            continue
+        raw[key] = value
+    return dict(sorted(raw.items()))

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models, a trained tokenizer and checkpoint directories, all built on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llada.config import preset
+from llada.model import LLaDAModel
+from llada.tokenizer import Tokenizer, train_tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Masked diffusion models predict every masked token at once, then commit the most confident ones.",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12; 3 + 4 = 7; 12 * 12 = 144.",
+    "Unicode survives: café, naïve, Ωμέγα, 日本語, emoji 🙂.",
+]
+
+
+def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> LLaDAModel:
+    """A random tiny model; float64 by default so that exact-equality tests are not at the mercy of ties."""
+    torch.manual_seed(seed)
+    return LLaDAModel(preset("tiny", **overrides)).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return train_tokenizer(CORPUS, vocab_size=320, min_frequency=1)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    """A tiny checkpoint in the official layout, with the session tokenizer."""
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+    ids = tokenizer.ids
+    model = tiny_model(torch.float32, vocab_size=tokenizer.vocab_size, embedding_size=tokenizer.vocab_size,
+                       mask_token_id=ids.mask, eos_token_id=ids.eos, pad_token_id=ids.pad, eot_token_id=ids.eot)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
