@@ -62,8 +62,9 @@ def elbo_samples(model: LLaDAModel, prompt: torch.Tensor, answer: torch.Tensor, 
         unconditional = torch.cat([torch.full_like(prompt, mask_id)[None, :].expand(batch, -1), noisy_answer], dim=1)
         un_logits = model(unconditional).logits[:, prompt.numel():]
         logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-    log_probs = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (n, T)
-    weights = answer_length / counts.to(device=device, dtype=torch.float32)  # (n,)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (n, T)
+    weights = answer_length / counts.to(device=device, dtype=log_probs.dtype)  # (n,)
     return (log_probs * masked).sum(dim=1) * weights
 
 

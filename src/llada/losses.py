@@ -31,12 +31,13 @@ class Loss:
 
 
 def _masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy (B, L) in float32, zero where ``masked`` is False.
+    """Per-position cross-entropy (B, L) in (at least) float32, zero where ``masked`` is False.
 
     Computed densely instead of by boolean indexing so that shapes do not depend on how many tokens
     were masked (no host sync, compile-friendly).
     """
-    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, L)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L)
     return losses * masked
 
 

@@ -57,15 +57,17 @@ def stratified_mask_counts(batch: int, length: int, device: torch.device | str =
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """How many of ``length`` tokens to mask in each of ``batch`` samples, l ∈ {1..length}.
 
-    Stratified like the official evaluation code: one uniform offset, then evenly spaced counts
-    wrapping around, so a mini-batch covers the whole range of l instead of clustering. Each count
-    is still marginally uniform on {1..length}, which keeps the estimator unbiased.
+    Stratified like the official evaluation code: evenly spaced counts shifted by one uniform offset
+    and wrapped around, so a mini-batch covers the whole range of l instead of clustering. The
+    spacing is rounded *before* the offset is added: the official code rounds after, and because
+    ``torch.round`` rounds halves to even, its counts are then not exactly uniform (a small bias).
+    Here every count is marginally uniform on {1..length}, which keeps the estimator unbiased.
     """
     if length < 1:
         raise ValueError("cannot mask an empty answer (length 0)")
     start = torch.randint(1, length + 1, (), device=device, generator=generator)
-    counts = torch.round(torch.linspace(0, (batch - 1) * (length / batch), batch, device=device) + start).long()
-    return (counts - 1) % length + 1  # (B,)
+    spacing = torch.round(torch.linspace(0, (batch - 1) * (length / batch), batch, device=device)).long()
+    return (spacing + start - 1) % length + 1  # (B,)
 
 
 def mask_exact_count(target: torch.Tensor, counts: torch.Tensor, mask_id: int,
