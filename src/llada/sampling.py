@@ -60,6 +60,9 @@ def validate_schedule(gen_length: int, block_length: int, steps: int) -> int:
         raise ValueError(f"block_length must be positive, got {block_length}")
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if block_length > gen_length:
+        raise ValueError(f"block_length ({block_length}) exceeds gen_length ({gen_length}); "
+                         f"use block_length={gen_length} for a single block")
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}); "
                          f"e.g. use block_length={_largest_divisor_at_most(gen_length, block_length)}")
@@ -95,7 +98,7 @@ def generate(model: LLaDAModel, prompt: torch.Tensor, attention_mask: torch.Tens
         attention_mask: optional (B, P) of 1/0 marking real prompt tokens (0 = left padding).
         steps: denoising steps in total (split evenly over the blocks).
         gen_length: answer length G.
-        block_length: semi-autoregressive block size (gen_length for fully parallel decoding).
+        block_length: semi-autoregressive block size; gen_length (or more) decodes in one block.
         temperature: 0 for greedy; otherwise Gumbel-max sampling at this temperature.
         cfg_scale: unsupervised classifier-free guidance strength (0 = off).
         remasking: ``low_confidence`` commits the most confident predictions, ``random`` random ones.
@@ -115,6 +118,7 @@ def generate(model: LLaDAModel, prompt: torch.Tensor, attention_mask: torch.Tens
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    block_length = min(block_length, gen_length)  # a block longer than the answer is the whole answer
     num_blocks = validate_schedule(gen_length, block_length, steps)
     mask_id = _resolve_token("mask_token_id", mask_id, model)
     eos_id = _resolve_token("eos_token_id", eos_id, model)

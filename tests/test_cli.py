@@ -1,0 +1,111 @@
+"""The command line end to end on a tiny checkpoint: each subcommand, its output files and its errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llada.cli import answer_text, main, run_chat, run_generate
+from llada.model import LLaDAModel
+from llada.tokenizer import Tokenizer
+
+SMALL = ["--steps", "4", "--gen-length", "8", "--block-length", "4", "--device", "cpu"]
+
+
+def test_generate_prints_an_answer(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "Hello", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n")
+    again = run_generate(str(checkpoint_dir), "Hello", steps=4, gen_length=8, block_length=4, device="cpu")
+    assert printed == again + "\n"  # deterministic at temperature 0
+
+
+def test_answer_text_stops_at_eos(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("the fox", add_special_tokens=False)
+    tail = tokenizer.encode(" is lazy", add_special_tokens=False)
+    assert answer_text(tokenizer, ids + [tokenizer.ids.eot] + tail) == "the fox"
+    assert answer_text(tokenizer, ids + [tokenizer.ids.eos, tokenizer.ids.eos]) == "the fox"
+
+
+def test_chat_streams_and_keeps_history(checkpoint_dir: Path) -> None:
+    stdin = io.StringIO("Hi there\n/reset\nSecond question\n/exit\n")
+    stdout = io.StringIO()
+    run_chat(str(checkpoint_dir), steps=4, gen_length=8, block_length=4, device="cpu", stdin=stdin, stdout=stdout)
+    transcript = stdout.getvalue()
+    assert transcript.count("> ") == 4 and "(history cleared)" in transcript
+
+
+def test_score_writes_jsonl(checkpoint_dir: Path, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "The fox", "answer": " jumps", "id": 7}\n\n{"prompt": "a", "answer": " b c"}\n')
+    output = tmp_path / "out" / "scored.jsonl"
+    assert main(["score", "--model", str(checkpoint_dir), "--input", str(pairs), "--output", str(output),
+                 "--mc-num", "8", "--batch-size", "4", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row.get("id") for row in rows] == [7, None]
+    assert all(row["log_likelihood"] < 0 and row["stderr"] >= 0 and row["answer_tokens"] >= 1 for row in rows)
+
+
+@pytest.mark.parametrize("content,message", [('{"prompt": "a"}\n', ":1: each line needs"),
+                                             ('{"prompt": "a", "answer": "b"}\n{broken\n', ":2: invalid JSON"),
+                                             ("", "no prompt/answer pairs")])
+def test_score_reports_bad_lines(checkpoint_dir: Path, tmp_path: Path, capsys, content: str, message: str) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(content)
+    output = tmp_path / "scored.jsonl"
+    assert main(["score", "--model", str(checkpoint_dir), "--input", str(pairs), "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_info_of_checkpoint_and_preset(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", str(checkpoint_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(p.numel() for p in LLaDAModel.from_pretrained(checkpoint_dir).parameters())
+    assert info["tokenizer"]["mask"] == info["config"]["mask_token_id"]
+    assert main(["info", "8b"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights_memory_gib"]["bf16"] == pytest.approx(14.93, abs=0.01)
+
+
+def test_convert_changes_dtype_and_shards(checkpoint_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "bf16"
+    assert main(["convert", str(checkpoint_dir), str(target), "--dtype", "bf16", "--max-shard-size", "50KB"]) == 0
+    assert (target / "model.safetensors.index.json").is_file() and (target / "tokenizer.json").is_file()
+    original = LLaDAModel.from_pretrained(checkpoint_dir)
+    converted = LLaDAModel.from_pretrained(target)
+    assert converted.dtype == torch.bfloat16
+    for a, b in zip(original.parameters(), converted.parameters()):
+        assert torch.equal(a.to(torch.bfloat16), b)
+
+
+def test_init_creates_a_loadable_checkpoint(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some words to learn a tokenizer from, some words again and again. " * 20)
+    target = tmp_path / "fresh"
+    assert main(["init", str(target), "--train-tokenizer-on", str(corpus), "--vocab-size", "300"]) == 0
+    model, tokenizer = LLaDAModel.from_pretrained(target), Tokenizer.from_pretrained(target)
+    assert model.config.mask_token_id == tokenizer.ids.mask and model.config.vocab_size == tokenizer.vocab_size
+
+
+def test_errors_exit_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "x")]) == 2
+    assert "needs a tokenizer" in capsys.readouterr().err
+
+
+def test_bad_sampling_settings_are_reported(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["generate", "--model", str(checkpoint_dir), "--prompt", "x", "--gen-length", "10", "--block-length", "4"]
+    assert main(args) == 2
+    assert "multiple of block_length" in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "example:" in result.stdout and "--block-length" in result.stdout
