@@ -53,11 +53,11 @@ def measure_ceilings() -> dict[str, float]:
     return {"copy_bandwidth_GBps": bandwidth / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / (matmul_ms / 1e3) / 1e12}
 
 
-def bench_model(model: LLaDAModel, variant: str, ceilings: dict[str, float], repeat: int) -> list[dict]:
-    config = model.config
+def bench_model(model, config, variant: str, ceilings: dict[str, float], repeat: int,
+                shapes: list[tuple[int, int]]) -> list[dict]:
     weight_bytes = config.num_parameters() * 2
     rows = []
-    for batch, length in SHAPES:
+    for batch, length in shapes:
         ids = torch.randint(0, config.vocab_size, (batch, length), device="cuda")
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
@@ -88,7 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="8b")
     parser.add_argument("--variants", default="eager,compiled,compiled-cudagraphs",
-                        help="comma-separated: eager, compiled, compiled-cudagraphs")
+                        help="comma-separated: eager, compiled (torch.compile), compiled-cudagraphs "
+                             "(torch.compile with CUDA graphs)")
+    parser.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES),
+                        help="comma-separated BATCHxLENGTH, e.g. 1x32,8x768")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -104,16 +107,26 @@ def main() -> None:
         model = LLaDAModel(config).eval()
     torch.set_default_dtype(torch.float32)
     print(f"model: {args.preset}, {config.num_parameters() / 1e9:.2f}B parameters", flush=True)
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    check_ids = torch.randint(0, config.vocab_size, (2, 64), device="cuda")
+    with torch.inference_mode():
+        reference = model(check_ids).logits.float()
     results = []
     for variant in args.variants.split(","):
+        torch._dynamo.reset()
         if variant == "compiled":
-            compile_model(model)
+            runner = compile_model(model)
         elif variant == "compiled-cudagraphs":
-            torch._dynamo.reset()
-            compile_model(model, mode="reduce-overhead")
-        elif variant != "eager":
+            runner = compile_model(model, mode="reduce-overhead")
+        elif variant == "eager":
+            runner = model
+        else:
             raise SystemExit(f"unknown variant {variant}")
-        results += bench_model(model, variant, ceilings, args.repeat)
+        with torch.inference_mode():
+            error = ((runner(check_ids).logits.float() - reference).norm() / reference.norm()).item()
+        print(f"{variant}: relative error of logits vs eager {error:.2e}", flush=True)
+        rows = bench_model(runner, config, variant, ceilings, args.repeat, shapes)
+        results += [dict(row, rel_error_vs_eager=error) for row in rows]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "preset": args.preset, "parameters": config.num_parameters(), "ceilings": ceilings, "results": results}
     if args.out:
