@@ -46,7 +46,6 @@ def measure_ceilings() -> dict[str, float]:
     target = torch.empty_like(source)
     copy_ms = statistics.median(time_cuda(lambda: target.copy_(source)))
     bandwidth = 2 * source.numel() * 2 / (copy_ms / 1e3)
-    del source, target
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     matmul_ms = statistics.median(time_cuda(lambda: a @ b))
@@ -80,7 +79,6 @@ def bench_model(model, config, variant: str, ceilings: dict[str, float], repeat:
         print(f"{variant:16s} b={batch} L={length:5d}  {median:8.2f} ms  (floor {floor_ms:6.2f} ms, "
               f"x{median / floor_ms:4.2f})  {rows[-1]['TFLOPs']:6.1f} TFLOP/s  "
               f"peak {rows[-1]['peak_memory_GiB']:5.1f} GiB  first call {first_call_s:5.1f} s", flush=True)
-        del ids
     return rows
 
 

@@ -55,7 +55,7 @@ def load_in_this_process(method: str, directory: str, device: str) -> dict:
     else:
         from safetensors.torch import load_file
 
-        from llada.checkpoint import _take_complete, read_config
+        from llada.checkpoint import from_official, read_config
 
         config = read_config(directory)
         torch.set_default_dtype(torch.bfloat16)
@@ -63,7 +63,7 @@ def load_in_this_process(method: str, directory: str, device: str) -> dict:
         tensors = {}
         for file in sorted(Path(directory).glob("*.safetensors")):
             tensors.update(load_file(str(file)))
-        model.load_state_dict(_take_complete(tensors))
+        model.load_state_dict(from_official(tensors))
         model.to(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

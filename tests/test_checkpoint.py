@@ -28,19 +28,15 @@ def stored_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_official_weight_names_and_values(tmp_path: Path) -> None:
-    """Files hold exactly the official names; q/k/v and gate/up are the rows of the fused matrices."""
+    """Files hold exactly the official names, each with its module's weight."""
     model = tiny_model(torch.float32)
     save_model(model, tmp_path / "ckpt")
     tensors = stored_tensors(tmp_path / "ckpt")
     expected = {"model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight"}
     expected |= {f"model.transformer.blocks.{i}.{key}.weight" for i in range(2) for key in BLOCK_KEYS}
     assert set(tensors) == expected
-    block = model.blocks[1]
-    q_rows, kv_rows = model.config.d_model, model.config.n_kv_heads * model.config.head_dim
-    torch.testing.assert_close(tensors["model.transformer.blocks.1.k_proj.weight"],
-                               block.qkv_proj.weight[q_rows:q_rows + kv_rows])
-    torch.testing.assert_close(tensors["model.transformer.blocks.1.up_proj.weight"],
-                               block.gate_up_proj.weight[model.config.mlp_hidden_size:])
+    torch.testing.assert_close(tensors["model.transformer.blocks.1.k_proj.weight"], model.blocks[1].k_proj.weight)
+    torch.testing.assert_close(tensors["model.transformer.blocks.0.up_proj.weight"], model.blocks[0].up_proj.weight)
     raw = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert raw["architectures"] == ["LLaDAModelLM"] and raw["d_model"] == 64 and raw["torch_dtype"] == "float32"
 

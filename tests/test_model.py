@@ -64,7 +64,7 @@ def test_matches_naive_implementation(overrides: dict, causal: bool) -> None:
     with torch.no_grad():  # random norm gains so that the gain is exercised too
         for block in model.blocks:
             block.attn_norm.weight.uniform_(0.5, 1.5)
-    weights = {k: v.detach() for k, v in to_official(model.state_dict(), model.config).items()}
+    weights = {k: v.detach() for k, v in to_official(model.state_dict()).items()}
     ids = torch.randint(0, model.config.vocab_size, (2, 11))
     logits = model(ids, causal=causal).logits
     for row in range(2):

@@ -3,8 +3,7 @@
 A checkpoint directory holds ``config.json`` (official keys), the weights as ``model.safetensors`` or
 as shards ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json``, and usually the
 tokenizer files. This is the only module that knows weight names: the official names (for example
-``model.transformer.blocks.3.q_proj.weight``) are mapped here to the model's own parameters, where the
-q/k/v projections and the SwiGLU gate/up projections are fused into one matrix each.
+``model.transformer.blocks.3.q_proj.weight``) are mapped here to the model's own parameter names.
 
 Loading builds the model on the meta device and fills it shard by shard straight into the target
 dtype and device, so an 8B checkpoint never needs twice its size in memory.
@@ -36,9 +35,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _PREFIX = "model.transformer."
 
-# Official per-block weights that the model stores fused, in the order they are concatenated.
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("ff_proj", "up_proj")}
-
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete, corrupt or for another architecture."""
@@ -69,52 +65,14 @@ def official_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _split_name(name: str) -> tuple[str, str, str]:
-    """``blocks.3.qkv_proj.weight`` -> (``blocks.3``, ``qkv_proj``, ``weight``)."""
-    module_path, _, leaf = name.rpartition(".")
-    parent, _, module = module_path.rpartition(".")
-    return parent, module, leaf
+def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own state dict under the official weight names."""
+    return {_PREFIX + name: tensor for name, tensor in state_dict.items()}
 
 
-def _fused_rows(config: ModelConfig, fused: str) -> list[int]:
-    if fused == "qkv_proj":
-        kv = config.n_kv_heads * config.head_dim
-        return [config.d_model, kv, kv]
-    return [config.mlp_hidden_size, config.mlp_hidden_size]
-
-
-def to_official(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's own state dict under official names; fused matrices are split (as views, no copy)."""
-    official: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        parent, module, leaf = _split_name(name)
-        if module in _FUSED:
-            for part, piece in zip(_FUSED[module], tensor.split(_fused_rows(config, module), dim=0)):
-                official[f"{_PREFIX}{parent}.{part}.{leaf}"] = piece
-        else:
-            official[_PREFIX + name] = tensor
-    return official
-
-
-def _take_complete(pending: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Move from ``pending`` (official names) every tensor whose fused group is complete, as model entries.
-
-    Called after each shard so that a block's projections are joined as soon as all have arrived and
-    memory stays flat however the shards split them.
-    """
-    ready: dict[str, torch.Tensor] = {}
-    for name in list(pending):
-        if name not in pending:  # already taken as part of an earlier group
-            continue
-        parent, module, leaf = _split_name(name[len(_PREFIX):])
-        fused = next((fused for fused, parts in _FUSED.items() if module in parts), None)
-        if fused is None:
-            ready[name[len(_PREFIX):]] = pending.pop(name)
-            continue
-        group = [f"{_PREFIX}{parent}.{part}.{leaf}" for part in _FUSED[fused]]
-        if all(member in pending for member in group):
-            ready[f"{parent}.{fused}.{leaf}"] = torch.cat([pending.pop(member) for member in group], dim=0)
-    return ready
+def from_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official weight names -> the model's own state dict."""
+    return {name.removeprefix(_PREFIX): tensor for name, tensor in tensors.items()}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -221,7 +179,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         by_file.setdefault(file, []).append(name)
 
     state: dict[str, torch.Tensor] = {}
-    pending: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         with _open_safetensors(file, load_device) as handle:
             for name in names:
@@ -232,11 +189,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
                 if tuple(tensor.shape) != expected[name]:
                     raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
                                           f"{expected[name]}")
-                pending[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        state.update(_take_complete(pending))
-    if pending:
-        raise CheckpointError(f"{directory}: incomplete weights {sorted(pending)[:3]}")
-    model.load_state_dict(state, strict=True, assign=True)
+                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    model.load_state_dict(from_official(state), strict=True, assign=True)
     model.reset_rope()
     return model.eval()
 
@@ -294,7 +248,7 @@ def save_model(model: LLaDAModel, path: str | Path, max_shard_size: int | str = 
     max_bytes = parse_size(max_shard_size)
     config = model.config
     names = official_shapes(config)
-    official = to_official(model.state_dict(), config)
+    official = to_official(model.state_dict())
     tensors = [(name, official[name]) for name in names]
     shards = _plan_shards(tensors, max_bytes, dtype)
     target.parent.mkdir(parents=True, exist_ok=True)

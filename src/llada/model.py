@@ -70,11 +70,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block.
+    """One pre-norm Transformer block, with the official module names.
 
-    The query/key/value projections are held as one matrix and the SwiGLU gate/up projections as
-    another, so each is a single matmul; ``checkpoint.py`` splits and joins them to and from the
-    official per-projection weights (q_proj, k_proj, v_proj, ff_proj, up_proj).
+    The projections are kept as separate matrices (not fused into one q/k/v or gate/up matmul) so
+    that every operation matches the official model's: fused matmuls round differently, and at
+    temperature 0 a one-ulp difference in a bf16 confidence can reorder the sampler's choices.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -82,23 +82,23 @@ class Block(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.mlp_hidden_size = config.mlp_hidden_size
-        qkv_width = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        kv_width = config.n_kv_heads * config.head_dim
         self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.qkv_proj = nn.Linear(config.d_model, qkv_width, bias=False)
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.k_proj = nn.Linear(config.d_model, kv_width, bias=False)
+        self.v_proj = nn.Linear(config.d_model, kv_width, bias=False)
         self.attn_out = nn.Linear(config.d_model, config.d_model, bias=False)
         self.ff_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(config.d_model, 2 * config.mlp_hidden_size, bias=False)
+        self.ff_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)  # SwiGLU gate
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False)
 
     def attention(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None,
                   causal: bool) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, D)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, D)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, D)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, D)
         cos, sin = rope[0], rope[1]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
@@ -106,8 +106,7 @@ class Block(nn.Module):
         return self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.mlp_hidden_size, dim=-1)  # (B, L, F) each
-        return self.ff_out(F.silu(gate) * up)
+        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))  # (B, L, E)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None,
                 causal: bool) -> torch.Tensor:
