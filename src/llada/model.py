@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+def rope_tables(head_dim: int, length: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """cos/sin tables for rotary embeddings, stacked as (2, length, head_dim), in float32.
 
     Uses the "rotate half" layout (the two halves of each head form the complex pairs), like the
@@ -114,19 +114,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ff_norm(x))
 
 
-def attention_bias(attention_mask: torch.Tensor | None, length: int, causal: bool,
+def attention_bias(attention_mask: torch.Tensor | None, length: int, causal: bool, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor | None:
-    """Boolean SDPA mask (True = may attend) from a (B, L) padding mask of 1/0 and the causal flag.
+    """Additive SDPA mask from a (B, L) padding mask of 1/0 and the causal flag; None if neither applies.
 
-    Padding hides *keys* only, as in the official model: a padded query still gets an output, which
-    is ignored. None means "attend everywhere" (or plain causal), which keeps SDPA on its fastest path.
+    Like the official model: padding hides *keys* only (a padded query still gets an ignored output),
+    and the bias is 0 where attention is allowed and the dtype's lowest finite value elsewhere, in the
+    model's dtype. None keeps SDPA on its fastest (flash) path, so pass no mask when nothing is padded.
     """
     if attention_mask is None:
         return None
-    keys = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, L)
+    keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, L)
     if causal:
-        keys = keys & torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    return keys
+        keep = keep & torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (B, 1, L, L)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
 class LLaDAModel(nn.Module):
@@ -143,13 +144,14 @@ class LLaDAModel(nn.Module):
         self.reset_parameters()
 
     def _rope_tables(self) -> torch.Tensor:
-        device = self.wte.weight.device
-        return rope_tables(self.config.head_dim, self.config.max_sequence_length, self.config.rope_theta,
-                           None if device.type == "meta" else device)
+        # Always computed on the CPU and then moved, as the official model does: GPU sin/cos can
+        # differ from the CPU's in the last bit, which would break bit-identical logits.
+        tables = rope_tables(self.config.head_dim, self.config.max_sequence_length, self.config.rope_theta)
+        return tables.to(self.wte.weight.device)
 
     def reset_rope(self) -> None:
         """Recompute the RoPE tables, e.g. after weights were loaded into a meta-initialised model."""
-        self.rope = self._rope_tables().to(self.wte.weight.device)
+        self.rope = self._rope_tables()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -195,7 +197,7 @@ class LLaDAModel(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        mask = attention_bias(attention_mask, length, causal, input_ids.device)
+        mask = attention_bias(attention_mask, length, causal, self.dtype, input_ids.device)
         rope = self.rope[:, :length]
         x = self.wte(input_ids)  # (B, L, E)
         for block in self.blocks:

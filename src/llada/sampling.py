@@ -140,6 +140,8 @@ def generate(model: LLaDAModel, prompt: torch.Tensor, attention_mask: torch.Tens
     batch, prompt_length = prompt.shape
     x = torch.full((batch, prompt_length + gen_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_length] = prompt.to(device)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # nothing is padded: the unmasked (flash) path, as the official model does
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.to(device),
                                     torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)], dim=1)
