@@ -101,3 +101,9 @@ def test_gqa_config_defaults() -> None:
     config = ModelConfig(d_model=64, n_layers=1, n_heads=4, mlp_hidden_size=8, vocab_size=32, mask_token_id=31,
                          eos_token_id=30, pad_token_id=None, eot_token_id=None)
     assert config.n_kv_heads == 4 and config.embedding_size == 32
+
+
+def test_numerics_only_keys_are_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    raw = config_to_hf_dict(preset("tiny")) | {"flash_attention": True, "rope_full_precision": False}
+    assert config_from_hf_dict(raw) == preset("tiny")
+    assert "flash_attention=True" in caplog.text and "rope_full_precision=False" in caplog.text

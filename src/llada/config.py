@@ -8,9 +8,12 @@ not read or write files; ``checkpoint.py`` does that.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Official LLaDA-8B special token ids; used only as preset defaults. Checkpoints and tokenizer files
 # override them, so no code path relies on these numbers for a checkpoint that says otherwise.
@@ -163,6 +166,10 @@ _REQUIRED_VALUES: dict[str, Any] = {
     "block_group_size": 1,
 }
 
+# Official keys whose other values keep the architecture but change numerics slightly; this
+# implementation always computes RoPE in float32 and attention with SDPA, so it says so.
+_NUMERICS_VALUES: dict[str, Any] = {"rope_full_precision": True, "flash_attention": False}
+
 # Official keys that only matter for training-time behaviour or bookkeeping of the original code base;
 # read and ignored (dropouts are 0 in the releases and the model here has none).
 _IGNORED_KEYS = {
@@ -185,6 +192,10 @@ def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> Mod
             raise ValueError(f"{source}: unsupported {key}={raw[key]!r} (this implementation supports {required!r})")
     if raw.get("attention_dropout", 0) or raw.get("residual_dropout", 0) or raw.get("embedding_dropout", 0):
         raise ValueError(f"{source}: dropout is not supported; set attention/residual/embedding_dropout to 0")
+    for key, usual in _NUMERICS_VALUES.items():
+        if key in raw and raw[key] != usual:
+            logger.warning("%s: %s=%r is computed as %s=%r here (same architecture, slightly different rounding)",
+                           source, key, raw[key], key, usual)
     missing = [key for key in ("d_model", "n_layers", "n_heads", "vocab_size") if key not in raw]
     if missing:
         raise ValueError(f"{source} lacks required keys {missing}; is this a LLaDA checkpoint?")
