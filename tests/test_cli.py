@@ -109,3 +109,26 @@ def test_bad_sampling_settings_are_reported(checkpoint_dir: Path, capsys: pytest
 def test_console_script_help() -> None:
     result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "example:" in result.stdout and "--block-length" in result.stdout
+
+
+def test_tokenizer_train_then_data_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """tokenizer train -> data tokenize -> data sft, as a user would chain them."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_text(f"Document number {i}. " * 40)
+    assert main(["tokenizer", "train", str(texts / "*.txt"), "--vocab-size", "300", "--output",
+                 str(tmp_path / "tok")]) == 0
+    assert "-token tokenizer (of 300 asked for" in capsys.readouterr().out
+    assert main(["data", "tokenize", str(texts / "*.txt"), "--tokenizer", str(tmp_path / "tok"), "--output",
+                 str(tmp_path / "packed"), "--workers", "1"]) == 0
+    assert "3 files (0 reused from an earlier run), 3 documents" in capsys.readouterr().out
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello"}]}) + "\n")
+    assert main(["data", "sft", str(chats), "--tokenizer", str(tmp_path / "tok"), "--output",
+                 str(tmp_path / "sft")]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 1
+    assert main(["data", "tokenize", str(texts / "*.md"), "--tokenizer", str(tmp_path / "tok"), "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "llada data tokenize: error: input" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The ``llada`` command line: each subcommand parses its flags and calls one typed function.
 
-Subcommands: generate, chat, score, info, convert, init. Run ``llada SUBCOMMAND --help`` for examples.
+Subcommands: generate, chat, score, info, convert, init, data tokenize, data sft, tokenizer train.
+Run ``llada SUBCOMMAND --help`` for examples.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from tqdm.auto import tqdm
 
 from llada.checkpoint import CheckpointError, read_config, save_model, weight_files
 from llada.config import PRESETS, preset
+from llada.corpus import CorpusError, CorpusIssue, expand_inputs, read_documents
 from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
+from llada.packing import tokenize_corpus
 from llada.sampling import REMASKING_CHOICES, generate
+from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -262,6 +266,23 @@ def run_init(destination: str, preset_name: str = "tiny", tokenizer: str | None 
                    extra_files=[Path(scratch) / name for name in TOKENIZER_FILES])
 
 
+def run_tokenizer_train(inputs: Sequence[str], output: str, vocab_size: int, text_field: str = "text",
+                        text_unit: str = "file", on_error: str = "fail") -> Tokenizer:
+    """Train a byte-level BPE tokenizer (LLaDA special tokens and chat template) on local text files."""
+    skipped: list[CorpusIssue] = []
+
+    def texts():
+        for path in tqdm(expand_inputs(inputs), desc="reading", unit="file"):
+            for record in read_documents(path, text_field, text_unit, on_error, skipped.append):
+                yield record.text
+
+    tokenizer = train_tokenizer(texts(), vocab_size=vocab_size)
+    tokenizer.save_pretrained(output)
+    for issue in skipped:
+        logging.getLogger(__name__).warning("skipped %s", issue)
+    return tokenizer
+
+
 # --- argument parsing --------------------------------------------------------------------------
 
 EPILOGS = {
@@ -272,6 +293,12 @@ EPILOGS = {
     "info": "examples:\n  llada info ckpt/\n  llada info 8b",
     "convert": "example:\n  llada convert fp32-ckpt/ bf16-ckpt/ --dtype bf16 --max-shard-size 2GB",
     "init": "example:\n  llada init tiny-ckpt/ --preset tiny --train-tokenizer-on README.md --vocab-size 512",
+    "data tokenize": "examples:\n  llada data tokenize 'corpus/**/*.txt' --tokenizer ckpt/ --output data/pretrain\n"
+                     "  llada data tokenize web.jsonl --text-field text --on-error skip --tokenizer ckpt/ --output data/web",
+    "data sft": "input lines look like {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, "
+                "{\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n"
+                "example:\n  llada data sft chats.jsonl --tokenizer ckpt/ --output data/sft --max-length 2048",
+    "tokenizer train": "example:\n  llada tokenizer train 'texts/*.txt' --vocab-size 16384 --output my-tokenizer/",
 }
 
 
@@ -297,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS[name],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(name: str, help_text: str, group=commands, epilog: str | None = None) -> argparse.ArgumentParser:
+        return group.add_parser(name, help=help_text, description=help_text, epilog=epilog or EPILOGS[name],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
     gen = command("generate", "Generate an answer to a prompt with the reference diffusion sampler.")
     _add_sampling(gen)
@@ -340,6 +367,40 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--vocab-size", type=int, help="vocabulary size when training a tokenizer")
     init.add_argument("--dtype", default="float32", help="stored dtype (default float32)")
     init.add_argument("--seed", type=int, default=0)
+
+    data = commands.add_parser("data", help="Prepare training data (tokenize corpora, build SFT pairs).")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    tokenize = command("tokenize", "Tokenize text/JSONL/Parquet files into packed token shards (resumable).",
+                       data_commands, EPILOGS["data tokenize"])
+    tokenize.add_argument("inputs", nargs="+", help="files or glob patterns (quote globs)")
+    tokenize.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (e.g. a checkpoint)")
+    tokenize.add_argument("--output", required=True, help="output directory (a rerun resumes)")
+    tokenize.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default text)")
+    tokenize.add_argument("--text-unit", choices=("file", "line"), default="file",
+                          help="plain text: one document per file (default) or per line")
+    tokenize.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                          help="bad records: stop (default) or skip and count them")
+    tokenize.add_argument("--workers", type=int, help="processes (default: CPU count)")
+    sft = command("sft", "Turn chat JSONL into prompt/answer token pairs for supervised fine-tuning.",
+                  data_commands, EPILOGS["data sft"])
+    sft.add_argument("inputs", nargs="+", help="JSONL files or glob patterns")
+    sft.add_argument("--tokenizer", required=True, help="directory with the tokenizer files and chat template")
+    sft.add_argument("--output", required=True)
+    sft.add_argument("--max-length", type=int, default=4096, help="longest prompt + answer (default 4096)")
+    sft.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
+    sft.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    sft.add_argument("--messages-field", default="messages")
+
+    tokenizer = commands.add_parser("tokenizer", help="Train tokenizers.")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    train = command("train", "Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.",
+                    tokenizer_commands, EPILOGS["tokenizer train"])
+    train.add_argument("inputs", nargs="+", help="text/JSONL/Parquet files or glob patterns")
+    train.add_argument("--output", required=True)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--text-field", default="text")
+    train.add_argument("--text-unit", choices=("file", "line"), default="file")
+    train.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     return parser
 
 
@@ -363,12 +424,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(run_info(args.model), indent=2))
         elif args.command == "convert":
             run_convert(args.source, args.destination, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        elif args.command == "data" and args.data_command == "tokenize":
+            summary = tokenize_corpus(args.inputs, args.output, args.tokenizer, text_field=args.text_field,
+                                      text_unit=args.text_unit, on_error=args.on_error, workers=args.workers)
+            print(f"{summary.files} files ({summary.reused} reused from an earlier run), {summary.documents:,} "
+                  f"documents, {summary.tokens:,} tokens from {summary.text_bytes:,} bytes of text, "
+                  f"{summary.skipped} records skipped, {summary.seconds:.1f} s -> {args.output}")
+        elif args.command == "data" and args.data_command == "sft":
+            summary = build_sft_data(args.inputs, args.output, args.tokenizer, max_length=args.max_length,
+                                     overlong=args.overlong, on_error=args.on_error,
+                                     messages_field=args.messages_field)
+            print(json.dumps(asdict(summary)))
+        elif args.command == "tokenizer":
+            tok = run_tokenizer_train(args.inputs, args.output, args.vocab_size, text_field=args.text_field,
+                                      text_unit=args.text_unit, on_error=args.on_error)
+            shortfall = "" if tok.vocab_size == args.vocab_size else \
+                f" (of {args.vocab_size} asked for: the text has no more frequent merges)"
+            print(f"trained a {tok.vocab_size}-token tokenizer{shortfall} -> {args.output}")
         elif args.command == "init":
             run_init(args.destination, preset_name=args.preset, tokenizer=args.tokenizer,
                      train_tokenizer_on=args.train_tokenizer_on, vocab_size=args.vocab_size, seed=args.seed,
                      dtype=args.dtype)
-    except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as error:
-        print(f"llada {args.command}: error: {error}", file=sys.stderr)
+    except (CliError, CheckpointError, CorpusError, TokenizerError, ValueError, OSError) as error:
+        name = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
+                                      getattr(args, "tokenizer_command", None))))
+        print(f"llada {name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
