@@ -1,6 +1,7 @@
 """The ``llada`` command line: each subcommand parses its flags and calls one typed function.
 
-Subcommands: generate, chat, score, info, convert, init, data tokenize, data sft, tokenizer train.
+Subcommands: generate, chat, score, info, convert, init, data tokenize, data sft, tokenizer train, train,
+export.
 Run ``llada SUBCOMMAND --help`` for examples.
 """
 
@@ -29,6 +30,8 @@ from llada.packing import tokenize_corpus
 from llada.sampling import REMASKING_CHOICES, generate
 from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
+from llada.train import CHECKPOINTS, TrainingError, train
+from llada.train_config import load_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -283,6 +286,19 @@ def run_tokenizer_train(inputs: Sequence[str], output: str, vocab_size: int, tex
     return tokenizer
 
 
+def run_export(run_dir: str, destination: str, step: int | None = None, dtype: str = "bf16",
+               max_shard_size: str = "5GB") -> Path:
+    """Export a training run's checkpoint (the latest, or ``step``) as a standalone official checkpoint."""
+    root = Path(run_dir) / CHECKPOINTS
+    candidates = sorted(root.glob("step-*")) if root.is_dir() else []
+    if step is not None:
+        candidates = [c for c in candidates if c.name == f"step-{step:08d}"]
+    if not candidates:
+        raise CliError(f"no checkpoint{'' if step is None else f' for step {step}'} under {root}")
+    run_convert(str(candidates[-1] / "model"), destination, dtype=dtype, max_shard_size=max_shard_size)
+    return candidates[-1]
+
+
 # --- argument parsing --------------------------------------------------------------------------
 
 EPILOGS = {
@@ -298,6 +314,9 @@ EPILOGS = {
     "data sft": "input lines look like {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, "
                 "{\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n"
                 "example:\n  llada data sft chats.jsonl --tokenizer ckpt/ --output data/sft --max-length 2048",
+    "train": "examples:\n  llada train configs/demo_pretrain.yaml\n"
+             "  llada train configs/demo_pretrain.yaml --set optim.lr=1e-3 --set steps=200 --set out_dir=runs/try",
+    "export": "example:\n  llada export runs/demo checkpoints/demo --dtype bf16",
     "tokenizer train": "example:\n  llada tokenizer train 'texts/*.txt' --vocab-size 16384 --output my-tokenizer/",
 }
 
@@ -391,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     sft.add_argument("--messages-field", default="messages")
 
+    trainer = command("train", "Pretrain, fine-tune (SFT) or train the autoregressive baseline from a YAML recipe.")
+    trainer.add_argument("config", nargs="?", help="YAML recipe (see configs/); omitted = all defaults")
+    trainer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a recipe value, e.g. --set optim.lr=3e-4 (repeatable)")
+    export = command("export", "Export a training run's checkpoint in the official layout.")
+    export.add_argument("run_dir")
+    export.add_argument("destination")
+    export.add_argument("--step", type=int, help="which step (default: the latest)")
+    export.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or stored (default bf16)")
+    export.add_argument("--max-shard-size", default="5GB")
+
     tokenizer = commands.add_parser("tokenizer", help="Train tokenizers.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     train = command("train", "Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.",
@@ -441,11 +471,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             shortfall = "" if tok.vocab_size == args.vocab_size else \
                 f" (of {args.vocab_size} asked for: the text has no more frequent merges)"
             print(f"trained a {tok.vocab_size}-token tokenizer{shortfall} -> {args.output}")
+        elif args.command == "train":
+            records = train(load_config(args.config, args.set))
+            if records:
+                print(json.dumps(records[-1]))
+        elif args.command == "export":
+            used = run_export(args.run_dir, args.destination, step=args.step, dtype=args.dtype,
+                              max_shard_size=args.max_shard_size)
+            print(f"exported {used} -> {args.destination}")
         elif args.command == "init":
             run_init(args.destination, preset_name=args.preset, tokenizer=args.tokenizer,
                      train_tokenizer_on=args.train_tokenizer_on, vocab_size=args.vocab_size, seed=args.seed,
                      dtype=args.dtype)
-    except (CliError, CheckpointError, CorpusError, TokenizerError, ValueError, OSError) as error:
+    except (CliError, CheckpointError, CorpusError, TokenizerError, TrainingError, ValueError, OSError) as error:
         name = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
                                       getattr(args, "tokenizer_command", None))))
         print(f"llada {name}: error: {error}", file=sys.stderr)

@@ -48,8 +48,9 @@ def random_truncation(input_ids: torch.Tensor, probability: float = RANDOM_LENGT
     so that the model also sees sequences shorter than the training context.
     """
     length = input_ids.shape[1]
-    draw = torch.rand((), generator=generator)
-    new_length = int(torch.randint(1, length + 1, (), generator=generator))
+    device = generator.device if generator is not None else None
+    draw = torch.rand((), generator=generator, device=device)
+    new_length = int(torch.randint(1, length + 1, (), generator=generator, device=device))
     return input_ids[:, :new_length] if float(draw) < probability else input_ids
 
 

@@ -1,0 +1,171 @@
+"""The trainer: learning, exact resume, fault handling (NaN rollback, failed saves, SIGTERM), all objectives."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import llada.train as train_module
+from llada.cli import main
+from llada.losses import Loss
+from llada.model import LLaDAModel
+from llada.packing import tokenize_corpus
+from llada.sft_data import build_sft_data
+from llada.tokenizer import Tokenizer
+from llada.train import Trainer
+from llada.train_config import load_config
+
+from conftest import CORPUS
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    tokenizer.save_pretrained(root / "tok")
+    (root / "corpus").mkdir()
+    for i in range(8):
+        (root / "corpus" / f"{i}.txt").write_text(" ".join(CORPUS[(i + j) % len(CORPUS)] for j in range(4)))
+    tokenize_corpus([str(root / "corpus" / "*.txt")], root / "packed", root / "tok", workers=1, progress=False)
+    chats = root / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}"},
+                                                        {"role": "assistant", "content": w}]})
+                               for w in ("fox", "dog", "earth", "heaven", "question", "nobler")) + "\n")
+    build_sft_data([str(chats)], root / "sft", root / "tok", progress=False)
+    return root
+
+
+def recipe(workspace: Path, out: Path, *extra: str):
+    return load_config(None, [f"data.path={workspace / 'packed'}", f"model.tokenizer={workspace / 'tok'}",
+                              f"out_dir={out}", "data.seq_len=32", "batch_size=4", "steps=6", "optim.lr=3e-3",
+                              "optim.warmup_steps=2", "log_every=1", "eval_every=0", "save_every=3", "device=cpu",
+                              "data.eval_fraction=0.1", *extra])
+
+
+def losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if not r["skipped"]}
+
+
+def test_pretraining_learns(workspace: Path, tmp_path: Path) -> None:
+    config = recipe(workspace, tmp_path / "run", "steps=40", "save_every=0", "eval_every=40", "batch_size=8")
+    records = Trainer(config).run()
+    first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.75 * first
+    assert math.isfinite(records[-1]["eval_loss"])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 41))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000040"
+    saved = LLaDAModel.from_pretrained(checkpoint / "model")
+    assert saved.config.n_layers == 2
+    assert Tokenizer.from_pretrained(checkpoint / "model").ids.mask == saved.config.mask_token_id
+
+
+def test_resume_reproduces_losses_exactly(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash after the step-3 checkpoint, resume, and get the uninterrupted run's losses bit for bit."""
+    uninterrupted = losses(Trainer(recipe(workspace, tmp_path / "a", "micro_batch_size=2")).run())
+    original = Trainer.train_step
+
+    def crashing(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(recipe(workspace, tmp_path / "b", "micro_batch_size=2")).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = losses(Trainer(recipe(workspace, tmp_path / "b", "micro_batch_size=2")).run())
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == uninterrupted[s] for s in resumed), (resumed, uninterrupted)
+
+
+def test_nan_losses_skip_then_roll_back(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Trainer._loss
+    poisoned = {"left": 3}
+
+    def poisoning(self, batch, generator):
+        loss = original(self, batch, generator)
+        if self.step == 4 and poisoned["left"] > 0:
+            poisoned["left"] -= 1
+            return Loss(value=loss.value * float("nan"), n_masked=loss.n_masked, n_tokens=loss.n_tokens)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_loss", poisoning)
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "max_bad_steps=3"))
+    records = trainer.run()
+    skipped = [r for r in records if r["skipped"]]
+    assert len(skipped) == 3 and skipped[-1].get("rollback")
+    assert trainer.step == 6 and trainer.lr_scale == 0.5
+    assert [r["step"] for r in records if not r["skipped"]] == [1, 2, 3, 4, 4, 5, 6]  # step 4 redone after rollback
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_rollback_without_checkpoint_is_an_error(workspace: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Trainer, "_is_bad", lambda self, loss, norm: True)
+    with pytest.raises(train_module.TrainingError, match="no checkpoint to roll back to"):
+        Trainer(recipe(workspace, tmp_path / "run", "max_bad_steps=2")).run()
+
+
+def test_failed_save_leaves_previous_checkpoints(workspace: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "save_every=1", "steps=4"))
+    saves = {"count": 0}
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        saves["count"] += 1
+        if saves["count"] == 3:
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.run()
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000001", "step-00000002"]
+
+
+def test_keep_last_and_sigterm(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "save_every=1", "keep_last=2", "steps=10"))
+    trainer.run()
+    assert trainer.step == 5
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    assert signal.getsignal(signal.SIGTERM) is not trainer._request_stop
+
+
+@pytest.mark.parametrize("objective", ["sft", "autoregressive"])
+def test_other_objectives_train(workspace: Path, tmp_path: Path, objective: str) -> None:
+    data = workspace / ("sft" if objective == "sft" else "packed")
+    records = Trainer(recipe(workspace, tmp_path / "run", f"objective={objective}", f"data.path={data}",
+                             "data.eval_fraction=0.2", "eval_every=3")).run()
+    assert len(losses(records)) == 6 and all(math.isfinite(r["loss"]) for r in records)
+    assert math.isfinite(records[2]["eval_loss"])
+
+
+def test_cli_train_and_export(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"data:\n  path: {workspace / 'packed'}\n  seq_len: 32\nmodel:\n  tokenizer: "
+                           f"{workspace / 'tok'}\nsteps: 3\nbatch_size: 4\ndevice: cpu\nout_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(recipe_file), "--set", "optim.warmup_steps=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    model = LLaDAModel.from_pretrained(tmp_path / "exported")
+    assert model.dtype == torch.bfloat16 and (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert main(["train", str(recipe_file), "--set", "optim.lrr=1"]) == 2
+    assert "unknown config key optim.lrr" in capsys.readouterr().err
