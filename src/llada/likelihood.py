@@ -63,7 +63,8 @@ def elbo_samples(model: LLaDAModel, prompt: torch.Tensor, answer: torch.Tensor, 
         un_logits = model(unconditional).logits[:, prompt.numel():]
         logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (n, T)
+    log_probs = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 reduction="none").view(targets.shape)  # (n, T); rows, for the fast kernel
     weights = answer_length / counts.to(device=device, dtype=log_probs.dtype)  # (n,)
     return (log_probs * masked).sum(dim=1) * weights
 
