@@ -48,3 +48,8 @@ def test_bad_override_and_yaml(tmp_path: Path) -> None:
     path.write_text("steps: [1,\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe: Path) -> None:
+    assert load_config(recipe).steps > 0
