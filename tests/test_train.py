@@ -6,6 +6,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,32 @@ def test_cli_train_and_export(workspace: Path, tmp_path: Path, capsys: pytest.Ca
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert main(["train", str(recipe_file), "--set", "optim.lrr=1"]) == 2
     assert "unknown config key optim.lrr" in capsys.readouterr().err
+
+
+def logged_losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if not r["skipped"]}
+
+
+def test_two_gloo_processes_match_one(workspace: Path, tmp_path: Path) -> None:
+    """FSDP2 over 2 CPU processes (gloo) trains like 1 process, and its checkpoint resumes in 1 process."""
+    common = [f"data.path={workspace / 'packed'}", f"model.tokenizer={workspace / 'tok'}", "data.seq_len=32",
+              "batch_size=4", "micro_batch_size=2", "optim.lr=3e-3", "optim.schedule=constant",
+              "optim.warmup_steps=0", "log_every=1", "eval_every=0", "save_every=3", "device=cpu",
+              "data.eval_fraction=0.1"]
+    single = losses(Trainer(load_config(None, [*common, "steps=6", f"out_dir={tmp_path / 'one'}"])).run())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(29500 + os.getpid() % 1000), "-m", "llada.cli", "train"]
+    for item in [*common, "steps=3", f"out_dir={tmp_path / 'two'}"]:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = logged_losses(tmp_path / "two")
+    assert sorted(sharded) == [1, 2, 3]
+    for step in sharded:
+        assert sharded[step] == pytest.approx(single[step], rel=1e-4), (step, sharded, single)
+    resumed = losses(Trainer(load_config(None, [*common, "steps=6", f"out_dir={tmp_path / 'two'}"])).run())
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(single[step], rel=1e-4), (step, resumed, single)

@@ -151,6 +151,37 @@ def _check_names(expected: dict[str, tuple[int, ...]], found: Iterable[str], dir
                               f"look like a LLaDA checkpoint for this config")
 
 
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under the model's parameter names, each read straight to ``device``/``dtype``.
+
+    Every name and shape is checked against config.json before use.
+    """
+    directory = Path(path)
+    config = config or read_config(directory)
+    files = weight_files(directory)
+    expected = official_shapes(config)
+    _check_names(expected, files, directory)
+    device = torch.device(device)
+    load_device = str(device) if device.type in ("cpu", "cuda") else "cpu"
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with _open_safetensors(file, load_device) as handle:
+            for name in names:
+                try:
+                    tensor = handle.get_tensor(name)
+                except (SafetensorError, RuntimeError) as error:
+                    raise CheckpointError(f"{file}: cannot read {name}: {error}") from error
+                if tuple(tensor.shape) != expected[name]:
+                    raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                          f"{expected[name]}")
+                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    return from_official(state)
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                config: ModelConfig | None = None) -> LLaDAModel:
     """Load a checkpoint directory into a new model.
@@ -164,33 +195,11 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     Returns:
         The model in eval mode.
     """
-    directory = Path(path)
-    config = config or read_config(directory)
-    files = weight_files(directory)
-    expected = official_shapes(config)
-    _check_names(expected, files, directory)
-    device = torch.device(device)
-    load_device = str(device) if device.type in ("cpu", "cuda") else "cpu"
-
+    config = config or read_config(path)
+    state = read_state_dict(path, dtype=dtype, device=device, config=config)
     with torch.device("meta"):
         model = LLaDAModel(config)
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-
-    state: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
-        with _open_safetensors(file, load_device) as handle:
-            for name in names:
-                try:
-                    tensor = handle.get_tensor(name)
-                except (SafetensorError, RuntimeError) as error:
-                    raise CheckpointError(f"{file}: cannot read {name}: {error}") from error
-                if tuple(tensor.shape) != expected[name]:
-                    raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies "
-                                          f"{expected[name]}")
-                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    model.load_state_dict(from_official(state), strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     model.reset_rope()
     return model.eval()
 
@@ -244,11 +253,21 @@ def save_model(model: LLaDAModel, path: str | Path, max_shard_size: int | str = 
         dtype: cast weights to this dtype on the way out (None keeps theirs).
         extra_files: files copied into the checkpoint too (e.g. tokenizer files).
     """
+    save_state_dict(model.state_dict(), model.config, path, max_shard_size=max_shard_size, dtype=dtype,
+                    extra_files=extra_files)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | Path,
+                    max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
+                    extra_files: Iterable[str | Path] = ()) -> None:
+    """``save_model`` for a bare state dict (e.g. one gathered from a sharded model); same layout and guarantees."""
     target = Path(path)
     max_bytes = parse_size(max_shard_size)
-    config = model.config
     names = official_shapes(config)
-    official = to_official(model.state_dict())
+    official = to_official(state_dict)
+    missing = [name for name in names if name not in official]
+    if missing:
+        raise CheckpointError(f"state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
     tensors = [(name, official[name]) for name in names]
     shards = _plan_shards(tensors, max_bytes, dtype)
     target.parent.mkdir(parents=True, exist_ok=True)

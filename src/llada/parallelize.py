@@ -1,4 +1,4 @@
-"""Speed-ups applied to a built model from the outside: compilation and activation checkpointing.
+"""Changes applied to a built model from the outside: compilation, activation checkpointing, FSDP2 sharding.
 
 The model code stays plain single-device PyTorch; this module wraps it.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from llada.model import LLaDAModel
@@ -47,4 +49,19 @@ def apply_activation_checkpointing(model: LLaDAModel) -> LLaDAModel:
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
+    return model
+
+
+def apply_fsdp(model: LLaDAModel, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> LLaDAModel:
+    """Shard parameters, gradients and optimiser state over ``mesh`` with FSDP2 (``fully_shard``).
+
+    Each block is its own unit, all-gathered just before it runs and freed after, and the root holds
+    the embedding, final norm and output projection. With ``param_dtype`` (bf16 on GPUs) the gathered
+    weights are cast once per step, while gradients are reduced in float32.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

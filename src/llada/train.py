@@ -9,8 +9,12 @@ What it guarantees:
 - A non-finite or spiking loss skips the step; ``max_bad_steps`` in a row roll the model and optimiser
   back to the last checkpoint and lower the learning rate (the paper met this once, at 1.2T tokens).
 - SIGTERM saves a checkpoint at the end of the current step, then exits.
+- Under ``torchrun`` the model is sharded with FSDP2 and each process takes its slice of every global
+  batch; the masks of a sample depend on its place in the global batch, not on the number of
+  processes, so N processes train like one (up to float summation order). Checkpoints hold full,
+  unsharded states, so a run can resume on any number of processes.
 
-Distributed training (FSDP2) and TensorBoard logging are not part of this module yet.
+TensorBoard logging is not part of this module yet.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -26,15 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from llada.checkpoint import load_model, save_model
+from llada.checkpoint import load_model, read_state_dict, save_state_dict
 from llada.config import preset
 from llada.losses import Loss, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
 from llada.model import LLaDAModel
 from llada.packing import PackedDataset
-from llada.parallelize import apply_activation_checkpointing, compile_model
+from llada.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
 from llada.schedule import lr_multiplier
 from llada.sft_data import SFTDataset, collate_sft
 from llada.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -96,7 +106,16 @@ def step_generator(seed: int, step: int, micro: int, device: torch.device) -> to
 
 
 def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """``auto`` is this process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class Trainer:
@@ -106,6 +125,16 @@ class Trainer:
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.micro_batch_size = config.micro_batch_size or config.batch_size // self.world
+        if config.batch_size % (self.world * self.micro_batch_size):
+            raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of processes ({self.world}) x "
+                             f"micro_batch_size ({self.micro_batch_size})")
         self.out_dir = Path(config.out_dir)
         self.tokenizer_dir = Path(config.model.tokenizer or config.model.init_from or "")
         self.tokenizer = self._load_tokenizer()
@@ -114,10 +143,18 @@ class Trainer:
         eval_count = int(len(self.dataset) * config.data.eval_fraction)
         split = len(self.dataset) - eval_count
         self.eval_indices = list(range(split, len(self.dataset)))
-        self.micro_batch_size = config.micro_batch_size or config.batch_size
         self.batches = EpochBatches(list(range(split)), config.batch_size, config.seed)
+        self.forward_model = self.model
+        if self.world > 1:
+            if config.compile:  # per block, before sharding (whole-model compile and FSDP hooks do not mix)
+                for block in self.model.blocks:
+                    block.compile(dynamic=None)
+            use_bf16 = self.device.type == "cuda" and config.dtype == "bfloat16"
+            apply_fsdp(self.model, init_device_mesh(self.device.type, (self.world,)),
+                       param_dtype=torch.bfloat16 if use_bf16 else None)
+        elif config.compile:
+            self.forward_model = compile_model(self.model, dynamic=None)
         self.optimizer = self._build_optimizer()
-        self.forward_model = compile_model(self.model, dynamic=None) if config.compile else self.model
         self.step = 0
         self.lr_scale = 1.0
         self.loss_mean: float | None = None  # running mean of accepted losses, for spike detection
@@ -202,27 +239,36 @@ class Trainer:
             yield self.collate([self.dataset[i] for i in indices[start:start + self.micro_batch_size]])
 
     def train_step(self) -> StepResult:
-        """One optimiser step over ``batch_size`` sequences (with gradient accumulation)."""
+        """One optimiser step over ``batch_size`` sequences (this process's share, with accumulation)."""
         indices = self.batches.next()
+        share = len(indices) // self.world
+        indices = indices[self.rank * share:(self.rank + 1) * share]
         accumulation = math.ceil(len(indices) / self.micro_batch_size)
-        total, tokens = 0.0, 0
+        total = torch.zeros((), device=self.device)
+        tokens = 0
         self.optimizer.zero_grad(set_to_none=True)
         for micro, batch in enumerate(self._micro_batches(indices)):
-            loss = self._loss(batch, step_generator(self.config.seed, self.step, micro, self.device))
+            # Randomness by the micro-batch's place in the global batch: the same for any process count.
+            generator = step_generator(self.config.seed, self.step, self.rank * accumulation + micro, self.device)
+            loss = self._loss(batch, generator)
             (loss.value / accumulation).backward()
-            total += loss.value.item() / accumulation
+            total += loss.value.detach() / accumulation
             tokens += loss.n_tokens
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        grad_norm = float(grad_norm)
-        if self._is_bad(total, grad_norm):
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        loss_value = float(total)
+        tokens *= self.world
+        if self._is_bad(loss_value, grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(total, grad_norm, tokens, skipped=True)
+            return StepResult(loss_value, grad_norm, tokens, skipped=True)
         for group in self.optimizer.param_groups:
             group["lr"] = self.current_lr()
         self.optimizer.step()
-        self.loss_mean = total if self.loss_mean is None else 0.95 * self.loss_mean + 0.05 * total
-        return StepResult(total, grad_norm, tokens, skipped=False)
+        self.loss_mean = loss_value if self.loss_mean is None else 0.95 * self.loss_mean + 0.05 * loss_value
+        return StepResult(loss_value, grad_norm, tokens, skipped=False)
 
     def current_lr(self) -> float:
         optim = self.config.optim
@@ -266,38 +312,49 @@ class Trainer:
         return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file())
 
     def save_checkpoint(self) -> Path:
-        """Write model (official layout), tokenizer and trainer state to checkpoints/step-N, atomically."""
+        """Write model (official layout), tokenizer and trainer state to checkpoints/step-N, atomically.
+
+        The states are gathered unsharded to process 0, which writes them; the others wait.
+        """
         root = self.out_dir / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
         target = root / f"step-{self.step:08d}"
-        staging = root / f".{target.name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
-            save_model(self.model, staging / "model", extra_files=extras)
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": self.batches.state_dict(),
-                     "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
-            torch.save(state, staging / TRAINER_STATE)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-        except BaseException:
+        model_state = get_model_state_dict(self.model, options=FULL_STATE)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = root / f".{target.name}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        for old in self.checkpoint_dirs()[:-self.config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            staging.mkdir()
+            try:
+                extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
+                save_state_dict(model_state, self.model.config, staging / "model", extra_files=extras)
+                state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
+                         "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
+                torch.save(state, staging / TRAINER_STATE)
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            for old in self.checkpoint_dirs()[:-self.config.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
         return target
 
     def load_checkpoint(self, directory: Path, restore_data: bool = True) -> None:
-        model = load_model(directory / "model", dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            for mine, loaded in zip(self.model.parameters(), model.parameters()):
-                mine.copy_(loaded)
-        state = torch.load(directory / TRAINER_STATE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load a checkpoint written by any number of processes into this (possibly sharded) run."""
+        weights = read_state_dict(directory / "model", dtype=torch.float32, device="cpu")
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.step, self.lr_scale, self.loss_mean = state["step"], state["lr_scale"], state["loss_mean"]
         if restore_data:
             self.batches.load_state_dict(state["data"])
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
     def rollback(self) -> None:
         """Back to the last checkpoint with a lower learning rate; the data stream moves on past the bad batches."""
@@ -313,6 +370,8 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with (self.out_dir / METRICS_FILE).open("a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -326,8 +385,10 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Train to ``config.steps``; returns the per-step records also written to metrics.jsonl."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        self._barrier()
         if checkpoints := self.checkpoint_dirs():
             self.load_checkpoint(checkpoints[-1])
             logger.info("resumed from %s", checkpoints[-1])
@@ -335,7 +396,7 @@ class Trainer:
         records = []
         peak = self._peak_flops()
         flops_per_token = self.model.config.flops_per_token(self.config.data.seq_len, training=True)
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step")
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
         try:
             while self.step < self.config.steps:
                 start = time.perf_counter()
@@ -369,6 +430,7 @@ class Trainer:
                 records.append(record)
                 if self.step % self.config.log_every == 0 or "eval_loss" in record or self.step == self.config.steps:
                     self._log(record)
+                self._agree_on_stop()
                 if self.stop_requested or self.step == self.config.steps or \
                         (self.config.save_every and self.step % self.config.save_every == 0):
                     self.save_checkpoint()
@@ -382,6 +444,13 @@ class Trainer:
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True
+
+    def _agree_on_stop(self) -> None:
+        """Stop everywhere if any process got SIGTERM, so that all of them save the same step."""
+        if self.world > 1:
+            flag = torch.tensor(float(self.stop_requested), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop_requested = bool(flag.item())
 
 
 def train(config: TrainConfig) -> list[dict]:
