@@ -200,3 +200,20 @@ def test_two_gloo_processes_match_one(workspace: Path, tmp_path: Path) -> None:
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step] == pytest.approx(single[step], rel=1e-4), (step, resumed, single)
+
+
+def test_fsdp_in_a_single_process(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsdp=true without torchrun: a 1-process mesh, same losses as the unsharded model."""
+    import torch.distributed as dist
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(30500 + os.getpid() % 1000)),
+                       ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    plain = losses(Trainer(recipe(workspace, tmp_path / "plain", "steps=3")).run())
+    try:
+        sharded = losses(Trainer(recipe(workspace, tmp_path / "fsdp", "steps=3", "fsdp=true")).run())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert sorted(sharded) == [1, 2, 3]
+    assert all(sharded[s] == pytest.approx(plain[s], rel=1e-5) for s in plain)

@@ -126,9 +126,15 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world > 1 and not dist.is_initialized():
+        self.sharded = config.fsdp if config.fsdp is not None else self.world > 1
+        if self.world > 1 and not self.sharded:
+            raise ValueError("several processes need fsdp (leave it unset or set fsdp=true)")
+        if self.sharded and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
+            for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
+                                 ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, default)  # a single process started without torchrun
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.micro_batch_size = config.micro_batch_size or config.batch_size // self.world
@@ -145,7 +151,7 @@ class Trainer:
         self.eval_indices = list(range(split, len(self.dataset)))
         self.batches = EpochBatches(list(range(split)), config.batch_size, config.seed)
         self.forward_model = self.model
-        if self.world > 1:
+        if self.sharded:
             if config.compile:  # per block, before sharding (whole-model compile and FSDP hooks do not mix)
                 for block in self.model.blocks:
                     block.compile(dynamic=None)

@@ -60,6 +60,7 @@ class TrainConfig:
     micro_batch_size: int | None = None  # sequences per forward pass and process (default: no accumulation)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast dtype on GPU (CPU runs in float32)
     compile: bool = False  # torch.compile the model
+    fsdp: bool | None = None  # shard with FSDP2; None = when running on several processes
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
     device: str = "auto"
     seed: int = 0
