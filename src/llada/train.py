@@ -208,6 +208,9 @@ class Trainer:
 
             def collate(samples: list) -> dict[str, torch.Tensor]:
                 return {"input_ids": torch.stack(samples)}
+        if dataset.index["vocab_size"] > self.model.config.embedding_size:
+            raise ValueError(f"{path} holds ids up to {dataset.index['vocab_size'] - 1}, but the model's embedding "
+                             f"has {self.model.config.embedding_size} rows (set model.overrides.vocab_size)")
         if dataset.index["eos_id"] != self.tokenizer.ids.eos:
             raise ValueError(f"{path} was made with another tokenizer (EOS {dataset.index['eos_id']}, "
                              f"tokenizer's {self.tokenizer.ids.eos})")
