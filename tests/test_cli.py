@@ -132,3 +132,18 @@ def test_tokenizer_train_then_data_commands(tmp_path: Path, capsys: pytest.Captu
     assert main(["data", "tokenize", str(texts / "*.md"), "--tokenizer", str(tmp_path / "tok"), "--output",
                  str(tmp_path / "x")]) == 2
     assert "llada data tokenize: error: input" in capsys.readouterr().err
+
+
+def test_plot_draws_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    for name, offset in (("a", 0.0), ("b", 0.5)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "loss": 5.0 - 0.1 * s + offset, "lr": 1e-3, "tokens_per_s": 100.0, "skipped": False}
+                for s in range(1, 6)] + [{"step": 3, "loss": float("nan"), "lr": 1e-3, "tokens_per_s": 1.0,
+                                          "skipped": True}]
+        rows[-2]["eval_loss"] = 4.0
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "a")]) == 0 and (tmp_path / "a" / "curves.png").is_file()
+    assert main(["plot", str(tmp_path / "missing")]) == 2

@@ -1,7 +1,7 @@
 """The ``llada`` command line: each subcommand parses its flags and calls one typed function.
 
 Subcommands: generate, chat, score, info, convert, init, data tokenize, data sft, tokenizer train, train,
-export.
+export, plot.
 Run ``llada SUBCOMMAND --help`` for examples.
 """
 
@@ -27,6 +27,7 @@ from llada.corpus import CorpusError, CorpusIssue, expand_inputs, read_documents
 from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
+from llada.plot import plot_runs
 from llada.sampling import REMASKING_CHOICES, generate
 from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
@@ -317,6 +318,8 @@ EPILOGS = {
     "train": "examples:\n  llada train configs/demo_pretrain.yaml\n"
              "  llada train configs/demo_pretrain.yaml --set optim.lr=1e-3 --set steps=200 --set out_dir=runs/try",
     "export": "example:\n  llada export runs/demo checkpoints/demo --dtype bf16",
+    "plot": "examples:\n  llada plot runs/demo\n  llada plot runs/one-gpu runs/two-gpu --labels '1 GPU' '2 GPUs' "
+            "--output compare.png",
     "tokenizer train": "example:\n  llada tokenizer train 'texts/*.txt' --vocab-size 16384 --output my-tokenizer/",
 }
 
@@ -420,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="which step (default: the latest)")
     export.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or stored (default bf16)")
     export.add_argument("--max-shard-size", default="5GB")
+    plotter = command("plot", "Draw loss, learning-rate and throughput curves of training runs to a PNG.")
+    plotter.add_argument("runs", nargs="+", help="run directories (or metrics.jsonl files)")
+    plotter.add_argument("--output", help="PNG path (default: RUN/curves.png for one run, curves.png otherwise)")
+    plotter.add_argument("--labels", nargs="+", help="legend labels, one per run")
+    plotter.add_argument("--title")
 
     tokenizer = commands.add_parser("tokenizer", help="Train tokenizers.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -479,11 +487,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             used = run_export(args.run_dir, args.destination, step=args.step, dtype=args.dtype,
                               max_shard_size=args.max_shard_size)
             print(f"exported {used} -> {args.destination}")
+        elif args.command == "plot":
+            default = Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 and Path(args.runs[0]).is_dir() \
+                else Path("curves.png")
+            print(plot_runs(args.runs, args.output or default, labels=args.labels, title=args.title))
         elif args.command == "init":
             run_init(args.destination, preset_name=args.preset, tokenizer=args.tokenizer,
                      train_tokenizer_on=args.train_tokenizer_on, vocab_size=args.vocab_size, seed=args.seed,
                      dtype=args.dtype)
-    except (CliError, CheckpointError, CorpusError, TokenizerError, TrainingError, ValueError, OSError) as error:
+    except (CliError, CheckpointError, CorpusError, TokenizerError, TrainingError, ValueError, OSError,
+            RuntimeError) as error:
         name = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
                                       getattr(args, "tokenizer_command", None))))
         print(f"llada {name}: error: {error}", file=sys.stderr)

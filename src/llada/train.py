@@ -135,7 +135,10 @@ class Trainer:
             for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
                                  ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, default)  # a single process started without torchrun
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                dist.init_process_group("nccl", device_id=self.device)
+            else:
+                dist.init_process_group("gloo")
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.micro_batch_size = config.micro_batch_size or config.batch_size // self.world
         if config.batch_size % (self.world * self.micro_batch_size):
@@ -416,8 +419,8 @@ class Trainer:
                 record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
                           "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
                           "skipped": result.skipped}
-                if peak:
-                    record["mfu"] = flops_per_token * result.tokens / seconds / peak
+                if peak:  # per device: all processes' tokens over all devices' peak
+                    record["mfu"] = flops_per_token * result.tokens / seconds / (peak * self.world)
                 if result.skipped:
                     self.bad_steps += 1
                     logger.warning("step %d skipped: loss %.4g, grad norm %.4g", self.step + 1, result.loss,
