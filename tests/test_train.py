@@ -217,3 +217,16 @@ def test_fsdp_in_a_single_process(workspace: Path, tmp_path: Path, monkeypatch: 
             dist.destroy_process_group()
     assert sorted(sharded) == [1, 2, 3]
     assert all(sharded[s] == pytest.approx(plain[s], rel=1e-5) for s in plain)
+
+
+def test_samples_and_tensorboard(workspace: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    config = recipe(workspace, tmp_path / "run", "steps=4", "sample_every=2", "sample_length=8",
+                    "tensorboard=true", "sample_prompts=[The quick, In the beginning]")
+    Trainer(config).run()
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(2, "The quick"), (2, "In the beginning"),
+                                                          (4, "The quick"), (4, "In the beginning")]
+    assert all(isinstance(s["text"], str) for s in samples)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100

@@ -14,7 +14,8 @@ What it guarantees:
   processes, so N processes train like one (up to float summation order). Checkpoints hold full,
   unsharded states, so a run can resume on any number of processes.
 
-TensorBoard logging is not part of this module yet.
+Metrics go to ``metrics.jsonl`` (and TensorBoard with ``tensorboard: true``); with ``sample_every``,
+generations from fixed prompts go to ``samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from llada.losses import Loss, autoregressive_loss, pretrain_loss, random_trunca
 from llada.model import LLaDAModel
 from llada.packing import PackedDataset
 from llada.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
+from llada.sampling import generate
 from llada.schedule import lr_multiplier
 from llada.sft_data import SFTDataset, collate_sft
 from llada.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
@@ -169,6 +172,14 @@ class Trainer:
         self.loss_mean: float | None = None  # running mean of accepted losses, for spike detection
         self.bad_steps = 0
         self.stop_requested = False
+        self.writer = self._tensorboard() if config.tensorboard and self.rank == 0 else None
+
+    def _tensorboard(self):  # noqa: ANN202 - SummaryWriter, imported only when asked for
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from error
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
     # --- construction ------------------------------------------------------------------------
 
@@ -386,6 +397,37 @@ class Trainer:
             return
         with (self.out_dir / METRICS_FILE).open("a") as file:
             file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            self.writer.flush()
+
+    @torch.no_grad()
+    def sample(self) -> list[dict]:
+        """Greedy generations from ``sample_prompts`` with the reference sampler, appended to samples.jsonl."""
+        self.model.eval()
+        ids = self.tokenizer.ids
+        length = self.config.sample_length
+        rows = []
+        for prompt in self.config.sample_prompts:
+            tokens = (self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+                      if self.config.objective == "sft" else self.tokenizer.encode(prompt, add_special_tokens=False))
+            with self._autocast():
+                out = generate(self.model, torch.tensor([tokens], device=self.device), steps=length,
+                               gen_length=length, block_length=length, mask_id=ids.mask, eos_id=ids.eos,
+                               eot_id=ids.eot)
+            answer = out[0, len(tokens):].tolist()
+            stops = [i for i, t in enumerate(answer) if t in (ids.eos, ids.eot)]
+            rows.append({"step": self.step, "prompt": prompt,
+                         "text": self.tokenizer.decode(answer[:stops[0]] if stops else answer, skip_special_tokens=True)})
+        self.model.train()
+        if self.rank == 0:
+            with (self.out_dir / SAMPLES_FILE).open("a") as file:
+                file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            for row in rows:
+                logger.info("sample at step %d: %r -> %r", row["step"], row["prompt"], row["text"])
+        return rows
 
     def _peak_flops(self) -> float | None:
         if self.config.peak_tflops:
@@ -439,6 +481,8 @@ class Trainer:
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
                     record["eval_loss"] = self.evaluate()
+                if self.config.sample_every and self.step % self.config.sample_every == 0:
+                    self.sample()
                 records.append(record)
                 if self.step % self.config.log_every == 0 or "eval_loss" in record or self.step == self.config.steps:
                     self._log(record)
@@ -452,6 +496,8 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
+            if self.writer is not None:
+                self.writer.close()
         return records
 
     def _request_stop(self, signum: int, frame: object) -> None:

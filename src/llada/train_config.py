@@ -75,6 +75,10 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive skipped steps before rolling back to the last checkpoint
     rollback_lr_factor: float = 0.5  # lr multiplier applied at each rollback
     peak_tflops: float | None = None  # per-device peak for MFU (default: known GPUs, else no MFU)
+    tensorboard: bool = False  # also log metrics to out_dir/tensorboard (needs the tensorboard package)
+    sample_every: int = 0  # generate from sample_prompts every this many steps (0 = never)
+    sample_prompts: list[str] = field(default_factory=lambda: ["The"])  # chat-formatted for sft
+    sample_length: int = 32  # tokens generated per sample
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -90,6 +94,8 @@ class TrainConfig:
             raise ValueError("data.eval_fraction must be in [0, 1)")
         if self.keep_last < 1:
             raise ValueError("keep_last must be >= 1")
+        if self.sample_every and (self.sample_length < 1 or not self.sample_prompts):
+            raise ValueError("sampling needs sample_length >= 1 and at least one sample prompt")
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -114,6 +120,10 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(hint)):
             return tuple(_check_type(v, h, key) for v, h in zip(value, typing.get_args(hint)))
         raise ValueError(f"{key}: expected a list of {len(typing.get_args(hint))} values, got {value!r}")
+    if origin is list:
+        if isinstance(value, list):
+            return [_check_type(v, typing.get_args(hint)[0], key) for v in value]
+        raise ValueError(f"{key}: expected a list, got {value!r}")
     if origin is dict:
         if isinstance(value, dict):
             return value
