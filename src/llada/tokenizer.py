@@ -8,6 +8,7 @@ tokens a LLaDA model needs (for demos and tests). Knows nothing about the model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -183,7 +184,9 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
+@functools.lru_cache(maxsize=8)
 def _compile_template(template: str):  # noqa: ANN202 - jinja2 Template
+    # Cached: compiling the template costs far more than rendering it (SFT data renders it per sample).
     # The same environment settings transformers uses, so templates written for it render identically.
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
