@@ -2,10 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_DIR ?= demo-model
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo demo-model test test-all clean
 
 $(BIN)/llada: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,15 +16,18 @@ $(BIN)/llada: pyproject.toml
 
 install: $(BIN)/llada
 
-# Until the trained demo model ships, the demo builds a tiny *randomly initialised* checkpoint
-# (its tokenizer trained on this repository's sources), so its output is gibberish by design:
-# it shows the pipeline — checkpoint files, chat template, diffusion sampling, ELBO scoring — end to end.
+# The demo runs the shipped demo model (models/demo, 17M parameters trained on Shakespeare, Milton and
+# WordNet; see README "Demo model"): its config, a few answers, and the likelihood of two continuations.
 demo: install
-	@test -d $(DEMO_DIR) || $(BIN)/llada init $(DEMO_DIR) --preset tiny --train-tokenizer-on README.md src/llada/*.py --vocab-size 512
-	$(BIN)/llada info $(DEMO_DIR)
-	$(BIN)/llada generate --model $(DEMO_DIR) --prompt "What is a diffusion language model?" --steps 32 --gen-length 32 --block-length 8
-	@printf '{"prompt": "The model", "answer": " predicts masked tokens"}\n' > $(DEMO_DIR)/pairs.jsonl
-	$(BIN)/llada score --model $(DEMO_DIR) --input $(DEMO_DIR)/pairs.jsonl --mc-num 32 --batch-size 16
+	$(BIN)/llada info models/demo
+	$(BIN)/llada generate --prompt 'Define the word "king".' --steps 32 --gen-length 32 --block-length 8
+	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --steps 32 --gen-length 32 --block-length 8
+	@mkdir -p .demo && printf '{"prompt": "The king", "answer": " is dead"}\n{"prompt": "The king", "answer": " xq zzv blorp"}\n' > .demo/pairs.jsonl
+	$(BIN)/llada score --input .demo/pairs.jsonl --mc-num 64
+
+demo-model: install
+	$(BIN)/python scripts/prepare_demo_data.py --out data/demo --tokenizer-vocab 8192
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/train_demo.sh models/demo
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -34,4 +36,4 @@ test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache

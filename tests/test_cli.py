@@ -147,3 +147,14 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "a")]) == 0 and (tmp_path / "a" / "curves.png").is_file()
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_shipped_demo_model_is_the_default(capsys: pytest.CaptureFixture) -> None:
+    """generate without --model uses models/demo, which loads and answers in the official layout."""
+    from llada.cli import DEMO_MODEL
+
+    assert DEMO_MODEL.is_dir() and (DEMO_MODEL / "model.safetensors.index.json").is_file()
+    assert main(["generate", "--prompt", "Define the word \"king\".", *SMALL]) == 0
+    assert capsys.readouterr().out.strip()
+    model = LLaDAModel.from_pretrained(DEMO_MODEL)
+    assert model.dtype == torch.bfloat16 and 10e6 < model.config.num_parameters() < 20e6

@@ -34,6 +34,9 @@ from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError,
 from llada.train import CHECKPOINTS, TrainingError, train
 from llada.train_config import load_config
 
+# The demo checkpoint shipped in the repository (found when llada runs from a checkout or editable install).
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -324,8 +327,16 @@ EPILOGS = {
 }
 
 
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    if DEMO_MODEL.is_dir():
+        parser.add_argument("--model", default=str(DEMO_MODEL),
+                            help=f"checkpoint directory in the official layout (default: the demo model, {DEMO_MODEL})")
+    else:
+        parser.add_argument("--model", required=True, help="checkpoint directory (official LLaDA layout)")
+
+
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (official LLaDA layout)")
+    _add_model(parser)
     parser.add_argument("--steps", type=int, default=128, help="denoising steps in total (default 128)")
     parser.add_argument("--gen-length", type=int, default=128, help="answer length in tokens (default 128)")
     parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
@@ -363,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(chat)
 
     score = command("score", "Monte-Carlo ELBO log-likelihood of answers given prompts (JSONL in, JSONL out).")
-    score.add_argument("--model", required=True, help="checkpoint directory")
+    _add_model(score)
     score.add_argument("--input", required=True, help="JSONL file with 'prompt' and 'answer' per line")
     score.add_argument("--output", help="JSONL file to write (default: standard output)")
     score.add_argument("--mc-num", type=int, default=128, help="Monte-Carlo samples per pair (default 128)")
