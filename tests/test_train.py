@@ -230,3 +230,9 @@ def test_samples_and_tensorboard(workspace: Path, tmp_path: Path) -> None:
     assert all(isinstance(s["text"], str) for s in samples)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(workspace: Path, tmp_path: Path) -> None:
+    plain = losses(Trainer(recipe(workspace, tmp_path / "a", "steps=3")).run())
+    recomputed = losses(Trainer(recipe(workspace, tmp_path / "b", "steps=3", "activation_checkpointing=true")).run())
+    assert all(recomputed[s] == pytest.approx(plain[s], rel=1e-6) for s in plain)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from llada.checkpoint import CheckpointError, read_config, save_model, weight_files
 from llada.config import PRESETS, preset
-from llada.corpus import CorpusError, CorpusIssue, expand_inputs, read_documents
+from llada.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
 from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
@@ -197,18 +197,7 @@ def _read_pairs(path: Path) -> list[dict]:
     if not path.is_file():
         raise CliError(f"input file {path} does not exist")
     pairs = []
-    with path.open(encoding="utf-8", errors="strict") as file:
-        try:
-            lines = file.readlines()
-        except UnicodeDecodeError as error:
-            raise CliError(f"{path} is not UTF-8 text: {error}") from error
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CliError(f"{path}:{number}: invalid JSON: {error.msg}") from error
+    for number, record in iter_jsonl(path):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
             raise CliError(f"{path}:{number}: each line needs string fields 'prompt' and 'answer'")
         pairs.append(record)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 OnError = Literal["fail", "skip"]
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
@@ -57,6 +57,23 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             raise CorpusError(f"input {pattern!r} matches no file")
         files.update(m.resolve() for m in matches)
     return sorted(files)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file; ValueError naming file:line otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from error
 
 
 def file_kind(path: Path) -> Literal["text", "jsonl", "parquet"]:

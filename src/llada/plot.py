@@ -6,10 +6,10 @@ which is how runs are compared (e.g. one GPU against two). Needs matplotlib (``p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from llada.corpus import iter_jsonl
 from llada.train import METRICS_FILE
 
 
@@ -19,16 +19,7 @@ def read_metrics(source: str | Path) -> list[dict]:
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist: is {source} a training run directory?")
-    records = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file}:{number}: invalid JSON ({error.msg})") from error
-        if not record.get("skipped"):
-            records.append(record)
+    records = [record for _, record in iter_jsonl(file) if not record.get("skipped")]
     if not records:
         raise ValueError(f"{file} has no step records")
     return records
