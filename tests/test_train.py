@@ -236,3 +236,44 @@ def test_activation_checkpointing_changes_nothing_but_memory(workspace: Path, tm
     plain = losses(Trainer(recipe(workspace, tmp_path / "a", "steps=3")).run())
     recomputed = losses(Trainer(recipe(workspace, tmp_path / "b", "steps=3", "activation_checkpointing=true")).run())
     assert all(recomputed[s] == pytest.approx(plain[s], rel=1e-6) for s in plain)
+
+
+CHILD = """
+import sys, time
+import llada.train as train
+from llada.train_config import load_config
+real = train.save_state_dict
+def slow(*args, **kwargs):
+    real(*args, **kwargs)
+    time.sleep(0.3)  # widen the window in which the parent kills us mid-checkpoint
+train.save_state_dict = slow
+train.Trainer(load_config(None, sys.argv[1:])).run()
+"""
+
+
+def test_checkpoint_survives_sigkill_during_save(workspace: Path, tmp_path: Path) -> None:
+    """SIGKILL while a checkpoint is being written: every step-N directory left is complete and resumable."""
+    import time
+
+    out = tmp_path / "run"
+    base = [f"data.path={workspace / 'packed'}", f"model.tokenizer={workspace / 'tok'}", f"out_dir={out}",
+            "data.seq_len=32", "batch_size=4", "device=cpu", "eval_every=0", "data.eval_fraction=0.1"]
+    child = subprocess.Popen([sys.executable, "-c", CHILD, *base, "steps=50", "save_every=1"],
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait until a second checkpoint is being staged
+            staged = list((out / "checkpoints").glob(".step-*.tmp")) if (out / "checkpoints").is_dir() else []
+            if staged and any((s / "model").is_dir() for s in staged) and len(list((out / "checkpoints").glob("step-*"))):
+                break
+            time.sleep(0.01)
+        child.kill()
+    finally:
+        child.wait()
+    finished = sorted((out / "checkpoints").glob("step-*"))
+    assert finished, "no checkpoint was completed before the kill"
+    for directory in finished:
+        assert (directory / "trainer.pt").is_file() and (directory / "model" / "config.json").is_file()
+    last = int(finished[-1].name.removeprefix("step-"))
+    records = Trainer(load_config(None, [*base, f"steps={last + 1}", "save_every=0"])).run()
+    assert [r["step"] for r in records] == [last + 1]
