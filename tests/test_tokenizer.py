@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from llada.tokenizer import (EOT_TOKEN, MASK_TOKEN, Tokenizer, TokenizerError, dialogue_to_pairs, train_tokenizer)
 
@@ -24,6 +25,7 @@ def test_round_trip_text(tokenizer: Tokenizer) -> None:
     """Byte-level BPE: any text, including unseen Unicode, decodes back exactly."""
     for text in CORPUS + ["never seen: ŝŭrprîsé ⟨∀x⟩ 🚀\n\ttabs"]:
         assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode(torch.tensor(tokenizer.encode(CORPUS[0]))) == CORPUS[0]
 
 
 def test_special_ids_are_single_tokens(tokenizer: Tokenizer) -> None:
