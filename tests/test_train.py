@@ -59,6 +59,7 @@ def test_pretraining_learns(workspace: Path, tmp_path: Path) -> None:
     first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.75 * first
     assert math.isfinite(records[-1]["eval_loss"])
+    assert records[-1]["eval_perplexity_bound"] == pytest.approx(math.exp(records[-1]["eval_loss"]))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 41))
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000040"

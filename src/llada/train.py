@@ -481,6 +481,9 @@ class Trainer:
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
                     record["eval_loss"] = self.evaluate()
+                    if record["eval_loss"] is not None and self.config.objective != "sft":
+                        # exp of the per-token bound: an upper bound on perplexity (exact for autoregressive)
+                        record["eval_perplexity_bound"] = math.exp(min(record["eval_loss"], 50.0))
                 if self.config.sample_every and self.step % self.config.sample_every == 0:
                     self.sample()
                 records.append(record)
