@@ -133,15 +133,7 @@ class Trainer:
         if self.world > 1 and not self.sharded:
             raise ValueError("several processes need fsdp (leave it unset or set fsdp=true)")
         if self.sharded and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
-                                 ("WORLD_SIZE", "1")):
-                os.environ.setdefault(key, default)  # a single process started without torchrun
-            if self.device.type == "cuda":
-                dist.init_process_group("nccl", device_id=self.device)
-            else:
-                dist.init_process_group("gloo")
+            self._init_process_group()
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.micro_batch_size = config.micro_batch_size or config.batch_size // self.world
         if config.batch_size % (self.world * self.micro_batch_size):
@@ -156,16 +148,7 @@ class Trainer:
         split = len(self.dataset) - eval_count
         self.eval_indices = list(range(split, len(self.dataset)))
         self.batches = EpochBatches(list(range(split)), config.batch_size, config.seed)
-        self.forward_model = self.model
-        if self.sharded:
-            if config.compile:  # per block, before sharding (whole-model compile and FSDP hooks do not mix)
-                for block in self.model.blocks:
-                    block.compile(dynamic=None)
-            use_bf16 = self.device.type == "cuda" and config.dtype == "bfloat16"
-            apply_fsdp(self.model, init_device_mesh(self.device.type, (self.world,)),
-                       param_dtype=torch.bfloat16 if use_bf16 else None)
-        elif config.compile:
-            self.forward_model = compile_model(self.model, dynamic=None)
+        self.forward_model = self._parallelize()
         self.optimizer = self._build_optimizer()
         self.step = 0
         self.lr_scale = 1.0
@@ -173,6 +156,29 @@ class Trainer:
         self.bad_steps = 0
         self.stop_requested = False
         self.writer = self._tensorboard() if config.tensorboard and self.rank == 0 else None
+
+    def _init_process_group(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
+                             ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, default)  # a single process started without torchrun
+        if self.device.type == "cuda":
+            dist.init_process_group("nccl", device_id=self.device)
+        else:
+            dist.init_process_group("gloo")
+
+    def _parallelize(self) -> torch.nn.Module:
+        """Shard and/or compile the model; returns what the loss functions should call."""
+        if self.sharded:
+            if self.config.compile:  # per block, before sharding (whole-model compile and FSDP hooks do not mix)
+                for block in self.model.blocks:
+                    block.compile(dynamic=None)
+            use_bf16 = self.device.type == "cuda" and self.config.dtype == "bfloat16"
+            apply_fsdp(self.model, init_device_mesh(self.device.type, (self.world,)),
+                       param_dtype=torch.bfloat16 if use_bf16 else None)
+            return self.model
+        return compile_model(self.model, dynamic=None) if self.config.compile else self.model
 
     def _tensorboard(self):  # noqa: ANN202 - SummaryWriter, imported only when asked for
         try:
