@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from llada.masking import DEFAULT_EPS, mask_tokens
 
-# Anything called like the model: (input_ids, attention_mask=None, causal=False) -> output with .logits.
+# Anything called like the model: (input_ids, causal=..., targets=..., target_weights=...) -> output with
+# .weighted_nll (see LLaDAModel.forward).
 MaskPredictor = Callable[..., object]
 
 RANDOM_LENGTH_PROBABILITY = 0.01  # share of pretraining batches cut to a random length (paper, Sec. 2.2)
@@ -30,16 +30,14 @@ class Loss:
     n_tokens: int  # positions in the batch (B·L after any truncation)
 
 
-def _masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy (B, L) in (at least) float32, zero where ``masked`` is False.
+def _weighted_nll(model: MaskPredictor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                  causal: bool = False) -> torch.Tensor:
+    """Σ weights · cross-entropy(model(inputs) logits, targets), in (at least) float32.
 
-    Computed densely instead of by boolean indexing so that shapes do not depend on how many tokens
-    were masked (no host sync, compile-friendly).
+    The model computes it (``targets=`` / ``target_weights=``) so that only weighted positions go
+    through the output projection and no (B, L, V) logits tensor is ever built.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    # Rows of (B·L, V): the (B, V, L) layout would send CUDA to a "spatial" softmax kernel ~10x slower.
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return losses.view(targets.shape) * masked  # (B, L)
+    return model(inputs, causal=causal, targets=targets, target_weights=weights).weighted_nll
 
 
 def random_truncation(input_ids: torch.Tensor, probability: float = RANDOM_LENGTH_PROBABILITY,
@@ -67,9 +65,9 @@ def pretrain_loss(model: MaskPredictor, input_ids: torch.Tensor, mask_id: int, e
         generator: randomness of t and the masks (on ``input_ids``' device).
     """
     batch = mask_tokens(input_ids, mask_id, eps=eps, generator=generator)
-    logits = model(batch.noisy).logits  # (B, L, V)
-    token_loss = _masked_cross_entropy(logits, input_ids, batch.masked) / batch.p_mask
-    return Loss(value=token_loss.sum() / input_ids.numel(), n_masked=batch.masked.sum(), n_tokens=input_ids.numel())
+    weights = batch.masked / batch.p_mask.double()  # float64: exact 1/p for float64 models
+    total = _weighted_nll(model, batch.noisy, input_ids, weights)
+    return Loss(value=total / input_ids.numel(), n_masked=batch.masked.sum(), n_tokens=input_ids.numel())
 
 
 def sft_loss(model: MaskPredictor, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_id: int,
@@ -92,9 +90,8 @@ def sft_loss(model: MaskPredictor, input_ids: torch.Tensor, prompt_lengths: torc
     answer = positions >= prompt_lengths.to(input_ids.device)[:, None]  # (B, L)
     answer_lengths = answer.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
     batch = mask_tokens(input_ids, mask_id, eps=eps, maskable=answer, generator=generator)
-    logits = model(batch.noisy).logits
-    token_loss = _masked_cross_entropy(logits, input_ids, batch.masked) / batch.p_mask
-    value = (token_loss / answer_lengths).sum() / batch_size
+    weights = batch.masked / (batch.p_mask.double() * answer_lengths)
+    value = _weighted_nll(model, batch.noisy, input_ids, weights) / batch_size
     return Loss(value=value, n_masked=batch.masked.sum(), n_tokens=input_ids.numel())
 
 
@@ -107,9 +104,10 @@ def autoregressive_loss(model: MaskPredictor, input_ids: torch.Tensor,
         loss_mask: optional (B, L) bool marking the tokens to predict (e.g. SFT answers); position
             i is predicted from positions < i.
     """
-    logits = model(input_ids, causal=True).logits[:, :-1]  # (B, L-1, V)
-    targets = input_ids[:, 1:]
-    keep = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask[:, 1:].bool()
-    token_loss = _masked_cross_entropy(logits, targets, keep)
+    # Position i predicts token i+1; the last position predicts nothing (weight 0).
+    targets = torch.roll(input_ids, -1, dims=1)
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if loss_mask is None else torch.roll(loss_mask.bool(), -1, 1)
+    keep[:, -1] = False
+    total = _weighted_nll(model, input_ids, targets, keep.float(), causal=True)
     n_predicted = keep.sum()
-    return Loss(value=token_loss.sum() / n_predicted.clamp(min=1), n_masked=n_predicted, n_tokens=input_ids.numel())
+    return Loss(value=total / n_predicted.clamp(min=1), n_masked=n_predicted, n_tokens=input_ids.numel())

@@ -21,13 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from llada.config import ModelConfig
+from llada.fused_loss import linear_cross_entropy
 
 
 @dataclass
 class ModelOutput:
-    """What a forward pass returns; ``.logits`` mirrors the official model's output object."""
+    """What a forward pass returns; ``.logits`` mirrors the official model's output object.
 
-    logits: torch.Tensor  # (B, L, V)
+    With ``targets`` given, the forward pass returns ``weighted_nll`` instead of logits (see
+    ``LLaDAModel.forward``).
+    """
+
+    logits: torch.Tensor | None = None  # (B, L, V)
+    weighted_nll: torch.Tensor | None = None  # scalar
 
 
 class RMSNorm(nn.Module):
@@ -177,16 +183,22 @@ class LLaDAModel(nn.Module):
         return self.wte.weight if self.ff_out is None else self.ff_out.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                causal: bool = False) -> ModelOutput:
-        """Logits for every position.
+                causal: bool = False, targets: torch.Tensor | None = None,
+                target_weights: torch.Tensor | None = None) -> ModelOutput:
+        """Logits for every position, or the training loss computed without them.
 
         Args:
             input_ids: (B, L) token ids.
             attention_mask: optional (B, L) of 1 (real token) / 0 (padding). Padded keys are hidden,
                 so a left-padded row gives the same logits at its real positions as the unpadded row.
             causal: attend only to earlier positions (the autoregressive baseline).
+            targets: optional (B, L) token ids to score at each position; with ``target_weights``
+                (B, L), the output is ``weighted_nll = Σ weight · cross-entropy`` computed by
+                ``fused_loss.linear_cross_entropy`` (only positions with a non-zero weight go
+                through the output projection, and no full logits tensor is made). Inside the
+                forward pass so that wrappers that gather weights around ``forward`` (FSDP) see it.
         Returns:
-            ModelOutput with ``logits`` (B, L, V) in the model's dtype.
+            ModelOutput with ``logits`` (B, L, V) in the model's dtype, or with ``weighted_nll``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -203,7 +215,12 @@ class LLaDAModel(nn.Module):
         for block in self.blocks:
             x = block(x, rope, mask, causal)
         x = self.ln_f(x)
-        return ModelOutput(logits=F.linear(x, self.output_weight()))  # (B, L, V)
+        if targets is None:
+            return ModelOutput(logits=F.linear(x, self.output_weight()))  # (B, L, V)
+        if target_weights is None or targets.shape != input_ids.shape or target_weights.shape != input_ids.shape:
+            raise ValueError("targets and target_weights must both be given with the shape of input_ids")
+        return ModelOutput(weighted_nll=linear_cross_entropy(
+            x.flatten(0, 1), self.output_weight(), targets.flatten(), target_weights.flatten()))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,

@@ -17,7 +17,8 @@ from llada.model import LLaDAModel
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
-def compile_model(model: LLaDAModel, mode: CompileMode = "default", dynamic: bool | None = False) -> LLaDAModel:
+def compile_model(model: LLaDAModel, mode: CompileMode = "default", dynamic: bool | None = False,
+                  fullgraph: bool = True) -> LLaDAModel:
     """The whole model compiled as one graph with ``torch.compile`` (weights shared with ``model``).
 
     One graph rather than one per block: Inductor fuses the norm, RoPE and SwiGLU element-wise work
@@ -32,8 +33,10 @@ def compile_model(model: LLaDAModel, mode: CompileMode = "default", dynamic: boo
             their shapes, and outputs are overwritten by the next call: copy what you keep).
         dynamic: False specialises on each input shape (fastest kernels, one compile per shape);
             None lets torch decide.
+        fullgraph: refuse graph breaks. Training passes False: the fused loss at the end of the
+            forward pass (``targets=``) runs eagerly by design.
     """
-    return torch.compile(model, mode=mode, dynamic=dynamic, fullgraph=True)
+    return torch.compile(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
 
 
 def apply_activation_checkpointing(model: LLaDAModel) -> LLaDAModel:

@@ -178,7 +178,7 @@ class Trainer:
             apply_fsdp(self.model, init_device_mesh(self.device.type, (self.world,)),
                        param_dtype=torch.bfloat16 if use_bf16 else None)
             return self.model
-        return compile_model(self.model, dynamic=None) if self.config.compile else self.model
+        return compile_model(self.model, dynamic=None, fullgraph=False) if self.config.compile else self.model
 
     def _tensorboard(self):  # noqa: ANN202 - SummaryWriter, imported only when asked for
         try:
