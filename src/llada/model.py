@@ -99,17 +99,27 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False)
 
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, L, D) and keys/values (B, K, L, D), with RoPE applied at the given angles."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               causal: bool = False) -> torch.Tensor:
+        """Attention output projected back to (B, Lq, E); keys may be longer than queries (caches)."""
+        batch, _, length, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, Lq, D)
+        return self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
+
     def attention(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None,
                   causal: bool) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, D)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, D)
-        cos, sin = rope[0], rope[1]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, L, D)
-        return self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
+        q, k, v = self.project_qkv(x, rope[0], rope[1])
+        return self.attend(q, k, v, attn_mask, causal)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))  # (B, L, E)

@@ -1,0 +1,84 @@
+"""Key/value caches for the bidirectional mask predictor, and the forward pass that reads and fills them.
+
+A diffusion LM attends in both directions, so a position's keys and values change whenever any
+token changes: a cache is an *approximation* that is refreshed (recomputed by a full forward pass)
+at chosen times. Between refreshes, a forward pass over a few query positions (the block being
+decoded, or the block and everything after it) recomputes only their keys and values, writes them
+into the cache, and attends to the whole cached sequence. A refresh is the same call with every
+position as a query, and then equals the plain forward pass exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llada.model import LLaDAModel
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of a batch of sequences: ``keys[i]`` and ``values[i]`` are (B, K, T, D)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, model: LLaDAModel, batch: int, length: int) -> KVCache:
+        config = model.config
+        shape = (batch, config.n_kv_heads, length, config.head_dim)
+        new = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)  # noqa: E731
+        return cls([new() for _ in range(config.n_layers)], [new() for _ in range(config.n_layers)])
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A cache of the given rows only (finished requests leave a batch)."""
+        return KVCache([k.index_select(0, rows) for k in self.keys], [v.index_select(0, rows) for v in self.values])
+
+
+def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``input_ids`` at ``positions`` against the cache, updating the cache at those positions.
+
+    Args:
+        model: the mask predictor (its weights; its ``forward`` is not used).
+        input_ids: (B, Q) the tokens now at the query positions.
+        positions: (B, Q) their positions in the sequence (0 ≤ position < cache length); their
+            keys/values are overwritten in every layer of ``cache``.
+        cache: keys/values of the whole sequence, (B, K, T, D) per layer.
+        key_bias: optional (B, 1, 1, T) additive bias over keys (``model.attention_bias`` of the padding mask).
+        logits_index: optional (B, N) query columns to compute logits for (the positions being
+            decoded); None computes them for all Q. A tensor rather than a slice so that every
+            call of one shape is the same graph (CUDA graphs replay it for any block).
+    Returns:
+        (B, N, V) logits in the model's dtype (N = Q without ``logits_index``).
+    """
+    if input_ids.shape != positions.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal (B, Q)")
+    if input_ids.shape[0] != cache.batch:
+        raise ValueError(f"batch of {input_ids.shape[0]} rows does not match the cache's {cache.batch}")
+    angles = model.rope[:, positions]  # (2, B, Q, D)
+    cos, sin = angles[0][:, None], angles[1][:, None]  # (B, 1, Q, D), broadcast over heads
+    x = model.wte(input_ids)  # (B, Q, E)
+    for layer, block in enumerate(model.blocks):
+        q, k, v = block.project_qkv(block.attn_norm(x), cos, sin)
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
+        keys = cache.keys[layer].scatter_(2, index, k)
+        values = cache.values[layer].scatter_(2, index, v)
+        x = x + block.attend(q, keys, values, key_bias)
+        x = x + block.mlp(block.ff_norm(x))
+    if logits_index is not None:
+        x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
+    return F.linear(model.ln_f(x), model.output_weight())

@@ -1,0 +1,190 @@
+"""The fast engine against the reference sampler, the full forward pass, and its own single-prompt runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llada.decoding import select
+from llada.engine import Engine, GenerationSettings
+from llada.kv_cache import KVCache, cached_forward
+from llada.model import attention_bias
+from llada.sampling import generate
+
+from conftest import tiny_model
+
+END = 7  # EOS of the test models (a token id their weights emit now and then)
+
+
+def model(n_layers: int = 2, **overrides):
+    """A tiny model whose greedy answers vary (init_std 0.3; the default one predicts one token everywhere).
+
+    Its [MASK] logit is 0, below the largest of the 511 others for all practical inputs: the
+    reference sampler would commit a predicted [MASK] (and re-mask it) where the engine never
+    proposes one, so exact-equality tests need a model that does not predict it.
+    """
+    net = tiny_model(init_std=0.3, n_layers=n_layers, eos_token_id=overrides.pop("eos", END), eot_token_id=8,
+                     **overrides)
+    with torch.no_grad():
+        net.ff_out.weight[net.config.mask_token_id] = 0.0
+    return net
+
+
+def prompts(lengths=(5, 5, 5), seed=0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 400, (n,), generator=generator).tolist() for n in lengths]
+
+
+def answers(results) -> torch.Tensor:
+    return torch.stack([r.answer for r in results])
+
+
+def left_padded(rows: list[list[int]], pad: int = END) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(gen_length=16, block_length=8, steps=8),
+    dict(gen_length=16, block_length=16, steps=16),
+    dict(gen_length=12, block_length=4, steps=12),
+    dict(gen_length=16, block_length=8, steps=8, cfg_scale=1.5),
+    dict(gen_length=16, block_length=8, steps=16, confidence_eos_eot_inf=True),
+    dict(gen_length=16, block_length=8, steps=16, logits_eos_inf=True),
+])
+def test_exact_mode_equals_the_reference_sampler(kwargs: dict) -> None:
+    net = model()
+    rows = prompts((3, 6, 5))  # different lengths: left padding and the attention mask as well
+    settings = GenerationSettings(policy="fixed", cache="none", early_stop=False, **kwargs)
+    ours = answers(Engine(net).generate(rows, settings))
+    ids, mask = left_padded(rows)
+    reference = generate(net, ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    assert torch.equal(ours, reference)
+
+
+def test_refresh_equals_the_full_forward_pass_and_cached_steps_reuse_it() -> None:
+    net = model()
+    ids, mask = left_padded(prompts((4, 7)))
+    ids = torch.cat([ids, torch.full((2, 8), net.config.mask_token_id)], 1)
+    mask = torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], 1)
+    full = net(ids, attention_mask=mask).logits
+    cache = KVCache.allocate(net, 2, ids.shape[1])
+    bias = attention_bias(mask, ids.shape[1], False, net.dtype, net.device)
+    everything = torch.arange(ids.shape[1]).expand(2, -1)
+    refreshed = cached_forward(net, ids, everything, cache, bias)
+    assert torch.equal(refreshed, full)
+    # With the sequence unchanged, a block step (dual) or a suffix step (prefix) reads an exact cache.
+    block = torch.arange(7, 11).expand(2, -1)
+    dual = cached_forward(net, ids[:, 7:11], block, cache, bias)
+    torch.testing.assert_close(dual, full[:, 7:11], rtol=1e-12, atol=1e-12)
+    suffix = torch.arange(7, ids.shape[1]).expand(2, -1)
+    prefix = cached_forward(net, ids[:, 7:], suffix, cache, bias, logits_index=torch.arange(4).expand(2, -1))
+    torch.testing.assert_close(prefix, full[:, 7:11], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float) -> None:
+    """With one layer, keys/values depend on their own token only, so re-querying the block is exact."""
+    net = model(n_layers=1)
+    rows = prompts((4, 6))
+    base = dict(gen_length=16, block_length=8, policy="threshold", threshold=0.05, early_stop=False,
+                cfg_scale=cfg_scale)
+    exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
+    cached = Engine(net).generate(rows, GenerationSettings(cache=cache, **base))
+    assert torch.equal(answers(cached), answers(exact))
+    assert [r.steps for r in cached] == [r.steps for r in exact]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_batched_results_equal_single_prompt_results(cache: str) -> None:
+    net = model()
+    rows = prompts((3, 8, 5, 6), seed=1)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3, cache=cache)
+    engine = Engine(net)
+    together = engine.generate(rows, settings)
+    alone = [engine.generate([row], settings)[0] for row in rows]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+
+
+def test_threshold_one_commits_one_token_per_step() -> None:
+    net = model()
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=1.0, early_stop=False)
+    updates = list(Engine(net).stream(prompts((4, 4)), settings))
+    assert len(updates) == 16
+    assert all((u.decided.sum(1) == 1).all() for u in updates)
+
+
+def test_threshold_zero_decodes_a_block_per_step() -> None:
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.0, early_stop=False)
+    results = Engine(model()).generate(prompts(), settings)
+    assert all(r.steps == 2 for r in results)
+
+
+def test_streaming_decides_every_position_once_and_ends_with_the_result() -> None:
+    net = model()
+    rows = prompts((5, 3))
+    settings = GenerationSettings(gen_length=16, block_length=4, policy="factor", factor=2.0, early_stop=False)
+    updates = list(Engine(net).stream(rows, settings))
+    decided = torch.stack([u.decided for u in updates]).sum(0)
+    assert (decided == 1).all()
+    assert [u.step for u in updates] == list(range(1, len(updates) + 1))
+    assert torch.equal(updates[-1].answer, answers(Engine(net).generate(rows, settings)))
+    assert updates[-1].finished == [True, True]
+
+
+def test_early_stop_never_cuts_a_non_end_token() -> None:
+    """Stopping once an end token has everything before it decided leaves the text unchanged."""
+    rows = prompts((3, 5, 4, 6, 2, 7), seed=3)
+    probe = GenerationSettings(gen_length=32, block_length=4, policy="threshold", threshold=0.2, early_stop=False)
+    full = Engine(model()).generate(rows, probe)
+    # Make a token the model does emit mid-answer the end-of-text token.
+    end = max(set(full[0].answer[4:12].tolist()), key=full[0].answer[4:12].tolist().count)
+    net = model(eos=end)
+    complete = Engine(net).generate(rows, probe)
+    stopped = Engine(net).generate(rows, GenerationSettings(**{**probe.__dict__, "early_stop": True}))
+    assert [r.tokens for r in stopped] == [r.tokens for r in complete]
+    assert any(r.finish_reason == "stop" for r in stopped)
+    assert sum(r.steps for r in stopped) < sum(r.steps for r in complete)  # it did stop early
+    assert all((r.answer != net.config.mask_token_id).all() for r in stopped)  # the rest is filled in
+
+
+def test_policies_against_their_definitions() -> None:
+    confidence = torch.tensor([[0.95, 0.5, 0.97, 0.2], [0.1, 0.3, 0.2, 0.05]])
+    masked = torch.tensor([[True, True, True, True], [True, False, True, True]])
+    threshold = select(confidence, masked, "threshold", threshold=0.9)
+    assert threshold.tolist() == [[True, False, True, False], [False, False, True, False]]  # at least one
+    # factor f = 1: thresholds 1 - 1/(n+1) = 0.5, 0.667, 0.75, ... on the sorted confidences.
+    factor = select(confidence, masked, "factor", factor=1.0)
+    assert factor.tolist() == [[True, False, True, False], [False, False, True, False]]
+    wide = select(confidence, masked, "factor", factor=2.0)  # thresholds 0, 0.333, 0.5, 0.6
+    assert wide.tolist() == [[True, True, True, False], [False, False, True, False]]
+    counts = select(confidence, masked, "fixed", count=torch.tensor([3, 1]))
+    assert counts.tolist() == [[True, True, True, False], [False, False, True, False]]
+    nothing_left = select(confidence, torch.zeros_like(masked), "threshold")
+    assert not nothing_left.any()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_length=5), "block_length"),
+    (dict(policy="greedy"), "policy"),
+    (dict(cache="full"), "cache"),
+    (dict(threshold=1.5), "threshold"),
+    (dict(factor=0), "factor"),
+    (dict(policy="fixed", steps=3), "steps"),
+    (dict(remasking="sideways"), "remasking"),
+    (dict(temperature=-1), "temperature"),
+    (dict(gen_length=600), "max_sequence_length"),
+])
+def test_bad_settings_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Engine(model()).generate(prompts(), GenerationSettings(**{"gen_length": 16, "block_length": 8, **kwargs}))
+
+
+def test_bad_prompts_are_named() -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        Engine(model()).generate([[1, 2], []])
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Engine(model(), cuda_graphs=True)
