@@ -1,0 +1,202 @@
+"""Generation speed of the engine against the reference sampler and the published accelerators' algorithms.
+
+Random bf16 weights at the LLaDA-8B shape (speed does not depend on the weights' values):
+
+- ``--part step``: the time of one denoising step at prompt 512 / answer 256 / block 32 / batch 1 —
+  the reference sampler's full forward step, and the engine's cached block step (dual cache) eager,
+  with CUDA graphs, and compiled with CUDA graphs — against the floor of reading the weights once
+  at this card's measured copy bandwidth.
+- ``--part e2e``: tokens/s over whole generations for answer lengths and batch sizes: the reference
+  sampler (one token per step), the published prefix-cache and dual-cache algorithms with
+  confidence threshold 0.9 as their papers describe them (eager PyTorch, no graphs), and the engine's
+  best settings. Tokens are counted up to and including each answer's first end-of-text token,
+  wall-clock includes all host work. With random weights no confidence reaches the threshold, so
+  every method commits one token per step: the ratios measure the cost of a step, not parallelism
+  (docs/engine.md reports tokens per step on a trained model).
+
+    PYTHONPATH=src python benchmarks/engine.py --part step --out benchmarks/results/engine/step_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llada.config import preset
+from llada.engine import Engine, GenerationSettings
+from llada.model import LLaDAModel
+from llada.sampling import generate
+
+
+def random_model(name: str) -> LLaDAModel:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        config = preset(name)
+        model = LLaDAModel(config).to(torch.bfloat16)
+    return model.eval()
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy, reads plus writes (the figure the floor is quoted against)."""
+    source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * source.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` (synchronised wall-clock: includes host work)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int, batch: int) -> dict:
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth()
+    floor_ms = weight_bytes / bandwidth * 1e3
+    prompt = torch.randint(0, model.config.vocab_size - 1000, (batch, prompt_length), device="cuda")
+    blocks = gen_length // block
+    results = {"weights_GB": weight_bytes / 1e9, "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": floor_ms}
+    # The reference sampler: one step per block here, so the time per step is the run's time / blocks.
+    results["reference_step_ms"] = timed(lambda: generate(model, prompt, steps=blocks, gen_length=gen_length,
+                                                          block_length=block), 3) / blocks
+    settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="fixed", steps=gen_length,
+                                  cache="dual", early_stop=False)
+    for name, kwargs in (("eager", dict(cuda_graphs=False)), ("cuda_graphs", dict(cuda_graphs=True)),
+                         ("compiled_cuda_graphs", dict(cuda_graphs=True, compile=True))):
+        engine = Engine(model, **kwargs)
+        run = engine.start(prompt, settings)
+        run.advance()  # block start: the refresh
+        for _ in range(3):
+            run.advance()  # capture / compile the block step
+        step_ms = timed(run.advance, 20)  # steps 5..24 of the first block: cached block steps
+        cache, start = run.cache, prompt_length
+        tokens = run.x[:, start:start + block]
+        positions = torch.arange(start, start + block, device="cuda").expand(batch, -1)
+        index = torch.arange(block, device="cuda").expand(batch, -1)
+        forward_ms = timed(lambda: engine.forward(cache, tokens, positions, index, None), 20)
+        results[f"{name}_step_ms"] = step_ms
+        results[f"{name}_forward_ms"] = forward_ms
+        run.cancel()
+        engine.release_memory()
+        print(f"{name:22s} cached step {step_ms:7.2f} ms (forward alone {forward_ms:6.2f} ms)", flush=True)
+    print(f"reference step {results['reference_step_ms']:.2f} ms; floor {floor_ms:.2f} ms "
+          f"({weight_bytes / 1e9:.1f} GB at {bandwidth / 1e12:.2f} TB/s)", flush=True)
+    return results
+
+
+def count_tokens(results) -> int:
+    return sum(len(r.tokens) for r in results)
+
+
+def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batches: list[int],
+             methods: list[str], block: int, threshold: float, max_seconds: float) -> list[dict]:
+    rows = []
+    engines = {"published_prefix": Engine(model, cuda_graphs=False), "published_dual": Engine(model, cuda_graphs=False),
+               "engine": Engine(model, cuda_graphs=True, compile=True)}
+    for gen_length in gen_lengths:
+        for batch in batches:
+            prompt = torch.randint(0, model.config.vocab_size - 1000, (batch, prompt_length), device="cuda")
+            for method in methods:
+                if method == "reference":
+                    def run():
+                        out = generate(model, prompt, steps=gen_length, gen_length=gen_length, block_length=block)
+                        return batch * gen_length, out
+                else:
+                    cache = "prefix" if method == "published_prefix" else "dual"
+                    settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="threshold",
+                                                  threshold=threshold, cache=cache,
+                                                  early_stop=method == "engine")
+
+                    def run():
+                        out = engines[method].generate(prompt, settings)
+                        return count_tokens(out), out
+                if method == "engine":
+                    run()  # compile and capture this shape first
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                tokens, _ = run()
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+                row = {"method": method, "gen_length": gen_length, "batch": batch, "tokens": tokens,
+                       "seconds": seconds, "tokens_per_s": tokens / seconds}
+                rows.append(row)
+                print(f"gen {gen_length:4d} batch {batch:3d} {method:18s} {tokens:6d} tokens {seconds:8.2f} s "
+                      f"{row['tokens_per_s']:9.1f} tokens/s", flush=True)
+                if seconds > max_seconds:
+                    print(f"  ({method} took over {max_seconds} s: larger settings skipped for it)", flush=True)
+                    methods = [m for m in methods if m != method]
+    return rows
+
+
+def check_part(preset_name: str) -> dict:
+    """Agreement on the GPU: CUDA graphs vs plain calls (must be identical), compiled (may round
+    differently), and the exact mode vs the reference sampler (bf16 ties may split them)."""
+    model = random_model(preset_name)
+    prompts = [torch.randint(0, model.config.vocab_size - 1000, (n,)).tolist() for n in (40, 57, 33, 64)]
+    settings = GenerationSettings(gen_length=64, block_length=16, policy="threshold", threshold=0.5, cache="dual")
+    plain = Engine(model, cuda_graphs=False).generate(prompts, settings)
+    graphed = Engine(model, cuda_graphs=True).generate(prompts, settings)
+    compiled = Engine(model, cuda_graphs=True, compile=True).generate(prompts, settings)
+    same = lambda a, b: sum(torch.equal(x.answer, y.answer) for x, y in zip(a, b))  # noqa: E731
+    exact = GenerationSettings(gen_length=64, block_length=16, policy="fixed", steps=64, cache="none",
+                               early_stop=False)
+    ours = Engine(model).generate(prompts[:1], exact)[0].answer
+    reference = generate(model, torch.tensor(prompts[:1], device="cuda"), steps=64, gen_length=64,
+                         block_length=16)[0, 40:].cpu()
+    result = {"rows": len(prompts), "graphs_equal_plain": same(plain, graphed), "compiled_equal_plain": same(plain, compiled),
+              "exact_vs_reference_positions_equal": int((ours == reference).sum()), "positions": 64}
+    print(result, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["check", "step", "e2e"], default="step")
+    parser.add_argument("--preset", default="8b")
+    parser.add_argument("--prompt-length", type=int, default=512)
+    parser.add_argument("--gen-lengths", default="256,512")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine")
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="drop a method after a run this long")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
+    if args.part == "check":
+        info["check"] = check_part(args.preset)
+        model = None
+    else:
+        model = random_model(args.preset)
+    if args.part == "step":
+        info["step"] = step_part(model, args.prompt_length, 256, args.block_length, 1)
+    elif args.part == "e2e":
+        info["e2e"] = e2e_part(model, args.prompt_length, [int(g) for g in args.gen_lengths.split(",")],
+                               [int(b) for b in args.batches.split(",")], args.methods.split(","),
+                               args.block_length, args.threshold, args.max_seconds)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(info, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
