@@ -79,6 +79,8 @@ def test_refresh_equals_the_full_forward_pass_and_cached_steps_reuse_it() -> Non
     block = torch.arange(7, 11).expand(2, -1)
     dual = cached_forward(net, ids[:, 7:11], block, cache, bias)
     torch.testing.assert_close(dual, full[:, 7:11], rtol=1e-12, atol=1e-12)
+    read_only = cached_forward(net, ids[:, 7:11], block, cache, bias, write=False)  # fresh block, rest cached
+    torch.testing.assert_close(read_only, full[:, 7:11], rtol=1e-12, atol=1e-12)
     suffix = torch.arange(7, ids.shape[1]).expand(2, -1)
     prefix = cached_forward(net, ids[:, 7:], suffix, cache, bias, logits_index=torch.arange(4).expand(2, -1))
     torch.testing.assert_close(prefix, full[:, 7:11], rtol=1e-12, atol=1e-12)

@@ -209,19 +209,21 @@ class Engine:
             for key in [k for k, entry in self._graphs.items() if entry.cache is evicted]:
                 del self._graphs[key]
 
+    @torch.no_grad()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-                key_bias: torch.Tensor | None) -> torch.Tensor:
+                key_bias: torch.Tensor | None, write: bool = True) -> torch.Tensor:
         """``cached_forward`` through a CUDA graph captured for this cache and these shapes.
 
         The returned logits live in the graph's output buffer: read them before the next call.
         """
         if not self.cuda_graphs:
-            return self.forward_fn(self.model, tokens, positions, cache, key_bias, logits_index)
-        key = (id(cache), tokens.shape, positions.shape, logits_index.shape, None if key_bias is None else key_bias.shape)
+            return self.forward_fn(self.model, tokens, positions, cache, key_bias, logits_index, write)
+        key = (id(cache), tokens.shape, positions.shape, logits_index.shape, None if key_bias is None else key_bias.shape,
+               write)
         entry = self._graphs.get(key)
         args = [tokens, positions, logits_index, key_bias]
         if entry is None:
-            entry = self._capture(cache, args)
+            entry = self._capture(cache, args, write)
             self._graphs[key] = entry
         for static, value in zip(entry.inputs, args, strict=True):
             if static is not None:
@@ -229,19 +231,20 @@ class Engine:
         entry.graph.replay()
         return entry.output
 
-    def _capture(self, cache: KVCache, args: list[torch.Tensor | None]) -> _Forward:
+    def _capture(self, cache: KVCache, args: list[torch.Tensor | None], write: bool) -> _Forward:
         entry = _Forward(cache=cache, inputs=[None if a is None else a.clone() for a in args])
         tokens, positions, logits_index, key_bias = entry.inputs
 
         def run() -> torch.Tensor:
-            return self.forward_fn(self.model, tokens, positions, cache, key_bias, logits_index)
+            return self.forward_fn(self.model, tokens, positions, cache, key_bias, logits_index, write)
 
         # Warm-up on a side stream (compiles, picks kernels). It is a real call with the real inputs:
         # its cache writes are the ones the replay below makes again.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            run()
+            for _ in range(2):  # twice: the second call must find everything compiled
+                run()
         torch.cuda.current_stream().wait_stream(stream)
         entry.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(entry.graph, pool=self._graph_pool):
@@ -329,7 +332,7 @@ class BatchRun:
         positions = torch.arange(query_start, query_end, device=device).expand(rows, -1)
         logits_index = torch.arange(start - query_start, start - query_start + self.block_length,
                                     device=device).expand(rows, -1)
-        logits = self.engine.forward(self.cache, tokens, positions, logits_index, self.key_bias)
+        logits = self.engine.forward(self.cache, tokens, positions, logits_index, self.key_bias, write=refresh)
         if self.guided:
             conditional, unconditional = logits[:batch], logits[batch:]
             logits = unconditional + (settings.cfg_scale + 1) * (conditional - unconditional)
@@ -343,6 +346,7 @@ class BatchRun:
         """Run one denoising step and report it (copies the answers to the host); None once finished."""
         return self._step(report=True)
 
+    @torch.no_grad()
     def _step(self, report: bool) -> StepUpdate | None:
         if self.done:
             return None

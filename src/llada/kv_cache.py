@@ -49,19 +49,24 @@ class KVCache:
 
 
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                   key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Run ``input_ids`` at ``positions`` against the cache, updating the cache at those positions.
+                   key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
+                   write: bool = True) -> torch.Tensor:
+    """Run ``input_ids`` at ``positions`` against the cache.
 
     Args:
         model: the mask predictor (its weights; its ``forward`` is not used).
         input_ids: (B, Q) the tokens now at the query positions.
-        positions: (B, Q) their positions in the sequence (0 ≤ position < cache length); their
-            keys/values are overwritten in every layer of ``cache``.
+        positions: (B, Q) their positions in the sequence (0 ≤ position < cache length).
         cache: keys/values of the whole sequence, (B, K, T, D) per layer.
-        key_bias: optional (B, 1, 1, T) additive bias over keys (``model.attention_bias`` of the padding mask).
+        key_bias: optional (B, 1, 1, T) additive bias over keys (``model.attention_bias`` of the
+            padding mask).
         logits_index: optional (B, N) query columns to compute logits for (the positions being
             decoded); None computes them for all Q. A tensor rather than a slice so that every
             call of one shape is the same graph (CUDA graphs replay it for any block).
+        write: store the queries' fresh keys/values into the cache (a refresh). With False the
+            cache is only read: the queries attend to its entries at every *other* position and to
+            their own fresh keys/values. Block steps use this: the block is recomputed at every
+            step anyway, and not writing saves a copy of the cache per layer under ``torch.compile``.
     Returns:
         (B, N, V) logits in the model's dtype (N = Q without ``logits_index``).
     """
@@ -71,14 +76,44 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         raise ValueError(f"batch of {input_ids.shape[0]} rows does not match the cache's {cache.batch}")
     angles = model.rope[:, positions]  # (2, B, Q, D)
     cos, sin = angles[0][:, None], angles[1][:, None]  # (B, 1, Q, D), broadcast over heads
+    if not write:
+        stale = torch.zeros(input_ids.shape[0], cache.length, dtype=torch.bool, device=input_ids.device)
+        stale = stale.scatter_(1, positions, True)[:, None, None, :]  # (B, 1, 1, T): the queries' own entries
+        lowest = torch.finfo(model.dtype).min
+        key_bias = (torch.zeros_like(stale, dtype=model.dtype) if key_bias is None else key_bias).masked_fill(stale, lowest)
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
         q, k, v = block.project_qkv(block.attn_norm(x), cos, sin)
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
-        keys = cache.keys[layer].scatter_(2, index, k)
-        values = cache.values[layer].scatter_(2, index, v)
-        x = x + block.attend(q, keys, values, key_bias)
+        if write:
+            index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
+            keys = cache.keys[layer].scatter_(2, index, k)
+            values = cache.values[layer].scatter_(2, index, v)
+            x = x + block.attend(q, keys, values, key_bias)
+        else:
+            out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v)
+            x = x + block.attn_out(out)
         x = x + block.mlp(block.ff_norm(x))
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
     return F.linear(model.ln_f(x), model.output_weight())
+
+
+def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q (B, H, Q, D) over two key sets at once — the cache (B, K, T, D) under
+    ``bias`` and the fresh k/v (B, K, Q, D) — without concatenating them (which would copy the cache).
+
+    Scores in float32; query heads are grouped per key/value head (GQA) by a reshape, not a copy.
+    Returns (B, Q, H·D).
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # (B, K, G·Q, D)
+    scale = dim ** -0.5
+    cached = (grouped @ cache_k.transpose(-1, -2)).float() * scale + bias.float()  # (B, K, G·Q, T)
+    fresh = (grouped @ k.transpose(-1, -2)).float() * scale  # (B, K, G·Q, Q)
+    peak = torch.maximum(cached.amax(-1, keepdim=True), fresh.amax(-1, keepdim=True))
+    cached, fresh = (cached - peak).exp(), (fresh - peak).exp()
+    total = cached.sum(-1, keepdim=True) + fresh.sum(-1, keepdim=True)
+    out = (cached.to(q.dtype) @ cache_v + fresh.to(q.dtype) @ v).float() / total  # (B, K, G·Q, D)
+    return out.to(q.dtype).reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
