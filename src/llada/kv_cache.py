@@ -103,17 +103,18 @@ def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     """Softmax attention of q (B, H, Q, D) over two key sets at once — the cache (B, K, T, D) under
     ``bias`` and the fresh k/v (B, K, Q, D) — without concatenating them (which would copy the cache).
 
-    Scores in float32; query heads are grouped per key/value head (GQA) by a reshape, not a copy.
+    Scores in (at least) float32; query heads are grouped per key/value head (GQA) by a reshape, not a copy.
     Returns (B, Q, H·D).
     """
     batch, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # (B, K, G·Q, D)
     scale = dim ** -0.5
-    cached = (grouped @ cache_k.transpose(-1, -2)).float() * scale + bias.float()  # (B, K, G·Q, T)
-    fresh = (grouped @ k.transpose(-1, -2)).float() * scale  # (B, K, G·Q, Q)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    cached = (grouped @ cache_k.transpose(-1, -2)).to(compute) * scale + bias.to(compute)  # (B, K, G·Q, T)
+    fresh = (grouped @ k.transpose(-1, -2)).to(compute) * scale  # (B, K, G·Q, Q)
     peak = torch.maximum(cached.amax(-1, keepdim=True), fresh.amax(-1, keepdim=True))
     cached, fresh = (cached - peak).exp(), (fresh - peak).exp()
     total = cached.sum(-1, keepdim=True) + fresh.sum(-1, keepdim=True)
-    out = (cached.to(q.dtype) @ cache_v + fresh.to(q.dtype) @ v).float() / total  # (B, K, G·Q, D)
+    out = (cached.to(q.dtype) @ cache_v + fresh.to(q.dtype) @ v).to(compute) / total  # (B, K, G·Q, D)
     return out.to(q.dtype).reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
