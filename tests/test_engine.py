@@ -88,14 +88,17 @@ def test_refresh_equals_the_full_forward_pass_and_cached_steps_reuse_it() -> Non
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
-def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float) -> None:
+@pytest.mark.parametrize("read_only", [False, True])
+def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, read_only: bool) -> None:
     """With one layer, keys/values depend on their own token only, so re-querying the block is exact."""
     net = model(n_layers=1)
     rows = prompts((4, 6))
     base = dict(gen_length=16, block_length=8, policy="threshold", threshold=0.05, early_stop=False,
                 cfg_scale=cfg_scale)
     exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
-    cached = Engine(net).generate(rows, GenerationSettings(cache=cache, **base))
+    engine = Engine(net)
+    engine.compiled = read_only  # the compiled engine's read-only block steps, without compiling on the CPU
+    cached = engine.generate(rows, GenerationSettings(cache=cache, **base))
     assert torch.equal(answers(cached), answers(exact))
     assert [r.steps for r in cached] == [r.steps for r in exact]
 

@@ -150,8 +150,13 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
-        self.forward_fn: Callable[..., torch.Tensor] = (
-            torch.compile(cached_forward, dynamic=False, fullgraph=True) if compile else cached_forward)
+        # Only block steps are compiled: they are launch- and memory-bound, where fusion pays; a
+        # refresh (every position a query) is compute-bound and runs eagerly, which also keeps the
+        # number of compiled shapes small (dynamic=None: a second cache length recompiles once,
+        # with symbolic lengths).
+        self.compiled = compile
+        self.step_fn: Callable[..., torch.Tensor] = (
+            torch.compile(cached_forward, dynamic=None, fullgraph=True) if compile else cached_forward)
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Forward] = {}
@@ -217,7 +222,7 @@ class Engine:
         The returned logits live in the graph's output buffer: read them before the next call.
         """
         if not self.cuda_graphs:
-            return self.forward_fn(self.model, tokens, positions, cache, key_bias, logits_index, write)
+            return self._function(write)(self.model, tokens, positions, cache, key_bias, logits_index, write)
         key = (id(cache), tokens.shape, positions.shape, logits_index.shape, None if key_bias is None else key_bias.shape,
                write)
         entry = self._graphs.get(key)
@@ -231,12 +236,17 @@ class Engine:
         entry.graph.replay()
         return entry.output
 
+    def _function(self, write: bool) -> Callable[..., torch.Tensor]:
+        return cached_forward if write else self.step_fn
+
     def _capture(self, cache: KVCache, args: list[torch.Tensor | None], write: bool) -> _Forward:
         entry = _Forward(cache=cache, inputs=[None if a is None else a.clone() for a in args])
         tokens, positions, logits_index, key_bias = entry.inputs
 
+        function = self._function(write)
+
         def run() -> torch.Tensor:
-            return self.forward_fn(self.model, tokens, positions, cache, key_bias, logits_index, write)
+            return function(self.model, tokens, positions, cache, key_bias, logits_index, write)
 
         # Warm-up on a side stream (compiles, picks kernels). It is a real call with the real inputs:
         # its cache writes are the ones the replay below makes again.
@@ -332,7 +342,10 @@ class BatchRun:
         positions = torch.arange(query_start, query_end, device=device).expand(rows, -1)
         logits_index = torch.arange(start - query_start, start - query_start + self.block_length,
                                     device=device).expand(rows, -1)
-        logits = self.engine.forward(self.cache, tokens, positions, logits_index, self.key_bias, write=refresh)
+        # Eagerly, writing the block into the cache and using fused SDPA is fastest; compiled, a
+        # read-only step avoids copying the cache (see kv_cache.cached_forward).
+        write = refresh or not self.engine.compiled
+        logits = self.engine.forward(self.cache, tokens, positions, logits_index, self.key_bias, write=write)
         if self.guided:
             conditional, unconditional = logits[:batch], logits[batch:]
             logits = unconditional + (settings.cfg_scale + 1) * (conditional - unconditional)
