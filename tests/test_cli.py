@@ -12,18 +12,29 @@ import pytest
 import torch
 
 from llada.cli import answer_text, main, run_chat, run_generate
+from llada.engine import GenerationSettings
 from llada.model import LLaDAModel
 from llada.tokenizer import Tokenizer
 
 SMALL = ["--steps", "4", "--gen-length", "8", "--block-length", "4", "--device", "cpu"]
+SETTINGS = GenerationSettings(gen_length=8, block_length=4, policy="fixed", steps=4)
 
 
 def test_generate_prints_an_answer(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "Hello", *SMALL]) == 0
     printed = capsys.readouterr().out
     assert printed.endswith("\n")
-    again = run_generate(str(checkpoint_dir), "Hello", steps=4, gen_length=8, block_length=4, device="cpu")
+    again = run_generate(str(checkpoint_dir), "Hello", SETTINGS, device="cpu")
     assert printed == again + "\n"  # deterministic at temperature 0
+    # The engine's exact mode and the reference sampler agree; the reference also runs from the CLI.
+    exact = run_generate(str(checkpoint_dir), "Hello", GenerationSettings(**{**SETTINGS.__dict__, "cache": "none",
+                                                                           "early_stop": False}), device="cpu")
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "Hello", "--sampler", "reference",
+                 *SMALL]) == 0
+    assert capsys.readouterr().out == exact + "\n"
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "Hello", "--sampler", "reference",
+                 "--policy", "threshold", *SMALL]) == 2
+    assert "needs the engine" in capsys.readouterr().err
 
 
 def test_answer_text_stops_at_eos(tokenizer: Tokenizer) -> None:
@@ -36,7 +47,7 @@ def test_answer_text_stops_at_eos(tokenizer: Tokenizer) -> None:
 def test_chat_streams_and_keeps_history(checkpoint_dir: Path) -> None:
     stdin = io.StringIO("Hi there\n/reset\nSecond question\n/exit\n")
     stdout = io.StringIO()
-    run_chat(str(checkpoint_dir), steps=4, gen_length=8, block_length=4, device="cpu", stdin=stdin, stdout=stdout)
+    run_chat(str(checkpoint_dir), SETTINGS, device="cpu", stdin=stdin, stdout=stdout)
     transcript = stdout.getvalue()
     assert transcript.count("> ") == 4 and "(history cleared)" in transcript
 
@@ -108,7 +119,7 @@ def test_bad_sampling_settings_are_reported(checkpoint_dir: Path, capsys: pytest
 
 def test_console_script_help() -> None:
     result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "example:" in result.stdout and "--block-length" in result.stdout
+    assert result.returncode == 0 and "examples:" in result.stdout and "--block-length" in result.stdout
 
 
 def test_tokenizer_train_then_data_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -28,7 +28,10 @@ from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
 from llada.plot import plot_runs
-from llada.sampling import REMASKING_CHOICES, generate
+from llada.decoding import POLICIES
+from llada.engine import CACHE_MODES, Engine, GenerationSettings
+from llada.generation import SAMPLERS, Sampler, answer_ids
+from llada.sampling import REMASKING_CHOICES
 from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 from llada.train import CHECKPOINTS, TrainingError, train
@@ -99,31 +102,37 @@ def _atomic_text_writer(path: Path) -> tuple[TextIO, Callable[[], None]]:
 
 # --- subcommands -------------------------------------------------------------------------------
 
-def run_generate(model: str, prompt: str, chat: bool = True, steps: int = 128, gen_length: int = 128,
-                 block_length: int = 32, temperature: float = 0.0, cfg_scale: float = 0.0,
-                 remasking: str = "low_confidence", device: str = "auto", dtype: str = "auto", seed: int = 0,
-                 show_prompt: bool = False) -> str:
+def _stream_prefix(tokenizer: Tokenizer, answer: list[int]) -> str:
+    """Text of the answer's decided prefix: up to its first undecided position (or end-of-text)."""
+    mask = tokenizer.ids.mask
+    decided = answer[:answer.index(mask)] if mask in answer else answer
+    return answer_text(tokenizer, decided)
+
+
+def run_generate(model: str, prompt: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
+                 chat: bool = True, device: str = "auto", dtype: str = "auto", seed: int = 0,
+                 show_prompt: bool = False, compile: bool = False) -> str:
     """Generate one answer for ``prompt`` and return its text."""
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
     messages: list[Message] = [{"role": "user", "content": prompt}]
     ids = tokenizer.encode_chat(messages) if chat else tokenizer.encode(prompt)
-    prompt_ids = torch.tensor([ids], device=net.device)
     generator = torch.Generator(device=net.device).manual_seed(seed)
-    out = generate(net, prompt_ids, steps=steps, gen_length=gen_length, block_length=block_length,
-                   temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=tokenizer.ids.mask,
-                   eos_id=tokenizer.ids.eos, eot_id=tokenizer.ids.eot, generator=generator, progress=True)
-    text = answer_text(tokenizer, out[0, len(ids):].tolist())
+    engine = Engine(net, compile=compile) if sampler == "engine" else None
+    answer = answer_ids(net, ids, settings or GenerationSettings(), sampler, engine, generator)
+    text = answer_text(tokenizer, answer)
     return (prompt + text) if show_prompt else text
 
 
-def run_chat(model: str, steps: int = 128, gen_length: int = 128, block_length: int = 32, temperature: float = 0.0,
-             cfg_scale: float = 0.0, remasking: str = "low_confidence", device: str = "auto", dtype: str = "auto",
-             seed: int = 0, system: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    """Multi-turn chat on the terminal; the answer is printed block by block as it is decided."""
+def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
+             device: str = "auto", dtype: str = "auto", seed: int = 0, system: str | None = None,
+             compile: bool = False, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Multi-turn chat on the terminal; the answer is printed as its beginning is decided."""
+    settings = settings or GenerationSettings()
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
     generator = torch.Generator(device=net.device).manual_seed(seed)
+    engine = Engine(net, compile=compile) if sampler == "engine" else None
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     stdout.write("Chat with the model. Commands: /reset clears the history, /exit quits.\n")
     while True:
@@ -140,28 +149,24 @@ def run_chat(model: str, steps: int = 128, gen_length: int = 128, block_length: 
             continue
         history.append({"role": "user", "content": line.strip()})
         ids = tokenizer.encode_chat(history)
-        if len(ids) + gen_length > net.config.max_sequence_length:
+        if len(ids) + settings.gen_length > net.config.max_sequence_length:
             history = history[:-1]
             stdout.write(f"(the conversation is too long for the model's context of {net.config.max_sequence_length} "
                          f"tokens; /reset to start over)\n")
             continue
         shown = ""
 
-        def stream(x: torch.Tensor, block: int) -> None:
+        def stream(answer: list[int]) -> None:
             nonlocal shown
-            decided = x[0, len(ids):len(ids) + (block + 1) * block_length].tolist()
-            text = answer_text(tokenizer, decided)
+            text = _stream_prefix(tokenizer, answer)
             if text.startswith(shown):
                 stdout.write(text[len(shown):])
                 stdout.flush()
                 shown = text
 
-        out = generate(net, torch.tensor([ids], device=net.device), steps=steps, gen_length=gen_length,
-                       block_length=block_length, temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
-                       mask_id=tokenizer.ids.mask, eos_id=tokenizer.ids.eos, eot_id=tokenizer.ids.eot,
-                       generator=generator, on_block=stream)
-        reply = answer_text(tokenizer, out[0, len(ids):].tolist())
-        stdout.write(reply[len(shown):] + "\n")
+        reply = answer_text(tokenizer, answer_ids(net, ids, settings, sampler, engine, generator, on_update=stream))
+        stdout.write(reply[len(shown):] if reply.startswith(shown) else "\n" + reply)
+        stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
 
 
@@ -295,8 +300,10 @@ def run_export(run_dir: str, destination: str, step: int | None = None, dtype: s
 # --- argument parsing --------------------------------------------------------------------------
 
 EPILOGS = {
-    "generate": "example:\n  llada generate --model ckpt/ --prompt 'What is a diffusion model?' --steps 64 --gen-length 64",
-    "chat": "example:\n  llada chat --model ckpt/ --gen-length 128 --block-length 32",
+    "generate": "examples:\n  llada generate --model ckpt/ --prompt 'What is a diffusion model?' --gen-length 64\n"
+                "  llada generate --model ckpt/ --prompt 'Hi' --policy threshold --threshold 0.8 --cache dual\n"
+                "  llada generate --model ckpt/ --prompt 'Hi' --sampler reference --steps 64   # the official algorithm",
+    "chat": "example:\n  llada chat --model ckpt/ --gen-length 128 --block-length 32 --threshold 0.9",
     "score": "input lines look like {\"prompt\": \"The capital of France is\", \"answer\": \" Paris\"}\n"
              "example:\n  llada score --model ckpt/ --input pairs.jsonl --output scored.jsonl --mc-num 64",
     "info": "examples:\n  llada info ckpt/\n  llada info 8b",
@@ -326,12 +333,35 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     _add_model(parser)
-    parser.add_argument("--steps", type=int, default=128, help="denoising steps in total (default 128)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="engine",
+                        help="engine (fast, default) or reference (the official algorithm, a full forward per step)")
     parser.add_argument("--gen-length", type=int, default=128, help="answer length in tokens (default 128)")
     parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
+    parser.add_argument("--policy", choices=POLICIES,
+                        help="tokens committed per step: threshold (engine default), factor, or fixed "
+                             "(--steps in total; the reference sampler's rule)")
+    parser.add_argument("--steps", type=int, help="fixed policy: denoising steps in total (default: gen length)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="threshold policy: confidence τ (default 0.9)")
+    parser.add_argument("--factor", type=float, default=1.0, help="factor policy: f (default 1)")
+    parser.add_argument("--cache", choices=CACHE_MODES, default="dual",
+                        help="engine KV cache: dual (default), prefix, or none (exact: a full forward per step)")
+    parser.add_argument("--refresh-every", type=int, default=0,
+                        help="engine: also refresh the cache every N steps within a block (default 0: block starts)")
+    parser.add_argument("--no-early-stop", action="store_true",
+                        help="engine: decode every block even after the answer has ended")
+    parser.add_argument("--compile", action="store_true", help="engine: torch.compile the block steps (GPU)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default 0 = off)")
     parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
+    """GenerationSettings from the sampling flags; --steps alone selects the fixed policy."""
+    policy = args.policy or ("fixed" if args.steps is not None or args.sampler == "reference" else "threshold")
+    return GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, policy=policy,
+                              steps=args.steps, threshold=args.threshold, factor=args.factor, cache=args.cache,
+                              refresh_every=args.refresh_every, temperature=args.temperature,
+                              cfg_scale=args.cfg_scale, remasking=args.remasking, early_stop=not args.no_early_stop)
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -350,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         return group.add_parser(name, help=help_text, description=help_text, epilog=epilog or EPILOGS[name],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    gen = command("generate", "Generate an answer to a prompt with the reference diffusion sampler.")
+    gen = command("generate", "Generate an answer to a prompt (the fast engine by default).")
     _add_sampling(gen)
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
@@ -447,9 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     sampling = {}
     if args.command in ("generate", "chat"):
-        sampling = dict(model=args.model, steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
-                        temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                        device=args.device, dtype=args.dtype, seed=args.seed)
+        sampling = dict(model=args.model, settings=settings_from_args(args), sampler=args.sampler,
+                        device=args.device, dtype=args.dtype, seed=args.seed, compile=args.compile)
     try:
         if args.command == "generate":
             print(run_generate(prompt=args.prompt, chat=not args.no_chat, show_prompt=args.show_prompt, **sampling))

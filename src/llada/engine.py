@@ -67,8 +67,10 @@ class GenerationSettings:
         """Raise ValueError naming the first bad setting."""
         if self.gen_length <= 0:
             raise ValueError(f"gen_length must be positive, got {self.gen_length}")
-        if not 0 < self.block_length <= self.gen_length or self.gen_length % self.block_length:
-            raise ValueError(f"block_length must divide gen_length ({self.gen_length}), got {self.block_length}")
+        if not 0 < self.block_length <= self.gen_length:
+            raise ValueError(f"block_length must be between 1 and gen_length ({self.gen_length}), got {self.block_length}")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
         if self.cache not in CACHE_MODES:
