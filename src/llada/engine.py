@@ -446,17 +446,20 @@ class BatchRun:
             self.cache = None
         self.done = True
 
+    def result(self, row: int) -> Generation:
+        """Row ``row``'s result (caller's order) once it has finished; rows may finish before the batch."""
+        if not self.finished[row]:
+            raise RuntimeError(f"row {row} is still decoding")
+        ids = self.answers[row].tolist()
+        end = next((i for i, token in enumerate(ids) if token in self.engine.end_ids), None)
+        return Generation(answer=self.answers[row].clone(), tokens=ids if end is None else ids[:end + 1],
+                          steps=self.row_steps[row], finish_reason="length" if end is None else "stop")
+
     def results(self) -> list[Generation]:
-        """The finished rows' results (all rows once ``step()`` has returned None)."""
+        """Every row's result, in the caller's order (once ``step()`` has returned None)."""
         if not self.done:
             raise RuntimeError("the batch is still decoding; call step() until it returns None")
-        out = []
-        for row, answer in enumerate(self.answers):
-            ids = answer.tolist()
-            end = next((i for i, token in enumerate(ids) if token in self.engine.end_ids), None)
-            out.append(Generation(answer=answer, tokens=ids if end is None else ids[:end + 1], steps=self.row_steps[row],
-                                  finish_reason="length" if end is None else "stop"))
-        return out
+        return [self.result(row) for row in range(len(self.finished))]
 
 
 def _decided_through_end(answer: torch.Tensor, undecided: torch.Tensor, end_ids: tuple[int, ...]) -> torch.Tensor:
