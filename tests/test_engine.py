@@ -112,6 +112,9 @@ def test_batched_results_equal_single_prompt_results(cache: str) -> None:
     together = engine.generate(rows, settings)
     alone = [engine.generate([row], settings)[0] for row in rows]
     assert [r.tokens for r in together] == [r.tokens for r in alone]
+    if cache != "prefix":  # each row at its own pace (the prefix cache keeps rows in step)
+        assert [r.steps for r in together] == [r.steps for r in alone]
+        assert len({r.steps for r in together}) > 1
 
 
 def test_threshold_one_commits_one_token_per_step() -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llada.engine import BatchRun, Engine, Generation, GenerationSettings
+from llada.batch_run import BatchRun
+from llada.engine import Engine, Generation, GenerationSettings
 
 
 class SchedulerFull(RuntimeError):

@@ -1,0 +1,144 @@
+"""Quality against speed of the engine's settings on the shipped demo model (runs on a CPU in a minute).
+
+For a fixed set of chat prompts — arithmetic questions, whose answers can be checked, and
+definitions of common words — every setting's answers are compared with the reference sampler's
+(one token per step, a full forward pass per step): *agreement* is the share of answers identical
+to the reference's, *accuracy* the share of arithmetic answers that are right, *steps* the mean
+number of denoising steps (forward passes) per answer, and *tokens per step* the answer tokens (up
+to and including the first end-of-text token) divided by those steps. The engine runs one prompt
+at a time, the reference sampler all prompts in one batch; tokens/s are CPU figures, comparable
+between the engine's rows only.
+
+    python benchmarks/engine_quality.py --out benchmarks/results/engine/quality_demo.json \
+        --plot benchmarks/results/engine/quality_demo.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from llada.cli import DEMO_MODEL, answer_text
+from llada.engine import Engine, GenerationSettings
+from llada.model import LLaDAModel
+from llada.sampling import generate
+from llada.tokenizer import Tokenizer
+
+WORDS = ["king", "house", "water", "light", "sword", "love", "night", "river", "friend", "bread", "horse", "storm",
+         "crown", "heart", "garden", "winter"]
+
+SETTINGS = {
+    "exact (no cache, fixed)": dict(cache="none", policy="fixed"),
+    "prefix cache, fixed": dict(cache="prefix", policy="fixed"),
+    "dual cache, fixed": dict(cache="dual", policy="fixed"),
+    "no cache, threshold 0.9": dict(cache="none", policy="threshold", threshold=0.9),
+    "prefix cache, threshold 0.9": dict(cache="prefix", policy="threshold", threshold=0.9),
+    **{f"dual cache, threshold {t}": dict(cache="dual", policy="threshold", threshold=t)
+       for t in (0.95, 0.9, 0.8, 0.7, 0.5, 0.3)},
+    **{f"dual cache, factor {f}": dict(cache="dual", policy="factor", factor=f) for f in (0.5, 1.0, 2.0)},
+}
+
+
+def prompts(count: int, seed: int = 0) -> list[tuple[str, str | None]]:
+    """(question, expected answer or None) pairs in the demo model's instruction formats."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        a, b, operator = rng.randrange(0, 100), rng.randrange(0, 100), rng.choice("+-*")
+        out.append((f"What is {a} {operator} {b}?", str({"+": a + b, "-": a - b, "*": a * b}[operator])))
+    out += [(f"Define the word \"{word}\".", None) for word in WORDS]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEMO_MODEL))
+    parser.add_argument("--arithmetic", type=int, default=48, help="arithmetic prompts (plus 16 definitions)")
+    parser.add_argument("--gen-length", type=int, default=32)
+    parser.add_argument("--block-length", type=int, default=8)
+    parser.add_argument("--out")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = LLaDAModel.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    questions = prompts(args.arithmetic)
+    ids = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q, _ in questions]
+    width = max(map(len, ids))
+    padded = torch.tensor([[tokenizer.ids.eos] * (width - len(row)) + row for row in ids])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    start = time.perf_counter()
+    out = generate(model, padded, attention_mask=mask, steps=args.gen_length, gen_length=args.gen_length,
+                   block_length=args.block_length)
+    reference_seconds = time.perf_counter() - start
+    reference = [answer_text(tokenizer, row[width:].tolist()) for row in out]
+
+    def score(texts: list[str]) -> tuple[float, float]:
+        agree = sum(a == b for a, b in zip(texts, reference)) / len(texts)
+        checked = [(text.strip(), expected) for text, (_, expected) in zip(texts, questions) if expected is not None]
+        return agree, sum(text == expected for text, expected in checked) / len(checked)
+
+    reference_agreement, reference_accuracy = score(reference)
+    ends = {tokenizer.ids.eos, tokenizer.ids.eot}
+    reference_tokens = sum(next((i + 1 for i, t in enumerate(row[width:].tolist()) if t in ends), args.gen_length)
+                           for row in out)
+    rows = [{"setting": "reference sampler", "agreement": reference_agreement, "accuracy": reference_accuracy,
+             "steps": float(args.gen_length), "tokens_per_step": reference_tokens / (len(ids) * args.gen_length),
+             "tokens_per_s": reference_tokens / reference_seconds}]
+    engine = Engine(model)
+    for name, overrides in SETTINGS.items():
+        settings = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, **overrides)
+        start = time.perf_counter()
+        # One prompt at a time: a batch advances block by block in lockstep, so its step count is
+        # the slowest row's; per-prompt runs show each answer's own number of steps.
+        results = [engine.generate([row], settings)[0] for row in ids]
+        seconds = time.perf_counter() - start
+        texts = [answer_text(tokenizer, r.answer.tolist()) for r in results]
+        agreement, accuracy = score(texts)
+        tokens = sum(len(r.tokens) for r in results)
+        steps = sum(r.steps for r in results)
+        rows.append({"setting": name, "agreement": agreement, "accuracy": accuracy, "steps": steps / len(results),
+                     "tokens_per_step": tokens / steps, "tokens_per_s": tokens / seconds})
+    for row in rows:
+        print(f"{row['setting']:30s} agreement {row['agreement']:6.1%}  arithmetic {row['accuracy']:6.1%}  "
+              f"{row['steps']:5.1f} steps  {row['tokens_per_step']:5.2f} tokens/step  "
+              f"{row['tokens_per_s']:8.1f} tokens/s (CPU)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "prompts": len(questions),
+                                              "gen_length": args.gen_length, "block_length": args.block_length,
+                                              "rows": rows}, indent=2) + "\n")
+    if args.plot:
+        plot(rows, Path(args.plot))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for axis, key, label in ((axes[0], "tokens_per_s", "answer tokens/s (CPU, one prompt at a time)"),
+                             (axes[1], "steps", "denoising steps per answer")):
+        for row in rows:
+            axis.scatter(row[key], row["agreement"], s=30)
+            axis.annotate(row["setting"], (row[key], row["agreement"]), fontsize=7,
+                          xytext=(4, 2), textcoords="offset points")
+        axis.set_xlabel(label)
+        axis.set_ylabel("answers identical to the reference sampler's")
+        axis.grid(alpha=0.3)
+    axes[1].invert_xaxis()  # fewer steps to the right, like more tokens/s on the left plot
+    figure.suptitle("Engine settings on the demo model: quality against parallelism")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

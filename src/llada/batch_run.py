@@ -1,0 +1,334 @@
+"""One batch of prompts being decoded by the engine, each row at its own pace.
+
+Rows share one KV cache and one forward pass per step, but each row has its own block and its own
+step within it: with a confidence threshold a row whose block is decided moves on to its next block
+(and refreshes its cache rows) while others are still working on theirs, and a row whose answer is
+complete stops. Finished rows stay in the batch, idle, until half of it is done; then the batch
+shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph).
+
+Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
+all rows, otherwise as a smaller eager batch whose cache rows are copied in — and the other rows
+take a cached step (their block alone, or, with the prefix cache, everything from the block on:
+there rows move from block to block together, so that a row's result does not depend on its batch). The commits are per row: ``decoding.propose`` and ``decoding.select`` over each
+row's own block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from llada.decoding import propose, select
+from llada.engine import Engine, Generation, GenerationSettings, StepUpdate
+from llada.kv_cache import KVCache
+from llada.model import attention_bias
+from llada.sampling import num_transfer_tokens
+
+
+class BatchRun:
+    """One batch of prompts being decoded; ``step()`` advances it by one denoising step."""
+
+    def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]] | torch.Tensor,
+                 settings: GenerationSettings, generator: torch.Generator | None) -> None:
+        self.engine, self.settings, self.generator = engine, settings, generator
+        prompt_ids, prompt_mask = _left_pad(prompts, engine.end_ids[0] if engine.end_ids else 0)
+        batch, prompt_length = prompt_ids.shape
+        settings.validate(engine.model.config.max_sequence_length, prompt_length)
+        if settings.early_stop and not engine.end_ids:
+            raise ValueError("early_stop needs eos_token_id (or eot_token_id) in the model config")
+        if (settings.logits_eos_inf or settings.confidence_eos_eot_inf) and len(engine.end_ids) < 2:
+            raise ValueError("logits_eos_inf / confidence_eos_eot_inf need eos_token_id and eot_token_id in the config")
+        device = engine.device
+        self.prompt_length, self.gen_length = prompt_length, settings.gen_length
+        self.length = prompt_length + settings.gen_length
+        self.block_length = settings.block_length
+        self.num_blocks = settings.gen_length // settings.block_length
+        self.x = torch.full((batch, self.length), engine.mask_id, dtype=torch.long, device=device)
+        self.x[:, :prompt_length] = prompt_ids.to(device)
+        # Decided-ness is tracked apart from the tokens: a model may propose the mask id itself.
+        self.undecided = torch.ones(batch, settings.gen_length, dtype=torch.bool, device=device)
+        self.key_mask = None  # (B, T) real tokens, or None when nothing is padded
+        if not bool(prompt_mask.all()):
+            self.key_mask = torch.cat([prompt_mask, torch.ones(batch, settings.gen_length, dtype=torch.bool)],
+                                      1).to(device)
+        # Per current row (host lists): caller's row index, block, step within the block, still decoding.
+        self.row_ids = list(range(batch))
+        self.row_block = [0] * batch
+        self.row_block_step = [0] * batch
+        self.active = [True] * batch
+        # Per caller row.
+        self.finished = [False] * batch
+        self.answers = torch.full((batch, settings.gen_length), engine.mask_id, dtype=torch.long)
+        self.row_steps = [0] * batch
+        self.steps_per_block = settings.total_steps // self.num_blocks if settings.policy == "fixed" else None
+        # The fixed schedule is the same for every row (each block starts fully masked): host integers.
+        self.schedule = None if self.steps_per_block is None else num_transfer_tokens(
+            torch.ones(1, self.block_length, dtype=torch.bool), self.steps_per_block)[0].tolist()
+        self.steps = 0
+        self.max_steps = settings.total_steps if settings.policy == "fixed" else settings.gen_length
+        self.cache: KVCache | None = None
+        self._set_rows(batch)
+        self.done = False
+
+    # --- rows -------------------------------------------------------------------------------------
+
+    @property
+    def guided(self) -> bool:
+        return self.settings.cfg_scale > 0
+
+    def _set_rows(self, batch: int) -> None:
+        """(Re)build what depends on the number of rows: cache, attention bias."""
+        self.cache = self.engine.acquire_cache(batch * (2 if self.guided else 1), self.length)
+        self.key_bias = self._bias(self.key_mask)
+
+    def _bias(self, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if key_mask is not None and self.guided:
+            key_mask = torch.cat([key_mask, key_mask])
+        return attention_bias(key_mask, self.length, False, self.engine.model.dtype, self.engine.device)
+
+    def _model_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows as the model sees them: with guidance, the unconditional copies (prompt masked) follow."""
+        if not self.guided:
+            return tokens
+        unconditional = tokens.clone()
+        if tokens.shape[1] == self.length:
+            unconditional[:, :self.prompt_length] = self.engine.mask_id
+        return torch.cat([tokens, unconditional])
+
+    def _model_row_index(self, rows: list[int]) -> torch.Tensor:
+        batch = self.x.shape[0]
+        index = rows + [r + batch for r in rows] if self.guided else rows
+        return torch.tensor(index, device=self.engine.device)
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def _logits(self, offsets: torch.Tensor, refresh: list[int]) -> torch.Tensor:
+        """Logits (B, block_length, V) at each row's block (``offsets``: answer positions, (B, L))."""
+        engine, settings = self.engine, self.settings
+        batch, device = self.x.shape[0], engine.device
+        positions = offsets + self.prompt_length  # (B, L)
+        everything = torch.arange(self.length, device=device)
+        if len(refresh) == batch:  # every row refreshes: one forward pass over the whole sequences
+            tokens = self._model_rows(self.x)
+            logits = engine.forward(self.cache, tokens, everything.expand(tokens.shape[0], -1),
+                                    self._model_rows(positions), self.key_bias, write=True)
+            return self._guide(logits)
+        if settings.cache == "prefix":  # from the (common) block to the end
+            start = self.prompt_length + min(self.row_block[r] for r in range(batch) if self.active[r]) \
+                * self.block_length
+            query = everything[start:].expand(batch, -1)
+            index = positions - start
+        else:
+            query, index = positions, torch.arange(self.block_length, device=device).expand(batch, -1)
+        tokens = self._model_rows(self.x.gather(1, query))
+        # Eagerly, writing the queries into the cache and using fused SDPA is fastest; compiled, a
+        # read-only step avoids copying the cache (see kv_cache.cached_forward).
+        logits = engine.forward(self.cache, tokens, self._model_rows(query), self._model_rows(index), self.key_bias,
+                                write=not engine.compiled)
+        logits = self._guide(logits.clone() if refresh else logits)
+        if refresh:
+            logits[refresh] = self._refresh_rows(refresh, positions)
+        return logits
+
+    def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Refresh some rows (a smaller eager batch) and copy their keys/values into the batch's cache."""
+        model_rows = self._model_row_index(rows)
+        tokens = self._model_rows(self.x[rows])
+        cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length)
+        key_mask = None if self.key_mask is None else self.key_mask[rows]
+        everything = torch.arange(self.length, device=self.engine.device).expand(tokens.shape[0], -1)
+        with torch.no_grad():
+            logits = self.engine.forward(cache, tokens, everything, self._model_rows(positions[rows]),
+                                         self._bias(key_mask), write=True, graph=False)
+        for layer in range(len(cache.keys)):
+            self.cache.keys[layer].index_copy_(0, model_rows, cache.keys[layer])
+            self.cache.values[layer].index_copy_(0, model_rows, cache.values[layer])
+        return self._guide(logits)
+
+    def _guide(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return logits
+        conditional, unconditional = logits.chunk(2)
+        return unconditional + (self.settings.cfg_scale + 1) * (conditional - unconditional)
+
+    def advance(self) -> bool:
+        """Run one denoising step without reporting it; False once every row is finished."""
+        return self._step(report=False) is not None
+
+    def step(self) -> StepUpdate | None:
+        """Run one denoising step and report it (copies the answers to the host); None once finished."""
+        return self._step(report=True)
+
+    @torch.no_grad()
+    def _step(self, report: bool) -> StepUpdate | None:
+        if self.done:
+            return None
+        settings, engine = self.settings, self.engine
+        batch, device = self.x.shape[0], engine.device
+        live = [r for r in range(batch) if self.active[r]]
+        blocks = [min(b, self.num_blocks - 1) for b in self.row_block]
+        offsets = (torch.tensor(blocks, device=device)[:, None] * self.block_length
+                   + torch.arange(self.block_length, device=device))  # (B, L) answer positions
+        refresh = [r for r in live if settings.cache == "none" or self.row_block_step[r] == 0
+                   or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
+        logits = self._logits(offsets, refresh)
+        answer = self.x[:, self.prompt_length:]  # a view: scattering into it writes x
+        current = answer.gather(1, offsets)
+        masked = self.undecided.gather(1, offsets)  # idle rows have nothing undecided
+        forbid = (engine.end_ids[0],) if settings.logits_eos_inf else ()
+        demote = engine.end_ids[:2] if settings.confidence_eos_eot_inf else ()
+        proposals, confidence = propose(logits, settings.temperature, settings.remasking, self.generator,
+                                        exact_confidence=settings.policy == "fixed", forbid=forbid, demote=demote,
+                                        never=(engine.mask_id,))
+        chosen = select(confidence, masked, settings.policy, self._counts(live), settings.threshold, settings.factor)
+        answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
+        still_masked = masked & ~chosen
+        self.undecided.scatter_(1, offsets, still_masked)
+        self.steps += 1
+        for r in live:
+            self.row_block_step[r] += 1
+            self.row_steps[self.row_ids[r]] += 1
+        decided = None
+        if report:
+            decided = torch.zeros(self.answers.shape, dtype=torch.bool)
+            decided[self.row_ids] = torch.zeros(batch, self.gen_length, dtype=torch.bool).scatter_(
+                1, offsets.cpu(), chosen.cpu())
+            self.answers[self.row_ids] = answer.cpu()
+        if self.steps_per_block is not None:
+            block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
+        else:
+            pending = still_masked.any(1).tolist()  # the policy's one host synchronisation
+            block_done = [r for r in live if not pending[r]]
+            if settings.cache == "prefix" and len(block_done) < len(live):
+                # The prefix cache keeps rows in step: its query starts at one block for all rows,
+                # so a row that moved ahead would see its own blocks recomputed (batch-dependent).
+                block_done = []
+        if block_done:
+            self._finish_blocks(block_done)
+        blocks_now = [self.num_blocks] * len(self.finished)
+        for r, caller in enumerate(self.row_ids):
+            if not self.finished[caller]:
+                blocks_now[caller] = self.row_block[r]
+        if not report:
+            return StepUpdate(self.steps, blocks_now, self.answers, self.answers, self.finished)
+        return StepUpdate(self.steps, blocks_now, self.answers.clone(), decided, list(self.finished))
+
+    def _counts(self, live: list[int]) -> int | torch.Tensor:
+        """Fixed policy: tokens each row commits this step (an int when all rows agree, as the reference)."""
+        if self.schedule is None:
+            return 1
+        counts = [self.schedule[min(self.row_block_step[r], len(self.schedule) - 1)] if r in live else 0
+                  for r in range(self.x.shape[0])]
+        return counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=self.engine.device)
+
+    def _finish_blocks(self, rows: list[int]) -> None:
+        """Move rows to their next block; rows whose answer is complete finish."""
+        for r in rows:
+            self.row_block[r] += 1
+            self.row_block_step[r] = 0
+        answer = self.x[:, self.prompt_length:]
+        index = torch.tensor(rows, device=self.engine.device)
+        ended = [self.row_block[r] == self.num_blocks for r in rows]
+        if self.settings.early_stop:
+            complete = _decided_through_end(answer[index], self.undecided[index], self.engine.end_ids).tolist()
+            ended = [a or b for a, b in zip(ended, complete)]
+        done = [r for r, end in zip(rows, ended) if end]
+        if not done:
+            return
+        # Finished rows: fill what is left with end-of-text, hand them back, and leave them idle.
+        done_index = torch.tensor(done, device=self.engine.device)
+        if self.engine.end_ids:
+            filled = answer[done_index].masked_fill(self.undecided[done_index], self.engine.end_ids[0])
+            answer[done_index] = filled
+        self.undecided[done_index] = False
+        callers = [self.row_ids[r] for r in done]
+        self.answers[callers] = answer[done_index].cpu()
+        for r, caller in zip(done, callers):
+            self.finished[caller] = True
+            self.active[r] = False
+        live = [r for r in range(self.x.shape[0]) if self.active[r]]
+        if not live:
+            self.done = True
+            self.engine.release_cache(self.cache)
+            self.cache = None
+        elif len(live) <= math.ceil(self.x.shape[0] / 2):  # shrink the batch once half of it is done
+            self._keep_rows(live)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        keep = torch.tensor(rows, device=self.engine.device)
+        old, model_rows = self.cache, self._model_row_index(rows)
+        self.x = self.x.index_select(0, keep)
+        self.undecided = self.undecided.index_select(0, keep)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, keep)
+        self.row_ids = [self.row_ids[r] for r in rows]
+        self.row_block = [self.row_block[r] for r in rows]
+        self.row_block_step = [self.row_block_step[r] for r in rows]
+        self.active = [True] * len(rows)
+        self._set_rows(len(rows))
+        for layer in range(len(old.keys)):
+            self.cache.keys[layer].copy_(old.keys[layer].index_select(0, model_rows))
+            self.cache.values[layer].copy_(old.values[layer].index_select(0, model_rows))
+        self.engine.release_cache(old)
+
+    # --- results ----------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop decoding (e.g. the client went away) and give the cache back to the engine."""
+        if self.cache is not None:
+            self.engine.release_cache(self.cache)
+            self.cache = None
+        self.done = True
+
+    def result(self, row: int) -> Generation:
+        """Row ``row``'s result (caller's order) once it has finished; rows may finish before the batch."""
+        if not self.finished[row]:
+            raise RuntimeError(f"row {row} is still decoding")
+        ids = self.answers[row].tolist()
+        end = next((i for i, token in enumerate(ids) if token in self.engine.end_ids), None)
+        return Generation(answer=self.answers[row].clone(), tokens=ids if end is None else ids[:end + 1],
+                          steps=self.row_steps[row], finish_reason="length" if end is None else "stop")
+
+    def results(self) -> list[Generation]:
+        """Every row's result, in the caller's order (once ``step()`` has returned None)."""
+        if not self.done:
+            raise RuntimeError("the batch is still decoding; call step() until it returns None")
+        return [self.result(row) for row in range(len(self.finished))]
+
+
+def _decided_through_end(answer: torch.Tensor, undecided: torch.Tensor, end_ids: tuple[int, ...]) -> torch.Tensor:
+    """(B,) rows whose answer holds an end-of-text token with every position before it decided.
+
+    Such an answer is final: decoding ends at the first end-of-text token, and tokens once committed
+    are never changed, so nothing left to decode can alter the text before it.
+    """
+    is_end = torch.zeros_like(answer, dtype=torch.bool)
+    for token in end_ids:
+        is_end |= answer == token
+    is_end &= ~undecided
+    is_mask = undecided
+    first_end = torch.where(is_end.any(1), is_end.to(torch.int8).argmax(1), answer.shape[1])
+    first_mask = torch.where(is_mask.any(1), is_mask.to(torch.int8).argmax(1), answer.shape[1])
+    return is_end.any(1) & (first_mask > first_end)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded ids and the (B, P) bool mask of real tokens."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts must be (batch, length), got shape {tuple(prompts.shape)}")
+        return prompts.long().cpu(), torch.ones(prompts.shape, dtype=torch.bool)
+    rows = [list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = True
+    return ids, mask
