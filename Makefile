@@ -17,11 +17,13 @@ $(BIN)/llada: pyproject.toml
 install: $(BIN)/llada
 
 # The demo runs the shipped demo model (models/demo, 17M parameters trained on Shakespeare, Milton and
-# WordNet; see README "Demo model"): its config, a few answers, and the likelihood of two continuations.
+# WordNet; see README "Demo model"): its config, a few answers (the fast engine, then the reference
+# sampler for comparison), and the likelihood of two continuations.
 demo: install
 	$(BIN)/llada info models/demo
-	$(BIN)/llada generate --prompt 'Define the word "king".' --steps 32 --gen-length 32 --block-length 8
-	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --steps 32 --gen-length 32 --block-length 8
+	$(BIN)/llada generate --prompt 'Define the word "king".' --gen-length 32 --block-length 8
+	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --gen-length 32 --block-length 8
+	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --gen-length 32 --block-length 8 --sampler reference --steps 32
 	@mkdir -p .demo && printf '{"prompt": "The king", "answer": " is dead"}\n{"prompt": "The king", "answer": " xq zzv blorp"}\n' > .demo/pairs.jsonl
 	$(BIN)/llada score --input .demo/pairs.jsonl --mc-num 64
 
