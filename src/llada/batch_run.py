@@ -110,7 +110,8 @@ class BatchRun:
         batch, device = self.x.shape[0], engine.device
         positions = offsets + self.prompt_length  # (B, L)
         everything = torch.arange(self.length, device=device)
-        if len(refresh) == batch:  # every row refreshes: one forward pass over the whole sequences
+        live = [r for r in range(batch) if self.active[r]]
+        if refresh == live:  # every decoding row refreshes: one forward pass over the whole batch (idle rows too)
             tokens = self._model_rows(self.x)
             logits = engine.forward(self.cache, tokens, everything.expand(tokens.shape[0], -1),
                                     self._model_rows(positions), self.key_bias, write=True)
