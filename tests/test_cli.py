@@ -169,3 +169,22 @@ def test_shipped_demo_model_is_the_default(capsys: pytest.CaptureFixture) -> Non
     assert capsys.readouterr().out.strip()
     model = LLaDAModel.from_pretrained(DEMO_MODEL)
     assert model.dtype == torch.bfloat16 and 10e6 < model.config.num_parameters() < 20e6
+
+
+def test_generate_file_answers_every_line_in_batches(checkpoint_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello", "id": 1}\n\n{"messages": [{"role": "user", "content": "The fox"}]}\n'
+                       '{"prompt": "Unicode café"}\n')
+    output = tmp_path / "answers.jsonl"
+    assert main(["generate", "--model", str(checkpoint_dir), "--input", str(prompts), "--output", str(output),
+                 "--batch-size", "2", *SMALL]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == [1, None, None] and "messages" in rows[1]
+    assert all(r["finish_reason"] in ("stop", "length") and r["steps"] >= 1 for r in rows)
+    # Batched answers equal one-prompt answers.
+    assert rows[0]["answer"] == run_generate(str(checkpoint_dir), "Hello", SETTINGS, device="cpu")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    assert main(["generate", "--model", str(checkpoint_dir), "--input", str(bad), *SMALL]) == 2
+    assert ":2: each line needs" in capsys.readouterr().err

@@ -124,6 +124,66 @@ def run_generate(model: str, prompt: str, settings: GenerationSettings | None = 
     return (prompt + text) if show_prompt else text
 
 
+def run_generate_file(model: str, input: str, output: str | None = None, settings: GenerationSettings | None = None,
+                      sampler: Sampler = "engine", batch_size: int = 16, chat: bool = True, device: str = "auto",
+                      dtype: str = "auto", seed: int = 0, compile: bool = False) -> int:
+    """Answer every line of a JSONL file ({"prompt": str} or {"messages": [...]}, other fields kept).
+
+    The engine decodes ``batch_size`` prompts at a time (each at its own pace); the reference
+    sampler one at a time. Lines are checked before any model work; the output is written atomically.
+    Returns the number of answers written.
+    """
+    if batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {batch_size}")
+    settings = settings or GenerationSettings()
+    records = _read_prompts(Path(input))
+    torch.manual_seed(seed)
+    net, tokenizer = load(model, device, dtype)
+    prompts = []
+    for number, record in records:
+        if "messages" in record:
+            prompts.append(tokenizer.encode_chat(record["messages"]))
+        else:
+            text = record["prompt"]
+            prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text))
+        if not prompts[-1]:
+            raise CliError(f"{input}:{number}: the prompt tokenizes to nothing")
+    generator = torch.Generator(device=net.device).manual_seed(seed)
+    engine = Engine(net, compile=compile) if sampler == "engine" else None
+    stream, commit = _atomic_text_writer(Path(output)) if output else (sys.stdout, lambda: None)
+    with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=len(prompts) < 2) as bar:
+        for start in range(0, len(prompts), batch_size if engine else 1):
+            chunk = prompts[start:start + (batch_size if engine else 1)]
+            if engine is not None:
+                results = engine.generate(chunk, settings, generator)
+                answers = [(r.answer.tolist(), r.steps, r.finish_reason) for r in results]
+            else:
+                ids = answer_ids(net, chunk[0], settings, "reference", generator=generator)
+                ended = any(t in (tokenizer.ids.eos, tokenizer.ids.eot) for t in ids)
+                answers = [(ids, settings.total_steps, "stop" if ended else "length")]
+            for (_, record), (ids, steps, reason) in zip(records[start:start + len(chunk)], answers):
+                text = answer_text(tokenizer, ids)
+                stream.write(json.dumps(dict(record, answer=text, steps=steps, finish_reason=reason),
+                                        ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+    commit()
+    return len(prompts)
+
+
+def _read_prompts(path: Path) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise CliError(f"input file {path} does not exist")
+    records = []
+    for number, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str)
+                                                or isinstance(record.get("messages"), list)):
+            raise CliError(f"{path}:{number}: each line needs a string 'prompt' or a list 'messages'")
+        records.append((number, record))
+    if not records:
+        raise CliError(f"{path} has no prompts")
+    return records
+
+
 def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
              device: str = "auto", dtype: str = "auto", seed: int = 0, system: str | None = None,
              compile: bool = False, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
@@ -302,7 +362,8 @@ def run_export(run_dir: str, destination: str, step: int | None = None, dtype: s
 EPILOGS = {
     "generate": "examples:\n  llada generate --model ckpt/ --prompt 'What is a diffusion model?' --gen-length 64\n"
                 "  llada generate --model ckpt/ --prompt 'Hi' --policy threshold --threshold 0.8 --cache dual\n"
-                "  llada generate --model ckpt/ --prompt 'Hi' --sampler reference --steps 64   # the official algorithm",
+                "  llada generate --model ckpt/ --prompt 'Hi' --sampler reference --steps 64   # the official algorithm\n"
+                "  llada generate --model ckpt/ --input prompts.jsonl --output answers.jsonl --batch-size 32",
     "chat": "example:\n  llada chat --model ckpt/ --gen-length 128 --block-length 32 --threshold 0.9",
     "score": "input lines look like {\"prompt\": \"The capital of France is\", \"answer\": \" Paris\"}\n"
              "example:\n  llada score --model ckpt/ --input pairs.jsonl --output scored.jsonl --mc-num 64",
@@ -382,7 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = command("generate", "Generate an answer to a prompt (the fast engine by default).")
     _add_sampling(gen)
-    gen.add_argument("--prompt", required=True, help="the prompt text")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--input", help='JSONL file of {"prompt": ...} or {"messages": [...]} lines to answer')
+    gen.add_argument("--output", help="with --input: JSONL file to write (default: standard output)")
+    gen.add_argument("--batch-size", type=int, default=16, help="with --input: prompts decoded together (default 16)")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--show-prompt", action="store_true", help="print the prompt before the answer")
     _add_runtime(gen)
@@ -480,7 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = dict(model=args.model, settings=settings_from_args(args), sampler=args.sampler,
                         device=args.device, dtype=args.dtype, seed=args.seed, compile=args.compile)
     try:
-        if args.command == "generate":
+        if args.command == "generate" and args.input:
+            run_generate_file(input=args.input, output=args.output, batch_size=args.batch_size, chat=not args.no_chat,
+                              **sampling)
+        elif args.command == "generate":
             print(run_generate(prompt=args.prompt, chat=not args.no_chat, show_prompt=args.show_prompt, **sampling))
         elif args.command == "chat":
             run_chat(system=args.system, **sampling)
