@@ -18,17 +18,45 @@ def test_requests_joining_between_steps_get_their_single_prompt_answers() -> Non
     engine = Engine(net)
     rows = prompts((3, 6, 4, 5, 7), seed=5)
     expected = [engine.generate([row], SETTINGS)[0] for row in rows]
-    scheduler = Scheduler(engine, max_batch=3)
+    scheduler = Scheduler(engine, max_batch=3, prompt_bucket=8)
     first = [scheduler.submit(row, SETTINGS) for row in rows[:2]]
     scheduler.step()
     scheduler.step()
     later = [scheduler.submit(row, SETTINGS) for row in rows[2:]]  # join while the first two decode
     scheduler.step()
     assert len(scheduler.waiting) == 2  # capacity 3: one joined, two wait for rows to leave
+    assert len(scheduler.running) == 1  # ... joined the running batch: they share its forward passes
     scheduler.run_until_idle()
     requests = first + later
     assert [r.result.tokens for r in requests] == [e.tokens for e in expected]
     assert all(r.started_at is not None and r.finished_at >= r.started_at for r in requests)
+
+
+def test_prompts_longer_than_the_room_start_a_new_batch() -> None:
+    engine = Engine(model())
+    scheduler = Scheduler(engine, prompt_bucket=4)
+    short = scheduler.submit(prompts((3,))[0], SETTINGS)
+    scheduler.step()
+    long = scheduler.submit(prompts((9,), seed=4)[0], SETTINGS)  # room is 4 tokens: cannot join
+    scheduler.step()
+    assert len(scheduler.running) == 2
+    scheduler.run_until_idle()
+    assert short.result.tokens == engine.generate([short.prompt], SETTINGS)[0].tokens
+    assert long.result.tokens == engine.generate([long.prompt], SETTINGS)[0].tokens
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, GenerationSettings(**{**SETTINGS.__dict__, "cfg_scale": 1.0})])
+def test_batch_grows_when_more_prompts_join_than_it_has_free_rows(settings: GenerationSettings) -> None:
+    engine = Engine(model())
+    rows = prompts((3, 4, 2, 5, 4), seed=6)
+    run = engine.start(rows[:1], settings, prompt_room=6)
+    run.advance()
+    assert run.add(rows[1:]) == [1, 2, 3, 4] and run.x.shape[0] == 8  # grown to a power of two
+    while run.advance():
+        pass
+    assert [r.tokens for r in run.results()] == [engine.generate([row], settings)[0].tokens for row in rows]
+    with pytest.raises(ValueError, match="cannot join"):
+        run.add([[1] * 7])
 
 
 def test_updates_stream_every_step_and_end_finished() -> None:

@@ -31,9 +31,10 @@ class BatchRun:
     """One batch of prompts being decoded; ``step()`` advances it by one denoising step."""
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]] | torch.Tensor,
-                 settings: GenerationSettings, generator: torch.Generator | None) -> None:
+                 settings: GenerationSettings, generator: torch.Generator | None, prompt_room: int = 0) -> None:
+        """``prompt_room``: left-pad prompts to at least this length, so that longer prompts can join later."""
         self.engine, self.settings, self.generator = engine, settings, generator
-        prompt_ids, prompt_mask = _left_pad(prompts, engine.end_ids[0] if engine.end_ids else 0)
+        prompt_ids, prompt_mask = _left_pad(prompts, engine.end_ids[0] if engine.end_ids else 0, prompt_room)
         batch, prompt_length = prompt_ids.shape
         settings.validate(engine.model.config.max_sequence_length, prompt_length)
         if settings.early_stop and not engine.end_ids:
@@ -53,8 +54,9 @@ class BatchRun:
         if not bool(prompt_mask.all()):
             self.key_mask = torch.cat([prompt_mask, torch.ones(batch, settings.gen_length, dtype=torch.bool)],
                                       1).to(device)
-        # Per current row (host lists): caller's row index, block, step within the block, still decoding.
-        self.row_ids = list(range(batch))
+        # Per current row (host lists): caller's row index (None: an empty slot), block, step within the
+        # block, still decoding.
+        self.row_ids: list[int | None] = list(range(batch))
         self.row_block = [0] * batch
         self.row_block_step = [0] * batch
         self.active = [True] * batch
@@ -193,10 +195,12 @@ class BatchRun:
             self.row_steps[self.row_ids[r]] += 1
         decided = None
         if report:
+            slots = [r for r in range(batch) if self.row_ids[r] is not None]
+            callers = [self.row_ids[r] for r in slots]
             decided = torch.zeros(self.answers.shape, dtype=torch.bool)
-            decided[self.row_ids] = torch.zeros(batch, self.gen_length, dtype=torch.bool).scatter_(
-                1, offsets.cpu(), chosen.cpu())
-            self.answers[self.row_ids] = answer.cpu()
+            decided[callers] = torch.zeros(batch, self.gen_length, dtype=torch.bool).scatter_(
+                1, offsets.cpu(), chosen.cpu())[slots]
+            self.answers[callers] = answer.cpu()[slots]
         if self.steps_per_block is not None:
             block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
         else:
@@ -210,7 +214,7 @@ class BatchRun:
             self._finish_blocks(block_done)
         blocks_now = [self.num_blocks] * len(self.finished)
         for r, caller in enumerate(self.row_ids):
-            if not self.finished[caller]:
+            if caller is not None and not self.finished[caller]:
                 blocks_now[caller] = self.row_block[r]
         if not report:
             return StepUpdate(self.steps, blocks_now, self.answers, self.answers, self.finished)
@@ -274,6 +278,76 @@ class BatchRun:
             self.cache.values[layer].copy_(old.values[layer].index_select(0, model_rows))
         self.engine.release_cache(old)
 
+    # --- joining ----------------------------------------------------------------------------------
+
+    def can_add(self, prompt: Sequence[int], settings: GenerationSettings) -> bool:
+        """Whether a new prompt can join this batch: same settings, no private generator, prompt fits."""
+        return (not self.done and settings == self.settings and self.generator is None
+                and 0 < len(prompt) <= self.prompt_length)
+
+    @torch.no_grad()
+    def add(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """Add prompts to the running batch (continuous batching); returns their row numbers.
+
+        They take empty slots (rows that finished) or, if there are too few, the batch grows to the
+        next power of two (a new shape, captured once). Each new row starts at its first block with
+        a refresh of its own cache rows; nothing changes for the rows already decoding.
+        """
+        for prompt in prompts:
+            if not self.can_add(prompt, self.settings):
+                raise ValueError(f"a prompt of {len(prompt)} tokens cannot join this batch (prompt room "
+                                 f"{self.prompt_length}, or the batch is done)")
+        free = [r for r in range(self.x.shape[0]) if not self.active[r]]
+        if len(free) < len(prompts):
+            self._grow(self.x.shape[0] + len(prompts) - len(free))
+            free = [r for r in range(self.x.shape[0]) if not self.active[r]]
+        device, callers = self.engine.device, []
+        padded, mask = _left_pad(list(prompts), self.engine.end_ids[0] if self.engine.end_ids else 0,
+                                 width=self.prompt_length)
+        if self.key_mask is None and not bool(mask.all()):
+            self.key_mask = torch.ones(self.x.shape, dtype=torch.bool, device=device)
+        for slot, ids, keep in zip(free, padded, mask, strict=False):
+            self.x[slot, :self.prompt_length] = ids.to(device)
+            self.x[slot, self.prompt_length:] = self.engine.mask_id
+            self.undecided[slot] = True
+            if self.key_mask is not None:
+                self.key_mask[slot, :self.prompt_length] = keep.to(device)
+                self.key_mask[slot, self.prompt_length:] = True
+            caller = len(self.finished)
+            self.finished.append(False)
+            self.row_steps.append(0)
+            self.answers = torch.cat([self.answers, torch.full((1, self.gen_length), self.engine.mask_id)])
+            self.row_ids[slot], self.row_block[slot], self.row_block_step[slot] = caller, 0, 0
+            self.active[slot] = True
+            callers.append(caller)
+        self.key_bias = self._bias(self.key_mask)
+        return callers
+
+    def _grow(self, rows: int) -> None:
+        """Make room for at least ``rows`` rows: the next power of two, new rows empty."""
+        old_batch, new_batch = self.x.shape[0], 1 << (rows - 1).bit_length()
+        extra = new_batch - old_batch
+        device = self.engine.device
+        self.x = torch.cat([self.x, torch.full((extra, self.length), self.engine.mask_id, device=device)])
+        self.undecided = torch.cat([self.undecided, torch.zeros(extra, self.gen_length, dtype=torch.bool,
+                                                                device=device)])
+        if self.key_mask is not None:
+            self.key_mask = torch.cat([self.key_mask, torch.ones(extra, self.length, dtype=torch.bool, device=device)])
+        self.row_ids += [None] * extra
+        self.row_block += [0] * extra
+        self.row_block_step += [0] * extra
+        self.active += [False] * extra
+        old = self.cache
+        self._set_rows(new_batch)
+        halves = 2 if self.guided else 1  # with guidance the unconditional rows follow the conditional ones
+        for layer in range(len(old.keys)):
+            for half in range(halves):
+                for target, source in ((self.cache.keys[layer], old.keys[layer]),
+                                       (self.cache.values[layer], old.values[layer])):
+                    target[half * new_batch:half * new_batch + old_batch] = source[half * old_batch:
+                                                                                  (half + 1) * old_batch]
+        self.engine.release_cache(old)
+
     # --- results ----------------------------------------------------------------------------------
 
     def cancel(self) -> None:
@@ -315,18 +389,21 @@ def _decided_through_end(answer: torch.Tensor, undecided: torch.Tensor, end_ids:
     return is_end.any(1) & (first_mask > first_end)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) left-padded ids and the (B, P) bool mask of real tokens."""
+def _left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int,
+              width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded ids and the (B, P) bool mask of real tokens; P is at least ``width``."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2:
             raise ValueError(f"prompts must be (batch, length), got shape {tuple(prompts.shape)}")
-        return prompts.long().cpu(), torch.ones(prompts.shape, dtype=torch.bool)
+        if prompts.shape[1] >= width:
+            return prompts.long().cpu(), torch.ones(prompts.shape, dtype=torch.bool)
+        prompts = prompts.tolist()
     rows = [list(p) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(r) for r in rows)
+    width = max(width, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, row in enumerate(rows):

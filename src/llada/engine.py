@@ -174,11 +174,15 @@ class Engine:
     # --- public API ------------------------------------------------------------------------------
 
     def start(self, prompts: Sequence[Sequence[int]] | torch.Tensor, settings: GenerationSettings | None = None,
-              generator: torch.Generator | None = None) -> BatchRun:
-        """Begin decoding ``prompts`` (lists of ids, or a (B, P) tensor of equal-length prompts)."""
+              generator: torch.Generator | None = None, prompt_room: int = 0) -> BatchRun:
+        """Begin decoding ``prompts`` (lists of ids, or a (B, P) tensor of equal-length prompts).
+
+        ``prompt_room`` left-pads to at least that many prompt tokens, so that prompts up to that
+        length can join the batch later (``BatchRun.add``).
+        """
         from llada.batch_run import BatchRun  # the run module imports this one
 
-        return BatchRun(self, prompts, settings or GenerationSettings(), generator)
+        return BatchRun(self, prompts, settings or GenerationSettings(), generator, prompt_room)
 
     def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, settings: GenerationSettings | None = None,
                  generator: torch.Generator | None = None, progress: bool = False) -> list[Generation]:

@@ -7,8 +7,10 @@ updates (for streaming) and, when its answer is complete, its ``Generation``. Th
 synchronous and single-threaded on purpose: a server calls ``step()`` from one worker loop and
 hands updates to its clients; nothing here blocks except the GPU work of one step.
 
-Requests admitted at different steps run as different batches, each advanced once per
-``step()``; rows that finish leave their batch (which shrinks once half of it is done).
+Continuous batching: a waiting request joins a running batch with the same settings when its prompt
+fits the batch's prompt room (prompts are left-padded to a multiple of ``prompt_bucket``), taking the
+slot of a finished row or growing the batch; it then shares every forward pass with the rows already
+decoding. Otherwise it starts a new batch, advanced in the same ``step()`` calls.
 """
 
 from __future__ import annotations
@@ -67,17 +69,22 @@ class _Running:
 class Scheduler:
     """Feeds an ``Engine`` with requests that arrive over time."""
 
-    def __init__(self, engine: Engine, max_batch: int = 32, max_waiting: int = 256, stream: bool = True) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 32, max_waiting: int = 256, stream: bool = True,
+                 prompt_bucket: int = 64) -> None:
         """
         Args:
             engine: the engine to run.
             max_batch: most rows decoding at once, over all running batches.
             max_waiting: most queued requests; beyond it ``submit`` raises ``SchedulerFull``.
             stream: record a ``RequestUpdate`` per step (costs a device-to-host copy per step).
+            prompt_bucket: a new batch left-pads its prompts to a multiple of this, so that later
+                prompts up to that length can join it.
         """
-        if max_batch < 1 or max_waiting < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch}, {max_waiting}")
+        if max_batch < 1 or max_waiting < 0 or prompt_bucket < 1:
+            raise ValueError(f"max_batch and prompt_bucket must be >= 1 and max_waiting >= 0, got {max_batch}, "
+                             f"{prompt_bucket}, {max_waiting}")
         self.engine, self.max_batch, self.max_waiting, self.stream = engine, max_batch, max_waiting, stream
+        self.prompt_bucket = prompt_bucket
         self.waiting: deque[Request] = deque()
         self.running: list[_Running] = []
         self._ids = itertools.count()
@@ -144,16 +151,30 @@ class Scheduler:
             self.step()
 
     def _admit(self) -> None:
-        """Start batches for waiting requests, FIFO, grouping consecutive requests with equal settings."""
+        """Admit waiting requests FIFO: into a running batch that can take them, else as a new batch
+        (grouping consecutive requests with equal settings)."""
         capacity = self.max_batch - self.active_rows
         while self.waiting and capacity > 0:
             first = self.waiting.popleft()
+            if first.generator is None:
+                target = next((r for r in self.running if r.run.can_add(first.prompt, first.settings)), None)
+                if target is not None:
+                    row = target.run.add([first.prompt])[0]
+                    assert row == len(target.requests)  # rows are numbered in the order they join
+                    target.requests.append(first)
+                    first.started_at = time.monotonic()
+                    capacity -= 1
+                    continue
             group = [first]
             # A request with its own random generator runs alone: its draws must not depend on others.
             while (first.generator is None and self.waiting and len(group) < capacity
                    and self.waiting[0].settings == first.settings and self.waiting[0].generator is None):
                 group.append(self.waiting.popleft())
-            run = self.engine.start([r.prompt for r in group], first.settings, first.generator)
+            longest = max(len(r.prompt) for r in group)
+            room = -(-longest // self.prompt_bucket) * self.prompt_bucket
+            limit = self.engine.model.config.max_sequence_length - first.settings.gen_length
+            run = self.engine.start([r.prompt for r in group], first.settings, first.generator,
+                                    prompt_room=max(longest, min(room, limit)))
             now = time.monotonic()
             for request in group:
                 request.started_at = now
