@@ -31,6 +31,7 @@ from llada.config import preset
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
 from llada.sampling import generate
+from llada.scheduler import Scheduler
 
 
 def random_model(name: str) -> LLaDAModel:
@@ -161,8 +162,21 @@ def check_part(preset_name: str) -> dict:
     ours = Engine(model).generate(prompts[:1], exact)[0].answer
     reference = generate(model, torch.tensor(prompts[:1], device="cuda"), steps=64, gen_length=64,
                          block_length=16)[0, 40:].cpu()
+    # Continuous batching with CUDA graphs: 4 requests, then 4 more joining two steps later.
+    engine = Engine(model, cuda_graphs=True)
+    scheduler = Scheduler(engine, max_batch=8, prompt_bucket=64)
+    more = [torch.randint(0, model.config.vocab_size - 1000, (n,)).tolist() for n in (20, 61, 45, 8)]
+    requests = [scheduler.submit(p, settings) for p in prompts]
+    scheduler.step()
+    scheduler.step()
+    requests += [scheduler.submit(p, settings) for p in more]
+    scheduler.run_until_idle()
+    alone = [engine.generate([r.prompt], settings)[0] for r in requests]
     result = {"rows": len(prompts), "graphs_equal_plain": same(plain, graphed), "compiled_equal_plain": same(plain, compiled),
-              "exact_vs_reference_positions_equal": int((ours == reference).sum()), "positions": 64}
+              "exact_vs_reference_positions_equal": int((ours == reference).sum()), "positions": 64,
+              "scheduler_requests": len(requests),
+              "scheduler_equal_single": sum(r.result.tokens == a.tokens for r, a in zip(requests, alone)),
+              "scheduler_steps": [r.result.steps for r in requests]}
     print(result, flush=True)
     return result
 
