@@ -5,7 +5,7 @@ Random bf16 weights at the LLaDA-8B shape (speed does not depend on the weights'
 - ``--part step``: the time of one denoising step at prompt 512 / answer 256 / block 32 / batch 1 —
   the reference sampler's full forward step, and the engine's cached block step (dual cache) eager,
   with CUDA graphs, and compiled with CUDA graphs — against the floor of reading the weights once
-  at this card's measured copy bandwidth.
+  at this card's measured copy bandwidth; last, the same with int8 block weights (``quantize_int8``).
 - ``--part e2e``: tokens/s over whole generations for answer lengths and batch sizes: the reference
   sampler (one token per step), the published prefix-cache and dual-cache algorithms with
   confidence threshold 0.9 as their papers describe them (eager PyTorch, no graphs), and the engine's
@@ -31,6 +31,7 @@ from llada.config import preset
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
 from llada.sampling import generate
+from llada.quantize import quantize_int8
 from llada.scheduler import Scheduler
 
 
@@ -81,8 +82,13 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
                                                           block_length=block), 3) / blocks
     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="fixed", steps=gen_length,
                                   cache="dual", early_stop=False)
-    for name, kwargs in (("eager", dict(cuda_graphs=False)), ("cuda_graphs", dict(cuda_graphs=True)),
-                         ("compiled_cuda_graphs", dict(cuda_graphs=True, compile=True))):
+    variants = (("eager", dict(cuda_graphs=False)), ("cuda_graphs", dict(cuda_graphs=True)),
+                ("compiled_cuda_graphs", dict(cuda_graphs=True, compile=True)),
+                ("compiled_cuda_graphs_int8", dict(cuda_graphs=True, compile=True)))
+    for name, kwargs in variants:
+        if name.endswith("int8"):  # last: quantizing changes the model in place
+            quantize_int8(model)
+            results["int8_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
         engine = Engine(model, **kwargs)
         run = engine.start(prompt, settings)
         run.advance()  # block start: the refresh

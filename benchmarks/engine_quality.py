@@ -11,6 +11,7 @@ between the engine's rows only.
 
     python benchmarks/engine_quality.py --out benchmarks/results/engine/quality_demo.json \
         --plot benchmarks/results/engine/quality_demo.png
+    python benchmarks/engine_quality.py --int8 --out benchmarks/results/engine/quality_demo_int8.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from llada.cli import DEMO_MODEL, answer_text
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
+from llada.quantize import quantize_int8
 from llada.sampling import generate
 from llada.tokenizer import Tokenizer
 
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--arithmetic", type=int, default=48, help="arithmetic prompts (plus 16 definitions)")
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=8)
+    parser.add_argument("--int8", action="store_true",
+                        help="quantize the block weights to int8 after the reference answers (quantize_int8)")
     parser.add_argument("--out")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -90,6 +94,8 @@ def main() -> None:
     rows = [{"setting": "reference sampler", "agreement": reference_agreement, "accuracy": reference_accuracy,
              "steps": float(args.gen_length), "tokens_per_step": reference_tokens / (len(ids) * args.gen_length),
              "tokens_per_s": reference_tokens / reference_seconds}]
+    if args.int8:
+        quantize_int8(model)
     engine = Engine(model)
     for name, overrides in SETTINGS.items():
         settings = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, **overrides)

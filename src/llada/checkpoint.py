@@ -253,6 +253,9 @@ def save_model(model: LLaDAModel, path: str | Path, max_shard_size: int | str = 
         dtype: cast weights to this dtype on the way out (None keeps theirs).
         extra_files: files copied into the checkpoint too (e.g. tokenizer files).
     """
+    if getattr(model, "quantized", None):
+        raise CheckpointError(f"this model's weights are quantized ({model.quantized}) for inference; the official "
+                              "layout holds the original weights: save the model before quantizing it")
     save_state_dict(model.state_dict(), model.config, path, max_shard_size=max_shard_size, dtype=dtype,
                     extra_files=extra_files)
 
