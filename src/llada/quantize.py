@@ -1,11 +1,14 @@
-"""Weight-only int8 quantization of the Transformer blocks, for memory-bound generation.
+"""Weight-only int8 quantization of the Transformer blocks: the 8B model in 9 GB instead of 16 GB.
 
-A cached block step of the 8B model reads all 16 GB of bf16 weights to process 32 tokens: its time
-is the weights' size divided by memory bandwidth. Storing the block projections as int8 with one
-scale per output channel halves what is read. Activations stay in the model's dtype; under
-``torch.compile`` (``Engine(compile=True)``) the int8-to-bf16 conversion is fused into the matmul, so
-the weights cross the memory bus as int8. Eagerly the conversion materialises a bf16 copy per call:
-quantized models are for compiled GPU inference (on the CPU it is correct, only slow).
+The block projections are stored as int8 with one scale per output channel; activations stay in
+the model's dtype and each projection computes ``(x @ W_int8.T) · scale``.
+
+Measured (docs/engine.md): it saves memory but does not yet save time. A cached block step of the
+8B model reads all its weights to process 32 tokens, so halving their size could nearly halve the
+step; but with torch 2.11 on an H100, ``torch.compile``'s fused int8-to-bf16 matmul takes 100 µs
+where the bf16 one takes 43 µs (32 × 4096 × 12288), and the compiled int8 step took 511 ms against
+8.15 ms. A dedicated mixed-precision kernel is what would turn the saving into speed.
+Accuracy on the demo model: 95% of answers identical to the unquantized model's in exact mode.
 
 The embedding, norms and output projection are left as they are (the output projection is 6% of the
 8B model's weights and the most sensitive to rounding). A quantized model is for inference: it can
