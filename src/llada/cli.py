@@ -1,7 +1,7 @@
 """The ``llada`` command line: each subcommand parses its flags and calls one typed function.
 
-Subcommands: generate, chat, score, info, convert, init, data tokenize, data sft, tokenizer train, train,
-export, plot.
+Subcommands: generate, chat, score, eval, info, convert, init, data tokenize, data sft, tokenizer train,
+train, export, plot.
 Run ``llada SUBCOMMAND --help`` for examples.
 """
 
@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     plotter.add_argument("--labels", nargs="+", help="legend labels, one per run")
     plotter.add_argument("--title")
 
+    commands.add_parser("eval", help="Run lm-evaluation-harness with the llada model and the shipped tasks "
+                        "(all further arguments go to lm-eval; see `llada eval --help`).", add_help=False)
+
     tokenizer = commands.add_parser("tokenizer", help="Train tokenizers.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     train = command("train", "Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.",
@@ -538,6 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # everything after "eval" belongs to lm-eval's own command line
+        try:
+            from llada.lm_eval_model import main as evaluate
+        except ImportError as error:
+            print(f"error: llada eval needs lm-evaluation-harness: pip install 'llada[eval]' ({error})",
+                  file=sys.stderr)
+            return 2
+        return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     sampling = {}

@@ -1,0 +1,190 @@
+"""The ``llada`` model for lm-evaluation-harness: ELBO log-likelihoods and engine generation.
+
+Importing this module registers the model under the name ``llada``; ``llada eval`` (or
+``python -m llada.lm_eval_model``) imports it and runs lm-eval's command line, so that
+
+    llada eval --model llada --model_args pretrained=CKPT,mc_num=64 --tasks llada_arithmetic_mc
+
+works like ``lm_eval`` with the model available and the shipped offline tasks (``eval_tasks/``:
+``llada_arithmetic``, ``llada_arithmetic_mc``) on the include path. In Python: ``import llada.lm_eval_model`` and then
+``lm_eval.simple_evaluate(model="llada", model_args=...)``.
+
+- ``loglikelihood``: the Monte-Carlo ELBO of the continuation given the context (``mc_num``
+  samples, ``batch_size`` per forward pass, ``cfg_scale``); a one-token continuation is scored
+  exactly in one pass, as the paper notes. ``is_greedy`` is whether the model, given the context
+  with the whole continuation masked, predicts every continuation token as its argmax.
+- ``loglikelihood_rolling``: the ELBO of whole documents, in windows of ``max_length`` tokens.
+- ``generate_until``: the engine (settings as model args), ``max_gen_toks`` rounded up to whole
+  blocks, cut at the first stop sequence.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from llada.engine import Engine, GenerationSettings
+from llada.likelihood import log_likelihood
+from llada.model import LLaDAModel
+from llada.tokenizer import Tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@register_model("llada")
+class LLaDAEvalModel(LM):
+    """lm-eval model args (all optional but ``pretrained``): device, dtype, mc_num, batch_size,
+    cfg_scale, seed, max_length, and the engine's gen_length, block_length, policy, steps,
+    threshold, factor, cache, temperature, compile."""
+
+    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", mc_num: int = 128,
+                 batch_size: int | str = 32, cfg_scale: float = 0.0, seed: int = 0, max_length: int | None = None,
+                 gen_length: int = 256, block_length: int = 32, policy: str = "threshold", steps: int | None = None,
+                 threshold: float = 0.9, factor: float = 1.0, cache: str = "dual", temperature: float = 0.0,
+                 compile: bool = False, **ignored: Any) -> None:
+        super().__init__()
+        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
+        if dtype == "auto":
+            chosen = torch.bfloat16 if target.type == "cuda" else torch.float32
+        elif dtype in DTYPES:
+            chosen = DTYPES[dtype]
+        else:
+            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        self.model = LLaDAModel.from_pretrained(pretrained, dtype=chosen, device=target)
+        self.tokenizer = Tokenizer.from_pretrained(pretrained)
+        self.path = str(pretrained)
+        self.mc_num, self.cfg_scale = int(mc_num), float(cfg_scale)
+        self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_length = int(max_length or self.model.config.max_sequence_length)
+        self.generator = torch.Generator(device=target).manual_seed(int(seed))
+        self.settings = GenerationSettings(gen_length=int(gen_length), block_length=int(block_length), policy=policy,
+                                           steps=None if steps is None else int(steps), threshold=float(threshold),
+                                           factor=float(factor), cache=cache, temperature=float(temperature),
+                                           cfg_scale=self.cfg_scale)
+        self.settings.validate()
+        self.engine = Engine(self.model, compile=bool(compile) and str(compile).lower() != "false")
+
+    # --- scoring ----------------------------------------------------------------------------------
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context ids (with BOS) and continuation ids; trailing context spaces move to the continuation,
+        as lm-eval's own models do, so that " answer" is tokenized as the model saw it in training."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        return self.tokenizer.encode(context), self.tokenizer.encode(continuation, add_special_tokens=False)
+
+    @torch.no_grad()
+    def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:
+        masked = torch.tensor([context + [self.model.config.mask_token_id] * len(continuation)],
+                              device=self.model.device)
+        predicted = self.model(masked).logits[0, len(context):].argmax(-1).tolist()
+        return predicted == continuation
+
+    def _score(self, context: list[int], continuation: list[int]) -> float:
+        device = self.model.device
+        estimate = log_likelihood(self.model, torch.tensor(context, device=device),
+                                  torch.tensor(continuation, device=device), mc_num=self.mc_num,
+                                  batch_size=min(self.batch_size, self.mc_num), cfg_scale=self.cfg_scale,
+                                  generator=self.generator)
+        return estimate.log_likelihood
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        results = []
+        for request in tqdm(requests, desc="loglikelihood", disable=disable_tqdm):
+            context, continuation = self._encode_pair(*request.args)
+            if not continuation:
+                results.append((0.0, True))
+                continue
+            context = context[-(self.max_length - len(continuation)):]
+            results.append((self._score(context, continuation), self._is_greedy(context, continuation)))
+        return results
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        bos = self.tokenizer.encode("")[:1] or [self.tokenizer.ids.eos]
+        for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
+            (text,) = request.args
+            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=tokens, prefix_token=bos[0], max_seq_len=self.max_length, context_len=1))
+            results.append(sum(self._score(context, continuation) for context, continuation in windows
+                               if continuation))
+        return results
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        outputs: list[str] = [""] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[int], list[str]]]] = {}
+        for index, request in enumerate(requests):
+            context, kwargs = request.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            wanted = int(kwargs.get("max_gen_toks", self.settings.gen_length))
+            block = self.settings.block_length
+            gen_length = max(block, -(-wanted // block) * block)
+            ids = self.tokenizer.encode(context)[-(self.max_length - gen_length):]
+            groups.setdefault((gen_length,), []).append((index, ids, until))
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for (gen_length,), items in groups.items():
+            steps = self.settings.steps
+            settings = GenerationSettings(**{**self.settings.__dict__, "gen_length": gen_length,
+                                             "steps": None if steps is None else min(steps, gen_length)})
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                results = self.engine.generate([ids for _, ids, _ in chunk], settings, self.generator)
+                for (index, _, until), result in zip(chunk, results):
+                    text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+                    outputs[index] = _cut(text, until)
+                bar.update(len(chunk))
+        bar.close()
+        return outputs
+
+    # --- chat templates ---------------------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.path
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """``text`` up to the earliest stop sequence."""
+    cut = min((text.find(stop) for stop in stops if stop and stop in text), default=len(text))
+    return text[:cut]
+
+
+TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's command line with the ``llada`` model registered and the shipped tasks included
+    (``llada eval ...``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in args:
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

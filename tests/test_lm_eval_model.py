@@ -1,0 +1,72 @@
+"""The lm-eval model: exact scores where they are exact, and lm-eval run end to end offline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'llada[eval]')")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from llada.cli import main  # noqa: E402
+from llada.lm_eval_model import TASKS_DIR, LLaDAEvalModel, _cut  # noqa: E402
+
+
+@dataclass
+class Request:  # what lm-eval hands a model: an object with .args
+    args: tuple
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint_dir: Path) -> LLaDAEvalModel:
+    return LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, batch_size=4, gen_length=8, block_length=4)
+
+
+def test_one_token_continuations_are_scored_exactly(adapter: LLaDAEvalModel) -> None:
+    context, continuation = adapter._encode_pair("The quick brown", " fox")
+    assert len(continuation) == 1
+    masked = torch.tensor([context + [adapter.model.config.mask_token_id]])
+    with torch.no_grad():
+        expected = F.log_softmax(adapter.model(masked).logits[0, -1].double(), -1)[continuation[0]].item()
+    (score, greedy), = adapter.loglikelihood([Request(("The quick brown ", "fox"))])  # space moves over
+    assert score == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        argmax = adapter.model(masked).logits[0, -1].argmax().item()
+    assert greedy == (argmax == continuation[0])
+
+
+def test_rolling_scores_sum_windows_and_generation_cuts_at_stops(adapter: LLaDAEvalModel) -> None:
+    (score,) = adapter.loglikelihood_rolling([Request(("The fox jumps over the lazy dog.",))])
+    assert score < 0
+    outputs = adapter.generate_until([Request(("Hello", {"until": ["\n"], "max_gen_toks": 6})),
+                                      Request(("The fox", {"until": [], "max_gen_toks": 3}))])
+    assert len(outputs) == 2 and all("\n" not in o for o in outputs[:1])
+    assert _cut("12 apples\nand more", ["\n", "and"]) == "12 apples"
+
+
+def test_lm_eval_runs_the_shipped_tasks_offline(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    results = simple_evaluate(model="llada", model_args={"pretrained": str(checkpoint_dir), "device": "cpu",
+                                                         "mc_num": 4, "gen_length": 8, "block_length": 4},
+                              tasks=["llada_arithmetic_mc", "llada_arithmetic"],
+                              task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=4)["results"]
+    assert 0.0 <= results["llada_arithmetic_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= results["llada_arithmetic"]["exact_match,strip"] <= 1.0
+    assert results["llada_arithmetic_mc"]["sample_len"] == 4
+
+
+def test_llada_eval_is_lm_evals_command_line(checkpoint_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "results"
+    assert main(["eval", "--model", "llada", "--model_args", f"pretrained={checkpoint_dir},mc_num=2", "--device", "cpu",
+                 "--tasks", "llada_arithmetic_mc", "--limit", "2", "--output_path", str(out)]) == 0
+    assert list(out.rglob("results_*.json"))
+    with pytest.raises(ValueError, match="dtype"):
+        LLaDAEvalModel(str(checkpoint_dir), dtype="int3")
