@@ -25,7 +25,8 @@ class Request:  # what lm-eval hands a model: an object with .args
 
 @pytest.fixture(scope="module")
 def adapter(checkpoint_dir: Path) -> LLaDAEvalModel:
-    return LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, batch_size=4, gen_length=8, block_length=4)
+    return LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, mc_batch_size=4, batch_size=2, gen_length=8,
+                          block_length=4)
 
 
 def test_one_token_continuations_are_scored_exactly(adapter: LLaDAEvalModel) -> None:

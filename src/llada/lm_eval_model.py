@@ -41,16 +41,18 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 @register_model("llada")
 class LLaDAEvalModel(LM):
-    """lm-eval model args (all optional but ``pretrained``): device, dtype, mc_num, batch_size,
-    cfg_scale, seed, max_length, and the engine's gen_length, block_length, policy, steps,
-    threshold, factor, cache, temperature, compile."""
+    """lm-eval model args (all optional but ``pretrained``): dtype, mc_num, mc_batch_size (ELBO
+    samples per forward pass, default 32), cfg_scale, seed, max_length, and the engine's gen_length,
+    block_length, policy, steps, threshold, factor, cache, temperature, compile. lm-eval's own
+    ``--device`` and ``--batch_size`` (prompts generated together) arrive as ``device``/``batch_size``."""
 
-    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", mc_num: int = 128,
-                 batch_size: int | str = 32, cfg_scale: float = 0.0, seed: int = 0, max_length: int | None = None,
+    def __init__(self, pretrained: str, device: str | None = "auto", dtype: str = "auto", mc_num: int = 128,
+                 mc_batch_size: int = 32, batch_size: int | str = 16, cfg_scale: float = 0.0, seed: int = 0, max_length: int | None = None,
                  gen_length: int = 256, block_length: int = 32, policy: str = "threshold", steps: int | None = None,
                  threshold: float = 0.9, factor: float = 1.0, cache: str = "dual", temperature: float = 0.0,
                  compile: bool = False, **ignored: Any) -> None:
         super().__init__()
+        device = device or "auto"
         target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                               "cpu" if device == "auto" else device)
         if dtype == "auto":
@@ -62,8 +64,8 @@ class LLaDAEvalModel(LM):
         self.model = LLaDAModel.from_pretrained(pretrained, dtype=chosen, device=target)
         self.tokenizer = Tokenizer.from_pretrained(pretrained)
         self.path = str(pretrained)
-        self.mc_num, self.cfg_scale = int(mc_num), float(cfg_scale)
-        self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)
+        self.mc_num, self.mc_batch_size, self.cfg_scale = int(mc_num), int(mc_batch_size), float(cfg_scale)
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.model.config.max_sequence_length)
         self.generator = torch.Generator(device=target).manual_seed(int(seed))
         self.settings = GenerationSettings(gen_length=int(gen_length), block_length=int(block_length), policy=policy,
@@ -94,7 +96,7 @@ class LLaDAEvalModel(LM):
         device = self.model.device
         estimate = log_likelihood(self.model, torch.tensor(context, device=device),
                                   torch.tensor(continuation, device=device), mc_num=self.mc_num,
-                                  batch_size=min(self.batch_size, self.mc_num), cfg_scale=self.cfg_scale,
+                                  batch_size=min(self.mc_batch_size, self.mc_num), cfg_scale=self.cfg_scale,
                                   generator=self.generator)
         return estimate.log_likelihood
 
