@@ -42,6 +42,20 @@ def test_one_token_continuations_are_scored_exactly(adapter: LLaDAEvalModel) -> 
     assert greedy == (argmax == continuation[0])
 
 
+def test_one_token_requests_share_forward_passes_and_match_single_scoring(adapter: LLaDAEvalModel) -> None:
+    candidates = [("The quick brown", " fox"), ("A", " the"), ("Numbers: 1 2", " 3"), ("To be, or not", " to"),
+                  ("In the", " beginning")]
+    singles = [Request(pair) for pair in candidates if len(adapter._encode_pair(*pair)[1]) == 1]
+    assert len(singles) >= 3  # contexts of different lengths: one left-padded batch
+    requests = singles + [Request(("The fox", " jumps over the lazy dog"))]  # several tokens: Monte Carlo
+    together = adapter.loglikelihood(requests)
+    for request, (score, greedy) in zip(singles, together):
+        context, continuation = adapter._encode_pair(*request.args)
+        (alone, alone_greedy), = adapter._score_single_tokens([(context, continuation)])
+        assert score == pytest.approx(alone, rel=1e-5, abs=1e-5) and greedy == alone_greedy
+    assert together[-1][0] < 0
+
+
 def test_rolling_scores_sum_windows_and_generation_cuts_at_stops(adapter: LLaDAEvalModel) -> None:
     (score,) = adapter.loglikelihood_rolling([Request(("The fox jumps over the lazy dog.",))])
     assert score < 0

@@ -10,8 +10,8 @@ works like ``lm_eval`` with the model available and the shipped offline tasks (`
 ``lm_eval.simple_evaluate(model="llada", model_args=...)``.
 
 - ``loglikelihood``: the Monte-Carlo ELBO of the continuation given the context (``mc_num``
-  samples, ``batch_size`` per forward pass, ``cfg_scale``); a one-token continuation is scored
-  exactly in one pass, as the paper notes. ``is_greedy`` is whether the model, given the context
+  samples, ``mc_batch_size`` per forward pass, ``cfg_scale``); one-token continuations are scored
+  exactly in one pass, as the paper notes, ``mc_batch_size`` requests per pass. ``is_greedy`` is whether the model, given the context
   with the whole continuation masked, predicts every continuation token as its argmax.
 - ``loglikelihood_rolling``: the ELBO of whole documents, in windows of ``max_length`` tokens.
 - ``generate_until``: the engine (settings as model args), ``max_gen_toks`` rounded up to whole
@@ -101,15 +101,45 @@ class LLaDAEvalModel(LM):
         return estimate.log_likelihood
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        results = []
-        for request in tqdm(requests, desc="loglikelihood", disable=disable_tqdm):
+        pairs = []
+        for request in requests:
             context, continuation = self._encode_pair(*request.args)
-            if not continuation:
-                results.append((0.0, True))
+            pairs.append((context[-(self.max_length - max(1, len(continuation))):], continuation))
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm)
+        # One-token continuations are exact in one forward pass: many requests share each pass.
+        singles = [i for i, (_, continuation) in enumerate(pairs) if len(continuation) == 1]
+        if self.cfg_scale > 0:
+            singles = []  # guidance needs the unconditional pass per request: the general path below
+        for start in range(0, len(singles), self.mc_batch_size):
+            chunk = singles[start:start + self.mc_batch_size]
+            for index, value in zip(chunk, self._score_single_tokens([pairs[i] for i in chunk])):
+                results[index] = value
+            bar.update(len(chunk))
+        for index, (context, continuation) in enumerate(pairs):
+            if results[index] is not None:
                 continue
-            context = context[-(self.max_length - len(continuation)):]
-            results.append((self._score(context, continuation), self._is_greedy(context, continuation)))
+            results[index] = ((0.0, True) if not continuation else
+                              (self._score(context, continuation), self._is_greedy(context, continuation)))
+            bar.update(1)
+        bar.close()
         return results
+
+    @torch.no_grad()
+    def _score_single_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """log p(token | context) and whether it is the argmax, for one-token continuations, in one
+        left-padded batch (padding hidden from attention)."""
+        rows = [context + [self.model.config.mask_token_id] for context, _ in pairs]
+        width = max(map(len, rows))
+        pad = self.tokenizer.ids.eos
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.model.device)
+        logits = self.model(ids, attention_mask=mask if not bool(mask.all()) else None).logits[:, -1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor([continuation[0] for _, continuation in pairs], device=self.model.device)
+        scores = log_probs.gather(1, targets[:, None]).squeeze(1).tolist()
+        greedy = (logits.argmax(-1) == targets).tolist()
+        return list(zip(scores, greedy))
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         results = []
