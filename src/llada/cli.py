@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     plotter.add_argument("--title")
 
     commands.add_parser("eval", help="Run lm-evaluation-harness with the llada model and the shipped tasks "
-                        "(all further arguments go to lm-eval; see `llada eval --help`).", add_help=False)
+                        "(all further arguments go to lm-eval; see `llada eval --help`); `llada eval humaneval` "
+                        "runs HumanEval with sandboxed tests.", add_help=False)
 
     tokenizer = commands.add_parser("tokenizer", help="Train tokenizers.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -540,8 +541,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_humaneval(argv: list[str]) -> int:
+    """``llada eval humaneval``: its own flags (the rest of ``llada eval`` belongs to lm-eval)."""
+    from llada.humaneval import SandboxLimits, evaluate
+
+    parser = argparse.ArgumentParser(prog="llada eval humaneval", description="Generate HumanEval completions "
+                                     "with the engine, run their tests in a sandbox, print pass@1.",
+                                     epilog="example:\n  llada eval humaneval --model ckpt/ --gen-length 256 "
+                                     "--output samples.jsonl", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_sampling(parser)
+    parser.add_argument("--limit", type=int, help="first N problems only (default: all 164)")
+    parser.add_argument("--batch-size", type=int, default=16, help="problems decoded together (default 16)")
+    parser.add_argument("--chat", action="store_true", help="ask through the chat template (instruct models)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per test program (default 10)")
+    parser.add_argument("--output", help="JSONL of completions and results")
+    _add_runtime(parser)
+    args = parser.parse_args(argv)
+    try:
+        torch.manual_seed(args.seed)
+        net, tokenizer = load(args.model, args.device, args.dtype)
+        summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit, batch_size=args.batch_size,
+                           chat=args.chat, limits=SandboxLimits(timeout=args.timeout, cpu_seconds=int(args.timeout)),
+                           output=args.output, compile=args.compile, seed=args.seed)
+    except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary.pop("records")
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "humaneval"]:
+        return _run_humaneval(argv[2:])
     if argv[:1] == ["eval"]:  # everything after "eval" belongs to lm-eval's own command line
         try:
             from llada.lm_eval_model import main as evaluate
