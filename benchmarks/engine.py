@@ -30,8 +30,8 @@ import torch
 from llada.config import preset
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
-from llada.sampling import generate
 from llada.quantize import quantize_int8
+from llada.sampling import generate
 from llada.scheduler import Scheduler
 
 
@@ -162,7 +162,7 @@ def check_part(preset_name: str) -> dict:
     plain = Engine(model, cuda_graphs=False).generate(prompts, settings)
     graphed = Engine(model, cuda_graphs=True).generate(prompts, settings)
     compiled = Engine(model, cuda_graphs=True, compile=True).generate(prompts, settings)
-    same = lambda a, b: sum(torch.equal(x.answer, y.answer) for x, y in zip(a, b))  # noqa: E731
+    same = lambda a, b: sum(torch.equal(x.answer, y.answer) for x, y in zip(a, b))
     exact = GenerationSettings(gen_length=64, block_length=16, policy="fixed", steps=64, cache="none",
                                early_stop=False)
     ours = Engine(model).generate(prompts[:1], exact)[0].answer

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llada.decoding import select
 from llada.engine import Engine, GenerationSettings
 from llada.kv_cache import KVCache, cached_forward
 from llada.model import attention_bias
 from llada.sampling import generate
-
-from conftest import tiny_model
 
 END = 7  # EOS of the test models (a token id their weights emit now and then)
 

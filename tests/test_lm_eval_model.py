@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'llada[eval]')")
 
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
 
-from llada.cli import main  # noqa: E402
-from llada.lm_eval_model import TASKS_DIR, LLaDAEvalModel, _cut  # noqa: E402
+from llada.cli import main
+from llada.lm_eval_model import TASKS_DIR, LLaDAEvalModel, _cut
 
 
 @dataclass

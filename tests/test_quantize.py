@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import model, prompts
 
 from llada.checkpoint import CheckpointError
 from llada.engine import Engine, GenerationSettings
 from llada.quantize import BLOCK_PROJECTIONS, Int8Linear, quantize_int8
-
-from test_engine import model, prompts
 
 
 def test_int8_linear_is_within_half_a_step_of_the_weight() -> None:

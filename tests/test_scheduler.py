@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import model, prompts
 
 from llada.engine import Engine, GenerationSettings
 from llada.scheduler import Scheduler, SchedulerFull
-
-from test_engine import model, prompts
 
 SETTINGS = GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3)
 

@@ -54,7 +54,7 @@ def _compiled_chunk_fn() -> Callable[..., tuple[torch.Tensor, torch.Tensor | Non
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,
-                chunk_rows: int, with_grad: bool) -> torch.Tensor:  # noqa: ANN001 - autograd context
+                chunk_rows: int, with_grad: bool) -> torch.Tensor:
         rows = row_weights.nonzero().squeeze(1)  # the one host synchronisation
         hidden_rows = hidden.index_select(0, rows)
         targets_rows = targets.index_select(0, rows)
@@ -80,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):  # noqa: ANN001, ANN205 - autograd signature
+    def backward(ctx, grad_total: torch.Tensor):
         rows, grad_hidden_rows, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden_rows.new_zeros(ctx.hidden_shape)
         grad_hidden.index_copy_(0, rows, grad_hidden_rows * grad_total.to(grad_hidden_rows.dtype))

@@ -70,7 +70,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> tuple[
     """Run ``program`` in the sandbox; (passed, reason) where passed means exit status 0."""
     with tempfile.TemporaryDirectory(prefix="humaneval-") as workdir:
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", _PRELUDE + "\n" + program], cwd=workdir,
+            done = subprocess.run([sys.executable, "-I", "-c", _PRELUDE + "\n" + program], cwd=workdir, check=False,
                                   capture_output=True, text=True, timeout=limits.timeout,
                                   preexec_fn=lambda: _apply_limits(limits), env={"PATH": "/usr/bin:/bin"})
         except subprocess.TimeoutExpired:

@@ -29,7 +29,7 @@ class KVCache:
     def allocate(cls, model: LLaDAModel, batch: int, length: int) -> KVCache:
         config = model.config
         shape = (batch, config.n_kv_heads, length, config.head_dim)
-        new = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)  # noqa: E731
+        new = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)
         return cls([new() for _ in range(config.n_layers)], [new() for _ in range(config.n_layers)])
 
     @property
@@ -39,13 +39,6 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.keys[0].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def select_rows(self, rows: torch.Tensor) -> KVCache:
-        """A cache of the given rows only (finished requests leave a batch)."""
-        return KVCache([k.index_select(0, rows) for k in self.keys], [v.index_select(0, rows) for v in self.values])
 
 
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
