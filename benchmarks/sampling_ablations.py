@@ -26,6 +26,7 @@ import torch
 from llada.cli import DEMO_MODEL, answer_text
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
+from llada.text_metrics import word_f1
 from llada.tokenizer import Tokenizer
 
 # (label, steps, block_length, remasking, cfg_scale) for answers of 32 tokens; the first is the baseline.
@@ -42,16 +43,6 @@ SETTINGS = [
     ("cfg 1.0", 32, 8, "low_confidence", 1.0),
     ("cfg 2.0", 32, 8, "low_confidence", 2.0),
 ]
-
-
-def word_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of word precision and recall (multiset overlap, case-insensitive)."""
-    predicted, expected = prediction.lower().split(), reference.lower().split()
-    common = sum(min(predicted.count(w), expected.count(w)) for w in set(predicted))
-    if not predicted or not expected or common == 0:
-        return float(predicted == expected)
-    precision, recall = common / len(predicted), common / len(expected)
-    return 2 * precision * recall / (precision + recall)
 
 
 def main() -> None:

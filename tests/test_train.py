@@ -150,13 +150,15 @@ def test_keep_last_and_sigterm(workspace: Path, tmp_path: Path, monkeypatch: pyt
     assert signal.getsignal(signal.SIGTERM) is not trainer._request_stop
 
 
-@pytest.mark.parametrize("objective", ["sft", "autoregressive"])
+@pytest.mark.parametrize("objective", ["sft", "autoregressive", "autoregressive_sft"])
 def test_other_objectives_train(workspace: Path, tmp_path: Path, objective: str) -> None:
-    data = workspace / ("sft" if objective == "sft" else "packed")
+    data = workspace / ("sft" if objective.endswith("sft") else "packed")
     records = Trainer(recipe(workspace, tmp_path / "run", f"objective={objective}", f"data.path={data}",
-                             "data.eval_fraction=0.2", "eval_every=3")).run()
+                             "data.eval_fraction=0.2", "eval_every=3", "sample_every=6", "sample_length=4",
+                             "sample_prompts=[Hi]")).run()
     assert len(losses(records)) == 6 and all(math.isfinite(r["loss"]) for r in records)
     assert math.isfinite(records[2]["eval_loss"])
+    assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") == 1  # each objective's own sampler
 
 
 def test_cli_train_and_export(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

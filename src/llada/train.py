@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from llada.checkpoint import load_model, read_state_dict, save_state_dict
 from llada.config import preset
+from llada.ar_sampling import generate_autoregressive
 from llada.losses import Loss, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
 from llada.model import LLaDAModel
 from llada.packing import PackedDataset
@@ -216,7 +217,7 @@ class Trainer:
 
     def _load_data(self) -> tuple[torch.utils.data.Dataset, Callable[[list], dict[str, torch.Tensor]]]:
         path = self.config.data.path
-        if self.config.objective == "sft":
+        if self.config.objective in ("sft", "autoregressive_sft"):
             dataset = SFTDataset(path)
             eos = self.tokenizer.ids.eos
 
@@ -259,6 +260,9 @@ class Trainer:
                 return sft_loss(self.forward_model, ids, batch["prompt_lengths"], mask_id, eps=eps, generator=generator)
             if self.config.objective == "autoregressive":
                 return autoregressive_loss(self.forward_model, ids)
+            if self.config.objective == "autoregressive_sft":
+                answer = torch.arange(ids.shape[1], device=ids.device)[None] >= batch["prompt_lengths"].to(ids.device)[:, None]
+                return autoregressive_loss(self.forward_model, ids, loss_mask=answer)
             if self.model.training:
                 ids = random_truncation(ids, self.config.data.random_length_probability, generator=generator)
             return pretrain_loss(self.forward_model, ids, mask_id, eps=eps, generator=generator)
@@ -411,19 +415,24 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> list[dict]:
-        """Greedy generations from ``sample_prompts`` with the reference sampler, appended to samples.jsonl."""
+        """Greedy generations from ``sample_prompts`` (the reference sampler, or left to right for the
+        autoregressive objectives), appended to samples.jsonl."""
         self.model.eval()
         ids = self.tokenizer.ids
         length = self.config.sample_length
         rows = []
         for prompt in self.config.sample_prompts:
+            chat = self.config.objective in ("sft", "autoregressive_sft")
             tokens = (self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-                      if self.config.objective == "sft" else self.tokenizer.encode(prompt, add_special_tokens=False))
+                      if chat else self.tokenizer.encode(prompt, add_special_tokens=False))
             with self._autocast():
-                out = generate(self.model, torch.tensor([tokens], device=self.device), steps=length,
-                               gen_length=length, block_length=length, mask_id=ids.mask, eos_id=ids.eos,
-                               eot_id=ids.eot)
-            answer = out[0, len(tokens):].tolist()
+                if self.config.objective.startswith("autoregressive"):
+                    answer = generate_autoregressive(self.model, tokens, length, stop_ids=(ids.eos, ids.eot))
+                else:
+                    out = generate(self.model, torch.tensor([tokens], device=self.device), steps=length,
+                                   gen_length=length, block_length=length, mask_id=ids.mask, eos_id=ids.eos,
+                                   eot_id=ids.eot)
+                    answer = out[0, len(tokens):].tolist()
             stops = [i for i, t in enumerate(answer) if t in (ids.eos, ids.eot)]
             rows.append({"step": self.step, "prompt": prompt,
                          "text": self.tokenizer.decode(answer[:stops[0]] if stops else answer, skip_special_tokens=True)})
@@ -487,7 +496,7 @@ class Trainer:
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
                     record["eval_loss"] = self.evaluate()
-                    if record["eval_loss"] is not None and self.config.objective != "sft":
+                    if record["eval_loss"] is not None and not self.config.objective.endswith("sft"):
                         # exp of the per-token bound: an upper bound on perplexity (exact for autoregressive)
                         record["eval_perplexity_bound"] = math.exp(min(record["eval_loss"], 50.0))
                 if self.config.sample_every and self.step % self.config.sample_every == 0:

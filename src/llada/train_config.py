@@ -17,7 +17,8 @@ import yaml
 
 from llada.schedule import ScheduleName
 
-Objective = Literal["pretrain", "sft", "autoregressive"]
+# autoregressive_sft: the causal baseline fine-tuned on chat data, with loss on answer tokens only.
+Objective = Literal["pretrain", "sft", "autoregressive", "autoregressive_sft"]
 
 
 @dataclass(kw_only=True)
