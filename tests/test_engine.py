@@ -195,3 +195,16 @@ def test_bad_prompts_are_named() -> None:
         Engine(model()).generate([[1, 2], []])
     with pytest.raises(ValueError, match="cuda_graphs"):
         Engine(model(), cuda_graphs=True)
+
+
+@pytest.mark.slow
+def test_compiled_block_steps_match_plain_ones() -> None:
+    """The compiled engine (torch.compile of the read-only block step; Inductor on the CPU here)
+    decodes like the uncompiled read-only path."""
+    net = model()
+    rows = prompts((4, 6))
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3)
+    plain = Engine(net)
+    plain.compiled = True  # the read-only block steps, uncompiled
+    compiled = Engine(net, compile=True)
+    assert [r.tokens for r in compiled.generate(rows, settings)] == [r.tokens for r in plain.generate(rows, settings)]
