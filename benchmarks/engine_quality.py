@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from llada.batch_run import left_pad
 from llada.cli import DEMO_MODEL, answer_text
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
@@ -73,9 +74,8 @@ def main() -> None:
     tokenizer = Tokenizer.from_pretrained(args.model)
     questions = prompts(args.arithmetic)
     ids = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q, _ in questions]
-    width = max(map(len, ids))
-    padded = torch.tensor([[tokenizer.ids.eos] * (width - len(row)) + row for row in ids])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+    padded, mask = left_pad(ids, tokenizer.ids.eos)
+    width = padded.shape[1]
     start = time.perf_counter()
     out = generate(model, padded, attention_mask=mask, steps=args.gen_length, gen_length=args.gen_length,
                    block_length=args.block_length)

@@ -34,7 +34,7 @@ class BatchRun:
                  settings: GenerationSettings, generator: torch.Generator | None, prompt_room: int = 0) -> None:
         """``prompt_room``: left-pad prompts to at least this length, so that longer prompts can join later."""
         self.engine, self.settings, self.generator = engine, settings, generator
-        prompt_ids, prompt_mask = _left_pad(prompts, engine.end_ids[0] if engine.end_ids else 0, prompt_room)
+        prompt_ids, prompt_mask = left_pad(prompts, engine.end_ids[0] if engine.end_ids else 0, prompt_room)
         batch, prompt_length = prompt_ids.shape
         settings.validate(engine.model.config.max_sequence_length, prompt_length)
         if settings.early_stop and not engine.end_ids:
@@ -99,6 +99,10 @@ class BatchRun:
             unconditional[:, :self.prompt_length] = self.engine.mask_id
         return torch.cat([tokens, unconditional])
 
+    def _live(self) -> list[int]:
+        """The rows still decoding (the others are idle slots)."""
+        return [r for r in range(self.x.shape[0]) if self.active[r]]
+
     def _model_row_index(self, rows: list[int]) -> torch.Tensor:
         batch = self.x.shape[0]
         index = rows + [r + batch for r in rows] if self.guided else rows
@@ -106,21 +110,19 @@ class BatchRun:
 
     # --- one step ---------------------------------------------------------------------------------
 
-    def _logits(self, offsets: torch.Tensor, refresh: list[int]) -> torch.Tensor:
+    def _logits(self, offsets: torch.Tensor, live: list[int], refresh: list[int]) -> torch.Tensor:
         """Logits (B, block_length, V) at each row's block (``offsets``: answer positions, (B, L))."""
         engine, settings = self.engine, self.settings
         batch, device = self.x.shape[0], engine.device
         positions = offsets + self.prompt_length  # (B, L)
         everything = torch.arange(self.length, device=device)
-        live = [r for r in range(batch) if self.active[r]]
         if refresh == live:  # every decoding row refreshes: one forward pass over the whole batch (idle rows too)
             tokens = self._model_rows(self.x)
             logits = engine.forward(self.cache, tokens, everything.expand(tokens.shape[0], -1),
                                     self._model_rows(positions), self.key_bias, write=True)
             return self._guide(logits)
         if settings.cache == "prefix":  # from the (common) block to the end
-            start = self.prompt_length + min(self.row_block[r] for r in range(batch) if self.active[r]) \
-                * self.block_length
+            start = self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
             query = everything[start:].expand(batch, -1)
             index = positions - start
         else:
@@ -142,9 +144,8 @@ class BatchRun:
         cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length)
         key_mask = None if self.key_mask is None else self.key_mask[rows]
         everything = torch.arange(self.length, device=self.engine.device).expand(tokens.shape[0], -1)
-        with torch.no_grad():
-            logits = self.engine.forward(cache, tokens, everything, self._model_rows(positions[rows]),
-                                         self._bias(key_mask), write=True, graph=False)
+        logits = self.engine.forward(cache, tokens, everything, self._model_rows(positions[rows]),
+                                     self._bias(key_mask), write=True, graph=False)
         for layer in range(len(cache.keys)):
             self.cache.keys[layer].index_copy_(0, model_rows, cache.keys[layer])
             self.cache.values[layer].index_copy_(0, model_rows, cache.values[layer])
@@ -158,25 +159,27 @@ class BatchRun:
 
     def advance(self) -> bool:
         """Run one denoising step without reporting it; False once every row is finished."""
-        return self._step(report=False) is not None
+        if self.done:
+            return False
+        self._step(report=False)
+        return True
 
     def step(self) -> StepUpdate | None:
         """Run one denoising step and report it (copies the answers to the host); None once finished."""
-        return self._step(report=True)
+        return None if self.done else self._step(report=True)
 
     @torch.no_grad()
     def _step(self, report: bool) -> StepUpdate | None:
-        if self.done:
-            return None
+        """One step; the ``StepUpdate`` only when ``report`` (it costs device-to-host copies)."""
         settings, engine = self.settings, self.engine
         batch, device = self.x.shape[0], engine.device
-        live = [r for r in range(batch) if self.active[r]]
+        live = self._live()
         blocks = [min(b, self.num_blocks - 1) for b in self.row_block]
         offsets = (torch.tensor(blocks, device=device)[:, None] * self.block_length
                    + torch.arange(self.block_length, device=device))  # (B, L) answer positions
         refresh = [r for r in live if settings.cache == "none" or self.row_block_step[r] == 0
                    or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
-        logits = self._logits(offsets, refresh)
+        logits = self._logits(offsets, live, refresh)
         answer = self.x[:, self.prompt_length:]  # a view: scattering into it writes x
         current = answer.gather(1, offsets)
         masked = self.undecided.gather(1, offsets)  # idle rows have nothing undecided
@@ -212,12 +215,12 @@ class BatchRun:
                 block_done = []
         if block_done:
             self._finish_blocks(block_done)
+        if not report:
+            return None
         blocks_now = [self.num_blocks] * len(self.finished)
         for r, caller in enumerate(self.row_ids):
             if caller is not None and not self.finished[caller]:
                 blocks_now[caller] = self.row_block[r]
-        if not report:
-            return StepUpdate(self.steps, blocks_now, self.answers, self.answers, self.finished)
         return StepUpdate(self.steps, blocks_now, self.answers.clone(), decided, list(self.finished))
 
     def _counts(self, live: list[int]) -> int | torch.Tensor:
@@ -253,7 +256,7 @@ class BatchRun:
         for r, caller in zip(done, callers):
             self.finished[caller] = True
             self.active[r] = False
-        live = [r for r in range(self.x.shape[0]) if self.active[r]]
+        live = self._live()
         if not live:
             self.done = True
             self.engine.release_cache(self.cache)
@@ -302,7 +305,7 @@ class BatchRun:
             self._grow(self.x.shape[0] + len(prompts) - len(free))
             free = [r for r in range(self.x.shape[0]) if not self.active[r]]
         device, callers = self.engine.device, []
-        padded, mask = _left_pad(list(prompts), self.engine.end_ids[0] if self.engine.end_ids else 0,
+        padded, mask = left_pad(list(prompts), self.engine.end_ids[0] if self.engine.end_ids else 0,
                                  width=self.prompt_length)
         if self.key_mask is None and not bool(mask.all()):
             self.key_mask = torch.ones(self.x.shape, dtype=torch.bool, device=device)
@@ -389,7 +392,7 @@ def _decided_through_end(answer: torch.Tensor, undecided: torch.Tensor, end_ids:
     return is_end.any(1) & (first_mask > first_end)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int,
+def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int,
               width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) left-padded ids and the (B, P) bool mask of real tokens; P is at least ``width``."""
     if isinstance(prompts, torch.Tensor):

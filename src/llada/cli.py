@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from llada.checkpoint import CheckpointError, read_config, save_model, weight_files
 from llada.config import PRESETS, preset
 from llada.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
+from llada.decoding import POLICIES
+from llada.engine import CACHE_MODES, Engine, GenerationSettings
+from llada.generation import SAMPLERS, Sampler, answer_ids
 from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
 from llada.plot import plot_runs
-from llada.decoding import POLICIES
-from llada.engine import CACHE_MODES, Engine, GenerationSettings
-from llada.generation import SAMPLERS, Sampler, answer_ids
 from llada.sampling import REMASKING_CHOICES
 from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
@@ -44,8 +44,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+class CliError(ValueError):
+    """A user-facing error (a bad value given on the command line or in an input file): printed
+    without a traceback, exit status 2."""
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -562,11 +563,15 @@ def _run_humaneval(argv: list[str]) -> int:
         net, tokenizer = load(args.model, args.device, args.dtype)
         summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit, batch_size=args.batch_size,
                            chat=args.chat, limits=SandboxLimits(timeout=args.timeout, cpu_seconds=int(args.timeout)),
-                           output=args.output, compile=args.compile, seed=args.seed)
+                           compile=args.compile, seed=args.seed)
+        records = summary.pop("records")
+        if args.output:
+            stream, commit = _atomic_text_writer(Path(args.output))
+            stream.writelines(json.dumps(record) + "\n" for record in records)
+            commit()
     except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary.pop("records")
     print(json.dumps(summary))
     return 0
 

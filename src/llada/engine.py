@@ -15,8 +15,9 @@ Here a step instead runs one of three forward passes, all through ``kv_cache.cac
 docs/engine.md for measured agreement and speed.
 
 Batches: prompts of different lengths are left-padded and their padding hidden from attention;
-every row decodes the same answer layout, rows that finish early (an end-of-text token with
-everything before it decided) stop being computed, and shrink the batch when half of it is done.
+every row decodes the same answer layout at its own pace (``batch_run.py``); rows that finish early
+(an end-of-text token with everything before it decided) stop decoding, and the batch shrinks to
+the rows still decoding once half of it is done.
 ``Engine.start`` returns a ``BatchRun`` whose ``step()`` advances one denoising step, so a server
 can interleave many runs and let requests join and leave between steps (``scheduler.py``).
 

@@ -11,14 +11,12 @@ container as well.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -105,12 +103,13 @@ def load_problems() -> list[dict]:
 
 def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettings, limit: int | None = None,
              batch_size: int = 16, chat: bool = False, limits: SandboxLimits = SandboxLimits(),
-             output: str | Path | None = None, compile: bool = False, seed: int = 0) -> dict:
+             compile: bool = False, seed: int = 0) -> dict:
     """Generate a completion per problem, run its tests, and return pass@1 with per-problem results.
 
     With ``chat`` the problem is asked through the chat template ("Complete the following Python
     function"), and the answer's code is taken as the completion; otherwise the prompt is the bare
-    function header (base models). ``output`` gets one JSON line per problem, written atomically.
+    function header (base models). ``records`` holds one result per problem (task id, completion,
+    passed, the test's verdict, steps).
     """
     problems = load_problems()[:limit]
     if not problems:
@@ -138,12 +137,6 @@ def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettin
                 bar.update(1)
     summary = {"problems": len(records), "passed": sum(r["passed"] for r in records),
                "pass@1": sum(r["passed"] for r in records) / len(records)}
-    if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(temporary, path)
     return {**summary, "records": records}
 
 

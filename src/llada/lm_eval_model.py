@@ -30,13 +30,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from llada.batch_run import left_pad
+from llada.cli import load
 from llada.engine import Engine, GenerationSettings
 from llada.likelihood import log_likelihood
-from llada.model import LLaDAModel
-from llada.tokenizer import Tokenizer
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 
 
 @register_model("llada")
@@ -52,22 +49,12 @@ class LLaDAEvalModel(LM):
                  threshold: float = 0.9, factor: float = 1.0, cache: str = "dual", temperature: float = 0.0,
                  compile: bool = False, **ignored: Any) -> None:
         super().__init__()
-        device = device or "auto"
-        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                              "cpu" if device == "auto" else device)
-        if dtype == "auto":
-            chosen = torch.bfloat16 if target.type == "cuda" else torch.float32
-        elif dtype in DTYPES:
-            chosen = DTYPES[dtype]
-        else:
-            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
-        self.model = LLaDAModel.from_pretrained(pretrained, dtype=chosen, device=target)
-        self.tokenizer = Tokenizer.from_pretrained(pretrained)
+        self.model, self.tokenizer = load(pretrained, device or "auto", dtype)  # the command line's rules
         self.path = str(pretrained)
         self.mc_num, self.mc_batch_size, self.cfg_scale = int(mc_num), int(mc_batch_size), float(cfg_scale)
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.model.config.max_sequence_length)
-        self.generator = torch.Generator(device=target).manual_seed(int(seed))
+        self.generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
         self.settings = GenerationSettings(gen_length=int(gen_length), block_length=int(block_length), policy=policy,
                                            steps=None if steps is None else int(steps), threshold=float(threshold),
                                            factor=float(factor), cache=cache, temperature=float(temperature),
@@ -129,11 +116,9 @@ class LLaDAEvalModel(LM):
     def _score_single_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """log p(token | context) and whether it is the argmax, for one-token continuations, in one
         left-padded batch (padding hidden from attention)."""
-        rows = [context + [self.model.config.mask_token_id] for context, _ in pairs]
-        width = max(map(len, rows))
-        pad = self.tokenizer.ids.eos
-        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.model.device)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.model.device)
+        ids, mask = left_pad([context + [self.model.config.mask_token_id] for context, _ in pairs],
+                             self.tokenizer.ids.eos)
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         logits = self.model(ids, attention_mask=mask if not bool(mask.all()) else None).logits[:, -1].float()
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor([continuation[0] for _, continuation in pairs], device=self.model.device)

@@ -70,6 +70,12 @@ def pretrain_loss(model: MaskPredictor, input_ids: torch.Tensor, mask_id: int, e
     return Loss(value=total / input_ids.numel(), n_masked=batch.masked.sum(), n_tokens=input_ids.numel())
 
 
+def answer_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the positions after each row's prompt (its answer and EOS padding)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    return positions >= prompt_lengths.to(input_ids.device)[:, None]
+
+
 def sft_loss(model: MaskPredictor, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_id: int,
              eps: float = DEFAULT_EPS, generator: torch.Generator | None = None) -> Loss:
     """Supervised fine-tuning loss (Eq. 5): the prompt is never masked; the answer (with its EOS
@@ -83,11 +89,10 @@ def sft_loss(model: MaskPredictor, input_ids: torch.Tensor, prompt_lengths: torc
         input_ids: (B, L) prompt followed by answer and EOS padding.
         prompt_lengths: (B,) number of prompt tokens at the start of each row.
     """
-    batch_size, length = input_ids.shape
+    batch_size = input_ids.shape[0]
     if prompt_lengths.shape != (batch_size,):
         raise ValueError(f"prompt_lengths must have shape ({batch_size},), got {tuple(prompt_lengths.shape)}")
-    positions = torch.arange(length, device=input_ids.device)[None, :]
-    answer = positions >= prompt_lengths.to(input_ids.device)[:, None]  # (B, L)
+    answer = answer_positions(input_ids, prompt_lengths)  # (B, L)
     answer_lengths = answer.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
     batch = mask_tokens(input_ids, mask_id, eps=eps, maskable=answer, generator=generator)
     weights = batch.masked / (batch.p_mask.double() * answer_lengths)

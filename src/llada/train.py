@@ -34,16 +34,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from llada.ar_sampling import generate_autoregressive
 from llada.checkpoint import load_model, read_state_dict, save_state_dict
 from llada.config import preset
-from llada.ar_sampling import generate_autoregressive
-from llada.losses import Loss, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
+from llada.losses import Loss, answer_positions, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
 from llada.model import LLaDAModel
 from llada.packing import PackedDataset
 from llada.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
@@ -261,7 +266,7 @@ class Trainer:
             if self.config.objective == "autoregressive":
                 return autoregressive_loss(self.forward_model, ids)
             if self.config.objective == "autoregressive_sft":
-                answer = torch.arange(ids.shape[1], device=ids.device)[None] >= batch["prompt_lengths"].to(ids.device)[:, None]
+                answer = answer_positions(ids, batch["prompt_lengths"])
                 return autoregressive_loss(self.forward_model, ids, loss_mask=answer)
             if self.model.training:
                 ids = random_truncation(ids, self.config.data.random_length_probability, generator=generator)
