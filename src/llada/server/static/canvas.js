@@ -42,7 +42,7 @@ function textColour([r, g, b]) {
 /** What a cell shows for a token: invisible characters made visible, special tokens by name. */
 function cellText(token) {
   const special = SPECIAL_TOKEN.exec(token);
-  if (special) return special[1];
+  if (special) return special[1] === "endoftext" ? "EOS" : special[1].replace(/_id$/, "").toUpperCase(); // EOS, EOT
   if (token === "") return "\u2205"; // ∅: a token that decodes to no text on its own (part of a character)
   return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5"); // ↵ ⇥
 }
