@@ -1,6 +1,6 @@
 """The ``llada`` command line: each subcommand parses its flags and calls one typed function.
 
-Subcommands: generate, chat, score, eval, info, convert, init, data tokenize, data sft, tokenizer train,
+Subcommands: generate, chat, score, serve, eval, info, convert, init, data tokenize, data sft, tokenizer train,
 train, export, plot.
 Run ``llada SUBCOMMAND --help`` for examples.
 """
@@ -32,6 +32,7 @@ from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
 from llada.plot import plot_runs
 from llada.sampling import REMASKING_CHOICES
+from llada.server.config import ServerConfig
 from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 from llada.train import CHECKPOINTS, TrainingError, train
@@ -272,6 +273,20 @@ def _read_pairs(path: Path) -> list[dict]:
     return pairs
 
 
+def run_serve(model: str, config: ServerConfig, device: str = "auto", dtype: str = "auto", seed: int = 0) -> None:
+    """Serve ``model`` over the OpenAI API until interrupted; Ctrl-C lets in-flight requests finish first."""
+    try:
+        import uvicorn
+
+        from llada.server.app import create_app
+    except ImportError as error:
+        raise CliError(f"llada serve needs FastAPI and uvicorn: pip install 'llada[serve]' ({error})") from error
+    torch.manual_seed(seed)
+    net, tokenizer = load(model, device, dtype)
+    app = create_app(config, net, tokenizer)
+    uvicorn.run(app, host=config.host, port=config.port, timeout_graceful_shutdown=int(config.drain_timeout_s) + 1)
+
+
 def run_info(model: str) -> dict:
     """Describe a checkpoint directory or a preset name: config, size, memory, files."""
     if model in PRESETS and not Path(model).exists():
@@ -369,6 +384,8 @@ EPILOGS = {
     "score": "input lines look like {\"prompt\": \"The capital of France is\", \"answer\": \" Paris\"}\n"
              "example:\n  llada score --model ckpt/ --input pairs.jsonl --output scored.jsonl --mc-num 64",
     "info": "examples:\n  llada info ckpt/\n  llada info 8b",
+    "serve": "examples:\n  llada serve --model ckpt/ --port 8000          # http://127.0.0.1:8000/v1, docs/serving.md\n"
+             "  LLADA_API_KEY=secret llada serve --model ckpt/ --host 0.0.0.0 --max-batch 16 --gen-length 256",
     "convert": "example:\n  llada convert fp32-ckpt/ bf16-ckpt/ --dtype bf16 --max-shard-size 2GB",
     "init": "example:\n  llada init tiny-ckpt/ --preset tiny --train-tokenizer-on README.md --vocab-size 512",
     "data tokenize": "examples:\n  llada data tokenize 'corpus/**/*.txt' --tokenizer ckpt/ --output data/pretrain\n"
@@ -426,6 +443,38 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
                               cfg_scale=args.cfg_scale, remasking=args.remasking, early_stop=not args.no_early_stop)
 
 
+def _add_serving(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerConfig(api_key=None)
+    parser.add_argument("--host", default=defaults.host, help=f"address to bind (default {defaults.host}: this "
+                        "machine only; 0.0.0.0 exposes the server)")
+    parser.add_argument("--port", type=int, default=defaults.port, help=f"default {defaults.port}")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LLADA_API_KEY, else none)")
+    parser.add_argument("--model-name", help="the model id clients send (default: the model directory's name)")
+    for name, help_text in (("max_prompt_tokens", "longest prompt accepted"),
+                            ("max_gen_length", "largest answer canvas (max_tokens rounded up to block_length)"),
+                            ("max_steps", "largest 'steps' a request may ask for"),
+                            ("max_batch", "most rows decoding at once"),
+                            ("max_queue", "most requests waiting for a batch slot (beyond: HTTP 429)")):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"{help_text} (default {getattr(defaults, name)})")
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                        help=f"seconds before a request is cancelled (default {defaults.request_timeout_s:g})")
+    parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
+                        help=f"on shutdown, seconds in-flight requests may take (default {defaults.drain_timeout_s:g})")
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """ServerConfig from the serve flags; the sampling flags are the defaults of omitted request fields."""
+    if args.sampler != "engine":
+        raise CliError("llada serve decodes with the engine; --sampler reference is not available (use --policy fixed)")
+    key = {} if args.api_key is None else {"api_key": args.api_key}
+    return ServerConfig(model_name=args.model_name or Path(args.model).resolve().name, host=args.host, port=args.port,
+                        max_prompt_tokens=args.max_prompt_tokens, max_gen_length=args.max_gen_length,
+                        max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue,
+                        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+                        compile=args.compile, settings=settings_from_args(args), **key)
+
+
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), stored, bf16, fp16, fp32")
@@ -467,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--cfg-scale", type=float, default=0.0)
     score.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     _add_runtime(score)
+
+    serve = command("serve", "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, "
+                    "denoising steps); --gen-length is the default max_tokens.")
+    _add_sampling(serve)
+    _add_serving(serve)
+    _add_runtime(serve)
 
     info = command("info", "Show a checkpoint's (or preset's) config, parameter count and memory needs.")
     info.add_argument("model", help="checkpoint directory or preset name (" + ", ".join(PRESETS) + ")")
@@ -605,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "score":
             run_score(args.model, args.input, args.output, mc_num=args.mc_num, batch_size=args.batch_size,
                       cfg_scale=args.cfg_scale, chat=args.chat, device=args.device, dtype=args.dtype, seed=args.seed)
+        elif args.command == "serve":
+            run_serve(args.model, serve_config_from_args(args), device=args.device, dtype=args.dtype, seed=args.seed)
         elif args.command == "info":
             print(json.dumps(run_info(args.model), indent=2))
         elif args.command == "convert":
