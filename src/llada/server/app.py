@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -172,6 +172,10 @@ def create_app(config: ServerConfig, model: LLaDAModel, tokenizer: Tokenizer) ->
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    if (STATIC_DIR / "index.html").is_file():  # the web UI, when installed alongside
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+    if (STATIC_DIR / "index.html").is_file():  # the web UI: its page at /, its files under /static/
+        @app.get("/", include_in_schema=False)
+        async def web_ui() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

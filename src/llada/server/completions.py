@@ -51,7 +51,7 @@ async def _follow(ctx: Answering, ticket: Ticket, text: AnswerText,
     answer is complete. Ends early only by raising ``APIError`` or when ``is_disconnected``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.timeout_s
-    reason, number = "disconnect", 0
+    reason, number, next_check = "disconnect", 0, loop.time() + DISCONNECT_POLL_S
     try:
         while not text.complete:
             remaining = deadline - loop.time()
@@ -59,12 +59,11 @@ async def _follow(ctx: Answering, ticket: Ticket, text: AnswerText,
                 reason = "timeout"
                 raise APIError(504, f"the answer took longer than the server's limit of {ctx.timeout_s:g} s",
                                None, "timeout")
+            update = None
             try:
                 update = await ticket.next(min(remaining, DISCONNECT_POLL_S) if is_disconnected else remaining)
             except asyncio.TimeoutError:
-                if is_disconnected is not None and await is_disconnected():
-                    return
-                continue
+                pass
             except SchedulerFull as error:
                 reason = "error"
                 raise APIError(429, str(error), None, "rate_limit_exceeded") from error
@@ -77,6 +76,12 @@ async def _follow(ctx: Answering, ticket: Ticket, text: AnswerText,
             except ValueError as error:  # the scheduler refused the settings (checked before, so rare)
                 reason = "error"
                 raise APIError(400, str(error), None, "invalid_value") from error
+            if is_disconnected is not None and loop.time() >= next_check:
+                next_check = loop.time() + DISCONNECT_POLL_S
+                if await is_disconnected():
+                    return
+            if update is None:
+                continue
             number += 1
             yield update, text.update(update.answer, update.finished), number
         reason = "done"
