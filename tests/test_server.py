@@ -17,12 +17,12 @@ import openai
 import pytest
 import torch
 from fastapi import FastAPI
-from live_server import LiveServer, live_server
 
 from llada.engine import Engine, GenerationSettings
 from llada.generation import answer_ids
 from llada.model import LLaDAModel
 from llada.server.app import create_app
+from llada.server.background import BackgroundServer, serve_in_background
 from llada.server.config import ServerConfig
 from llada.tokenizer import Tokenizer
 
@@ -42,17 +42,17 @@ def make_app(model_and_tokenizer: tuple[LLaDAModel, Tokenizer], **overrides) -> 
 
 
 @pytest.fixture(scope="module")
-def served(model_and_tokenizer) -> Iterator[LiveServer]:
-    with live_server(make_app(model_and_tokenizer)) as live:
+def served(model_and_tokenizer) -> Iterator[BackgroundServer]:
+    with serve_in_background(make_app(model_and_tokenizer)) as live:
         yield live
 
 
-def client_for(live: LiveServer, key: str = "unused") -> openai.OpenAI:
+def client_for(live: BackgroundServer, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=live.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 @pytest.fixture
-def client(served: LiveServer) -> openai.OpenAI:
+def client(served: BackgroundServer) -> openai.OpenAI:
     return client_for(served)
 
 
@@ -78,7 +78,7 @@ def sse(response: httpx.Response) -> list[dict | str]:
     return events
 
 
-def post_sse(live: LiveServer, path: str, body: dict) -> list[dict | str]:
+def post_sse(live: BackgroundServer, path: str, body: dict) -> list[dict | str]:
     with httpx.stream("POST", live.url + path, json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -88,7 +88,7 @@ def post_sse(live: LiveServer, path: str, body: dict) -> list[dict | str]:
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (-?[0-9.e+]+|\+Inf|NaN)$')
 
 
-def metrics(live: LiveServer) -> dict[str, float]:
+def metrics(live: BackgroundServer) -> dict[str, float]:
     """Every sample of /metrics by its name and labels, after checking each line's syntax."""
     text = httpx.get(live.url + "/metrics").text
     samples, typed = {}, set()
@@ -354,7 +354,7 @@ def test_a_failing_step_answers_500_and_the_server_recovers(served, client) -> N
 
 def test_a_full_queue_answers_429(model_and_tokenizer) -> None:
     app = make_app(model_and_tokenizer, max_batch=1, max_queue=1)
-    with live_server(app) as live:
+    with serve_in_background(app) as live:
         scheduler = app.state.worker.scheduler
         step, entered, release = scheduler.step, threading.Event(), threading.Event()
 
@@ -377,7 +377,7 @@ def test_a_full_queue_answers_429(model_and_tokenizer) -> None:
 
 def test_requests_time_out_with_504_or_an_error_event(model_and_tokenizer) -> None:
     app = make_app(model_and_tokenizer, request_timeout_s=0.3)
-    with live_server(app) as live, slowed(app, 0.05):
+    with serve_in_background(app) as live, slowed(app, 0.05):
         body = {"prompt": "The", "max_tokens": 128, "steps": 128}
         response = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
         assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
@@ -390,7 +390,7 @@ def test_requests_time_out_with_504_or_an_error_event(model_and_tokenizer) -> No
 
 
 def test_api_key_is_required_when_set(model_and_tokenizer) -> None:
-    with live_server(make_app(model_and_tokenizer, api_key="s3cret")) as live:
+    with serve_in_background(make_app(model_and_tokenizer, api_key="s3cret")) as live:
         with pytest.raises(openai.AuthenticationError):
             client_for(live, "wrong").completions.create(model="tiny", prompt="x", max_tokens=8)
         response = httpx.post(live.url + "/v1/completions", json={"prompt": "x"})
@@ -404,7 +404,7 @@ def test_api_key_is_required_when_set(model_and_tokenizer) -> None:
 
 def test_shutdown_finishes_streams_in_flight_then_refuses_work(model_and_tokenizer) -> None:
     app = make_app(model_and_tokenizer)
-    with live_server(app) as live, slowed(app, 0.01):
+    with serve_in_background(app) as live, slowed(app, 0.01):
         with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
                           json={"prompt": "The", "max_tokens": 32, "steps": 32, "stream": True}) as response:
             lines = response.iter_lines()
@@ -420,7 +420,7 @@ def test_shutdown_finishes_streams_in_flight_then_refuses_work(model_and_tokeniz
 
 def test_a_stopped_worker_answers_503(model_and_tokenizer) -> None:
     app = make_app(model_and_tokenizer)
-    with live_server(app) as live:
+    with serve_in_background(app) as live:
         app.state.worker.stop(drain_timeout=1.0)  # what the lifespan does on shutdown
         response = httpx.post(live.url + "/v1/chat/completions", json=CHAT)
         assert response.status_code == 503 and response.json()["error"]["code"] == "server_shutting_down"
