@@ -299,8 +299,7 @@ async function send(text) {
       if (choice?.finish_reason) finishReason = choice.finish_reason;
       if (chunk.canvas) {
         recording.add(chunk.canvas);
-        onStepRecorded(recording);
-        $("status").textContent = `Generating… step ${recording.steps}`;
+        onStepRecorded(recording); // the step count goes to the canvas info, not to the (announced) status
       }
     }
     answer.classList.remove("pending");
