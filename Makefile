@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-model test test-all clean
+.PHONY: install demo demo-model serve-demo test test-all clean
 
 $(BIN)/llada: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --gen-length 32 --block-length 8 --sampler reference --steps 32
 	@mkdir -p .demo && printf '{"prompt": "The king", "answer": " is dead"}\n{"prompt": "The king", "answer": " xq zzv blorp"}\n' > .demo/pairs.jsonl
 	$(BIN)/llada score --input .demo/pairs.jsonl --mc-num 64
+
+# The demo model behind the OpenAI-compatible API on http://127.0.0.1:8000 (docs/serving.md); Ctrl-C stops it.
+serve-demo: install
+	$(BIN)/llada serve --model models/demo --gen-length 32 --block-length 8
 
 demo-model: install
 	$(BIN)/python scripts/prepare_demo_data.py --out data/demo --tokenizer-vocab 8192

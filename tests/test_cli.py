@@ -188,3 +188,24 @@ def test_generate_file_answers_every_line_in_batches(checkpoint_dir: Path, tmp_p
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     assert main(["generate", "--model", str(checkpoint_dir), "--input", str(bad), *SMALL]) == 2
     assert ":2: each line needs" in capsys.readouterr().err
+
+
+def test_serve_builds_the_server_from_its_flags(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    monkeypatch.setenv("LLADA_API_KEY", "from-env")
+    assert main(["serve", "--model", str(checkpoint_dir), "--port", "0", "--max-batch", "4", "--max-queue", "9",
+                 "--gen-length", "64", "--block-length", "16", "--threshold", "0.7", "--device", "cpu"]) == 0
+    (app, options), = calls
+    config = app.state.config
+    assert (options["host"], options["port"]) == ("127.0.0.1", 0)  # loopback unless told otherwise
+    assert (config.model_name, config.api_key, config.max_batch, config.max_queue) == ("tiny", "from-env", 4, 9)
+    assert (config.settings.gen_length, config.settings.block_length, config.settings.threshold) == (64, 16, 0.7)
+    assert app.state.worker.scheduler.max_batch == 4
+    assert main(["serve", "--model", str(checkpoint_dir), "--sampler", "reference"]) == 2
+    assert "decodes with the engine" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint_dir), "--gen-length", "2048", "--max-gen-length", "1024"]) == 2
+    assert "max_gen_length" in capsys.readouterr().err

@@ -281,6 +281,7 @@ def run_serve(model: str, config: ServerConfig, device: str = "auto", dtype: str
         from llada.server.app import create_app
     except ImportError as error:
         raise CliError(f"llada serve needs FastAPI and uvicorn: pip install 'llada[serve]' ({error})") from error
+    config.validate()  # before the model is loaded
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
     app = create_app(config, net, tokenizer)
