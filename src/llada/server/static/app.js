@@ -66,7 +66,7 @@ function authHeaders() {
 // Settings
 
 const SETTING_IDS = ["max-tokens", "block-length", "policy", "threshold", "steps", "cache", "remasking",
-  "temperature", "cfg-scale", "system-prompt"];
+  "temperature", "cfg-scale", "seed", "system-prompt"];
 
 function numberField(id) {
   const value = $(id).value.trim();
@@ -88,6 +88,7 @@ function requestSettings() {
     remasking: $("remasking").value,
     temperature: numberField("temperature"),
     cfg_scale: numberField("cfg-scale"),
+    seed: numberField("seed"),
   };
   return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
 }
