@@ -122,7 +122,7 @@ def open_page(browser: object, server_url: str) -> Iterator:
 
 
 def chat_body(messages: list[dict], **settings: object) -> dict:
-    return {"model": "tiny", "messages": messages, **{**SETTINGS, **settings}}
+    return {"model": "tiny", "messages": messages, **SETTINGS, **settings}
 
 
 def server_answer(url: str, messages: list[dict], **settings: object) -> str:

@@ -65,7 +65,7 @@ function authHeaders() {
 // ---------------------------------------------------------------------------------------------------
 // Settings
 
-const SETTING_IDS = ["max-tokens", "block-length", "policy", "threshold", "steps", "cache", "remasking",
+const SETTING_IDS = ["max-tokens", "block-length", "policy", "threshold", "factor", "steps", "cache", "remasking",
   "temperature", "cfg-scale", "seed", "system-prompt"];
 
 function numberField(id) {
@@ -83,6 +83,7 @@ function requestSettings() {
     block_length: numberField("block-length"),
     policy,
     threshold: policy === "threshold" ? numberField("threshold") : undefined,
+    factor: policy === "factor" ? numberField("factor") : undefined,
     steps: policy === "fixed" ? numberField("steps") : undefined,
     cache: $("cache").value,
     remasking: $("remasking").value,
@@ -96,12 +97,13 @@ function requestSettings() {
 const POLICY_HINTS = {
   threshold: "Each step decides every masked position whose confidence exceeds the threshold (at least one).",
   fixed: "Each step decides the same number of positions; steps defaults to max tokens (one per step).",
-  factor: "Each step decides the longest run of confident positions the factor rule allows (at least one).",
+  factor: "With confidences sorted c1 ≥ c2 ≥ …, each step decides the longest prefix with cn ≥ 1 − f/(n+1) (at least one).",
 };
 
 function applyPolicy() {
   const policy = $("policy").value;
   $("threshold").disabled = policy !== "threshold";
+  $("factor").disabled = policy !== "factor";
   $("steps").disabled = policy !== "fixed";
   $("policy-hint").textContent = POLICY_HINTS[policy] ?? "";
 }

@@ -14,6 +14,7 @@ const STOPS = [
 ];
 
 const SPECIAL_TOKEN = /^<\|([^|]*)\|>$/; // <|eot_id|>, <|endoftext|>, ...
+const END_TOKEN = /^<\|(endoftext|eot_id)\|>$/; // LLaDA's EOS and end of turn: the answer ends at the first
 
 /**
  * RGB colour of `step` on a scale whose last colour belongs to `lastStep`.
@@ -85,7 +86,8 @@ export class Recording {
  * Show step `step` of `recording` in `container`, one `.cell` per answer position.
  *
  * Decided cells carry `data-step` (the step that decided them) and the step's colour; cells decided by
- * this very step also get the class `new`; masked cells get the class `masked` and the mask glyph.
+ * this very step also get the class `new`; masked cells get the class `masked` and the mask glyph. Cells
+ * after the first end token (EOS or end of turn) get the class `past-end`.
  */
 export function renderStep(container, recording, step) {
   const frame = recording.frames[step - 1];
@@ -96,10 +98,14 @@ export function renderStep(container, recording, step) {
     cell.dataset.pos = String(cells.length);
     container.append(cell);
   }
+  const end = frame.tokens.findIndex((token) => token !== null && END_TOKEN.test(token));
   frame.tokens.forEach((token, pos) => {
     const cell = cells[pos];
+    // A cell after an end token never reaches the answer's text, which stops at the first one.
+    cell.classList.toggle("past-end", end >= 0 && pos > end);
     if (token === null) {
-      cell.className = "cell masked";
+      cell.classList.remove("decided", "new", "special");
+      cell.classList.add("cell", "masked");
       cell.textContent = MASK_GLYPH;
       cell.title = `position ${pos + 1}: masked`;
       delete cell.dataset.step;
@@ -109,9 +115,10 @@ export function renderStep(container, recording, step) {
     }
     const decidedAt = recording.stepOf[pos];
     const colour = stepColour(decidedAt, recording.steps);
-    cell.className = "cell decided";
-    if (frame.decided.has(pos)) cell.classList.add("new");
-    if (SPECIAL_TOKEN.test(token)) cell.classList.add("special");
+    cell.classList.remove("masked");
+    cell.classList.add("cell", "decided");
+    cell.classList.toggle("new", frame.decided.has(pos));
+    cell.classList.toggle("special", SPECIAL_TOKEN.test(token));
     cell.dataset.step = String(decidedAt);
     cell.textContent = cellText(token);
     cell.title = `position ${pos + 1}, step ${decidedAt}: ${JSON.stringify(token)}`;
