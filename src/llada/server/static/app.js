@@ -18,7 +18,6 @@ const state = {
   following: true, // the slider moves to each new step (false once the user scrubs back)
   playTimer: null,
 };
-const recordings = new WeakMap(); // assistant message element -> its Recording
 
 // ---------------------------------------------------------------------------------------------------
 // Status, errors, busy state
@@ -175,7 +174,7 @@ function addMeta(message, text, recording) {
     button.type = "button";
     button.className = "show-canvas";
     button.textContent = "Show canvas";
-    button.addEventListener("click", () => showRecording(recordings.get(message)));
+    button.addEventListener("click", () => showRecording(recording));
     meta.append(" ", button);
   }
   message.append(meta);
@@ -270,7 +269,6 @@ async function send(text) {
   const recording = new Recording();
   const answer = addMessage("assistant", "");
   answer.classList.add("pending");
-  recordings.set(answer, recording);
   showRecording(recording);
   $("canvas-info").textContent = "waiting for the first step…";
 
