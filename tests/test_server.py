@@ -37,7 +37,8 @@ def model_and_tokenizer(checkpoint_dir) -> tuple[LLaDAModel, Tokenizer]:
 
 
 def make_app(model_and_tokenizer: tuple[LLaDAModel, Tokenizer], **overrides) -> FastAPI:
-    options = dict(model_name="tiny", api_key=None, max_gen_length=400, max_prompt_tokens=200, settings=SETTINGS)
+    options = {"model_name": "tiny", "api_key": None, "max_gen_length": 400, "max_prompt_tokens": 200,
+               "settings": SETTINGS}
     return create_app(ServerConfig(**{**options, **overrides}), *model_and_tokenizer)
 
 

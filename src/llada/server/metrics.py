@@ -58,11 +58,6 @@ class Metrics:
         with self._lock:
             values[key] = values.get(key, 0.0) + amount
 
-    def value(self, name: str, **labels: str) -> float:
-        _, names, values = self._counters[name]
-        with self._lock:
-            return values.get(tuple(labels[n] for n in names), 0.0)
-
     def observe_step(self, seconds: float, rows: int) -> None:
         with self._lock:
             self._step_counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1

@@ -112,7 +112,7 @@ class _Fields:
                 raise APIError(400, f"{name}={value!r} is not supported by this server (only {neutral!r})", name,
                                "unsupported_value")
         if self.rest:
-            name = sorted(self.rest)[0]
+            name = min(self.rest)
             raise APIError(400, f"unrecognized request argument: {name}", name, "unknown_parameter")
 
 
@@ -248,7 +248,8 @@ def _settings(fields: _Fields, kind: Kind, config: ServerConfig) -> tuple[Genera
         base, gen_length=gen_length, block_length=block_length, policy=policy, steps=steps,
         temperature=fields.number("temperature", 0.0, _MAX_TEMPERATURE, base.temperature),
         threshold=fields.number("threshold", 0.0, 1.0, base.threshold),
-        factor=fields.number("factor", 0.0, float(block_length), base.factor, low_open=True),
+        # beyond block_length + 1 every confidence passes the factor rule: the whole block at once
+        factor=fields.number("factor", 0.0, block_length + 1.0, base.factor, low_open=True),
         cfg_scale=fields.number("cfg_scale", 0.0, 100.0, base.cfg_scale),
         remasking=fields.choice("remasking", REMASKING_CHOICES, base.remasking),
         cache=fields.choice("cache", CACHE_MODES, base.cache))

@@ -186,7 +186,7 @@ class Worker:
         start = time.perf_counter()
         try:
             self.scheduler.step()
-        except Exception as error:  # noqa: BLE001 - any failure ends its requests, never the server
+        except Exception as error:  # any failure ends its requests, never the server
             logger.exception("a scheduler step failed; ending the %d requests in flight", len(self._live))
             with self._wake:
                 self._end_all(WorkerFailure(f"generation failed: {type(error).__name__}: {error}"), "error")
