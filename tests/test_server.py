@@ -226,7 +226,7 @@ def test_concurrent_requests_share_steps_and_keep_their_answers(served, client, 
     prompts = ["The quick brown fox", "In the beginning", "Numbers: 0 1 2", "Masked diffusion models"]
     alone = [Engine(model_and_tokenizer[0]).generate([tokenizer.encode(p)], SETTINGS)[0].steps for p in prompts]
     before = metrics(served)
-    with slowed(served.app, 0.005), ThreadPoolExecutor(len(prompts)) as pool:
+    with slowed(served.app, 0.02), ThreadPoolExecutor(len(prompts)) as pool:
         replies = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=16), prompts))
     after = metrics(served)
     steps = after["llada_scheduler_steps_total"] - before["llada_scheduler_steps_total"]
