@@ -165,7 +165,9 @@ class Engine:
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Forward] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # One memory pool per cache, shared by that cache's graphs and dropped with them: a pool whose
+        # graphs were all freed must never be captured into again (PyTorch asserts on it).
+        self._graph_pools: dict[int, tuple[int, int]] = {}
         config = model.config
         self.mask_id = config.mask_token_id
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
@@ -205,6 +207,7 @@ class Engine:
         """Drop pooled caches and captured graphs (they are rebuilt on demand)."""
         self._free_caches = []
         self._graphs.clear()
+        self._graph_pools.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -224,6 +227,7 @@ class Engine:
             evicted = self._free_caches.pop(0)
             for key in [k for k, entry in self._graphs.items() if entry.cache is evicted]:
                 del self._graphs[key]
+            self._graph_pools.pop(id(evicted), None)
 
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
@@ -269,6 +273,12 @@ class Engine:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, pool=self._graph_pool):
+        # thread_local: a server captures on its worker thread while other threads (the web server's,
+        # the garbage collector's) may free or copy CUDA memory; the default "global" mode would let
+        # their calls abort this capture.
+        if id(cache) not in self._graph_pools:
+            self._graph_pools[id(cache)] = torch.cuda.graph_pool_handle()
+        pool = self._graph_pools[id(cache)]
+        with torch.cuda.graph(entry.graph, pool=pool, capture_error_mode="thread_local"):
             entry.output = run()
         return entry
