@@ -34,6 +34,8 @@ from llada.batch_run import left_pad
 from llada.cli import load
 from llada.engine import Engine, GenerationSettings
 from llada.likelihood import log_likelihood
+from llada.model import LLaDAModel
+from llada.tokenizer import Tokenizer
 
 
 @register_model("llada")
@@ -43,14 +45,18 @@ class LLaDAEvalModel(LM):
     block_length, policy, steps, threshold, factor, cache, temperature, compile. lm-eval's own
     ``--device`` and ``--batch_size`` (prompts generated together) arrive as ``device``/``batch_size``."""
 
-    def __init__(self, pretrained: str, device: str | None = "auto", dtype: str = "auto", mc_num: int = 128,
+    def __init__(self, pretrained: str | tuple[LLaDAModel, Tokenizer], device: str | None = "auto", dtype: str = "auto", mc_num: int = 128,
                  mc_batch_size: int = 32, batch_size: int | str = 16, cfg_scale: float = 0.0, seed: int = 0, max_length: int | None = None,
                  gen_length: int = 256, block_length: int = 32, policy: str = "threshold", steps: int | None = None,
                  threshold: float = 0.9, factor: float = 1.0, cache: str = "dual", temperature: float = 0.0,
                  compile: bool = False, **ignored: Any) -> None:
         super().__init__()
-        self.model, self.tokenizer = load(pretrained, device or "auto", dtype)  # the command line's rules
-        self.path = str(pretrained)
+        if isinstance(pretrained, tuple):  # an in-memory model, from Python (benchmarks, notebooks)
+            self.model, self.tokenizer = pretrained
+            self.path = "in-memory"
+        else:
+            self.model, self.tokenizer = load(pretrained, device or "auto", dtype)  # the command line's rules
+            self.path = str(pretrained)
         self.mc_num, self.mc_batch_size, self.cfg_scale = int(mc_num), int(mc_batch_size), float(cfg_scale)
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.model.config.max_sequence_length)
