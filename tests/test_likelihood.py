@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llada.likelihood import log_likelihood
+from llada.likelihood import log_likelihood, packed_elbo_samples
 
 from conftest import tiny_model
 
@@ -87,3 +87,16 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
     arguments = dict(prompt=torch.zeros(2, dtype=torch.long), answer=torch.zeros(3, dtype=torch.long)) | kwargs
     with pytest.raises(ValueError, match=message):
         log_likelihood(tiny_model(), **arguments)
+
+
+def test_packed_samples_equal_one_item_at_a_time() -> None:
+    """Items of different prompt and answer lengths (one of one token) in one left-padded pass give
+    the estimates that ``log_likelihood`` gives item by item with the same generator."""
+    model = tiny_model()
+    items = [(torch.randint(0, 500, (p,)), torch.randint(0, 500, (a,))) for p, a in ((5, 3), (2, 6), (7, 1), (1, 4))]
+    packed = packed_elbo_samples(model, items, num_samples=6, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    for (prompt, answer), samples in zip(items, packed):
+        alone = log_likelihood(model, prompt, answer, mc_num=6, batch_size=6, generator=generator)
+        assert samples.numel() == (1 if answer.numel() == 1 else 6)
+        assert float(samples.double().mean()) == pytest.approx(alone.log_likelihood, rel=1e-9, abs=1e-9)

@@ -56,6 +56,22 @@ def test_one_token_requests_share_forward_passes_and_match_single_scoring(adapte
     assert together[-1][0] < 0
 
 
+def test_multi_token_requests_share_passes_without_changing_scores(checkpoint_dir: Path) -> None:
+    """Packing several requests' Monte-Carlo samples into one pass (mc_batch_size 4 x mc_num) gives the
+    scores and greedy flags of one request per pass: the same masks, fewer forward passes."""
+    requests = [Request(pair) for pair in (("The fox", " jumps over the lazy dog"), ("A", " quick brown fox"),
+                                           ("Numbers: 1 2 3", " 4 5 6 7"), ("To be", ", or not to be"))]
+    one, packed = (LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=4, mc_batch_size=size, seed=7)
+                   for size in (4, 16))
+    calls = []
+    packed.model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    alone = one.loglikelihood(requests)
+    together = packed.loglikelihood(requests)
+    assert calls == [16, 4]  # one ELBO pass of 4 x 4 samples, one greedy pass of 4 rows
+    for (score, greedy), (expected, expected_greedy) in zip(together, alone):
+        assert score == pytest.approx(expected, rel=1e-5, abs=1e-5) and greedy == expected_greedy
+
+
 def test_rolling_scores_sum_windows_and_generation_cuts_at_stops(adapter: LLaDAEvalModel) -> None:
     (score,) = adapter.loglikelihood_rolling([Request(("The fox jumps over the lazy dog.",))])
     assert score < 0

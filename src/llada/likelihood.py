@@ -9,12 +9,14 @@ than masking each token independently, and is what the paper uses for likelihood
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llada.batch_run import left_pad
 from llada.masking import mask_exact_count, stratified_mask_counts
 from llada.model import LLaDAModel
 
@@ -40,6 +42,24 @@ def _validate(prompt: torch.Tensor, answer: torch.Tensor, mc_num: int, batch_siz
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
 
 
+def _masked_answers(answer: torch.Tensor, counts: torch.Tensor, mask_id: int,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets, masked, noisy answers), each (n, T): ``counts[i]`` answer tokens masked in sample i."""
+    targets = answer[None, :].expand(counts.numel(), -1)
+    masked = mask_exact_count(targets, counts.to(answer.device), mask_id, generator=generator)
+    return targets, masked, torch.where(masked, torch.full_like(targets, mask_id), targets)
+
+
+def _weighted_sums(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """(n,) samples (L / l) · Σ over masked tokens of log p(token), from answer logits (n, T, V)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_probs = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 reduction="none").view(targets.shape)  # (n, T); rows, for the fast kernel
+    weights = targets.shape[1] / counts.to(device=log_probs.device, dtype=log_probs.dtype)
+    return (log_probs * masked).sum(dim=1) * weights
+
+
 @torch.no_grad()
 def elbo_samples(model: LLaDAModel, prompt: torch.Tensor, answer: torch.Tensor, counts: torch.Tensor,
                  cfg_scale: float = 0.0, mask_id: int | None = None,
@@ -49,24 +69,50 @@ def elbo_samples(model: LLaDAModel, prompt: torch.Tensor, answer: torch.Tensor, 
     Each sample is (L / l) · Σ over the l masked answer tokens of log p(token | masked sequence).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
-    device = model.device
     batch = counts.numel()
-    prompt, answer = prompt.to(device), answer.to(device)
-    answer_length = answer.numel()
-    targets = answer[None, :].expand(batch, -1)  # (n, T)
-    masked = mask_exact_count(targets, counts.to(device), mask_id, generator=generator)  # (n, T) bool
-    noisy_answer = torch.where(masked, torch.full_like(targets, mask_id), targets)
+    prompt, answer = prompt.to(model.device), answer.to(model.device)
+    targets, masked, noisy_answer = _masked_answers(answer, counts, mask_id, generator)
     sequence = torch.cat([prompt[None, :].expand(batch, -1), noisy_answer], dim=1)  # (n, P+T)
     logits = model(sequence).logits[:, prompt.numel():]  # (n, T, V)
     if cfg_scale > 0:
         unconditional = torch.cat([torch.full_like(prompt, mask_id)[None, :].expand(batch, -1), noisy_answer], dim=1)
         un_logits = model(unconditional).logits[:, prompt.numel():]
         logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    log_probs = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 reduction="none").view(targets.shape)  # (n, T); rows, for the fast kernel
-    weights = answer_length / counts.to(device=device, dtype=log_probs.dtype)  # (n,)
-    return (log_probs * masked).sum(dim=1) * weights
+    return _weighted_sums(logits, targets, masked, counts)
+
+
+@torch.no_grad()
+def packed_elbo_samples(model: LLaDAModel, items: Sequence[tuple[torch.Tensor, torch.Tensor]], num_samples: int,
+                        mask_id: int | None = None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """ELBO samples of several (prompt, answer) items in one forward pass: ``num_samples`` stratified
+    samples per item (one for a one-token answer, whose single sample is exact).
+
+    The rows of all items are left-padded to one length, the padding hidden from attention (the
+    model is then position-shift invariant, see ``LLaDAModel.forward``). Randomness is drawn item
+    by item in the order ``log_likelihood`` draws it, so with the same generator the estimates equal
+    those of ``log_likelihood(..., mc_num=num_samples, batch_size=num_samples)`` called on each item
+    in turn: packing changes the cost, not the estimate. (No guidance here: it needs a second pass.)
+    """
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    drawn, rows = [], []
+    for prompt, answer in items:
+        prompt, answer = prompt.to(model.device), answer.to(model.device)
+        if answer.numel() == 1:
+            counts = torch.ones(1, dtype=torch.long, device=model.device)
+        else:
+            counts = stratified_mask_counts(num_samples, answer.numel(), device=model.device, generator=generator)
+        targets, masked, noisy = _masked_answers(answer, counts, mask_id, generator)
+        drawn.append((targets, masked, counts))
+        rows += torch.cat([prompt[None, :].expand(counts.numel(), -1), noisy], dim=1).tolist()
+    ids, keep = left_pad(rows, mask_id)
+    ids, keep = ids.to(model.device), keep.to(model.device)
+    logits = model(ids, attention_mask=None if bool(keep.all()) else keep).logits
+    samples, row = [], 0
+    for targets, masked, counts in drawn:
+        n, length = targets.shape
+        samples.append(_weighted_sums(logits[row:row + n, -length:], targets, masked, counts))
+        row += n
+    return samples
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from llada.batch_run import left_pad
 from llada.cli import load
 from llada.engine import Engine, GenerationSettings
-from llada.likelihood import log_likelihood
+from llada.likelihood import log_likelihood, packed_elbo_samples
 from llada.model import LLaDAModel
 from llada.tokenizer import Tokenizer
 
@@ -79,11 +79,15 @@ class LLaDAEvalModel(LM):
         return self.tokenizer.encode(context), self.tokenizer.encode(continuation, add_special_tokens=False)
 
     @torch.no_grad()
-    def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:
-        masked = torch.tensor([context + [self.model.config.mask_token_id] * len(continuation)],
-                              device=self.model.device)
-        predicted = self.model(masked).logits[0, len(context):].argmax(-1).tolist()
-        return predicted == continuation
+    def _greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
+        """Whether the model, given each context with its whole continuation masked, predicts every
+        continuation token as its argmax; the pairs share one left-padded forward pass."""
+        mask_id = self.model.config.mask_token_id
+        ids, keep = left_pad([context + [mask_id] * len(continuation) for context, continuation in pairs], mask_id)
+        ids, keep = ids.to(self.model.device), keep.to(self.model.device)
+        predicted = self.model(ids, attention_mask=None if bool(keep.all()) else keep).logits.argmax(-1)
+        return [predicted[i, ids.shape[1] - len(continuation):].tolist() == continuation
+                for i, (_, continuation) in enumerate(pairs)]
 
     def _score(self, context: list[int], continuation: list[int]) -> float:
         device = self.model.device
@@ -92,6 +96,15 @@ class LLaDAEvalModel(LM):
                                   batch_size=min(self.mc_batch_size, self.mc_num), cfg_scale=self.cfg_scale,
                                   generator=self.generator)
         return estimate.log_likelihood
+
+    def _score_packed(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """ELBO estimates of several requests whose ``mc_num`` samples fit one pass together: the same
+        estimates as ``_score`` one request at a time (same masks), in fewer forward passes."""
+        device = self.model.device
+        items = [(torch.tensor(context, device=device), torch.tensor(continuation, device=device))
+                 for context, continuation in pairs]
+        samples = packed_elbo_samples(self.model, items, self.mc_num, generator=self.generator)
+        return [float(values.double().mean()) for values in samples]
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
@@ -109,12 +122,22 @@ class LLaDAEvalModel(LM):
             for index, value in zip(chunk, self._score_single_tokens([pairs[i] for i in chunk])):
                 results[index] = value
             bar.update(len(chunk))
-        for index, (context, continuation) in enumerate(pairs):
-            if results[index] is not None:
-                continue
-            results[index] = ((0.0, True) if not continuation else
-                              (self._score(context, continuation), self._is_greedy(context, continuation)))
-            bar.update(1)
+        for index, (_, continuation) in enumerate(pairs):
+            if not continuation:
+                results[index] = (0.0, True)  # an empty continuation is certain
+                bar.update(1)
+        rest = [i for i, result in enumerate(results) if result is None]
+        # Several requests per forward pass when their samples fit in one (not with guidance: it needs
+        # a second pass); otherwise each request fills its own passes.
+        per_pass = self.mc_batch_size // self.mc_num if self.cfg_scale == 0 else 0
+        for start in range(0, len(rest), max(1, per_pass)):
+            chunk = rest[start:start + max(1, per_pass)]
+            chunk_pairs = [pairs[i] for i in chunk]
+            scores = (self._score_packed(chunk_pairs) if per_pass >= 1 else
+                      [self._score(context, continuation) for context, continuation in chunk_pairs])
+            for index, score, greedy in zip(chunk, scores, self._greedy(chunk_pairs)):
+                results[index] = (score, greedy)
+            bar.update(len(chunk))
         bar.close()
         return results
 
