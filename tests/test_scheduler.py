@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_engine import model, prompts
 
 from llada.engine import Engine, GenerationSettings
-from llada.scheduler import Scheduler, SchedulerFull
+from llada.scheduler import Request, Scheduler, SchedulerFull
 
 SETTINGS = GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3)
 
@@ -97,3 +99,102 @@ def test_cancel_and_limits() -> None:
         scheduler.submit([1], GenerationSettings(gen_length=6, block_length=4))
     with pytest.raises(ValueError, match="at least one token"):
         scheduler.submit([], SETTINGS)
+
+
+def _count_forward_rows(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the rows of every forward pass the engine runs (the cost a cancelled row should stop adding)."""
+    rows: list[int] = []
+    forward = engine.forward
+
+    def counting(cache, tokens, *args, **kwargs):
+        rows.append(tokens.shape[0])
+        return forward(cache, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", counting)
+    return rows
+
+
+def _steps(scheduler: Scheduler, forward_rows: list[int], n: int) -> list[int]:
+    """Step ``n`` times; the rows of each step's widest forward pass (the batch, not a few rows refreshing)."""
+    widest = []
+    for _ in range(n):
+        before = len(forward_rows)
+        scheduler.step()
+        widest.append(max(forward_rows[before:]))
+    return widest
+
+
+@pytest.mark.parametrize("settings", [replace(SETTINGS, cache="none"), replace(SETTINGS, cache="prefix"), SETTINGS,
+                                      replace(SETTINGS, cfg_scale=1.0)])
+def test_a_cancelled_row_leaves_its_batch_and_the_others_keep_their_answers(
+        settings: GenerationSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one of three running requests is cancelled, the other two get their single-prompt answers
+    and the forward passes no longer carry its row (two of three idle-or-live: the batch shrinks)."""
+    engine = Engine(model())
+    rows = prompts((3, 6, 4), seed=5)
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    forward_rows = _count_forward_rows(engine, monkeypatch)
+    scheduler = Scheduler(engine, prompt_bucket=8)
+    first, cancelled, last = [scheduler.submit(row, settings) for row in rows]
+    guided = 2 if settings.cfg_scale else 1
+    assert _steps(scheduler, forward_rows, 2) == [3 * guided, 3 * guided]
+    scheduler.cancel(cancelled)
+    updates = len(cancelled.updates)
+    assert _steps(scheduler, forward_rows, 3) == [2 * guided] * 3
+    scheduler.run_until_idle()
+    assert [first.result.tokens, last.result.tokens] == [alone[0], alone[2]]
+    assert cancelled.result is None and len(cancelled.updates) == updates
+    assert first.updates[-1].finished and last.updates[-1].finished
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0)])
+def test_a_new_request_takes_a_cancelled_rows_slot(settings: GenerationSettings,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request arriving after a cancel joins the running batch in the freed slot (no new shape) and
+    gets its single-prompt answer, as do the rows already decoding."""
+    engine = Engine(model())
+    rows = prompts((3, 6, 4, 5, 5), seed=5)
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    forward_rows = _count_forward_rows(engine, monkeypatch)
+    scheduler = Scheduler(engine, max_batch=4, prompt_bucket=8)
+    requests = [scheduler.submit(row, settings) for row in rows[:4]]
+    scheduler.step()
+    scheduler.step()
+    run = scheduler.running[0].run
+    slot = run.row_ids.index(1)
+    scheduler.cancel(requests[1])
+    newcomer = scheduler.submit(rows[4], settings)
+    scheduler.step()
+    assert len(scheduler.running) == 1 and run.x.shape[0] == 4 and run.row_ids[slot] == 4  # the freed slot
+    scheduler.run_until_idle()
+    assert max(forward_rows) == 4 * (2 if settings.cfg_scale else 1)  # the batch never grew
+    finished: list[Request] = [requests[0], *requests[2:], newcomer]
+    assert [r.result.tokens for r in finished] == [alone[0], *alone[2:4], alone[4]]
+    assert requests[1].result is None
+
+
+def test_cancelling_twice_or_after_finishing_is_harmless() -> None:
+    """A finished request keeps its result when cancelled; a second cancel changes nothing; the batch
+    ends (and its cache goes back to the engine) once its last decoding row is cancelled."""
+    engine = Engine(model())
+    rows = prompts((3, 6), seed=7)  # the first finishes after 4 steps, the second takes 16
+    alone = [engine.generate([row], SETTINGS)[0] for row in rows]
+    scheduler = Scheduler(engine)
+    quick, slow = [scheduler.submit(row, SETTINGS) for row in rows]
+    scheduler.step()
+    run = scheduler.running[0].run
+    while quick.result is None:
+        scheduler.step()
+    scheduler.cancel(quick)
+    scheduler.cancel(quick)
+    assert quick.result.tokens == alone[0].tokens and not run.done
+    scheduler.step()
+    scheduler.cancel(slow)
+    assert scheduler.idle and run.done and run.cache is None and slow.result is None
+    scheduler.cancel(slow)
+    scheduler.step()
+    assert run.result(0).tokens == alone[0].tokens
+    with pytest.raises(RuntimeError, match="dropped"):
+        run.result(1)
+    with pytest.raises(IndexError, match="not in this batch"):
+        run.drop(2)

@@ -3,8 +3,10 @@
 Rows share one KV cache and one forward pass per step, but each row has its own block and its own
 step within it: with a confidence threshold a row whose block is decided moves on to its next block
 (and refreshes its cache rows) while others are still working on theirs, and a row whose answer is
-complete stops. Finished rows stay in the batch, idle, until half of it is done; then the batch
-shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph).
+complete stops. A row can also be dropped between steps (its request was cancelled): it stops at once
+and gets no result. Finished and dropped rows stay in the batch, idle, until half of it is idle; then
+the batch shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph).
+Until then a new prompt can take an idle row's slot (``add``).
 
 Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
 all rows, otherwise as a smaller eager batch whose cache rows are copied in — and the other rows
@@ -62,6 +64,7 @@ class BatchRun:
         self.active = [True] * batch
         # Per caller row.
         self.finished = [False] * batch
+        self.dropped = [False] * batch  # stopped before finishing (``drop``): no result
         self.answers = torch.full((batch, settings.gen_length), engine.mask_id, dtype=torch.long)
         self.row_steps = [0] * batch
         self.steps_per_block = settings.total_steps // self.num_blocks if settings.policy == "fixed" else None
@@ -256,12 +259,16 @@ class BatchRun:
         for r, caller in zip(done, callers):
             self.finished[caller] = True
             self.active[r] = False
+        self._settle()
+
+    def _settle(self) -> None:
+        """After rows went idle: end the batch when none is decoding, shrink it once half of it is idle."""
         live = self._live()
         if not live:
             self.done = True
             self.engine.release_cache(self.cache)
             self.cache = None
-        elif len(live) <= math.ceil(self.x.shape[0] / 2):  # shrink the batch once half of it is done
+        elif len(live) <= math.ceil(self.x.shape[0] / 2):
             self._keep_rows(live)
 
     def _keep_rows(self, rows: list[int]) -> None:
@@ -292,9 +299,9 @@ class BatchRun:
     def add(self, prompts: Sequence[Sequence[int]]) -> list[int]:
         """Add prompts to the running batch (continuous batching); returns their row numbers.
 
-        They take empty slots (rows that finished) or, if there are too few, the batch grows to the
-        next power of two (a new shape, captured once). Each new row starts at its first block with
-        a refresh of its own cache rows; nothing changes for the rows already decoding.
+        They take empty slots (rows that finished or were dropped) or, if there are too few, the batch
+        grows to the next power of two (a new shape, captured once). Each new row starts at its first
+        block with a refresh of its own cache rows; nothing changes for the rows already decoding.
         """
         for prompt in prompts:
             if not self.can_add(prompt, self.settings):
@@ -319,6 +326,7 @@ class BatchRun:
             caller = len(self.finished)
             self.finished.append(False)
             self.row_steps.append(0)
+            self.dropped.append(False)
             self.answers = torch.cat([self.answers, torch.full((1, self.gen_length), self.engine.mask_id)])
             self.row_ids[slot], self.row_block[slot], self.row_block_step[slot] = caller, 0, 0
             self.active[slot] = True
@@ -351,7 +359,27 @@ class BatchRun:
                                                                                   (half + 1) * old_batch]
         self.engine.release_cache(old)
 
-    # --- results ----------------------------------------------------------------------------------
+    # --- leaving ----------------------------------------------------------------------------------
+
+    def drop(self, row: int) -> None:
+        """Stop decoding row ``row`` (caller's order) now, e.g. because its request was cancelled.
+
+        Its slot goes idle like a finished row's: later steps neither refresh it nor commit tokens to
+        it, the batch shrinks once half of it is idle (and ends when no row is left decoding), and
+        ``add`` may give the slot to a new prompt. The other rows decode exactly as before. The row
+        gets no result (``result(row)`` raises). Dropping a finished or an already dropped row, or a
+        row of a cancelled batch, changes nothing.
+        """
+        if not 0 <= row < len(self.finished):
+            raise IndexError(f"row {row} is not in this batch (it has rows 0 to {len(self.finished) - 1})")
+        if self.finished[row] or self.dropped[row] or self.done:
+            return
+        self.dropped[row] = True
+        slot = self.row_ids.index(row)
+        self.row_ids[slot] = None  # an empty slot, as after ``_grow``
+        self.active[slot] = False
+        self.undecided[slot] = False  # idle rows have nothing undecided: no step commits to them
+        self._settle()
 
     def cancel(self) -> None:
         """Stop decoding (e.g. the client went away) and give the cache back to the engine."""
@@ -360,8 +388,16 @@ class BatchRun:
             self.cache = None
         self.done = True
 
+    # --- results ----------------------------------------------------------------------------------
+
     def result(self, row: int) -> Generation:
-        """Row ``row``'s result (caller's order) once it has finished; rows may finish before the batch."""
+        """Row ``row``'s result (caller's order) once it has finished; rows may finish before the batch.
+
+        Raises:
+            RuntimeError: the row is still decoding, or it was dropped (it has no result).
+        """
+        if self.dropped[row]:
+            raise RuntimeError(f"row {row} was dropped before it finished (BatchRun.drop): it has no result")
         if not self.finished[row]:
             raise RuntimeError(f"row {row} is still decoding")
         ids = self.answers[row].tolist()
@@ -370,7 +406,7 @@ class BatchRun:
                           steps=self.row_steps[row], finish_reason="length" if end is None else "stop")
 
     def results(self) -> list[Generation]:
-        """Every row's result, in the caller's order (once ``step()`` has returned None)."""
+        """Every row's result, in the caller's order (once ``step()`` has returned None; none may be dropped)."""
         if not self.done:
             raise RuntimeError("the batch is still decoding; call step() until it returns None")
         return [self.result(row) for row in range(len(self.finished))]

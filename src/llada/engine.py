@@ -110,10 +110,10 @@ class StepUpdate:
     """What one step decided, for streaming. Tensors are on the CPU; rows are the caller's prompt order."""
 
     step: int  # steps run so far in this batch (1 = the first)
-    blocks: list[int]  # each row's block being decoded (the number of blocks once it is finished)
+    blocks: list[int]  # each row's block being decoded (the number of blocks once it is finished or dropped)
     answer: torch.Tensor  # (B, G) the answers so far; undecided positions hold the mask id
     decided: torch.Tensor  # (B, G) bool: decided by this step
-    finished: list[bool]  # rows whose answer is complete
+    finished: list[bool]  # rows whose answer is complete (never a dropped row)
 
 
 @dataclass

@@ -10,7 +10,9 @@ hands updates to its clients; nothing here blocks except the GPU work of one ste
 Continuous batching: a waiting request joins a running batch with the same settings when its prompt
 fits the batch's prompt room (prompts are left-padded to a multiple of ``prompt_bucket``), taking the
 slot of a finished row or growing the batch; it then shares every forward pass with the rows already
-decoding. Otherwise it starts a new batch, advanced in the same ``step()`` calls.
+decoding. Otherwise it starts a new batch, advanced in the same ``step()`` calls. A cancelled
+request's row leaves its batch at once (``BatchRun.drop``), so it costs no more compute and its slot
+can take a waiting request.
 """
 
 from __future__ import annotations
@@ -111,20 +113,30 @@ class Scheduler:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop a request (e.g. its client disconnected). Its row stops once its whole batch is cancelled."""
+        """Stop a request (its client disconnected, or its answer is complete); it gets no result.
+
+        A waiting request leaves the queue; a running one's row leaves its batch at once (the batch
+        ends when no row is left). Cancelling a request twice, or after it finished, changes nothing
+        but its ``cancelled`` flag.
+        """
         request.cancelled = True
-        if request in self.waiting:
+        if any(r is request for r in self.waiting):
             self.waiting.remove(request)
+            return
+        for running in self.running:
+            row = next((i for i, r in enumerate(running.requests) if r is request), None)
+            if row is None:
+                continue
+            running.run.drop(row)
+            if running.run.done:
+                self.running.remove(running)
+            return
 
     def step(self) -> list[Request]:
         """Admit what fits, advance every running batch by one step; return the requests that finished."""
         self._admit()
         finished: list[Request] = []
         for running in list(self.running):
-            if all(r.cancelled for r in running.requests):
-                running.run.cancel()
-                self.running.remove(running)
-                continue
             update = None
             if self.stream:
                 update = running.run.step()

@@ -81,7 +81,7 @@ class Worker:
         """The scheduler's ``max_waiting`` is the queue limit: beyond it ``submit`` raises ``SchedulerFull``."""
         self.scheduler, self.metrics = scheduler, metrics
         self.accepting = True
-        self.active_rows = 0  # rows decoding after the last step
+        self.active_rows = 0  # rows decoding after the last step or cancel
         self._wake = threading.Condition()
         self._inbox: deque[Ticket] = deque()
         self._cancels: deque[tuple[Ticket, str]] = deque()
@@ -149,8 +149,11 @@ class Worker:
                 if self._stopping:
                     self._end_all(Draining("the server shut down before the answer was complete"), "shutdown")
                     return
-                while self._cancels:
-                    self._cancel(*self._cancels.popleft())
+                if self._cancels:
+                    while self._cancels:
+                        self._cancel(*self._cancels.popleft())
+                    # A cancelled row leaves its batch now, not at the next step (there may be none).
+                    self.active_rows = self.scheduler.active_rows
                 while self._inbox:
                     self._take(self._inbox.popleft())
                 idle = self.scheduler.idle
