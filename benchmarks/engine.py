@@ -82,9 +82,9 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
                                                           block_length=block), 3) / blocks
     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="fixed", steps=gen_length,
                                   cache="dual", early_stop=False)
-    variants = (("eager", dict(cuda_graphs=False)), ("cuda_graphs", dict(cuda_graphs=True)),
-                ("compiled_cuda_graphs", dict(cuda_graphs=True, compile=True)),
-                ("compiled_cuda_graphs_int8", dict(cuda_graphs=True, compile=True)))
+    variants = (("eager", {"cuda_graphs": False}), ("cuda_graphs", {"cuda_graphs": True}),
+                ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}),
+                ("compiled_cuda_graphs_int8", {"cuda_graphs": True, "compile": True}))
     for name, kwargs in variants:
         if name.endswith("int8"):  # last: quantizing changes the model in place
             quantize_int8(model)

@@ -36,14 +36,14 @@ WORDS = ["king", "house", "water", "light", "sword", "love", "night", "river", "
          "crown", "heart", "garden", "winter"]
 
 SETTINGS = {
-    "exact (no cache, fixed)": dict(cache="none", policy="fixed"),
-    "prefix cache, fixed": dict(cache="prefix", policy="fixed"),
-    "dual cache, fixed": dict(cache="dual", policy="fixed"),
-    "no cache, threshold 0.9": dict(cache="none", policy="threshold", threshold=0.9),
-    "prefix cache, threshold 0.9": dict(cache="prefix", policy="threshold", threshold=0.9),
-    **{f"dual cache, threshold {t}": dict(cache="dual", policy="threshold", threshold=t)
+    "exact (no cache, fixed)": {"cache": "none", "policy": "fixed"},
+    "prefix cache, fixed": {"cache": "prefix", "policy": "fixed"},
+    "dual cache, fixed": {"cache": "dual", "policy": "fixed"},
+    "no cache, threshold 0.9": {"cache": "none", "policy": "threshold", "threshold": 0.9},
+    "prefix cache, threshold 0.9": {"cache": "prefix", "policy": "threshold", "threshold": 0.9},
+    **{f"dual cache, threshold {t}": {"cache": "dual", "policy": "threshold", "threshold": t}
        for t in (0.95, 0.9, 0.8, 0.7, 0.5, 0.3)},
-    **{f"dual cache, factor {f}": dict(cache="dual", policy="factor", factor=f) for f in (0.5, 1.0, 2.0)},
+    **{f"dual cache, factor {f}": {"cache": "dual", "policy": "factor", "factor": f} for f in (0.5, 1.0, 2.0)},
 }
 
 

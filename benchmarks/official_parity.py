@@ -127,8 +127,9 @@ def main() -> None:
         padded[2, :2] = 0
         rows = []
         for steps, gen_length, block_length, temperature, cfg_scale, remasking, pad in GRID:
-            settings = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-                            cfg_scale=cfg_scale, remasking=remasking, mask_id=config.mask_token_id)
+            settings = {"steps": steps, "gen_length": gen_length, "block_length": block_length,
+                        "temperature": temperature, "cfg_scale": cfg_scale, "remasking": remasking,
+                        "mask_id": config.mask_token_id}
             # The official code needs a mask whenever cfg_scale > 0; an all-ones mask means "no padding".
             attention = padded if pad else torch.ones_like(prompts)
             inputs = torch.where(attention.bool(), prompts, config.eos_token_id)

@@ -52,7 +52,7 @@ def download_wordnet(cache: Path) -> Path | None:
         try:
             if not sorted(cache.glob("wordnet-base_*.deb")):
                 subprocess.run(["apt-get", "download", WORDNET], cwd=cache, check=True, capture_output=True)
-            subprocess.run(["dpkg-deb", "-x", str(sorted(cache.glob("wordnet-base_*.deb"))[0]), str(target)],
+            subprocess.run(["dpkg-deb", "-x", str(min(cache.glob("wordnet-base_*.deb"))), str(target)],
                            check=True)
         except (OSError, subprocess.CalledProcessError, IndexError) as error:
             print(f"warning: WordNet unavailable ({error}); run `apt-get update` first. Continuing without it.")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llada.ar_sampling import generate_autoregressive
-
-from conftest import tiny_model
 
 
 def test_greedy_equals_the_argmax_loop_over_prefixes() -> None:

@@ -118,7 +118,7 @@ def test_bad_sampling_settings_are_reported(checkpoint_dir: Path, capsys: pytest
 
 
 def test_console_script_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "examples:" in result.stdout and "--block-length" in result.stdout
 
 

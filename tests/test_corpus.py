@@ -44,7 +44,7 @@ def test_non_utf8_text_and_empty_files(tmp_path: Path) -> None:
 
 def test_parquet(tmp_path: Path) -> None:
     pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as parquet
+    from pyarrow import parquet
 
     file = tmp_path / "a.parquet"
     parquet.write_table(pyarrow.table({"text": ["alpha", "", "gamma"], "n": [1, 2, 3]}), file)

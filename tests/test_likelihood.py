@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from llada.likelihood import log_likelihood, packed_elbo_samples
-
-from conftest import tiny_model
 
 MASK = 511
 
@@ -78,13 +77,13 @@ def test_reproducible_and_uneven_batches() -> None:
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(answer=torch.tensor([], dtype=torch.long)), "empty"),
-    (dict(answer=torch.zeros(1, 3, dtype=torch.long)), "1-D"),
-    (dict(mc_num=0), "mc_num"),
-    (dict(cfg_scale=-1.0), "cfg_scale"),
+    ({"answer": torch.tensor([], dtype=torch.long)}, "empty"),
+    ({"answer": torch.zeros(1, 3, dtype=torch.long)}, "1-D"),
+    ({"mc_num": 0}, "mc_num"),
+    ({"cfg_scale": -1.0}, "cfg_scale"),
 ])
 def test_bad_arguments(kwargs: dict, message: str) -> None:
-    arguments = dict(prompt=torch.zeros(2, dtype=torch.long), answer=torch.zeros(3, dtype=torch.long)) | kwargs
+    arguments = {"prompt": torch.zeros(2, dtype=torch.long), "answer": torch.zeros(3, dtype=torch.long)} | kwargs
     with pytest.raises(ValueError, match=message):
         log_likelihood(tiny_model(), **arguments)
 

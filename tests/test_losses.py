@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from llada.losses import autoregressive_loss, pretrain_loss, random_truncation, sft_loss
-
-from conftest import tiny_model
 
 MASK = 511
 EPS = 1e-3

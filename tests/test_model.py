@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from llada.checkpoint import to_official
 from llada.model import LLaDAModel
-
-from conftest import tiny_model
 
 P = "model.transformer."
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CORPUS
 
 from llada.corpus import CorpusError
 from llada.packing import PackedDataset, token_dtype, tokenize_corpus
 from llada.tokenizer import Tokenizer
-
-from conftest import CORPUS
 
 
 @pytest.fixture()

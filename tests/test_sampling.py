@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 from llada.sampling import _guided_logits, add_gumbel_noise, generate, num_transfer_tokens, validate_schedule
-
-from conftest import tiny_model
 
 MASK = 511
 
@@ -54,7 +53,7 @@ def test_left_padded_batch_equals_single_prompts() -> None:
     pad = model.config.pad_token_id
     batch = torch.stack([torch.cat([torch.full((4,), pad), short]), long])
     mask = torch.tensor([[0] * 4 + [1] * 3, [1] * 7])
-    settings = dict(steps=8, gen_length=16, block_length=8)
+    settings = {"steps": 8, "gen_length": 16, "block_length": 8}
     out = generate(model, batch, attention_mask=mask, **settings)
     assert torch.equal(out[0, 4:], generate(model, short[None], **settings)[0])
     assert torch.equal(out[1], generate(model, long[None], **settings)[0])
@@ -164,16 +163,16 @@ def test_on_block_streams_each_block() -> None:
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(gen_length=10, block_length=4), "multiple of block_length"),
-    (dict(gen_length=8, block_length=4, steps=3), "multiple of the number of blocks"),
-    (dict(gen_length=8, block_length=8, steps=16), "cannot exceed gen_length"),
-    (dict(remasking="top_p"), "unknown remasking"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(cfg_scale=-0.5), "cfg_scale"),
-    (dict(gen_length=0), "gen_length must be positive"),
+    ({"gen_length": 10, "block_length": 4}, "multiple of block_length"),
+    ({"gen_length": 8, "block_length": 4, "steps": 3}, "multiple of the number of blocks"),
+    ({"gen_length": 8, "block_length": 8, "steps": 16}, "cannot exceed gen_length"),
+    ({"remasking": "top_p"}, "unknown remasking"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"cfg_scale": -0.5}, "cfg_scale"),
+    ({"gen_length": 0}, "gen_length must be positive"),
 ])
 def test_invalid_settings_explain_the_fix(kwargs: dict, message: str) -> None:
-    settings = dict(steps=8, gen_length=8, block_length=8) | kwargs
+    settings = {"steps": 8, "gen_length": 8, "block_length": 8} | kwargs
     with pytest.raises(ValueError, match=message):
         generate(tiny_model(), torch.zeros(1, 2, dtype=torch.long), **settings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ def test_wsd_phases() -> None:
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in values[10:80])
     assert values[80] < 1.0 and values[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[80:], values[81:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[80:]))
 
 
 def test_cosine_and_constant() -> None:
@@ -25,8 +26,8 @@ def test_cosine_and_constant() -> None:
     assert math.isclose(lr_multiplier(0, 10, "constant", warmup_steps=4), 0.25)
 
 
-@pytest.mark.parametrize("kwargs", [dict(schedule="linear"), dict(total_steps=0), dict(decay_fraction=1.5)])
+@pytest.mark.parametrize("kwargs", [{"schedule": "linear"}, {"total_steps": 0}, {"decay_fraction": 1.5}])
 def test_bad_arguments(kwargs: dict) -> None:
-    arguments = dict(step=0, total_steps=10, schedule="wsd") | kwargs
+    arguments = {"step": 0, "total_steps": 10, "schedule": "wsd"} | kwargs
     with pytest.raises(ValueError):
         lr_multiplier(**arguments)

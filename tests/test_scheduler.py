@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 from test_engine import model, prompts
 
 from llada.engine import Engine, GenerationSettings

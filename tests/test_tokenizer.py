@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from llada.tokenizer import (EOT_TOKEN, MASK_TOKEN, Tokenizer, TokenizerError, dialogue_to_pairs, train_tokenizer)
-
 from conftest import CORPUS
+
+from llada.tokenizer import EOT_TOKEN, MASK_TOKEN, Tokenizer, TokenizerError, dialogue_to_pairs, train_tokenizer
 
 # The chat template string of the released LLaDA-8B-Instruct tokenizer_config.json (a file format,
 # reproduced so the test renders exactly what the official files contain).

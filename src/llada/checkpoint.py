@@ -115,7 +115,7 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     single = directory / SINGLE_FILE
     if single.is_file():
         with _open_safetensors(single, "cpu") as handle:
-            return {name: single for name in handle.keys()}
+            return {name: single for name in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     if any(_SHARD_PATTERN.fullmatch(p.name) for p in directory.iterdir()):
         raise CheckpointError(f"{directory} has weight shards but no {INDEX_FILE}")
     raise CheckpointError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
@@ -127,7 +127,7 @@ class _open_safetensors:
     def __init__(self, file: Path, device: str) -> None:
         self.file, self.device = file, device
 
-    def __enter__(self):  # noqa: ANN204 - the safetensors handle type is not exported
+    def __enter__(self):
         try:
             self.context = safe_open(str(self.file), framework="pt", device=self.device)
             return self.context.__enter__()

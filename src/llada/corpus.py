@@ -144,12 +144,12 @@ def read_documents(path: Path, text_field: str = "text", text_unit: Literal["fil
 
 def _read_parquet(path: Path, column: str, problem: Callable[[int, str], None]) -> Iterator[Record]:
     try:
-        import pyarrow.parquet as parquet
+        from pyarrow import parquet
     except ImportError as error:
         raise CorpusError(f"{path}: reading Parquet needs pyarrow (pip install 'llada[parquet]')") from error
     try:
         table = parquet.ParquetFile(str(path))
-    except Exception as error:  # pyarrow raises its own ArrowInvalid and OSError subclasses
+    except Exception as error:  # noqa: BLE001 - pyarrow raises its own ArrowInvalid and OSError subclasses
         problem(0, f"not a readable Parquet file ({error})")
         return
     if column not in table.schema_arrow.names:

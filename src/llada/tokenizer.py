@@ -186,7 +186,7 @@ def _raise_exception(message: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _compile_template(template: str):  # noqa: ANN202 - jinja2 Template
+def _compile_template(template: str):
     # Cached: compiling the template costs far more than rendering it (SFT data renders it per sample).
     # The same environment settings transformers uses, so templates written for it render identically.
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,

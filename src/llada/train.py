@@ -186,7 +186,7 @@ class Trainer:
             return self.model
         return compile_model(self.model, dynamic=None, fullgraph=False) if self.config.compile else self.model
 
-    def _tensorboard(self):  # noqa: ANN202 - SummaryWriter, imported only when asked for
+    def _tensorboard(self):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
