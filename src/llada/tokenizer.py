@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ LLADA_CHAT_TEMPLATE = (
 )
 
 Message = dict[str, str]
+
+# Stands in for a special-token string inside message content while the chat template renders: a
+# private-use character (Unicode keeps it out of real text) around the string's number.
+_HIDDEN = "\ue000{}\ue001"
+_HIDDEN_PATTERN = re.compile("\ue000([0-9]+)\ue001")
 
 
 class TokenizerError(ValueError):
@@ -150,9 +156,30 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's post-processor (as HF does)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            add_special_tokens: apply the tokenizer's post-processor (as HF does; e.g. a leading BOS).
+            split_special_tokens: a special token's string in ``text`` (``<|eot_id|>``, the mask token)
+                is ordinary text, not that token (as HF's ``split_special_tokens``): for untrusted text.
+        """
+        backend = self._splitting_backend if split_special_tokens else self.backend
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def _splitting_backend(self) -> FastTokenizer:
+        # A copy, so that the flag never changes how the shared backend encodes (threads use both at once).
+        backend = FastTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    @functools.cached_property
+    def _special_strings(self) -> re.Pattern[str]:
+        """Matches every special token's string, and the placeholder's opening character."""
+        strings = sorted((t.content for t in self.backend.get_added_tokens_decoder().values() if t.special),
+                         key=len, reverse=True)
+        return re.compile("|".join([*map(re.escape, strings), "\ue000"]))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list, or a 1-D tensor such as a row of ``generate``'s output)."""
@@ -165,10 +192,7 @@ class Tokenizer:
         """
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json; use plain prompts")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                    or not isinstance(message.get("content"), str):
-                raise TokenizerError(f"message {i} must be an object with string 'role' and 'content', got {message!r}")
+        _check_messages(messages)
         try:
             return _compile_template(self.chat_template).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
@@ -176,9 +200,44 @@ class Tokenizer:
         except TemplateError as error:
             raise TokenizerError(f"chat template failed: {error}") from error
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered chat; the template already holds BOS, so no post-processor is applied."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    split_special_tokens: bool = False) -> list[int]:
+        """Ids of the rendered chat; the template already holds BOS, so no post-processor is applied.
+
+        ``split_special_tokens``: special-token strings in the messages' content are ordinary text
+        (for untrusted messages); only those the template itself writes are special tokens. Content
+        without such strings gives exactly the ids of the plain rendering.
+        """
+        if not split_special_tokens:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        _check_messages(messages)
+        # Render with each special string of the content replaced by a numbered placeholder; then the
+        # template's text is encoded as usual and each hidden string as plain text, in its place.
+        hidden: list[str] = []
+
+        def hide(match: re.Match[str]) -> str:
+            hidden.append(match[0])
+            return _HIDDEN.format(len(hidden) - 1)
+
+        rendered = self.apply_chat_template([{**m, "content": self._special_strings.sub(hide, m["content"])}
+                                             for m in messages], add_generation_prompt)
+        pieces = _HIDDEN_PATTERN.split(rendered)  # text, number, text, number, ..., text
+        numbers = [int(n) for n in pieces[1::2]]
+        if numbers != list(range(len(hidden))):
+            raise TokenizerError("the chat template rewrote the message content, so special-token strings in it "
+                                 "cannot be kept as text")
+        ids = self.encode(pieces[0], add_special_tokens=False)
+        for number, text in zip(numbers, pieces[2::2]):
+            ids += self.encode(hidden[number], add_special_tokens=False, split_special_tokens=True)
+            ids += self.encode(text, add_special_tokens=False)
+        return ids
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise TokenizerError(f"message {i} must be an object with string 'role' and 'content', got {message!r}")
 
 
 def _raise_exception(message: str) -> None:
