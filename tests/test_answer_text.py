@@ -1,9 +1,10 @@
-"""Streamed answer text (``llada.server.text``): only text later steps cannot change is sent; the pieces
-sent join to the final answer; end-of-text, stop sequences and max_tokens end it with the right reason."""
+"""Settled answer text (``llada.answer_text``): only text later steps cannot change is sent; the pieces
+sent join to the final answer; end-of-text, stop sequences and max_tokens end it with the right reason;
+holding back a possible stop sequence looks at no more than the stop string's length."""
 
 from __future__ import annotations
 
-from llada.server.text import AnswerText, TokenPieces
+from llada.answer_text import AnswerText, stop_prefix_at_end
 from llada.tokenizer import Tokenizer
 
 
@@ -66,8 +67,14 @@ def test_end_of_text_and_max_tokens_end_the_answer(tokenizer: Tokenizer) -> None
     assert (cut.finish_reason, cut.completion_tokens) == ("length", 3)
 
 
-def test_token_pieces_decode_each_token_alone(tokenizer: Tokenizer) -> None:
-    pieces = TokenPieces(tokenizer)
-    ids = tokenizer.encode("brown fox", add_special_tokens=False)
-    assert "".join(pieces(t) for t in ids) == "brown fox"
-    assert pieces(tokenizer.ids.eos) == "<|endoftext|>"
+def test_the_held_back_stop_prefix_is_the_longest_and_bounded_by_the_stop_string() -> None:
+    def brute_force(text: str, stop: str) -> int:
+        return max((n for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+
+    cases = [("abc", "x"), ("abc", "cd"), ("abab", "abac"), ("aaaa", "aaaaa"), ("", "ab"), ("xa", "ab"), ("ab", "ab")]
+    for text, stop in cases:
+        assert stop_prefix_at_end(text, stop) == brute_force(text, stop), (text, stop)
+    # Only the last len(stop) - 1 characters, and no more than the text has, are compared: instant
+    # here, where trying every prefix length of the stop string would take hours.
+    assert stop_prefix_at_end("xa", "a" * 10_000_000) == 1
+    assert stop_prefix_at_end("b" * 1_000_000 + "a" * 300, "a" * 256) == 255

@@ -192,16 +192,18 @@ def test_generate_file_answers_every_line_in_batches(checkpoint_dir: Path, tmp_p
 
 def test_serve_builds_the_server_from_its_flags(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
-    import uvicorn
+    from llada.server.runner import DrainingServer
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    monkeypatch.setattr(DrainingServer, "run", lambda server: calls.append(server.config))
     monkeypatch.setenv("LLADA_API_KEY", "from-env")
     assert main(["serve", "--model", str(checkpoint_dir), "--port", "0", "--max-batch", "4", "--max-queue", "9",
-                 "--gen-length", "64", "--block-length", "16", "--threshold", "0.7", "--device", "cpu"]) == 0
-    (app, options), = calls
-    config = app.state.config
-    assert (options["host"], options["port"]) == ("127.0.0.1", 0)  # loopback unless told otherwise
+                 "--max-connections", "50", "--gen-length", "64", "--block-length", "16", "--threshold", "0.7",
+                 "--device", "cpu"]) == 0
+    options, = calls
+    app, config = options.app, options.app.state.config
+    assert (options.host, options.port) == ("127.0.0.1", 0)  # loopback unless told otherwise
+    assert options.limit_concurrency == config.max_connections == 50
     assert (config.model_name, config.api_key, config.max_batch, config.max_queue) == ("tiny", "from-env", 4, 9)
     assert (config.settings.gen_length, config.settings.block_length, config.settings.threshold) == (64, 16, 0.7)
     assert app.state.worker.scheduler.max_batch == 4

@@ -125,12 +125,16 @@ def chat_body(messages: list[dict], **settings: object) -> dict:
     return {"model": "tiny", "messages": messages, **SETTINGS, **settings}
 
 
-def server_answer(url: str, messages: list[dict], **settings: object) -> str:
-    """The server's non-streaming answer."""
+def server_reply(url: str, messages: list[dict], **settings: object) -> dict:
+    """The server's non-streaming answer body."""
     response = httpx.post(url + "/v1/chat/completions", json=chat_body(messages, stream=False, **settings),
                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     response.raise_for_status()
-    return response.json()["choices"][0]["message"]["content"]
+    return response.json()
+
+
+def server_answer(url: str, messages: list[dict], **settings: object) -> str:
+    return server_reply(url, messages, **settings)["choices"][0]["message"]["content"]
 
 
 def server_steps(url: str, messages: list[dict], **settings: object) -> list[int]:
@@ -207,6 +211,9 @@ def test_chat_shows_the_canvas_the_replay_and_the_servers_answer(open_page, serv
     answers = p.locator("#messages .message.assistant .content")
     assert answers.count() == 1
     assert answers.text_content() == first_answer
+    # The stream's last chunk (no choices, only usage) gave the answer's token count.
+    tokens = server_reply(server_url, conversation)["usage"]["completion_tokens"]
+    assert f"{steps} steps · {tokens} tokens ·" in p.text_content("#messages .message.assistant .meta")
     assert p.locator("#messages .message.user .content").text_content() == PROMPT
 
     screenshot = tmp_path / "web_ui.png"

@@ -1,11 +1,15 @@
-"""From answer canvases to text a client can be sent: only what later steps cannot change.
+"""From answer canvases to text that can be shown: only what later steps cannot change.
 
-A diffusion answer is decided out of order, so streamed text is the decoded *decided prefix*: the
+Used by the API server's answers and streams and by ``llada chat``'s live output; it knows the
+tokenizer, not the model or the server. A diffusion answer is decided out of order, so streamed text is the decoded *decided prefix*: the
 answer up to its first still-masked position. Of that text, two tails are held back until more is
 decided: an incomplete UTF-8 character (the tokenizer decodes a partial byte sequence to U+FFFD) and
 a tail that could be the start of a stop sequence (the stop string would remove it). The answer is
 complete at its first end-of-text token, at a stop sequence, or once its first ``max_tokens``
 positions are decided; the rest of the canvas is then irrelevant.
+
+Cost per update: one decode of the decided prefix, and for each stop string of length S at most S - 1
+comparisons of at most S - 1 characters (callers bound S: the server to ``MAX_STOP_CHARS``).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class AnswerText:
     def _settled(self, text: str) -> str:
         """``text`` without the tails that more decided tokens could still change."""
         text = text.rstrip("\ufffd")
-        held = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        held = max((stop_prefix_at_end(text, stop) for stop in self.stop), default=0)
         return text[:len(text) - held]
 
     def _advance(self, text: str) -> str:
@@ -88,15 +92,14 @@ class AnswerText:
         return low
 
 
-class TokenPieces:
-    """Each token decoded on its own (the denoising canvas shows these), cached per id."""
+def stop_prefix_at_end(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of ``stop`` that ``text`` ends with (0 if none).
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._pieces: dict[int, str] = {}
-
-    def __call__(self, token: int) -> str:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = self.tokenizer.decode([token])
-        return piece
+    That tail could still grow into ``stop``, so it is held back. Only the last ``len(stop) - 1``
+    characters can take part: at most that many candidates, longest first.
+    """
+    tail = text[len(text) - min(len(stop) - 1, len(text)):]
+    for start in range(len(tail)):
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+    return 0

@@ -21,6 +21,7 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
+from llada.answer_text import AnswerText
 from llada.checkpoint import CheckpointError, read_config, save_model, weight_files
 from llada.config import PRESETS, preset
 from llada.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
@@ -104,13 +105,6 @@ def _atomic_text_writer(path: Path) -> tuple[TextIO, Callable[[], None]]:
 
 # --- subcommands -------------------------------------------------------------------------------
 
-def _stream_prefix(tokenizer: Tokenizer, answer: list[int]) -> str:
-    """Text of the answer's decided prefix: up to its first undecided position (or end-of-text)."""
-    mask = tokenizer.ids.mask
-    decided = answer[:answer.index(mask)] if mask in answer else answer
-    return answer_text(tokenizer, decided)
-
-
 def run_generate(model: str, prompt: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
                  chat: bool = True, device: str = "auto", dtype: str = "auto", seed: int = 0,
                  show_prompt: bool = False, compile: bool = False) -> str:
@@ -186,6 +180,16 @@ def _read_prompts(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
+def _print_settled(text: AnswerText, stdout: TextIO) -> Callable[[list[int]], None]:
+    """An ``on_update`` callback that prints what each step settled of the answer's text."""
+
+    def show(answer: list[int]) -> None:
+        stdout.write(text.update(answer))
+        stdout.flush()
+
+    return show
+
+
 def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
              device: str = "auto", dtype: str = "auto", seed: int = 0, system: str | None = None,
              compile: bool = False, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
@@ -216,17 +220,11 @@ def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sa
             stdout.write(f"(the conversation is too long for the model's context of {net.config.max_sequence_length} "
                          f"tokens; /reset to start over)\n")
             continue
-        shown = ""
-
-        def stream(answer: list[int]) -> None:
-            nonlocal shown
-            text = _stream_prefix(tokenizer, answer)
-            if text.startswith(shown):
-                stdout.write(text[len(shown):])
-                stdout.flush()
-                shown = text
-
-        reply = answer_text(tokenizer, answer_ids(net, ids, settings, sampler, engine, generator, on_update=stream))
+        end_ids = [i for i in (tokenizer.ids.eos, tokenizer.ids.eot) if i is not None]
+        live = AnswerText(tokenizer, tokenizer.ids.mask, end_ids, max_tokens=settings.gen_length)
+        reply = answer_text(tokenizer, answer_ids(net, ids, settings, sampler, engine, generator,
+                                                  on_update=_print_settled(live, stdout)))
+        shown = live.sent
         stdout.write(reply[len(shown):] if reply.startswith(shown) else "\n" + reply)
         stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
@@ -276,16 +274,14 @@ def _read_pairs(path: Path) -> list[dict]:
 def run_serve(model: str, config: ServerConfig, device: str = "auto", dtype: str = "auto", seed: int = 0) -> None:
     """Serve ``model`` over the OpenAI API until interrupted; Ctrl-C lets in-flight requests finish first."""
     try:
-        import uvicorn
-
         from llada.server.app import create_app
+        from llada.server.runner import uvicorn_server
     except ImportError as error:
         raise CliError(f"llada serve needs FastAPI and uvicorn: pip install 'llada[serve]' ({error})") from error
     config.validate()  # before the model is loaded
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
-    app = create_app(config, net, tokenizer)
-    uvicorn.run(app, host=config.host, port=config.port, timeout_graceful_shutdown=int(config.drain_timeout_s) + 1)
+    uvicorn_server(create_app(config, net, tokenizer)).run()
 
 
 def run_info(model: str) -> dict:
@@ -455,13 +451,18 @@ def _add_serving(parser: argparse.ArgumentParser) -> None:
                             ("max_gen_length", "largest answer canvas (max_tokens rounded up to block_length)"),
                             ("max_steps", "largest 'steps' a request may ask for"),
                             ("max_batch", "most rows decoding at once"),
-                            ("max_queue", "most requests waiting for a batch slot (beyond: HTTP 429)")):
+                            ("max_queue", "most requests waiting for a batch slot (beyond: HTTP 429)"),
+                            ("max_connections", "most open connections and requests at once (beyond: HTTP 503)"),
+                            ("max_body_bytes", "largest request body (beyond: HTTP 413)")):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                        help=f"seconds a request body may take to arrive (default {defaults.body_timeout_s:g})")
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                         help=f"seconds before a request is cancelled (default {defaults.request_timeout_s:g})")
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
-                        help=f"on shutdown, seconds in-flight requests may take (default {defaults.drain_timeout_s:g})")
+                        help=f"on shutdown, seconds in-flight requests may take before they are ended (default "
+                             f"{defaults.drain_timeout_s:g})")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -472,7 +473,9 @@ def serve_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(model_name=args.model_name or Path(args.model).resolve().name, host=args.host, port=args.port,
                         max_prompt_tokens=args.max_prompt_tokens, max_gen_length=args.max_gen_length,
                         max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue,
-                        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+                        max_connections=args.max_connections, max_body_bytes=args.max_body_bytes,
+                        body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout,
+                        drain_timeout_s=args.drain_timeout,
                         compile=args.compile, settings=settings_from_args(args), **key)
 
 

@@ -1,7 +1,8 @@
 """Run the API app on a uvicorn server in a background thread: for tests, benchmarks and notebooks.
 
-``llada serve`` runs uvicorn in the foreground instead; this exists so that a client in the same
-process (the test suite, ``benchmarks/serve_load.py``) can talk to a real server over a socket.
+``llada serve`` runs the same server (``runner.uvicorn_server``) in the foreground instead; this
+exists so that a client in the same process (the test suite, ``benchmarks/serve_load.py``) can talk
+to a real server over a socket.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
+
+from llada.server.runner import uvicorn_server
 
 
 @dataclass
@@ -31,11 +34,10 @@ class BackgroundServer:
 
 
 @contextmanager
-def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, graceful_s: int = 5,
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
                         log_level: str = "warning") -> Iterator[BackgroundServer]:
-    """Serve ``app`` until the block ends; port 0 lets the OS pick a free one."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=graceful_s))
+    """Serve ``app`` (from ``create_app``) until the block ends; port 0 lets the OS pick a free one."""
+    server = uvicorn_server(app, host=host, port=port, log_level=log_level)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -1,12 +1,14 @@
 """Answering a ``Job`` in the OpenAI format: one JSON body, or server-sent events as the answer is decided.
 
 Both follow the request's steps from the worker through an ``AnswerText``; once the answer is complete
-(end-of-text, a stop sequence, ``max_tokens`` decided) the request is cancelled at once, so the
-engine stops spending steps on text nobody will read. A timeout, a client that went away or an error
-cancels it too.
+(end-of-text, a stop sequence, ``max_tokens`` decided) the request is ended at once, so the engine
+stops spending steps on text nobody will read. A timeout, a client that went away (polled with
+``is_disconnected``, streams too), an error or the shutdown ends it as well.
 
 Streams send text chunks as the decided prefix grows. With ``denoising`` every step sends one chunk
-that also carries ``canvas``: ``{"step", "tokens", "decided", "done"}`` (docs/serving.md).
+that also carries ``canvas``: ``{"step", "tokens", "decided", "done"}``. With
+``stream_options.include_usage`` every chunk carries ``"usage": null`` and one more chunk, with no
+choices, carries the usage before ``[DONE]``, as the OpenAI API does (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -19,15 +21,40 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+import torch
+
+from llada.answer_text import AnswerText
 from llada.scheduler import RequestUpdate, SchedulerFull
 from llada.server.errors import APIError
 from llada.server.metrics import Metrics
 from llada.server.schemas import Job
-from llada.server.text import AnswerText, TokenPieces
-from llada.server.worker import Draining, Ticket, Worker, WorkerFailure
+from llada.server.worker import Draining, EndReason, Ticket, Worker, WorkerFailure
 from llada.tokenizer import Tokenizer
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
+DISCONNECT_POLL_S = 0.5  # how often a request checks whether its client is still there
+DONE = "data: [DONE]\n\n"
+
+# How a failure on the worker's side reaches the client (status, code), and the reason it is counted under.
+_FAILURES: tuple[tuple[type[Exception], int, str, EndReason], ...] = (
+    (SchedulerFull, 429, "rate_limit_exceeded", "error"),
+    (Draining, 503, "server_shutting_down", "shutdown"),
+    (WorkerFailure, 500, "generation_failed", "error"),
+    (ValueError, 400, "invalid_value", "error"),  # the scheduler refused the settings (checked before, so rare)
+)
+
+
+class TokenPieces:
+    """Each token decoded on its own (the denoising canvas shows these), cached per id."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token])
+        return piece
 
 
 @dataclass
@@ -42,16 +69,40 @@ class Answering:
     mask_id: int
     end_ids: tuple[int, ...]
     timeout_s: float
+    device: torch.device  # where a seeded request's generator lives (the model's device)
+
+
+def _failure(error: Exception) -> tuple[APIError, EndReason]:
+    """The client's view of a request the worker refused or ended, and the reason to count."""
+    for kind, status, code, reason in _FAILURES:
+        if isinstance(error, kind):
+            return APIError(status, str(error), None, code), reason
+    return APIError(500, f"{type(error).__name__}: {error}", None, "internal_error"), "error"
+
+
+def start(ctx: Answering, job: Job) -> Ticket:
+    """Queue ``job`` on the worker.
+
+    Raises:
+        APIError: 429 when the queue is full, 503 while shutting down.
+    """
+    generator = None
+    if job.seed is not None and (job.settings.temperature > 0 or job.settings.remasking == "random"):
+        generator = torch.Generator(device=ctx.device).manual_seed(job.seed)
+    try:
+        return ctx.worker.submit(job.prompt, job.settings, generator)
+    except (SchedulerFull, Draining) as error:
+        raise _failure(error)[0] from error
 
 
 async def _follow(ctx: Answering, ticket: Ticket, text: AnswerText,
-                  is_disconnected: Callable[[], Awaitable[bool]] | None = None
-                  ) -> AsyncIterator[tuple[RequestUpdate, str, int]]:
+                  is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[tuple[RequestUpdate, str, int]]:
     """Each step's update, the text it settled and the request's own step number (from 1), until the
     answer is complete. Ends early only by raising ``APIError`` or when ``is_disconnected``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.timeout_s
-    reason, number, next_check = "disconnect", 0, loop.time() + DISCONNECT_POLL_S
+    reason: EndReason = "disconnect"  # unless set otherwise: the consumer stopped listening
+    number, next_check = 0, loop.time() + DISCONNECT_POLL_S
     try:
         while not text.complete:
             remaining = deadline - loop.time()
@@ -61,36 +112,26 @@ async def _follow(ctx: Answering, ticket: Ticket, text: AnswerText,
                                None, "timeout")
             update = None
             try:
-                update = await ticket.next(min(remaining, DISCONNECT_POLL_S) if is_disconnected else remaining)
+                update = await ticket.next(min(remaining, DISCONNECT_POLL_S))
             except asyncio.TimeoutError:
                 pass
-            except SchedulerFull as error:
-                reason = "error"
-                raise APIError(429, str(error), None, "rate_limit_exceeded") from error
-            except Draining as error:
-                reason = "shutdown"
-                raise APIError(503, str(error), None, "server_shutting_down") from error
-            except WorkerFailure as error:
-                reason = "error"
-                raise APIError(500, str(error), None, "generation_failed") from error
-            except ValueError as error:  # the scheduler refused the settings (checked before, so rare)
-                reason = "error"
-                raise APIError(400, str(error), None, "invalid_value") from error
-            if is_disconnected is not None and loop.time() >= next_check:
+            except (SchedulerFull, Draining, WorkerFailure, ValueError) as error:
+                api_error, reason = _failure(error)
+                raise api_error from error
+            if loop.time() >= next_check:
                 next_check = loop.time() + DISCONNECT_POLL_S
                 if await is_disconnected():
                     return
-            if update is None:
-                continue
-            number += 1
-            yield update, text.update(update.answer, update.finished), number
-        reason = "done"
+            if update is not None:
+                number += 1
+                yield update, text.update(update.answer, update.finished), number
+        reason = "complete"
     finally:
         if not ticket.done:
-            ctx.worker.cancel(ticket, reason)
+            ctx.worker.end(ticket, reason)
 
 
-def _tracker(ctx: Answering, job: Job) -> AnswerText:
+def _answer_text(ctx: Answering, job: Job) -> AnswerText:
     return AnswerText(ctx.tokenizer, ctx.mask_id, ctx.end_ids, job.max_tokens, job.stop)
 
 
@@ -107,7 +148,7 @@ def _count(ctx: Answering, job: Job, text: AnswerText) -> None:
 async def complete(ctx: Answering, job: Job, ticket: Ticket,
                    is_disconnected: Callable[[], Awaitable[bool]]) -> dict | None:
     """The whole answer as one ``chat.completion`` / ``text_completion`` body (None: the client left)."""
-    text = _tracker(ctx, job)
+    text = _answer_text(ctx, job)
     async with aclosing(_follow(ctx, ticket, text, is_disconnected)) as steps:
         async for _ in steps:
             pass
@@ -129,16 +170,20 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def stream(ctx: Answering, job: Job, ticket: Ticket) -> AsyncIterator[str]:
+async def stream(ctx: Answering, job: Job, ticket: Ticket,
+                 is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
     """Server-sent events: OpenAI chunks as text is settled, then the finish reason, then ``[DONE]``.
 
-    A client that disconnects cancels this generator (and so the request). An error after the
-    stream has started is sent as an ``{"error": ...}`` event, which the OpenAI client raises.
+    A client that disconnects ends this generator (and so the request), noticed by the server's
+    disconnect listener where it has one and by polling ``is_disconnected`` in any case. An error
+    after the stream has started, the shutdown's included, is sent as an ``{"error": ...}`` event and
+    ``[DONE]``; the OpenAI client raises it.
     """
     chat = job.kind == "chat"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": ctx.model_name}
+    usage_to_come = {"usage": None} if job.include_usage else {}
 
     def chunk(delta: str | None, finish_reason: str | None = None, **extra: object) -> str:
         if chat:
@@ -146,14 +191,14 @@ async def stream(ctx: Answering, job: Job, ticket: Ticket) -> AsyncIterator[str]
                       "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-        return _event({**head, "choices": [choice], **extra})
+        return _event({**head, "choices": [choice], **usage_to_come, **extra})
 
-    text = _tracker(ctx, job)
+    text = _answer_text(ctx, job)
     if chat:
         yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}]})
+                                           "logprobs": None, "finish_reason": None}], **usage_to_come})
     try:
-        async with aclosing(_follow(ctx, ticket, text)) as steps:
+        async with aclosing(_follow(ctx, ticket, text, is_disconnected)) as steps:
             async for update, delta, number in steps:
                 if job.denoising:
                     window = update.answer[:job.max_tokens]
@@ -164,8 +209,12 @@ async def stream(ctx: Answering, job: Job, ticket: Ticket) -> AsyncIterator[str]
                     yield chunk(delta)
     except APIError as error:
         yield _event(error.body())
-        yield "data: [DONE]\n\n"
+        yield DONE
+        return
+    if not text.complete:  # the client went away: nothing more to say, nobody to say it to
         return
     _count(ctx, job, text)
-    yield chunk(None, text.finish_reason, **({"usage": _usage(job, text)} if job.include_usage else {}))
-    yield "data: [DONE]\n\n"
+    yield chunk(None, text.finish_reason)
+    if job.include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(job, text)})
+    yield DONE

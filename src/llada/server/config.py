@@ -1,7 +1,7 @@
 """How the API server is set up: address, authentication, limits and default decoding settings.
 
-Only values; ``app.py`` reads them. The defaults are the safe ones: loopback address, bounded
-queue, prompt, answer length and request time.
+Only values; ``app.py`` and ``runner.py`` read them. The defaults are the safe ones: loopback
+address, bounded connections, queue, body, prompt, answer length and request time.
 """
 
 from __future__ import annotations
@@ -31,17 +31,23 @@ class ServerConfig:
     max_steps: int = 1024  # largest "steps" a request may ask for
     max_batch: int = 32  # most rows decoding at once (the scheduler's batch capacity)
     max_queue: int = 256  # most requests waiting for a batch slot; beyond it 429
+    # Most open connections (idle keep-alive ones too) and requests at once; beyond it uvicorn answers 503.
+    # Above max_batch + max_queue, so that overload is normally the queue's 429 with an OpenAI body.
+    max_connections: int = 1024
+    max_body_bytes: int = 4 << 20  # larger request bodies are refused (413) as soon as they pass this
+    body_timeout_s: float = 30.0  # a request body still arriving after this is refused (408): slow senders
     request_timeout_s: float = 300.0  # a request still running after this is cancelled (504)
-    drain_timeout_s: float = 30.0  # on shutdown, how long in-flight requests may take to finish
+    drain_timeout_s: float = 30.0  # on shutdown, how long in-flight requests may take before they are ended
     compile: bool = False  # torch.compile the engine's block steps (GPU)
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # gen_length = default max_tokens
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
-        for name in ("max_prompt_tokens", "max_gen_length", "max_steps", "max_batch", "max_queue"):
+        for name in ("max_prompt_tokens", "max_gen_length", "max_steps", "max_batch", "max_queue", "max_connections",
+                     "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "drain_timeout_s"):
+        for name in ("body_timeout_s", "request_timeout_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+# Seconds a client should wait before retrying (the Retry-After header): a full queue frees a slot within
+# a few steps; a server that is shutting down answers nothing more, but its restart may soon.
+RETRY_AFTER_S = {429: 1, 503: 5}
 
 
 class APIError(Exception):
@@ -30,8 +33,26 @@ class APIError(Exception):
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
 
+    def headers(self) -> dict[str, str]:
+        """What the status asks of the client besides the body: how to authenticate, when to retry."""
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        return retry_after(self.status)
+
+
+def retry_after(status: int) -> dict[str, str]:
+    """The ``Retry-After`` header for an overloaded (429) or unavailable (503) answer; none otherwise."""
+    return {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
+
+
+def model_not_found(name: str, served: str) -> APIError:
+    """A request for a model other than the one served (404, as the OpenAI API answers)."""
+    return APIError(404, f"the model {name!r} does not exist; this server serves {served!r}", "model",
+                    "model_not_found")
+
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error object; ``type`` follows from the status so that clients classify it as OpenAI's."""
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
                                                                   else "invalid_request_error"),
                       "param": param, "code": code}}
@@ -42,8 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -37,8 +37,9 @@ class Metrics:
         self.counter("llada_requests_total", "HTTP requests answered, by endpoint and status code",
                      ("endpoint", "status"))
         self.counter("llada_requests_cancelled_total", "Requests stopped before their answer was complete, by reason "
-                     "(disconnect, timeout, error, shutdown) or ended early by a stop sequence or max_tokens (done)",
-                     ("reason",))
+                     "(disconnect, timeout, error, shutdown)", ("reason",))
+        self.counter("llada_requests_finished_early_total", "Answers complete before the engine had decoded their "
+                     "whole canvas (end-of-text, a stop sequence or max_tokens decided): the rest was not decoded")
         self.counter("llada_prompt_tokens_total", "Prompt tokens of answered requests")
         self.counter("llada_completion_tokens_total", "Answer tokens returned (up to the end of the answer)")
         self.counter("llada_scheduler_steps_total", "Scheduler steps run (each advances every running batch once)")
@@ -46,6 +47,7 @@ class Metrics:
                      "batch)")
 
     def counter(self, name: str, help_text: str, label_names: tuple[str, ...] = ()) -> None:
+        """Declare a counter, so that it is listed (at 0) before anything has counted it."""
         self._counters[name] = (help_text, label_names, {})
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -53,12 +55,16 @@ class Metrics:
         self._gauges[name] = (help_text, read)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add to a declared counter; every declared label must be given (a missing one is a KeyError,
+        a bug here rather than a silently unlabelled sample). Safe from any thread."""
         _, names, values = self._counters[name]
         key = tuple(labels[n] for n in names)
         with self._lock:
             values[key] = values.get(key, 0.0) + amount
 
     def observe_step(self, seconds: float, rows: int) -> None:
+        """Record one scheduler step: its time in the histogram, and the step and its rows in the counters,
+        under one lock so that a scrape never sees rows / steps from different steps."""
         with self._lock:
             self._step_counts[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
             self._step_sum += seconds
@@ -68,6 +74,8 @@ class Metrics:
                 values[key] = values.get(key, 0.0) + amount
 
     def render(self) -> str:
+        """The ``/metrics`` body in the Prometheus text format (0.0.4). Counters and the histogram are written
+        under the lock, so one scrape sees one moment; gauges are read after it, as they read other objects."""
         lines: list[str] = []
         with self._lock:
             for name, (help_text, names, values) in self._counters.items():

@@ -1,7 +1,7 @@
 """The one thread that owns the model: it runs ``Scheduler.step()`` and hands each step to its requests.
 
 HTTP handlers run on the asyncio event loop and must never wait for the GPU, so they only ``submit``
-(a ``Ticket`` is queued in an inbox under a lock) and ``cancel``; the worker thread moves the inbox
+(a ``Ticket`` is queued in an inbox under a lock) and ``end``; the worker thread moves the inbox
 into the scheduler between steps, steps while anything is queued or running, and posts every
 request's ``RequestUpdate`` to the ticket on the event loop (``call_soon_threadsafe``). All requests
 in flight therefore share the scheduler's batches: one forward pass per step for all of them.
@@ -9,6 +9,10 @@ The thread sleeps on a condition variable when there is nothing to do.
 
 A step that raises (out of memory, a bug) ends the requests in flight with a ``WorkerFailure`` and
 the worker carries on with the next requests.
+
+Shutdown is one bounded drain: ``drain(timeout)`` stops admitting at once, and ``timeout`` seconds
+later the worker ends whatever is still in flight with ``Draining`` (each stream then sends an error
+event); ``stop`` ends the thread.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Literal
 
 import torch
 
@@ -26,6 +31,10 @@ from llada.scheduler import Request, RequestUpdate, Scheduler, SchedulerFull
 from llada.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+# Why a request stops before the engine has finished it: its answer is complete (end-of-text, a stop
+# sequence or max_tokens decided: the rest of the canvas is not needed), or it is cancelled.
+EndReason = Literal["complete", "disconnect", "timeout", "error", "shutdown"]
 
 
 class Draining(RuntimeError):
@@ -81,11 +90,12 @@ class Worker:
         """The scheduler's ``max_waiting`` is the queue limit: beyond it ``submit`` raises ``SchedulerFull``."""
         self.scheduler, self.metrics = scheduler, metrics
         self.accepting = True
-        self.active_rows = 0  # rows decoding after the last step or cancel
+        self.active_rows = 0  # rows decoding after the last step or end
         self._wake = threading.Condition()
         self._inbox: deque[Ticket] = deque()
-        self._cancels: deque[tuple[Ticket, str]] = deque()
+        self._ends: deque[tuple[Ticket, EndReason]] = deque()
         self._live: dict[int, Ticket] = {}  # scheduler request id -> ticket; worker thread only
+        self._drain_deadline: float | None = None  # time.monotonic() at which requests in flight are ended
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -121,17 +131,33 @@ class Worker:
             self._wake.notify()
         return ticket
 
-    def cancel(self, ticket: Ticket, reason: str) -> None:
-        """Stop a request that is no longer wanted (disconnect, timeout, or its answer is complete)."""
+    def end(self, ticket: Ticket, reason: EndReason) -> None:
+        """Stop decoding a request: its answer is complete, or it is no longer wanted (``reason``).
+
+        Counted in ``llada_requests_finished_early_total`` (complete) or
+        ``llada_requests_cancelled_total{reason}``; a request the engine already finished is not counted.
+        """
         with self._wake:
-            self._cancels.append((ticket, reason))
+            self._ends.append((ticket, reason))
+            self._wake.notify()
+
+    def drain(self, timeout: float) -> None:
+        """Admit nothing new (``Draining``: 503); ``timeout`` s from now, end what is still in flight.
+
+        A later call never moves the deadline later, so draining twice cannot take twice as long.
+        """
+        with self._wake:
+            self.accepting = False
+            deadline = time.monotonic() + timeout
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
             self._wake.notify()
 
     def stop(self, drain_timeout: float) -> None:
-        """Admit nothing new, let requests in flight finish for up to ``drain_timeout`` s, end the rest."""
-        self.accepting = False
-        deadline = time.monotonic() + drain_timeout
-        while self.busy and time.monotonic() < deadline:
+        """``drain(drain_timeout)``, wait until nothing is in flight (the drain ends it at its deadline),
+        then end the worker thread."""
+        self.drain(drain_timeout)
+        while self.busy and time.monotonic() < self._drain_deadline:
             time.sleep(0.02)
         with self._wake:
             self._stopping = True
@@ -141,18 +167,26 @@ class Worker:
 
     # --- the worker thread ------------------------------------------------------------------------
 
+    def _overdue(self) -> bool:
+        """The drain's deadline has passed with requests still in flight."""
+        return self._drain_deadline is not None and self.busy and time.monotonic() >= self._drain_deadline
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._inbox or self._cancels or self._stopping or not self.scheduler.idle):
-                    self._wake.wait()
-                if self._stopping:
+                while not (self._inbox or self._ends or self._stopping or not self.scheduler.idle
+                           or self._overdue()):
+                    waiting = self._drain_deadline is not None and self.busy
+                    self._wake.wait(max(self._drain_deadline - time.monotonic(), 0.0) if waiting else None)
+                if self._stopping or self._overdue():
                     self._end_all(Draining("the server shut down before the answer was complete"), "shutdown")
-                    return
-                if self._cancels:
-                    while self._cancels:
-                        self._cancel(*self._cancels.popleft())
-                    # A cancelled row leaves its batch now, not at the next step (there may be none).
+                    self.active_rows = self.scheduler.active_rows
+                    if self._stopping:
+                        return
+                if self._ends:
+                    while self._ends:
+                        self._end(*self._ends.popleft())
+                    # An ended row leaves its batch now, not at the next step (there may be none).
                     self.active_rows = self.scheduler.active_rows
                 while self._inbox:
                     self._take(self._inbox.popleft())
@@ -169,7 +203,7 @@ class Worker:
             return
         self._live[ticket.request.id] = ticket
 
-    def _cancel(self, ticket: Ticket, reason: str) -> None:
+    def _end(self, ticket: Ticket, reason: EndReason) -> None:
         if ticket.done:
             return
         ticket.done = True
@@ -178,11 +212,14 @@ class Worker:
         else:
             self.scheduler.cancel(ticket.request)
             del self._live[ticket.request.id]
-        self.metrics.inc("llada_requests_cancelled_total", reason=reason)
+        if reason == "complete":
+            self.metrics.inc("llada_requests_finished_early_total")
+        else:
+            self.metrics.inc("llada_requests_cancelled_total", reason=reason)
 
-    def _end_all(self, error: Exception, reason: str) -> None:
+    def _end_all(self, error: Exception, reason: EndReason) -> None:
         for ticket in [*self._inbox, *self._live.values()]:
-            self._cancel(ticket, reason)
+            self._end(ticket, reason)
             ticket.post(error)
 
     def _step(self) -> None:

@@ -264,7 +264,7 @@ async function send(text) {
   const userMessage = addMessage("user", text);
   state.history.push({ role: "user", content: text });
   const body = { model: $("model").value, messages: requestMessages(), stream: true, denoising: true,
-    ...requestSettings() };
+    stream_options: { include_usage: true }, ...requestSettings() };
 
   const recording = new Recording();
   const answer = addMessage("assistant", "");
@@ -279,6 +279,7 @@ async function send(text) {
   const started = performance.now();
   let content = "";
   let finishReason = null;
+  let usage = null;
   const elapsed = () => `${((performance.now() - started) / 1000).toFixed(1)} s`;
   try {
     const response = await fetch("v1/chat/completions", {
@@ -292,6 +293,8 @@ async function send(text) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message ?? JSON.stringify(chunk.error));
+      if (chunk.usage) usage = chunk.usage;
+      // The usage chunk (stream_options.include_usage) has no choices; every other chunk has one.
       const choice = chunk.choices?.[0];
       if (choice?.delta?.content) {
         content += choice.delta.content;
@@ -306,7 +309,8 @@ async function send(text) {
     answer.classList.remove("pending");
     state.history.push({ role: "assistant", content });
     const reason = finishReason === "length" ? " · hit max tokens" : "";
-    addMeta(answer, `${recording.steps} steps · ${elapsed()}${reason}`, recording);
+    const tokens = usage ? ` · ${usage.completion_tokens} tokens` : "";
+    addMeta(answer, `${recording.steps} steps${tokens} · ${elapsed()}${reason}`, recording);
     setState("done", `Done: ${recording.steps} steps in ${elapsed()}`);
   } catch (error) {
     if (!answer.isConnected) return; // "New chat" cleared the conversation
