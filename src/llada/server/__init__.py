@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP server for LLaDA models (``llada serve``; needs the ``serve`` extra).
 
-Modules: ``config`` (ServerConfig), ``schemas`` (request checking), ``text`` (settled answer text),
-``worker`` (the thread that owns the model and the scheduler), ``completions`` (answers and streams),
-``metrics`` (Prometheus), ``errors`` (OpenAI error bodies), ``app`` (routes: ``create_app``).
-Nothing is imported here, so that ``llada.server.config`` works without FastAPI installed.
+Modules: ``config`` (ServerConfig), ``schemas`` (request checking), ``worker`` (the thread that owns
+the model and the scheduler), ``completions`` (answers and streams; their text comes from
+``llada.answer_text``), ``metrics`` (Prometheus), ``errors`` (OpenAI error bodies), ``app`` (routes:
+``create_app``), ``runner`` (uvicorn with the limits and the shutdown drain), ``background`` (that
+server in a thread). Nothing is imported here, so that ``llada.server.config`` works without FastAPI
+installed.
 """
