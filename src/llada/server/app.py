@@ -167,14 +167,18 @@ async def _read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise too_large
-    body = bytearray()
+
+    async def read() -> bytearray:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+        return body
+
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise too_large
-    except TimeoutError as error:
+        body = await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError as error:
         raise APIError(408, f"the request body took longer than {timeout_s:g} s to arrive", None,
                        "request_timeout") from error
     except ClientDisconnect as error:  # 499: nobody reads the answer; it is for the logs and metrics
