@@ -552,7 +552,7 @@ def test_tokenizing_does_not_hold_up_other_requests(served, model_and_tokenizer,
 
     def slow_encode_chat(*args, **kwargs):  # as a long prompt with a big tokenizer would be
         tokenizing.set()
-        time.sleep(1.0)
+        time.sleep(0.6)
         return encode_chat(*args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "encode_chat", slow_encode_chat)
@@ -561,7 +561,7 @@ def test_tokenizing_does_not_hold_up_other_requests(served, model_and_tokenizer,
         assert tokenizing.wait(10)
         started = time.monotonic()
         assert httpx.get(served.url + "/health", timeout=10).status_code == 200
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 0.3  # not after the tokenizing
         assert answer.result().status_code == 200
 
 
