@@ -5,7 +5,8 @@ Random bf16 weights at the LLaDA-8B shape (speed does not depend on the weights'
 - ``--part step``: the time of one denoising step at prompt 512 / answer 256 / block 32 / batch 1 —
   the reference sampler's full forward step, and the engine's cached block step (dual cache) eager,
   with CUDA graphs, and compiled with CUDA graphs — against the floor of reading the weights once
-  at this card's measured copy bandwidth; last, the same with int8 block weights (``quantize_int8``).
+  at this card's measured copy bandwidth; last, the same with quantized block weights (``--quantize``:
+  fp8 by default, or int8).
 - ``--part e2e``: tokens/s over whole generations for answer lengths and batch sizes: the reference
   sampler (one token per step), the published prefix-cache and dual-cache algorithms with
   confidence threshold 0.9 as their papers describe them (eager PyTorch, no graphs), and the engine's
@@ -30,7 +31,7 @@ import torch
 from llada.config import preset
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
-from llada.quantize import quantize_int8
+from llada.quantize import QUANTIZERS
 from llada.sampling import generate
 from llada.scheduler import Scheduler
 
@@ -70,7 +71,8 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int, batch: int) -> dict:
+def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int, batch: int,
+              quantize: str | None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
@@ -84,11 +86,11 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
                                   cache="dual", early_stop=False)
     variants = (("eager", {"cuda_graphs": False}), ("cuda_graphs", {"cuda_graphs": True}),
                 ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}),
-                ("compiled_cuda_graphs_int8", {"cuda_graphs": True, "compile": True}))
+                *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True})] if quantize else []))
     for name, kwargs in variants:
-        if name.endswith("int8"):  # last: quantizing changes the model in place
-            quantize_int8(model)
-            results["int8_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
+        if quantize and name.endswith(quantize):  # last: quantizing changes the model in place
+            QUANTIZERS[quantize](model)
+            results[f"{quantize}_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
         engine = Engine(model, **kwargs)
         run = engine.start(prompt, settings)
         run.advance()  # block start: the refresh
@@ -199,6 +201,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--slow-max-batch", type=int, default=1,
                         help="largest batch for the reference and prefix-cache runs (minutes per run beyond)")
+    parser.add_argument("--quantize", choices=sorted(QUANTIZERS), default="fp8",
+                        help="--part step: also time the compiled step with quantized block weights")
+    parser.add_argument("--no-quantize", dest="quantize", action="store_const", const=None)
     parser.add_argument("--out")
     args = parser.parse_args()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
@@ -208,7 +213,7 @@ def main() -> None:
     else:
         model = random_model(args.preset)
     if args.part == "step":
-        info["step"] = step_part(model, args.prompt_length, 256, args.block_length, 1)
+        info["step"] = step_part(model, args.prompt_length, 256, args.block_length, 1, args.quantize)
     elif args.part == "e2e":
         info["e2e"] = e2e_part(model, args.prompt_length, [int(g) for g in args.gen_lengths.split(",")],
                                [int(b) for b in args.batches.split(",")], args.methods.split(","),

@@ -11,7 +11,8 @@ between the engine's rows only.
 
     python benchmarks/engine_quality.py --out benchmarks/results/engine/quality_demo.json \
         --plot benchmarks/results/engine/quality_demo.png
-    python benchmarks/engine_quality.py --int8 --out benchmarks/results/engine/quality_demo_int8.json
+    python benchmarks/engine_quality.py --quantize int8 --out benchmarks/results/engine/quality_demo_int8.json
+    python benchmarks/engine_quality.py --quantize fp8 --out benchmarks/results/engine/quality_demo_fp8.json
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from llada.batch_run import left_pad
 from llada.cli import DEMO_MODEL, answer_text
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
-from llada.quantize import quantize_int8
+from llada.quantize import QUANTIZERS
 from llada.sampling import generate
 from llada.tokenizer import Tokenizer
 
@@ -64,8 +65,8 @@ def main() -> None:
     parser.add_argument("--arithmetic", type=int, default=48, help="arithmetic prompts (plus 16 definitions)")
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=8)
-    parser.add_argument("--int8", action="store_true",
-                        help="quantize the block weights to int8 after the reference answers (quantize_int8)")
+    parser.add_argument("--quantize", choices=sorted(QUANTIZERS),
+                        help="quantize the block weights after the reference answers (llada.quantize)")
     parser.add_argument("--out")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -94,8 +95,8 @@ def main() -> None:
     rows = [{"setting": "reference sampler", "agreement": reference_agreement, "accuracy": reference_accuracy,
              "steps": float(args.gen_length), "tokens_per_step": reference_tokens / (len(ids) * args.gen_length),
              "tokens_per_s": reference_tokens / reference_seconds}]
-    if args.int8:
-        quantize_int8(model)
+    if args.quantize:
+        QUANTIZERS[args.quantize](model)
     engine = Engine(model)
     for name, overrides in SETTINGS.items():
         settings = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, **overrides)
@@ -118,7 +119,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "prompts": len(questions),
                                               "gen_length": args.gen_length, "block_length": args.block_length,
-                                              "rows": rows}, indent=2) + "\n")
+                                              "quantize": args.quantize, "rows": rows}, indent=2) + "\n")
     if args.plot:
         plot(rows, Path(args.plot))
 

@@ -13,6 +13,12 @@ Accuracy on the demo model: 95% of answers identical to the unquantized model's 
 The embedding, norms and output projection are left as they are (the output projection is 6% of the
 8B model's weights and the most sensitive to rounding). A quantized model is for inference: it can
 no longer be saved in the official checkpoint layout.
+
+FP8 (``quantize_fp8``): weights in float8 e4m3 with one scale per output channel, and each
+projection's input cast to e4m3 at run time with one scale per token (dynamic scaling), so that the
+product is a single fp8 tensor-core matmul (``torch._scaled_mm``) that reads half the bytes of bf16:
+the block step of a memory-bound batch could approach half its bf16 time. Unlike int8 it needs no
+dequantizing kernel, but both operands are rounded to 3 mantissa bits.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 
 from llada.model import LLaDAModel
 
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448, the largest e4m3 value
 BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
@@ -46,13 +53,55 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
 
+class Fp8Linear(nn.Module):
+    """``y = (fp8(x / s_x) @ W_fp8.T) · s_x · s_w``: e4m3 weights with per-output-channel scales ``s_w``,
+    inputs scaled per token (``s_x``) and cast at run time; one ``torch._scaled_mm`` (no bias)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        weight = weight.detach()
+        if weight.shape[0] % 16 or weight.shape[1] % 16:
+            raise ValueError(f"fp8 matmuls need both weight dimensions divisible by 16, got {tuple(weight.shape)}")
+        scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX  # (out,)
+        self.register_buffer("weight", (weight.float() / scales[:, None]).to(torch.float8_e4m3fn))
+        self.register_buffer("scales", scales[None, :].contiguous())  # (1, out) float32, as _scaled_mm wants
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        row_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (M, 1)
+        quantized = (rows.float() / row_scales).to(torch.float8_e4m3fn)
+        # CUDA's row-wise scaled matmul writes bfloat16 only; the CPU one writes any float dtype.
+        out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=row_scales, scale_b=self.scales,
+                               out_dtype=out_dtype)
+        return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in float32."""
+        return self.weight.float() * self.scales.T
+
+
 @torch.no_grad()
-def quantize_int8(model: LLaDAModel) -> LLaDAModel:
-    """Replace every block projection of ``model`` (in place) with an ``Int8Linear``; returns the model."""
+def _replace_projections(model: LLaDAModel, layer_type: type[nn.Module], kind: str) -> LLaDAModel:
+    if getattr(model, "quantized", None):
+        raise ValueError(f"the model is already quantized ({model.quantized})")
     for block in model.blocks:
         for name in BLOCK_PROJECTIONS:
             layer = getattr(block, name)
             if isinstance(layer, nn.Linear):
-                setattr(block, name, Int8Linear(layer.weight))
-    model.quantized = "int8"
+                setattr(block, name, layer_type(layer.weight))
+    model.quantized = kind
     return model
+
+
+def quantize_int8(model: LLaDAModel) -> LLaDAModel:
+    """Replace every block projection of ``model`` (in place) with an ``Int8Linear``; returns the model."""
+    return _replace_projections(model, Int8Linear, "int8")
+
+
+def quantize_fp8(model: LLaDAModel) -> LLaDAModel:
+    """Replace every block projection of ``model`` (in place) with an ``Fp8Linear``; returns the model."""
+    return _replace_projections(model, Fp8Linear, "fp8")
+
+
+QUANTIZERS = {"int8": quantize_int8, "fp8": quantize_fp8}  # by name, for command lines
