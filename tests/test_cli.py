@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada.cli import answer_text, main, run_chat, run_generate
+from llada.cli import answer_text, load, main, run_chat, run_generate
 from llada.engine import GenerationSettings
 from llada.model import LLaDAModel
+from llada.quantize import Fp8Linear, Int8Linear
 from llada.tokenizer import Tokenizer
 
 SMALL = ["--steps", "4", "--gen-length", "8", "--block-length", "4", "--device", "cpu"]
@@ -93,6 +94,19 @@ def test_convert_changes_dtype_and_shards(checkpoint_dir: Path, tmp_path: Path) 
     assert converted.dtype == torch.bfloat16
     for a, b in zip(original.parameters(), converted.parameters()):
         assert torch.equal(a.to(torch.bfloat16), b)
+
+
+@pytest.mark.parametrize(("dtype", "layer_type"), [("int8", Int8Linear), ("fp8", Fp8Linear)])
+def test_quantized_dtypes_load_for_inference_only(checkpoint_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  dtype: str, layer_type: type) -> None:
+    model, _ = load(str(checkpoint_dir), "cpu", dtype)
+    assert model.quantized == dtype and isinstance(model.blocks[0].q_proj, layer_type)
+    assert model.wte.weight.dtype == torch.float32  # the rest as --dtype auto
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "The fox", "--dtype", dtype,
+                 "--gen-length", "8", "--block-length", "4", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(checkpoint_dir), str(tmp_path / "q"), "--dtype", dtype]) == 2  # checkpoints stay exact
+    assert f"unknown --dtype {dtype!r}" in capsys.readouterr().err
 
 
 def test_init_creates_a_loadable_checkpoint(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
 from llada.plot import plot_runs
+from llada.quantize import QUANTIZERS
 from llada.sampling import REMASKING_CHOICES
 from llada.server.config import ServerConfig
 from llada.sft_data import build_sft_data
@@ -74,8 +75,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def load(model_dir: str, device: str, dtype: str) -> tuple[LLaDAModel, Tokenizer]:
+    """The model and tokenizer of a checkpoint, on ``device`` in ``dtype``; ``int8`` / ``fp8`` load as
+    ``auto`` and then quantize the block weights (for inference: such a model cannot be saved)."""
     target = resolve_device(device)
-    model = LLaDAModel.from_pretrained(model_dir, dtype=resolve_dtype(dtype, target), device=target)
+    quantize = QUANTIZERS.get(dtype)
+    model = LLaDAModel.from_pretrained(model_dir, dtype=resolve_dtype("auto" if quantize else dtype, target),
+                                       device=target)
+    if quantize:
+        quantize(model)
     return model, Tokenizer.from_pretrained(model_dir)
 
 
@@ -481,7 +488,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), stored, bf16, fp16, fp32")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), stored, bf16, fp16, fp32; "
+                        "int8 or fp8: auto with the block weights quantized (less memory; see docs/engine.md)")
     parser.add_argument("--seed", type=int, default=0)
 
 
