@@ -84,7 +84,9 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
                                                           block_length=block), 3) / blocks
     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="fixed", steps=gen_length,
                                   cache="dual", early_stop=False)
-    variants = (("eager", {"cuda_graphs": False}), ("cuda_graphs", {"cuda_graphs": True}),
+    # Unfused first: the other engines fuse the q/k/v and gate/up projections in place.
+    variants = (("compiled_cuda_graphs_unfused", {"cuda_graphs": True, "compile": True, "fuse": False}),
+                ("eager", {"cuda_graphs": False}), ("cuda_graphs", {"cuda_graphs": True}),
                 ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}),
                 *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True})] if quantize else []))
     for name, kwargs in variants:

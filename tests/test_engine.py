@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
 
 from llada.decoding import select
 from llada.engine import Engine, GenerationSettings
-from llada.kv_cache import KVCache, cached_forward
+from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
 from llada.model import attention_bias
+from llada.quantize import quantize_int8
 from llada.sampling import generate
 
 END = 7  # EOS of the test models (a token id their weights emit now and then)
@@ -208,3 +211,44 @@ def test_compiled_block_steps_match_plain_ones() -> None:
     plain.compiled = True  # the read-only block steps, uncompiled
     compiled = Engine(net, compile=True)
     assert [r.tokens for r in compiled.generate(rows, settings)] == [r.tokens for r in plain.generate(rows, settings)]
+
+
+def test_fused_projections_keep_the_model_and_match_unfused_steps() -> None:
+    """Fusing makes the layers' weights views of one q/k/v and one gate/up matrix: the plain forward
+    pass is unchanged bit for bit, the state dict too, and the engine's cached passes and answers
+    equal the unfused engine's."""
+    net = model()
+    ids = torch.tensor(prompts((6,)))
+    before = net(ids).logits
+    names = list(net.state_dict())
+    cache = KVCache.allocate(net, 1, ids.shape[1])
+    unfused = cached_forward(net, ids, torch.arange(ids.shape[1])[None], cache, None)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=16, early_stop=False)
+    expected = [Engine(net, fuse=False).generate(prompts((4, 6)), replace(settings, cache=mode))
+                for mode in ("none", "dual")]
+    assert fuse_projections(net)
+    block = net.blocks[0]
+    assert block.q_proj.weight.data_ptr() == block.fused_qkv.data_ptr() and projections_fused_in(block)
+    assert block.fused_gate_up.shape == (2 * net.config.mlp_hidden_size, net.config.d_model)
+    assert torch.equal(net(ids).logits, before) and list(net.state_dict()) == names
+    fused = cached_forward(net, ids, torch.arange(ids.shape[1])[None], KVCache.allocate(net, 1, ids.shape[1]), None)
+    torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
+    engine = Engine(net, fuse=True)
+    assert engine.fused
+    for mode, reference in zip(("none", "dual"), expected):
+        assert torch.equal(answers(engine.generate(prompts((4, 6)), replace(settings, cache=mode))), answers(reference))
+    net.float()  # new weight tensors: the fused matrices no longer back them
+    with pytest.raises(RuntimeError, match="moved or reloaded"):
+        engine.generate(prompts((4,)), settings)
+
+
+def test_quantized_models_are_not_fused() -> None:
+    net = quantize_int8(model())
+    assert not fuse_projections(net) and not Engine(net, fuse=True).fused
+    fused = model()
+    assert fuse_projections(fused)
+    quantize_int8(fused)  # quantizing after an engine fused the model: the quantized layers are used
+    assert not hasattr(fused.blocks[0], "fused_qkv")
+    ids = torch.tensor(prompts((6,)))
+    plain = cached_forward(fused, ids, torch.arange(6)[None], KVCache.allocate(fused, 1, 6), None)
+    torch.testing.assert_close(plain, fused(ids).logits, rtol=1e-12, atol=1e-12)

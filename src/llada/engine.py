@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llada.decoding import POLICIES, Policy
-from llada.kv_cache import KVCache, cached_forward
+from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
 from llada.model import LLaDAModel
 from llada.sampling import REMASKING_CHOICES
 
@@ -140,7 +140,7 @@ class Engine:
     """Fast generation for one model. Keep one per model and process; it caches compiled graphs."""
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
-                 max_pooled_caches: int = 2) -> None:
+                 max_pooled_caches: int = 2, fuse: bool | None = None) -> None:
         """
         Args:
             model: the mask predictor, in eval mode, on its device and dtype.
@@ -149,9 +149,14 @@ class Engine:
                 first call of each shape compiles for some seconds).
             max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a
                 later batch of the same shape starts without capturing again).
+            fuse: run q/k/v and gate/up as one matmul each (``kv_cache.fuse_projections``: the
+                model's weights become views of fused matrices, in place; default: on CUDA devices).
+                The model must not be moved or reloaded while the engine is in use. ``False`` does
+                not undo an earlier engine's fusing of the same model.
         """
         self.model = model.eval()
         self.device = model.device
+        self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
@@ -237,6 +242,9 @@ class Engine:
         The returned logits live in the graph's output buffer: read them before the next call.
         ``graph=False`` runs it plainly (one-off shapes, such as refreshing a few rows of a batch).
         """
+        if self.fused and not projections_fused_in(self.model.blocks[0]):  # a move re-creates every weight
+            raise RuntimeError("the model's weights were moved or reloaded after the engine fused them; "
+                               "create a new Engine for the model as it is now")
         if not (self.cuda_graphs and graph):
             return self._function(write)(self.model, tokens, positions, cache, key_bias, logits_index, write)
         key = (id(cache), tokens.shape, positions.shape, logits_index.shape, None if key_bias is None else key_bias.shape,

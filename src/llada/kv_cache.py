@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from llada.model import LLaDAModel
+from llada.model import Block, LLaDAModel, apply_rope
 
 
 @dataclass
@@ -76,7 +77,7 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         key_bias = (torch.zeros_like(stale, dtype=model.dtype) if key_bias is None else key_bias).masked_fill(stale, lowest)
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
-        q, k, v = block.project_qkv(block.attn_norm(x), cos, sin)
+        q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin)
         if write:
             index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
             keys = cache.keys[layer].scatter_(2, index, k)
@@ -85,7 +86,7 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         else:
             out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v)
             x = x + block.attn_out(out)
-        x = x + block.mlp(block.ff_norm(x))
+        x = x + _mlp(block, block.ff_norm(x))
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
     return F.linear(model.ln_f(x), model.output_weight())
@@ -111,3 +112,75 @@ def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     total = cached.sum(-1, keepdim=True) + fresh.sum(-1, keepdim=True)
     out = (cached.to(q.dtype) @ cache_v + fresh.to(q.dtype) @ v).to(compute) / total  # (B, K, G·Q, D)
     return out.to(q.dtype).reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+# --- fused projections --------------------------------------------------------------------------
+
+def fuse_projections(model: LLaDAModel) -> bool:
+    """Store each block's q/k/v weights as one matrix, and its gate/up weights as another, in place.
+
+    The layers' own weights become row slices (views) of the fused matrices, so the model keeps its
+    parameters, memory and bit-identical plain forward pass, while ``cached_forward`` runs one
+    matmul where it ran three (or two): fewer, larger kernels for the launch-bound block steps.
+    Returns False, changing nothing, for quantized models. Moving or reloading the model's weights
+    afterwards breaks the views; ``projections_fused`` tells whether they still hold.
+    """
+    projections = [(block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj) for block in model.blocks]
+    if not all(isinstance(layer, nn.Linear) for layers in projections for layer in layers):
+        return False
+    with torch.no_grad():
+        for block in model.blocks:
+            if not projections_fused_in(block):
+                block.fused_qkv = _fuse(block.q_proj, block.k_proj, block.v_proj)
+                block.fused_gate_up = _fuse(block.ff_proj, block.up_proj)
+    return True
+
+
+def unfuse_projections(model: LLaDAModel) -> None:
+    """Forget the fused matrices (the layers keep their weights): for changes that replace the layers."""
+    for block in model.blocks:
+        for name in ("fused_qkv", "fused_gate_up"):
+            block.__dict__.pop(name, None)
+
+
+def projections_fused_in(block: Block) -> bool:
+    """Whether ``block`` has fused matrices that its layers' weights are still views of."""
+    qkv, gate_up = getattr(block, "fused_qkv", None), getattr(block, "fused_gate_up", None)
+    return (qkv is not None and gate_up is not None and block.q_proj.weight.data_ptr() == qkv.data_ptr()
+            and block.ff_proj.weight.data_ptr() == gate_up.data_ptr()
+            and block.v_proj.weight.data_ptr() == qkv[-block.v_proj.weight.shape[0]:].data_ptr()
+            and block.up_proj.weight.data_ptr() == gate_up[-block.up_proj.weight.shape[0]:].data_ptr())
+
+
+def _fuse(*layers: nn.Linear) -> torch.Tensor:
+    fused = torch.cat([layer.weight.detach() for layer in layers])
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
+def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Block.project_qkv``, through the fused matrix when there is one."""
+    fused = getattr(block, "fused_qkv", None)
+    if fused is None:
+        return block.project_qkv(x, cos, sin)
+    batch, length, _ = x.shape
+    kv_width = block.n_kv_heads * block.head_dim
+    q, k, v = F.linear(x, fused).split([fused.shape[0] - 2 * kv_width, kv_width, kv_width], dim=-1)
+    q = q.reshape(batch, length, block.n_heads, block.head_dim).transpose(1, 2)
+    k = k.reshape(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
+    v = v.reshape(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _mlp(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """``Block.mlp``, through the fused gate/up matrix when there is one."""
+    fused = getattr(block, "fused_gate_up", None)
+    if fused is None:
+        return block.mlp(x)
+    gate, up = F.linear(x, fused).chunk(2, dim=-1)
+    return block.ff_out(F.silu(gate) * up)

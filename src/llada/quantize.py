@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llada.kv_cache import unfuse_projections
 from llada.model import LLaDAModel
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448, the largest e4m3 value
@@ -85,6 +86,7 @@ class Fp8Linear(nn.Module):
 def _replace_projections(model: LLaDAModel, layer_type: type[nn.Module], kind: str) -> LLaDAModel:
     if getattr(model, "quantized", None):
         raise ValueError(f"the model is already quantized ({model.quantized})")
+    unfuse_projections(model)  # an engine's fused bf16 matrices would bypass the quantized layers
     for block in model.blocks:
         for name in BLOCK_PROJECTIONS:
             layer = getattr(block, name)
