@@ -231,7 +231,8 @@ def test_fused_projections_keep_the_model_and_match_unfused_steps() -> None:
     assert block.q_proj.weight.data_ptr() == block.fused_qkv.data_ptr() and projections_fused_in(block)
     assert block.fused_gate_up.shape == (2 * net.config.mlp_hidden_size, net.config.d_model)
     assert torch.equal(net(ids).logits, before) and list(net.state_dict()) == names
-    fused = cached_forward(net, ids, torch.arange(ids.shape[1])[None], KVCache.allocate(net, 1, ids.shape[1]), None)
+    fused = cached_forward(net, ids, torch.arange(ids.shape[1])[None], KVCache.allocate(net, 1, ids.shape[1]), None,
+                           fused=True)
     torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
     engine = Engine(net, fuse=True)
     assert engine.fused
@@ -250,5 +251,5 @@ def test_quantized_models_are_not_fused() -> None:
     quantize_int8(fused)  # quantizing after an engine fused the model: the quantized layers are used
     assert not hasattr(fused.blocks[0], "fused_qkv")
     ids = torch.tensor(prompts((6,)))
-    plain = cached_forward(fused, ids, torch.arange(6)[None], KVCache.allocate(fused, 1, 6), None)
+    plain = cached_forward(fused, ids, torch.arange(6)[None], KVCache.allocate(fused, 1, 6), None, fused=True)
     torch.testing.assert_close(plain, fused(ids).logits, rtol=1e-12, atol=1e-12)

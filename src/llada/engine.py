@@ -151,8 +151,8 @@ class Engine:
                 later batch of the same shape starts without capturing again).
             fuse: run q/k/v and gate/up as one matmul each (``kv_cache.fuse_projections``: the
                 model's weights become views of fused matrices, in place; default: on CUDA devices).
-                The model must not be moved or reloaded while the engine is in use. ``False`` does
-                not undo an earlier engine's fusing of the same model.
+                The model must not be moved or reloaded while the engine is in use. Refreshes keep
+                the model's own matmuls (the exact mode stays bit-identical to the reference).
         """
         self.model = model.eval()
         self.device = model.device
@@ -245,14 +245,17 @@ class Engine:
         if self.fused and not projections_fused_in(self.model.blocks[0]):  # a move re-creates every weight
             raise RuntimeError("the model's weights were moved or reloaded after the engine fused them; "
                                "create a new Engine for the model as it is now")
+        # A refresh (every position a query) stays the model's own arithmetic, so that the exact mode
+        # equals the reference sampler bit for bit; the (approximate) cached steps use fused matmuls.
+        fused = self.fused and tokens.shape[1] != cache.length
         if not (self.cuda_graphs and graph):
-            return self._function(write)(self.model, tokens, positions, cache, key_bias, logits_index, write)
+            return self._function(write)(self.model, tokens, positions, cache, key_bias, logits_index, write, fused)
         key = (id(cache), tokens.shape, positions.shape, logits_index.shape, None if key_bias is None else key_bias.shape,
                write)
         entry = self._graphs.get(key)
         args = [tokens, positions, logits_index, key_bias]
         if entry is None:
-            entry = self._capture(cache, args, write)
+            entry = self._capture(cache, args, write, fused)
             self._graphs[key] = entry
         for static, value in zip(entry.inputs, args, strict=True):
             if static is not None:
@@ -263,14 +266,14 @@ class Engine:
     def _function(self, write: bool) -> Callable[..., torch.Tensor]:
         return cached_forward if write else self.step_fn
 
-    def _capture(self, cache: KVCache, args: list[torch.Tensor | None], write: bool) -> _Forward:
+    def _capture(self, cache: KVCache, args: list[torch.Tensor | None], write: bool, fused: bool) -> _Forward:
         entry = _Forward(cache=cache, inputs=[None if a is None else a.clone() for a in args])
         tokens, positions, logits_index, key_bias = entry.inputs
 
         function = self._function(write)
 
         def run() -> torch.Tensor:
-            return function(self.model, tokens, positions, cache, key_bias, logits_index, write)
+            return function(self.model, tokens, positions, cache, key_bias, logits_index, write, fused)
 
         # Warm-up on a side stream (compiles, picks kernels). It is a real call with the real inputs:
         # its cache writes are the ones the replay below makes again.

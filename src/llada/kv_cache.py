@@ -44,7 +44,7 @@ class KVCache:
 
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                    key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
-                   write: bool = True) -> torch.Tensor:
+                   write: bool = True, fused: bool = False) -> torch.Tensor:
     """Run ``input_ids`` at ``positions`` against the cache.
 
     Args:
@@ -61,6 +61,8 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
             cache is only read: the queries attend to its entries at every *other* position and to
             their own fresh keys/values. Block steps use this: the block is recomputed at every
             step anyway, and not writing saves a copy of the cache per layer under ``torch.compile``.
+        fused: use the fused projection matrices (``fuse_projections``), which round differently
+            from the model's own matmuls; off, the pass is the model's own arithmetic.
     Returns:
         (B, N, V) logits in the model's dtype (N = Q without ``logits_index``).
     """
@@ -77,7 +79,7 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         key_bias = (torch.zeros_like(stale, dtype=model.dtype) if key_bias is None else key_bias).masked_fill(stale, lowest)
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
-        q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin)
+        q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin, fused)
         if write:
             index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
             keys = cache.keys[layer].scatter_(2, index, k)
@@ -86,7 +88,7 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         else:
             out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v)
             x = x + block.attn_out(out)
-        x = x + _mlp(block, block.ff_norm(x))
+        x = x + _mlp(block, block.ff_norm(x), fused)
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
     return F.linear(model.ln_f(x), model.output_weight())
@@ -162,10 +164,10 @@ def _fuse(*layers: nn.Linear) -> torch.Tensor:
     return fused
 
 
-def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_fused: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Block.project_qkv``, through the fused matrix when there is one."""
-    fused = getattr(block, "fused_qkv", None)
+    """``Block.project_qkv``, through the fused matrix when asked for and there is one."""
+    fused = getattr(block, "fused_qkv", None) if use_fused else None
     if fused is None:
         return block.project_qkv(x, cos, sin)
     batch, length, _ = x.shape
@@ -177,9 +179,9 @@ def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _mlp(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """``Block.mlp``, through the fused gate/up matrix when there is one."""
-    fused = getattr(block, "fused_gate_up", None)
+def _mlp(block: Block, x: torch.Tensor, use_fused: bool) -> torch.Tensor:
+    """``Block.mlp``, through the fused gate/up matrix when asked for and there is one."""
+    fused = getattr(block, "fused_gate_up", None) if use_fused else None
     if fused is None:
         return block.mlp(x)
     gate, up = F.linear(x, fused).chunk(2, dim=-1)
