@@ -253,3 +253,46 @@ def test_quantized_models_are_not_fused() -> None:
     ids = torch.tensor(prompts((6,)))
     plain = cached_forward(fused, ids, torch.arange(6)[None], KVCache.allocate(fused, 1, 6), None, fused=True)
     torch.testing.assert_close(plain, fused(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_matrices_serve_the_cached_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refreshes (every position a query) keep the model's own matmuls, so the exact mode stays the
+    reference's arithmetic; block steps take the fused matrices."""
+    from llada import kv_cache
+
+    calls: list[tuple[int, bool]] = []
+    original = kv_cache._project_qkv
+
+    def spy(block, x, cos, sin, use_fused):
+        calls.append((x.shape[1], use_fused))
+        return original(block, x, cos, sin, use_fused)
+
+    monkeypatch.setattr(kv_cache, "_project_qkv", spy)
+    engine = Engine(model(), fuse=True)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=16, cache="dual",
+                                  early_stop=False)
+    engine.generate(prompts((5,)), settings)
+    total = 5 + 16
+    assert {fused for length, fused in calls if length == total} == {False}  # refreshes
+    assert {fused for length, fused in calls if length == 8} == {True}  # dual-cache block steps
+
+
+def test_engines_refuse_weights_replaced_after_them() -> None:
+    net = model()
+    unfused = Engine(net, fuse=False)
+    fused = Engine(net, fuse=True)  # replaces the weight tensors the first engine was made for
+    with pytest.raises(RuntimeError, match="replaced"):
+        unfused.generate(prompts((4,)), GenerationSettings(gen_length=8, block_length=8))
+    other = model(seed=1)
+    net.blocks[1].load_state_dict(other.blocks[1].state_dict(), assign=True)  # one block reloaded
+    with pytest.raises(RuntimeError, match="moved or reloaded"):
+        fused.generate(prompts((4,)), GenerationSettings(gen_length=8, block_length=8))
+
+
+def test_a_stream_left_early_gives_its_cache_back() -> None:
+    engine = Engine(model())
+    updates = engine.stream(prompts((4,)), GenerationSettings(gen_length=16, block_length=8))
+    next(updates)
+    assert not engine._free_caches
+    updates.close()
+    assert len(engine._free_caches) == 1

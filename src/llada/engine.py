@@ -157,6 +157,7 @@ class Engine:
         self.model = model.eval()
         self.device = model.device
         self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
+        self.weights_version = getattr(model, "weights_version", 0)  # see _check_weights
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
@@ -172,7 +173,6 @@ class Engine:
         self._graphs: dict[tuple, _Forward] = {}
         # One memory pool per cache, shared by that cache's graphs and dropped with them: a pool whose
         # graphs were all freed must never be captured into again (PyTorch asserts on it).
-        self._graph_pools: dict[int, tuple[int, int]] = {}
         config = model.config
         self.mask_id = config.mask_token_id
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
@@ -205,16 +205,32 @@ class Engine:
                generator: torch.Generator | None = None) -> Iterator[StepUpdate]:
         """Yield a ``StepUpdate`` after every step (the chat and the server show these)."""
         run = self.start(prompts, settings, generator)
-        while (update := run.step()) is not None:
-            yield update
+        try:
+            while (update := run.step()) is not None:
+                yield update
+        finally:
+            if not run.done:  # the consumer stopped early: give the cache (and its graphs) back
+                run.cancel()
 
     def release_memory(self) -> None:
         """Drop pooled caches and captured graphs (they are rebuilt on demand)."""
         self._free_caches = []
+        for entry in self._graphs.values():
+            entry.cache.graph_pool = None  # its graphs are gone: never capture into that pool again
         self._graphs.clear()
-        self._graph_pools.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _check_weights(self, replay: bool) -> None:
+        """Refuse to run on weights other than those this engine was made for: fused or quantized
+        since (the version counter; cheap enough for every replay), or moved or reloaded under the
+        fused matrices (every block checked, before a capture or a plain pass)."""
+        if getattr(self.model, "weights_version", 0) != self.weights_version:
+            raise RuntimeError("the model's weights were replaced (fused by another engine, or quantized) after this "
+                               "engine was made; make a new Engine for the model as it is now")
+        if self.fused and not replay and not all(projections_fused_in(block) for block in self.model.blocks):
+            raise RuntimeError("the model's weights were moved or reloaded after the engine fused them; "
+                               "make a new Engine for the model as it is now")
 
     # --- caches and graphs (used by BatchRun) ----------------------------------------------------
 
@@ -232,7 +248,7 @@ class Engine:
             evicted = self._free_caches.pop(0)
             for key in [k for k, entry in self._graphs.items() if entry.cache is evicted]:
                 del self._graphs[key]
-            self._graph_pools.pop(id(evicted), None)
+            evicted.graph_pool = None
 
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
@@ -242,9 +258,7 @@ class Engine:
         The returned logits live in the graph's output buffer: read them before the next call.
         ``graph=False`` runs it plainly (one-off shapes, such as refreshing a few rows of a batch).
         """
-        if self.fused and not projections_fused_in(self.model.blocks[0]):  # a move re-creates every weight
-            raise RuntimeError("the model's weights were moved or reloaded after the engine fused them; "
-                               "create a new Engine for the model as it is now")
+        self._check_weights(replay=self.cuda_graphs and graph)
         # A refresh (every position a query) stays the model's own arithmetic, so that the exact mode
         # equals the reference sampler bit for bit; the (approximate) cached steps use fused matmuls.
         fused = self.fused and tokens.shape[1] != cache.length
@@ -287,9 +301,13 @@ class Engine:
         # thread_local: a server captures on its worker thread while other threads (the web server's,
         # the garbage collector's) may free or copy CUDA memory; the default "global" mode would let
         # their calls abort this capture.
-        if id(cache) not in self._graph_pools:
-            self._graph_pools[id(cache)] = torch.cuda.graph_pool_handle()
-        pool = self._graph_pools[id(cache)]
-        with torch.cuda.graph(entry.graph, pool=pool, capture_error_mode="thread_local"):
-            entry.output = run()
+        if cache.graph_pool is None:
+            cache.graph_pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.graph(entry.graph, pool=cache.graph_pool, capture_error_mode="thread_local"):
+                entry.output = run()
+        except BaseException:
+            if not any(other.cache is cache for other in self._graphs.values()):
+                cache.graph_pool = None  # a failed capture leaves its pool's count unreliable
+            raise
         return entry

@@ -25,6 +25,9 @@ class KVCache:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    # The memory pool of the CUDA graphs an engine captured over this cache: it lives and dies with
+    # them (a pool whose graphs were all freed must not be captured into again).
+    graph_pool: tuple[int, int] | None = None
 
     @classmethod
     def allocate(cls, model: LLaDAModel, batch: int, length: int) -> KVCache:
@@ -135,7 +138,14 @@ def fuse_projections(model: LLaDAModel) -> bool:
             if not projections_fused_in(block):
                 block.fused_qkv = _fuse(block.q_proj, block.k_proj, block.v_proj)
                 block.fused_gate_up = _fuse(block.ff_proj, block.up_proj)
+                bump_weights_version(model)
     return True
+
+
+def bump_weights_version(model: LLaDAModel) -> None:
+    """Record that ``model``'s weight tensors were replaced: engines made before then refuse to run
+    (their CUDA graphs read the old tensors' memory)."""
+    model.weights_version = getattr(model, "weights_version", 0) + 1
 
 
 def unfuse_projections(model: LLaDAModel) -> None:
@@ -143,15 +153,19 @@ def unfuse_projections(model: LLaDAModel) -> None:
     for block in model.blocks:
         for name in ("fused_qkv", "fused_gate_up"):
             block.__dict__.pop(name, None)
+    bump_weights_version(model)
 
 
 def projections_fused_in(block: Block) -> bool:
     """Whether ``block`` has fused matrices that its layers' weights are still views of."""
     qkv, gate_up = getattr(block, "fused_qkv", None), getattr(block, "fused_gate_up", None)
-    return (qkv is not None and gate_up is not None and block.q_proj.weight.data_ptr() == qkv.data_ptr()
-            and block.ff_proj.weight.data_ptr() == gate_up.data_ptr()
-            and block.v_proj.weight.data_ptr() == qkv[-block.v_proj.weight.shape[0]:].data_ptr()
-            and block.up_proj.weight.data_ptr() == gate_up[-block.up_proj.weight.shape[0]:].data_ptr())
+    if qkv is None or gate_up is None:
+        return False
+    q, k, v = (block.q_proj.weight, block.k_proj.weight, block.v_proj.weight)
+    gate, up = block.ff_proj.weight, block.up_proj.weight
+    return (q.data_ptr() == qkv.data_ptr() and k.data_ptr() == qkv[q.shape[0]:].data_ptr()
+            and v.data_ptr() == qkv[q.shape[0] + k.shape[0]:].data_ptr()
+            and gate.data_ptr() == gate_up.data_ptr() and up.data_ptr() == gate_up[gate.shape[0]:].data_ptr())
 
 
 def _fuse(*layers: nn.Linear) -> torch.Tensor:

@@ -86,6 +86,9 @@ class Fp8Linear(nn.Module):
 def _replace_projections(model: LLaDAModel, layer_type: type[nn.Module], kind: str) -> LLaDAModel:
     if getattr(model, "quantized", None):
         raise ValueError(f"the model is already quantized ({model.quantized})")
+    if layer_type is Fp8Linear and model.device.type == "cuda" and torch.cuda.get_device_capability(model.device) < (8, 9):
+        raise ValueError(f"fp8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(model.device)} has {torch.cuda.get_device_capability(model.device)}")
     unfuse_projections(model)  # an engine's fused bf16 matrices would bypass the quantized layers
     for block in model.blocks:
         for name in BLOCK_PROJECTIONS:
