@@ -72,6 +72,12 @@ def test_multi_token_requests_share_passes_without_changing_scores(checkpoint_di
         assert score == pytest.approx(expected, rel=1e-5, abs=1e-5) and greedy == expected_greedy
 
 
+def test_a_continuation_longer_than_max_length_is_named(checkpoint_dir: Path) -> None:
+    short = LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=4, max_length=4)
+    with pytest.raises(ValueError, match="request 1: .* max_length=4"):
+        short.loglikelihood([Request(("A", " b")), Request(("A", " the quick brown fox jumps over"))])
+
+
 def test_rolling_scores_sum_windows_and_generation_cuts_at_stops(adapter: LLaDAEvalModel) -> None:
     (score,) = adapter.loglikelihood_rolling([Request(("The fox jumps over the lazy dog.",))])
     assert score < 0

@@ -98,8 +98,8 @@ class LLaDAEvalModel(LM):
         return estimate.log_likelihood
 
     def _score_packed(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """ELBO estimates of several requests whose ``mc_num`` samples fit one pass together: the same
-        estimates as ``_score`` one request at a time (same masks), in fewer forward passes."""
+        """ELBO estimates of several requests whose ``mc_num`` samples fit one pass together: the
+        estimates of ``_score`` one request at a time (same masks; equal up to rounding), in fewer passes."""
         device = self.model.device
         items = [(torch.tensor(context, device=device), torch.tensor(continuation, device=device))
                  for context, continuation in pairs]
@@ -108,8 +108,11 @@ class LLaDAEvalModel(LM):
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
-        for request in requests:
+        for number, request in enumerate(requests):
             context, continuation = self._encode_pair(*request.args)
+            if len(continuation) >= self.max_length:
+                raise ValueError(f"loglikelihood request {number}: its continuation of {len(continuation)} tokens "
+                                 f"leaves no room for context within max_length={self.max_length}")
             pairs.append((context[-(self.max_length - max(1, len(continuation))):], continuation))
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm)
