@@ -119,6 +119,11 @@ def run_one(size: str, objective: str, args: argparse.Namespace, questions: list
     return result
 
 
+def budget(settings: dict) -> dict:
+    """What a run's numbers depend on (not which sizes an invocation runs, nor where checkpoints go)."""
+    return {k: v for k, v in settings.items() if k not in ("sizes", "runs")}
+
+
 def plot(results: list[dict], output: Path, shortest: float) -> None:
     import matplotlib
 
@@ -177,8 +182,6 @@ def main() -> None:
         parser.error(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
     questions = gloss_questions(Path(args.glosses), args.questions)
     settings = {k: v for k, v in vars(args).items() if k not in ("plot", "out_dir")}
-    # What a run's numbers depend on (not which sizes an invocation runs, nor where checkpoints go).
-    budget = lambda recorded: {k: v for k, v in recorded.items() if k not in ("sizes", "runs")}  # noqa: E731
     tokenizer = Tokenizer.from_pretrained(load_config(args.config).model.tokenizer)
     shortest = sum(min(range(4), key=lambda i: len(tokenizer.encode(" " + q["choices"][i], add_special_tokens=False)))
                    == q["label"] for q in questions) / len(questions)
