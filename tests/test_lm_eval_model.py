@@ -91,11 +91,28 @@ def test_lm_eval_runs_the_shipped_tasks_offline(checkpoint_dir: Path, monkeypatc
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     results = simple_evaluate(model="llada", model_args={"pretrained": str(checkpoint_dir), "device": "cpu",
                                                          "mc_num": 4, "gen_length": 8, "block_length": 4},
-                              tasks=["llada_arithmetic_mc", "llada_arithmetic"],
+                              tasks=["llada_arithmetic_mc", "llada_arithmetic", "llada_word_reversal_mc",
+                                     "llada_word_reversal", "llada_counting_ppl"],
                               task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=4)["results"]
-    assert 0.0 <= results["llada_arithmetic_mc"]["acc,none"] <= 1.0
-    assert 0.0 <= results["llada_arithmetic"]["exact_match,strip"] <= 1.0
-    assert results["llada_arithmetic_mc"]["sample_len"] == 4
+    for task in ("llada_arithmetic_mc", "llada_word_reversal_mc"):
+        assert 0.0 <= results[task]["acc,none"] <= 1.0 and results[task]["sample_len"] == 4
+    for task in ("llada_arithmetic", "llada_word_reversal"):
+        assert 0.0 <= results[task]["exact_match,strip"] <= 1.0
+    assert results["llada_counting_ppl"]["word_perplexity,none"] > 1.0  # an untrained model is far from certain
+
+
+def test_generated_task_data_is_right_and_deterministic() -> None:
+    from llada.eval_tasks.generated import _questions, _reversals, counting
+
+    for row in _reversals(50, seed=3):
+        words = row["question"].split(": ", 1)[1].split()
+        assert row["answer"].split() == words[::-1] and row["choices"][row["label"]] == row["answer"]
+        assert len(set(row["choices"])) == 4 and all(sorted(c.split()) == sorted(words) for c in row["choices"])
+    for row in _questions(50, seed=3):
+        assert str(eval(row["question"].removeprefix("What is ").removesuffix("?"))) == row["answer"]
+    assert _reversals(5, 1) == _reversals(5, 1) and counting(3)["test"]["text"] == counting(3)["test"]["text"]
+    first = counting(1)["test"]["text"][0].split()
+    assert [int(n) for n in first] == list(range(int(first[0]), int(first[0]) + len(first)))
 
 
 def test_llada_eval_is_lm_evals_command_line(checkpoint_dir: Path, tmp_path: Path,

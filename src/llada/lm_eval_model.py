@@ -6,7 +6,8 @@ Importing this module registers the model under the name ``llada``; ``llada eval
     llada eval --model llada --model_args pretrained=CKPT,mc_num=64 --tasks llada_arithmetic_mc
 
 works like ``lm_eval`` with the model available and the shipped offline tasks (``eval_tasks/``:
-``llada_arithmetic``, ``llada_arithmetic_mc``) on the include path. In Python: ``import llada.lm_eval_model`` and then
+``llada_arithmetic``, ``llada_word_reversal``, their ``_mc`` variants and ``llada_counting_ppl``)
+on the include path. In Python: ``import llada.lm_eval_model`` and then
 ``lm_eval.simple_evaluate(model="llada", model_args=...)``.
 
 - ``loglikelihood``: the Monte-Carlo ELBO of the continuation given the context (``mc_num``
