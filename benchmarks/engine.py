@@ -34,13 +34,19 @@ from llada.model import LLaDAModel
 from llada.quantize import QUANTIZERS
 from llada.sampling import generate
 from llada.scheduler import Scheduler
+from llada.tokenizer import Tokenizer
 
 
-def random_model(name: str) -> LLaDAModel:
+def random_model(name: str, tokenizer: Tokenizer | None = None) -> LLaDAModel:
+    """A random bf16 model of a preset's shape on the GPU; with ``tokenizer``, its special ids are the
+    tokenizer's (so that text in and out works; ids the tokenizer lacks decode to nothing)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         config = preset(name)
         model = LLaDAModel(config).to(torch.bfloat16)
+    if tokenizer is not None:
+        ids = tokenizer.ids
+        model.config.mask_token_id, model.config.eos_token_id, model.config.eot_token_id = ids.mask, ids.eos, ids.eot
     return model.eval()
 
 

@@ -68,9 +68,7 @@ def main() -> None:
     from engine import random_model
 
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    model = random_model(args.preset)
-    model.config.mask_token_id, model.config.eos_token_id = tokenizer.ids.mask, tokenizer.ids.eos
-    model.config.eot_token_id = tokenizer.ids.eot
+    model = random_model(args.preset, tokenizer)
     lm = LLaDAEvalModel((model, tokenizer), mc_num=args.mc_num, mc_batch_size=args.mc_batch_size,
                         batch_size=args.batch_size, gen_length=args.gen_length, block_length=args.block_length,
                         compile=args.compile)

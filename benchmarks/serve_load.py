@@ -168,9 +168,7 @@ def build_model(args: argparse.Namespace) -> tuple[LLaDAModel, Tokenizer, str]:
         sys.path.insert(0, str(Path(__file__).parent))
         from engine import random_model
 
-        model = random_model(args.init_preset)
-        model.config.mask_token_id, model.config.eos_token_id = tokenizer.ids.mask, tokenizer.ids.eos
-        model.config.eot_token_id = tokenizer.ids.eot
+        model = random_model(args.init_preset, tokenizer)
         return model, tokenizer, f"random-{args.init_preset}"
     from llada.cli import load
 

@@ -171,8 +171,6 @@ class Engine:
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Forward] = {}
-        # One memory pool per cache, shared by that cache's graphs and dropped with them: a pool whose
-        # graphs were all freed must never be captured into again (PyTorch asserts on it).
         config = model.config
         self.mask_id = config.mask_token_id
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)

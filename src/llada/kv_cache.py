@@ -128,17 +128,18 @@ def fuse_projections(model: LLaDAModel) -> bool:
     parameters, memory and bit-identical plain forward pass, while ``cached_forward`` runs one
     matmul where it ran three (or two): fewer, larger kernels for the launch-bound block steps.
     Returns False, changing nothing, for quantized models. Moving or reloading the model's weights
-    afterwards breaks the views; ``projections_fused`` tells whether they still hold.
+    afterwards breaks the views; ``projections_fused_in`` tells whether they still hold.
     """
     projections = [(block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj) for block in model.blocks]
     if not all(isinstance(layer, nn.Linear) for layers in projections for layer in layers):
         return False
+    unfused = [block for block in model.blocks if not projections_fused_in(block)]
     with torch.no_grad():
-        for block in model.blocks:
-            if not projections_fused_in(block):
-                block.fused_qkv = _fuse(block.q_proj, block.k_proj, block.v_proj)
-                block.fused_gate_up = _fuse(block.ff_proj, block.up_proj)
-                bump_weights_version(model)
+        for block in unfused:
+            block.fused_qkv = _fuse(block.q_proj, block.k_proj, block.v_proj)
+            block.fused_gate_up = _fuse(block.ff_proj, block.up_proj)
+    if unfused:
+        bump_weights_version(model)
     return True
 
 
@@ -153,7 +154,6 @@ def unfuse_projections(model: LLaDAModel) -> None:
     for block in model.blocks:
         for name in ("fused_qkv", "fused_gate_up"):
             block.__dict__.pop(name, None)
-    bump_weights_version(model)
 
 
 def projections_fused_in(block: Block) -> bool:

@@ -82,6 +82,16 @@ def elbo_samples(model: LLaDAModel, prompt: torch.Tensor, answer: torch.Tensor, 
 
 
 @torch.no_grad()
+def padded_logits(model: LLaDAModel, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, W, V) logits of token rows of different lengths, left-padded to the longest (W) with the
+    padding hidden from attention: each row's real positions get the logits of the row run alone,
+    at its last ``len(row)`` columns. Several short requests then share one forward pass."""
+    ids, keep = left_pad(rows, model.config.mask_token_id)  # the pad id is never attended to
+    ids, keep = ids.to(model.device), keep.to(model.device)
+    return model(ids, attention_mask=None if bool(keep.all()) else keep).logits
+
+
+@torch.no_grad()
 def packed_elbo_samples(model: LLaDAModel, items: Sequence[tuple[torch.Tensor, torch.Tensor]], num_samples: int,
                         mask_id: int | None = None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """ELBO samples of several (prompt, answer) items in one forward pass: ``num_samples`` stratified
@@ -105,9 +115,7 @@ def packed_elbo_samples(model: LLaDAModel, items: Sequence[tuple[torch.Tensor, t
         targets, masked, noisy = _masked_answers(answer, counts, mask_id, generator)
         drawn.append((targets, masked, counts))
         rows += torch.cat([prompt[None, :].expand(counts.numel(), -1), noisy], dim=1).tolist()
-    ids, keep = left_pad(rows, mask_id)
-    ids, keep = ids.to(model.device), keep.to(model.device)
-    logits = model(ids, attention_mask=None if bool(keep.all()) else keep).logits
+    logits = padded_logits(model, rows)
     samples, row = [], 0
     for targets, masked, counts in drawn:
         n, length = targets.shape

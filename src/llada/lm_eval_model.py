@@ -31,10 +31,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from llada.batch_run import left_pad
 from llada.cli import load
 from llada.engine import Engine, GenerationSettings
-from llada.likelihood import log_likelihood, packed_elbo_samples
+from llada.likelihood import log_likelihood, packed_elbo_samples, padded_logits
 from llada.model import LLaDAModel
 from llada.tokenizer import Tokenizer
 
@@ -84,10 +83,9 @@ class LLaDAEvalModel(LM):
         """Whether the model, given each context with its whole continuation masked, predicts every
         continuation token as its argmax; the pairs share one left-padded forward pass."""
         mask_id = self.model.config.mask_token_id
-        ids, keep = left_pad([context + [mask_id] * len(continuation) for context, continuation in pairs], mask_id)
-        ids, keep = ids.to(self.model.device), keep.to(self.model.device)
-        predicted = self.model(ids, attention_mask=None if bool(keep.all()) else keep).logits.argmax(-1)
-        return [predicted[i, ids.shape[1] - len(continuation):].tolist() == continuation
+        predicted = padded_logits(self.model, [context + [mask_id] * len(continuation)
+                                               for context, continuation in pairs]).argmax(-1)
+        return [predicted[i, predicted.shape[1] - len(continuation):].tolist() == continuation
                 for i, (_, continuation) in enumerate(pairs)]
 
     def _score(self, context: list[int], continuation: list[int]) -> float:
@@ -149,10 +147,8 @@ class LLaDAEvalModel(LM):
     def _score_single_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """log p(token | context) and whether it is the argmax, for one-token continuations, in one
         left-padded batch (padding hidden from attention)."""
-        ids, mask = left_pad([context + [self.model.config.mask_token_id] for context, _ in pairs],
-                             self.tokenizer.ids.eos)
-        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-        logits = self.model(ids, attention_mask=mask if not bool(mask.all()) else None).logits[:, -1].float()
+        logits = padded_logits(self.model, [context + [self.model.config.mask_token_id]
+                                            for context, _ in pairs])[:, -1].float()
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor([continuation[0] for _, continuation in pairs], device=self.model.device)
         scores = log_probs.gather(1, targets[:, None]).squeeze(1).tolist()

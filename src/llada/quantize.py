@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llada.kv_cache import unfuse_projections
+from llada.kv_cache import bump_weights_version, unfuse_projections
 from llada.model import LLaDAModel
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448, the largest e4m3 value
@@ -90,6 +90,7 @@ def _replace_projections(model: LLaDAModel, layer_type: type[nn.Module], kind: s
         raise ValueError(f"fp8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
                          f"{torch.cuda.get_device_name(model.device)} has {torch.cuda.get_device_capability(model.device)}")
     unfuse_projections(model)  # an engine's fused bf16 matrices would bypass the quantized layers
+    bump_weights_version(model)  # the layers below are replaced: engines made before refuse to run
     for block in model.blocks:
         for name in BLOCK_PROJECTIONS:
             layer = getattr(block, name)
