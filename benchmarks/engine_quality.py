@@ -5,14 +5,17 @@ definitions of common words — every setting's answers are compared with the re
 (one token per step, a full forward pass per step): *agreement* is the share of answers identical
 to the reference's, *accuracy* the share of arithmetic answers that are right, *steps* the mean
 number of denoising steps (forward passes) per answer, and *tokens per step* the answer tokens (up
-to and including the first end-of-text token) divided by those steps. The engine runs one prompt
-at a time, the reference sampler all prompts in one batch; tokens/s are CPU figures, comparable
-between the engine's rows only.
+to and including the first end-of-text token) divided by those steps. Every method runs one prompt
+at a time (after a warm-up answer), tokens/s counting answer tokens up to the first end-of-text token
+over wall-clock time. The two "published" rows run the prefix- and dual-cache algorithms with
+threshold 0.9 as their papers describe them: plain PyTorch (no CUDA graphs), no early stop.
 
     python benchmarks/engine_quality.py --out benchmarks/results/engine/quality_demo.json \
         --plot benchmarks/results/engine/quality_demo.png
     python benchmarks/engine_quality.py --quantize int8 --out benchmarks/results/engine/quality_demo_int8.json
     python benchmarks/engine_quality.py --quantize fp8 --out benchmarks/results/engine/quality_demo_fp8.json
+    PYTHONPATH=src python benchmarks/engine_quality.py --device cuda --dtype bfloat16 \
+        --out benchmarks/results/engine/quality_demo_gpu.json --plot benchmarks/results/engine/quality_demo_gpu.png
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from llada.batch_run import left_pad
 from llada.cli import DEMO_MODEL, answer_text
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
@@ -67,21 +69,27 @@ def main() -> None:
     parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--quantize", choices=sorted(QUANTIZERS),
                         help="quantize the block weights after the reference answers (llada.quantize)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: CUDA graphs for the engine's steps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the engine's block steps")
     parser.add_argument("--out")
     parser.add_argument("--plot")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = LLaDAModel.from_pretrained(args.model, dtype=torch.float32)
+    model = LLaDAModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
     tokenizer = Tokenizer.from_pretrained(args.model)
     questions = prompts(args.arithmetic)
     ids = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q, _ in questions]
-    padded, mask = left_pad(ids, tokenizer.ids.eos)
-    width = padded.shape[1]
+    # One prompt at a time, like the engine's rows below (timed after one warm-up answer).
+    generate(model, torch.tensor([ids[0]], device=args.device), steps=args.gen_length, gen_length=args.gen_length,
+             block_length=args.block_length)
+    synchronize(args.device)
     start = time.perf_counter()
-    out = generate(model, padded, attention_mask=mask, steps=args.gen_length, gen_length=args.gen_length,
-                   block_length=args.block_length)
+    out = [generate(model, torch.tensor([row], device=args.device), steps=args.gen_length,
+                    gen_length=args.gen_length, block_length=args.block_length)[0, len(row):].tolist() for row in ids]
+    synchronize(args.device)
     reference_seconds = time.perf_counter() - start
-    reference = [answer_text(tokenizer, row[width:].tolist()) for row in out]
+    reference = [answer_text(tokenizer, row) for row in out]
 
     def score(texts: list[str]) -> tuple[float, float]:
         agree = sum(a == b for a, b in zip(texts, reference)) / len(texts)
@@ -90,20 +98,27 @@ def main() -> None:
 
     reference_agreement, reference_accuracy = score(reference)
     ends = {tokenizer.ids.eos, tokenizer.ids.eot}
-    reference_tokens = sum(next((i + 1 for i, t in enumerate(row[width:].tolist()) if t in ends), args.gen_length)
-                           for row in out)
+    reference_tokens = sum(next((i + 1 for i, t in enumerate(row) if t in ends), args.gen_length) for row in out)
     rows = [{"setting": "reference sampler", "agreement": reference_agreement, "accuracy": reference_accuracy,
              "steps": float(args.gen_length), "tokens_per_step": reference_tokens / (len(ids) * args.gen_length),
              "tokens_per_s": reference_tokens / reference_seconds}]
     if args.quantize:
         QUANTIZERS[args.quantize](model)
-    engine = Engine(model)
-    for name, overrides in SETTINGS.items():
+    engine = Engine(model, compile=args.compile)
+    published = Engine(model, cuda_graphs=False)  # the published algorithms: plain PyTorch, no early stop
+    runs = [(name, engine, overrides) for name, overrides in SETTINGS.items()]
+    runs += [(f"published {cache} cache, threshold 0.9", published,
+              {"cache": cache, "policy": "threshold", "threshold": 0.9, "early_stop": False})
+             for cache in ("prefix", "dual")]
+    for name, runner, overrides in runs:
         settings = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, **overrides)
+        runner.generate([ids[0]], settings)  # warm-up: captures (and compiles) this setting's shapes
+        synchronize(args.device)
         start = time.perf_counter()
         # One prompt at a time: a batch advances block by block in lockstep, so its step count is
         # the slowest row's; per-prompt runs show each answer's own number of steps.
-        results = [engine.generate([row], settings)[0] for row in ids]
+        results = [runner.generate([row], settings)[0] for row in ids]
+        synchronize(args.device)
         seconds = time.perf_counter() - start
         texts = [answer_text(tokenizer, r.answer.tolist()) for r in results]
         agreement, accuracy = score(texts)
@@ -114,24 +129,35 @@ def main() -> None:
     for row in rows:
         print(f"{row['setting']:30s} agreement {row['agreement']:6.1%}  arithmetic {row['accuracy']:6.1%}  "
               f"{row['steps']:5.1f} steps  {row['tokens_per_step']:5.2f} tokens/step  "
-              f"{row['tokens_per_s']:8.1f} tokens/s (CPU)")
+              f"{row['tokens_per_s']:8.1f} tokens/s ({args.device})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "prompts": len(questions),
                                               "gen_length": args.gen_length, "block_length": args.block_length,
-                                              "quantize": args.quantize, "rows": rows}, indent=2) + "\n")
+                                              "quantize": args.quantize, "device": device_name(args.device),
+                                              "dtype": args.dtype, "compile": args.compile, "torch": torch.__version__,
+                                              "rows": rows}, indent=2) + "\n")
     if args.plot:
-        plot(rows, Path(args.plot))
+        plot(rows, Path(args.plot), device_name(args.device))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for axis, key, label in ((axes[0], "tokens_per_s", "answer tokens/s (CPU, one prompt at a time)"),
+    for axis, key, label in ((axes[0], "tokens_per_s", f"answer tokens/s ({device}, one prompt at a time)"),
                              (axes[1], "steps", "denoising steps per answer")):
         for row in rows:
             axis.scatter(row[key], row["agreement"], s=30)

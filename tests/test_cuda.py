@@ -47,18 +47,19 @@ def test_fused_dual_cache_steps_agree_with_unfused_ones() -> None:
     assert (fused == unfused).float().mean() > 0.9  # bf16 rounding of a different matmul shape only
 
 
+@pytest.mark.parametrize("rows", [32, 1024])  # the unit-scale path and the row-wise scaled one
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fp8_linear_on_the_gpu_equals_its_rounded_operands(compiled: bool) -> None:
+def test_fp8_linear_on_the_gpu_equals_its_rounded_operands(compiled: bool, rows: int) -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     weight = torch.randn(256, 128, device="cuda", generator=generator)
     layer = Fp8Linear(weight.bfloat16())
-    x = torch.randn(3, 32, 128, device="cuda", generator=generator).bfloat16()
+    x = torch.randn(3, rows, 128, device="cuda", generator=generator).bfloat16()
     row_scales = x.float().abs().amax(-1, keepdim=True) / FP8_MAX
     rounded = (x.float() / row_scales).to(torch.float8_e4m3fn).float() * row_scales
     expected = rounded @ layer.dequantized().T
     run = torch.compile(layer, fullgraph=True) if compiled else layer
     out = run(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (3, 32, 256)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, rows, 256)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding
 
 
@@ -71,13 +72,20 @@ def test_a_scheduler_on_a_worker_thread_captures_graphs_while_other_threads_use_
     requests = [scheduler.submit(row, settings[i % 2]) for i, row in enumerate(prompts((3, 5, 7, 9, 4, 6, 8, 10)))]
     stop = threading.Event()
 
+    failure: list[BaseException] = []
+
     def churn() -> None:
-        while not stop.is_set():
-            torch.randn(1 << 16, device="cuda").sum().item()
+        # Its own generator: a capture claims the default CUDA generator, whose use on another thread
+        # during the capture fails (PyTorch: "Offset increment outside graph capture").
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        try:
+            while not stop.is_set():
+                torch.randn(1 << 16, device="cuda", generator=generator).sum().item()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the test's thread
+            failure.append(error)
 
     other = threading.Thread(target=churn)
     other.start()
-    failure: list[BaseException] = []
 
     def work() -> None:
         try:

@@ -12,7 +12,7 @@ from llada.decoding import select
 from llada.engine import Engine, GenerationSettings
 from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
 from llada.model import attention_bias
-from llada.quantize import quantize_int8
+from llada.quantize import Fp8Linear, quantize_fp8, quantize_int8
 from llada.sampling import generate
 
 END = 7  # EOS of the test models (a token id their weights emit now and then)
@@ -243,7 +243,7 @@ def test_fused_projections_keep_the_model_and_match_unfused_steps() -> None:
         engine.generate(prompts((4,)), settings)
 
 
-def test_quantized_models_are_not_fused() -> None:
+def test_int8_models_are_not_fused() -> None:
     net = quantize_int8(model())
     assert not fuse_projections(net) and not Engine(net, fuse=True).fused
     fused = model()
@@ -253,6 +253,31 @@ def test_quantized_models_are_not_fused() -> None:
     ids = torch.tensor(prompts((6,)))
     plain = cached_forward(fused, ids, torch.arange(6)[None], KVCache.allocate(fused, 1, 6), None, fused=True)
     torch.testing.assert_close(plain, fused(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_fp8_models_are_fused_into_stacked_fp8_layers() -> None:
+    """Fp8 scales are per output channel, so a stacked q/k/v (gate/up) layer rounds exactly as the
+    separate ones: fused cached passes and answers equal the unfused ones; the model's state dict
+    and module tree are unchanged."""
+    net = quantize_fp8(model())
+    ids = torch.tensor(prompts((6,)))
+    before = net(ids).logits
+    names, modules = list(net.state_dict()), [name for name, _ in net.named_modules()]
+    positions = torch.arange(6)[None]
+    unfused = cached_forward(net, ids, positions, KVCache.allocate(net, 1, 6), None)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=16, early_stop=False,
+                                  cache="dual")
+    expected = answers(Engine(net, fuse=False).generate(prompts((4, 6)), settings))
+    engine = Engine(net, fuse=True)
+    block = net.blocks[0]
+    assert engine.fused and isinstance(block.fused_qkv, Fp8Linear) and projections_fused_in(block)
+    assert block.k_proj.weight.data_ptr() == block.fused_qkv.weight[block.q_proj.weight.shape[0]:].data_ptr()
+    assert block.up_proj.scales.data_ptr() == block.fused_gate_up.scales[:, block.ff_proj.weight.shape[0]:].data_ptr()
+    assert list(net.state_dict()) == names and [name for name, _ in net.named_modules()] == modules
+    assert torch.equal(net(ids).logits, before)
+    fused = cached_forward(net, ids, positions, KVCache.allocate(net, 1, 6), None, fused=True)
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    assert torch.equal(answers(engine.generate(prompts((4, 6)), settings)), expected)
 
 
 def test_fused_matrices_serve_the_cached_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,17 +127,21 @@ def fuse_projections(model: LLaDAModel) -> bool:
     The layers' own weights become row slices (views) of the fused matrices, so the model keeps its
     parameters, memory and bit-identical plain forward pass, while ``cached_forward`` runs one
     matmul where it ran three (or two): fewer, larger kernels for the launch-bound block steps.
-    Returns False, changing nothing, for quantized models. Moving or reloading the model's weights
+    Quantized layers that can be stacked (fp8: ``Fp8Linear.stacked``) are fused the same way; for
+    others (int8) it returns False, changing nothing. Moving or reloading the model's weights
     afterwards breaks the views; ``projections_fused_in`` tells whether they still hold.
     """
     projections = [(block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj) for block in model.blocks]
-    if not all(isinstance(layer, nn.Linear) for layers in projections for layer in layers):
+    kinds = {type(layer) for layers in projections for layer in layers}
+    if len(kinds) != 1 or not (kinds == {nn.Linear} or hasattr(next(iter(kinds)), "stacked")):
         return False
     unfused = [block for block in model.blocks if not projections_fused_in(block)]
     with torch.no_grad():
         for block in unfused:
-            block.fused_qkv = _fuse(block.q_proj, block.k_proj, block.v_proj)
-            block.fused_gate_up = _fuse(block.ff_proj, block.up_proj)
+            # Plain attributes, not registered submodules or buffers: the model's state dict,
+            # parameters and module tree stay as they were.
+            object.__setattr__(block, "fused_qkv", _fuse(block.q_proj, block.k_proj, block.v_proj))
+            object.__setattr__(block, "fused_gate_up", _fuse(block.ff_proj, block.up_proj))
     if unfused:
         bump_weights_version(model)
     return True
@@ -161,6 +165,7 @@ def projections_fused_in(block: Block) -> bool:
     qkv, gate_up = getattr(block, "fused_qkv", None), getattr(block, "fused_gate_up", None)
     if qkv is None or gate_up is None:
         return False
+    qkv, gate_up = (fused if isinstance(fused, torch.Tensor) else fused.weight for fused in (qkv, gate_up))
     q, k, v = (block.q_proj.weight, block.k_proj.weight, block.v_proj.weight)
     gate, up = block.ff_proj.weight, block.up_proj.weight
     return (q.data_ptr() == qkv.data_ptr() and k.data_ptr() == qkv[q.shape[0]:].data_ptr()
@@ -168,7 +173,10 @@ def projections_fused_in(block: Block) -> bool:
             and gate.data_ptr() == gate_up.data_ptr() and up.data_ptr() == gate_up[gate.shape[0]:].data_ptr())
 
 
-def _fuse(*layers: nn.Linear) -> torch.Tensor:
+def _fuse(*layers: nn.Module) -> torch.Tensor | nn.Module:
+    """The stacked weight matrix of ``nn.Linear`` layers, or the stacked layer of quantized ones."""
+    if not isinstance(layers[0], nn.Linear):
+        return type(layers[0]).stacked(list(layers))
     fused = torch.cat([layer.weight.detach() for layer in layers])
     start = 0
     for layer in layers:
@@ -176,6 +184,10 @@ def _fuse(*layers: nn.Linear) -> torch.Tensor:
         layer.weight.data = fused[start:start + rows]
         start += rows
     return fused
+
+
+def _apply(fused: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, fused) if isinstance(fused, torch.Tensor) else fused(x)
 
 
 def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_fused: bool
@@ -186,7 +198,8 @@ def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         return block.project_qkv(x, cos, sin)
     batch, length, _ = x.shape
     kv_width = block.n_kv_heads * block.head_dim
-    q, k, v = F.linear(x, fused).split([fused.shape[0] - 2 * kv_width, kv_width, kv_width], dim=-1)
+    q_width = block.n_heads * block.head_dim
+    q, k, v = _apply(fused, x).split([q_width, kv_width, kv_width], dim=-1)
     q = q.reshape(batch, length, block.n_heads, block.head_dim).transpose(1, 2)
     k = k.reshape(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
     v = v.reshape(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
@@ -198,5 +211,5 @@ def _mlp(block: Block, x: torch.Tensor, use_fused: bool) -> torch.Tensor:
     fused = getattr(block, "fused_gate_up", None) if use_fused else None
     if fused is None:
         return block.mlp(x)
-    gate, up = F.linear(x, fused).chunk(2, dim=-1)
+    gate, up = _apply(fused, x).chunk(2, dim=-1)
     return block.ff_out(F.silu(gate) * up)

@@ -31,6 +31,10 @@ from llada.kv_cache import bump_weights_version, unfuse_projections
 from llada.model import LLaDAModel
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448, the largest e4m3 value
+# Below this many rows Fp8Linear runs the plain (unit-scale) fp8 matmul and scales its output; from it
+# on, PyTorch's row-wise scaled kernel, faster for compute-bound shapes (84 against 100 µs at 1,024
+# rows): benchmarks/results/engine/fp8_matmul_h200.json.
+UNIT_SCALE_ROWS = 512
 BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
@@ -66,15 +70,42 @@ class Fp8Linear(nn.Module):
         scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX  # (out,)
         self.register_buffer("weight", (weight.float() / scales[:, None]).to(torch.float8_e4m3fn))
         self.register_buffer("scales", scales[None, :].contiguous())  # (1, out) float32, as _scaled_mm wants
+        self.register_buffer("unit", torch.ones((), device=weight.device), persistent=False)
+
+    @classmethod
+    def stacked(cls, layers: list[Fp8Linear]) -> Fp8Linear:
+        """One layer computing ``layers``' outputs side by side (for fused q/k/v and gate/up matmuls);
+        the layers' buffers become views of its own. Scales are per output channel, so the stacked
+        layer rounds exactly as the separate ones do."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
+        fused.register_buffer("scales", torch.cat([layer.scales for layer in layers], dim=1))
+        fused.register_buffer("unit", layers[0].unit, persistent=False)
+        start = 0
+        for layer in layers:
+            rows = layer.weight.shape[0]
+            layer.weight = fused.weight[start:start + rows]
+            layer.scales = fused.scales[:, start:start + rows]
+            start += rows
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         row_scales = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (M, 1)
         quantized = (rows.float() / row_scales).to(torch.float8_e4m3fn)
-        # CUDA's row-wise scaled matmul writes bfloat16 only; the CPU one writes any float dtype.
+        # CUDA's scaled matmuls write bfloat16 here; the CPU ones write any float dtype.
         out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
-        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=row_scales, scale_b=self.scales,
-                               out_dtype=out_dtype)
+        if rows.shape[0] < UNIT_SCALE_ROWS:
+            # Few rows (the engine's block steps): the plain fp8 matmul, scaled afterwards, is faster than
+            # the row-wise scaled kernel (18 µs against 26 µs for 32 × 4096 → 12288 on an H200). The
+            # raw product rounds to bfloat16 once more before scaling: 0.2% next to fp8's few %.
+            raw = torch._scaled_mm(quantized, self.weight.t(), scale_a=self.unit, scale_b=self.unit,
+                                   out_dtype=out_dtype)
+            out = raw.to(torch.promote_types(raw.dtype, torch.float32)) * row_scales * self.scales
+        else:
+            out = torch._scaled_mm(quantized, self.weight.t(), scale_a=row_scales, scale_b=self.scales,
+                                   out_dtype=out_dtype)
         return out.view(*x.shape[:-1], -1).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:

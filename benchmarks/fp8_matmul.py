@@ -1,0 +1,111 @@
+"""Ways to run one projection of the 8B model with fp8 weights, against bf16, at the engine's row counts.
+
+Each variant maps a bf16 input (rows × in) to a bf16 output (rows × out), including the run-time
+quantization of the input, compiled with ``torch.compile`` and timed as a CUDA graph of 20 calls
+(GPU time per call, no host overhead):
+
+- ``bf16``: ``F.linear`` with bf16 weights (the baseline).
+- ``fp8_rowwise``: ``torch._scaled_mm`` given per-row input scales and per-column weight scales
+  (PyTorch's row-wise scaled kernel).
+- ``fp8_unit_scales``: ``torch._scaled_mm`` with scales of 1 (cuBLASLt's plain fp8 matmul) writing
+  bf16, the scales applied to the output afterwards (one fused elementwise kernel).
+- ``fp8_unit_scales_fast_accum``: the same with Hopper's fast fp8 accumulation.
+
+    PYTHONPATH=src python benchmarks/fp8_matmul.py --out benchmarks/results/engine/fp8_matmul_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+SHAPES = {"qkv (fused)": (4096, 12288), "attn_out": (4096, 4096), "gate_up (fused)": (4096, 24576),
+          "ff_out": (12288, 4096)}
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scales = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scales).to(torch.float8_e4m3fn), scales
+
+
+def variants(weight: torch.Tensor) -> dict:
+    w_scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
+    w8 = (weight.float() / w_scales[:, None]).to(torch.float8_e4m3fn)
+    w_scales_row = w_scales[None, :].contiguous()
+    one = torch.ones((), device=weight.device)
+
+    def bf16(x):
+        return F.linear(x, weight)
+
+    def fp8_rowwise(x):
+        q, s = quantize_rows(x)
+        return torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=w_scales_row, out_dtype=torch.bfloat16)
+
+    def unit_scales(fast: bool):
+        def run(x):
+            q, s = quantize_rows(x)
+            raw = torch._scaled_mm(q, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                   use_fast_accum=fast)
+            return (raw.float() * s * w_scales_row).to(torch.bfloat16)
+        return run
+
+    return {"bf16": bf16, "fp8_rowwise": fp8_rowwise, "fp8_unit_scales": unit_scales(False),
+            "fp8_unit_scales_fast_accum": unit_scales(True)}
+
+
+def graph_time_us(fn, x: torch.Tensor, calls: int = 20) -> float:
+    """GPU microseconds per call of ``fn(x)``, replaying a CUDA graph of ``calls`` calls."""
+    for _ in range(3):
+        fn(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(x)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * calls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="32,256,1024,8192")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for shape_name, (fan_in, fan_out) in SHAPES.items():
+        weight = (torch.randn(fan_out, fan_in, device="cuda") / fan_in**0.5).bfloat16()
+        for rows in map(int, args.rows.split(",")):
+            x = torch.randn(rows, fan_in, device="cuda").bfloat16()
+            reference = x.double() @ weight.double().T
+            line = {"shape": shape_name, "in": fan_in, "out": fan_out, "rows": rows}
+            for name, fn in variants(weight).items():
+                compiled = torch.compile(fn, fullgraph=True)
+                out = compiled(x)
+                error = ((out.double() - reference).norm() / reference.norm()).item()
+                line[f"{name}_us"] = graph_time_us(compiled, x)
+                line[f"{name}_rel_error"] = error
+            results.append(line)
+            print(f"{shape_name:16s} rows {rows:5d}  " + "  ".join(
+                f"{name} {line[name + '_us']:7.1f} us ({line[name + '_rel_error']:.1e})" for name in variants(weight)),
+                flush=True)
+            torch._dynamo.reset()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
