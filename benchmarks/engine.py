@@ -10,7 +10,7 @@ Random bf16 weights at the LLaDA-8B shape (speed does not depend on the weights'
 - ``--part e2e``: tokens/s over whole generations for answer lengths and batch sizes: the reference
   sampler (one token per step), the published prefix-cache and dual-cache algorithms with
   confidence threshold 0.9 as their papers describe them (eager PyTorch, no graphs), and the engine's
-  best settings. Tokens are counted up to and including each answer's first end-of-text token,
+  best settings, in bf16 and (``engine_fp8``) with fp8 block weights. Tokens are counted up to and including each answer's first end-of-text token,
   wall-clock includes all host work. With random weights no confidence reaches the threshold, so
   every method commits one token per step: the ratios measure the cost of a step, not parallelism
   (docs/engine.md reports tokens per step on a trained model).
@@ -126,15 +126,22 @@ def count_tokens(results) -> int:
 
 def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batches: list[int],
              methods: list[str], block: int, threshold: float, slow_max_batch: int) -> list[dict]:
+    """Method by method over every shape; ``engine_fp8``/``engine_int8`` (the engine on quantized block
+    weights) last, since quantizing changes the model in place."""
     rows = []
     engines = {"published_prefix": Engine(model, cuda_graphs=False), "published_dual": Engine(model, cuda_graphs=False),
                "engine": Engine(model, cuda_graphs=True, compile=True)}
-    for gen_length in gen_lengths:
-        for batch in batches:
-            prompt = torch.randint(0, model.config.vocab_size - 1000, (batch, prompt_length), device="cuda")
-            for method in methods:
+    prompts = {batch: torch.randint(0, model.config.vocab_size - 1000, (batch, prompt_length), device="cuda")
+               for batch in batches}
+    for method in sorted(methods, key=lambda m: m.startswith("engine_")):
+        if method.startswith("engine_"):
+            QUANTIZERS[method.removeprefix("engine_")](model)
+            engines[method] = Engine(model, cuda_graphs=True, compile=True)
+        for gen_length in gen_lengths:
+            for batch in batches:
                 if method in ("reference", "published_prefix") and batch > slow_max_batch:
                     continue
+                prompt = prompts[batch]
                 if method == "reference":
                     def run():
                         out = generate(model, prompt, steps=gen_length, gen_length=gen_length, block_length=block)
@@ -143,12 +150,12 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
                     cache = "prefix" if method == "published_prefix" else "dual"
                     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="threshold",
                                                   threshold=threshold, cache=cache,
-                                                  early_stop=method == "engine")
+                                                  early_stop=method.startswith("engine"))
 
                     def run():
                         out = engines[method].generate(prompt, settings)
                         return count_tokens(out), out
-                if method == "engine":
+                if method.startswith("engine"):
                     run()  # compile and capture this shape first
                 torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -204,7 +211,8 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--gen-lengths", default="256,512")
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine")
+    parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine,engine_fp8",
+                        help="engine_fp8 / engine_int8: the engine on quantized block weights (run last)")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--slow-max-batch", type=int, default=1,

@@ -17,9 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from engine import random_model
 from torch.profiler import ProfilerActivity, profile
 
-from engine import random_model
 from llada.engine import Engine, GenerationSettings
 from llada.quantize import QUANTIZERS
 

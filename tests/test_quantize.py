@@ -8,8 +8,15 @@ from test_engine import model, prompts
 
 from llada.checkpoint import CheckpointError
 from llada.engine import Engine, GenerationSettings
-from llada.quantize import (BLOCK_PROJECTIONS, FP8_MAX, UNIT_SCALE_ROWS, Fp8Linear, Int8Linear, quantize_fp8,
-                            quantize_int8)
+from llada.quantize import (
+    BLOCK_PROJECTIONS,
+    FP8_MAX,
+    UNIT_SCALE_ROWS,
+    Fp8Linear,
+    Int8Linear,
+    quantize_fp8,
+    quantize_int8,
+)
 
 
 def test_int8_linear_is_within_half_a_step_of_the_weight() -> None:
