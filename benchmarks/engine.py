@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,9 +126,11 @@ def count_tokens(results) -> int:
 
 
 def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batches: list[int],
-             methods: list[str], block: int, threshold: float, slow_max_batch: int) -> list[dict]:
+             methods: list[str], block: int, threshold: float, slow_max_batch: int,
+             on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Method by method over every shape; ``engine_fp8``/``engine_int8`` (the engine on quantized block
-    weights) last, since quantizing changes the model in place."""
+    weights) last, since quantizing changes the model in place. ``on_row(rows)`` after each row (the
+    command line saves what it has, so that a run cut short keeps its rows)."""
     rows = []
     engines = {"published_prefix": Engine(model, cuda_graphs=False), "published_dual": Engine(model, cuda_graphs=False),
                "engine": Engine(model, cuda_graphs=True, compile=True)}
@@ -167,6 +170,8 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
                 rows.append(row)
                 print(f"gen {gen_length:4d} batch {batch:3d} {method:18s} {tokens:6d} tokens {seconds:8.2f} s "
                       f"{row['tokens_per_s']:9.1f} tokens/s", flush=True)
+                if on_row:
+                    on_row(rows)
     return rows
 
 
@@ -231,12 +236,20 @@ def main() -> None:
     if args.part == "step":
         info["step"] = step_part(model, args.prompt_length, 256, args.block_length, 1, args.quantize)
     elif args.part == "e2e":
+        def save(rows: list[dict]) -> None:
+            info["e2e"] = rows
+            write(info, args.out)
+
         info["e2e"] = e2e_part(model, args.prompt_length, [int(g) for g in args.gen_lengths.split(",")],
                                [int(b) for b in args.batches.split(",")], args.methods.split(","),
-                               args.block_length, args.threshold, args.slow_max_batch)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(info, indent=2) + "\n")
+                               args.block_length, args.threshold, args.slow_max_batch, save)
+    write(info, args.out)
+
+
+def write(info: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(info, indent=2) + "\n")
 
 
 if __name__ == "__main__":
