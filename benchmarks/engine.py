@@ -129,16 +129,22 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
              methods: list[str], block: int, threshold: float, slow_max_batch: int,
              on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Method by method over every shape; ``engine_fp8``/``engine_int8`` (the engine on quantized block
-    weights) last, since quantizing changes the model in place. ``on_row(rows)`` after each row (the
+    weights) last, since quantizing changes the model in place; ``..._keep_prompt``: with
+    ``keep_prompt`` (answer-only refreshes). ``on_row(rows)`` after each row (the
     command line saves what it has, so that a run cut short keeps its rows)."""
     rows = []
     engines = {"published_prefix": Engine(model, cuda_graphs=False), "published_dual": Engine(model, cuda_graphs=False),
                "engine": Engine(model, cuda_graphs=True, compile=True)}
     prompts = {batch: torch.randint(0, model.config.vocab_size - 1000, (batch, prompt_length), device="cuda")
                for batch in batches}
-    for method in sorted(methods, key=lambda m: m.startswith("engine_")):
-        if method.startswith("engine_"):
-            QUANTIZERS[method.removeprefix("engine_")](model)
+    def quantized(method: str) -> str | None:
+        return next((kind for kind in QUANTIZERS if f"_{kind}" in method), None)
+
+    for method in sorted(methods, key=lambda m: quantized(m) is not None):
+        if method.startswith("engine") and method not in engines:
+            kind = quantized(method)
+            if kind and getattr(model, "quantized", None) != kind:
+                QUANTIZERS[kind](model)
             engines[method] = Engine(model, cuda_graphs=True, compile=True)
         for gen_length in gen_lengths:
             for batch in batches:
@@ -153,7 +159,8 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
                     cache = "prefix" if method == "published_prefix" else "dual"
                     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="threshold",
                                                   threshold=threshold, cache=cache,
-                                                  early_stop=method.startswith("engine"))
+                                                  early_stop=method.startswith("engine"),
+                                                  keep_prompt="keep_prompt" in method)
 
                     def run():
                         out = engines[method].generate(prompt, settings)
@@ -217,7 +224,8 @@ def main() -> None:
     parser.add_argument("--gen-lengths", default="256,512")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine,engine_fp8",
-                        help="engine_fp8 / engine_int8: the engine on quantized block weights (run last)")
+                        help="engine methods: engine, engine_keep_prompt (settings.keep_prompt), engine_fp8 / "
+                             "engine_int8 (quantized block weights, run last), engine_fp8_keep_prompt")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--slow-max-batch", type=int, default=1,

@@ -47,6 +47,10 @@ SETTINGS = {
     **{f"dual cache, threshold {t}": {"cache": "dual", "policy": "threshold", "threshold": t}
        for t in (0.95, 0.9, 0.8, 0.7, 0.5, 0.3)},
     **{f"dual cache, factor {f}": {"cache": "dual", "policy": "factor", "factor": f} for f in (0.5, 1.0, 2.0)},
+    "dual cache, threshold 0.9, keep prompt": {"cache": "dual", "policy": "threshold", "threshold": 0.9,
+                                               "keep_prompt": True},
+    "prefix cache, threshold 0.9, keep prompt": {"cache": "prefix", "policy": "threshold", "threshold": 0.9,
+                                                 "keep_prompt": True},
 }
 
 

@@ -131,6 +131,15 @@ def test_bad_sampling_settings_are_reported(checkpoint_dir: Path, capsys: pytest
     assert "multiple of block_length" in capsys.readouterr().err
 
 
+def test_keep_prompt_flag(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["generate", "--model", str(checkpoint_dir), "--prompt", "x", "--gen-length", "8", "--block-length", "4",
+            "--keep-prompt", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--cache", "none"]) == 2
+    assert "keep_prompt needs a cache" in capsys.readouterr().err
+
+
 def test_console_script_help() -> None:
     result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "examples:" in result.stdout and "--block-length" in result.stdout

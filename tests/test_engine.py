@@ -90,9 +90,11 @@ def test_refresh_equals_the_full_forward_pass_and_cached_steps_reuse_it() -> Non
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
-@pytest.mark.parametrize("read_only", [False, True])
-def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, read_only: bool) -> None:
-    """With one layer, keys/values depend on their own token only, so re-querying the block is exact."""
+@pytest.mark.parametrize(("read_only", "keep_prompt"), [(False, False), (True, False), (False, True)])
+def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, read_only: bool,
+                                                keep_prompt: bool) -> None:
+    """With one layer, keys/values depend on their own token only, so re-querying the block (and
+    keeping the prompt's keys/values) is exact."""
     net = model(n_layers=1)
     rows = prompts((4, 6))
     base = {"gen_length": 16, "block_length": 8, "policy": "threshold", "threshold": 0.05, "early_stop": False,
@@ -100,16 +102,18 @@ def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, re
     exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
     engine = Engine(net)
     engine.compiled = read_only  # the compiled engine's read-only block steps, without compiling on the CPU
-    cached = engine.generate(rows, GenerationSettings(cache=cache, **base))
+    cached = engine.generate(rows, GenerationSettings(cache=cache, keep_prompt=keep_prompt, refresh_every=3, **base))
     assert torch.equal(answers(cached), answers(exact))
     assert [r.steps for r in cached] == [r.steps for r in exact]
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-def test_batched_results_equal_single_prompt_results(cache: str) -> None:
+@pytest.mark.parametrize(("cache", "keep_prompt"), [("none", False), ("prefix", False), ("dual", False),
+                                                   ("prefix", True), ("dual", True)])
+def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bool) -> None:
     net = model()
     rows = prompts((3, 8, 5, 6), seed=1)
-    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3, cache=cache)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3, cache=cache,
+                                  keep_prompt=keep_prompt)
     engine = Engine(net)
     together = engine.generate(rows, settings)
     alone = [engine.generate([row], settings)[0] for row in rows]
@@ -117,6 +121,33 @@ def test_batched_results_equal_single_prompt_results(cache: str) -> None:
     if cache != "prefix":  # each row at its own pace (the prefix cache keeps rows in step)
         assert [r.steps for r in together] == [r.steps for r in alone]
         assert len({r.steps for r in together}) > 1
+
+
+def test_keep_prompt_refreshes_query_the_answer_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row's first refresh queries prompt and answer; later ones (block starts, ``refresh_every``)
+    the answer only, reading the prompt's keys/values from the cache — which, with two layers, are
+    stale, so the answers differ from the complete refreshes' somewhere."""
+    net = model()
+    rows = prompts((5, 9, 4), seed=2)
+    base = GenerationSettings(gen_length=16, block_length=4, policy="fixed", steps=16, cache="dual", early_stop=False,
+                              refresh_every=2)
+    engine = Engine(net)
+    queries = []
+    original = Engine.forward
+
+    def spy(self, cache, tokens, *args, **kwargs):
+        queries.append(tokens.shape[1])
+        return original(self, cache, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "forward", spy)
+    kept = engine.generate(rows, replace(base, keep_prompt=True))
+    total = 9 + 16
+    # 16 steps of one token: a refresh at steps 0 and 2 of each block, block steps in between.
+    assert queries == [total, 4, 16, 4] + [16, 4, 16, 4] * 3
+    queries.clear()
+    complete = engine.generate(rows, base)
+    assert queries == [total, 4, total, 4] * 4
+    assert not torch.equal(answers(kept), answers(complete))
 
 
 def test_threshold_one_commits_one_token_per_step() -> None:
@@ -187,6 +218,7 @@ def test_policies_against_their_definitions() -> None:
     ({"remasking": "sideways"}, "remasking"),
     ({"temperature": -1}, "temperature"),
     ({"gen_length": 600}, "max_sequence_length"),
+    ({"cache": "none", "keep_prompt": True}, "keep_prompt"),
 ])
 def test_bad_settings_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

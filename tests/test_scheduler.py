@@ -45,7 +45,8 @@ def test_prompts_longer_than_the_room_start_a_new_batch() -> None:
     assert long.result.tokens == engine.generate([long.prompt], SETTINGS)[0].tokens
 
 
-@pytest.mark.parametrize("settings", [SETTINGS, GenerationSettings(**{**SETTINGS.__dict__, "cfg_scale": 1.0})])
+@pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0), replace(SETTINGS, keep_prompt=True),
+                                      replace(SETTINGS, keep_prompt=True, cfg_scale=1.0)])
 def test_batch_grows_when_more_prompts_join_than_it_has_free_rows(settings: GenerationSettings) -> None:
     engine = Engine(model())
     rows = prompts((3, 4, 2, 5, 4), seed=6)

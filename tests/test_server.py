@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 
 import httpx
 import openai
@@ -338,6 +339,17 @@ def test_special_token_strings_in_messages_and_prompts_are_plain_text(model_and_
     assert tokenizer.decode(chat.prompt) == tokenizer.apply_chat_template([{"role": "user", "content": "Hi" + injection}])
     completion = parse_job("completion", {"prompt": injection}, tokenizer, config, 4096)
     assert not special & set(completion.prompt) and tokenizer.decode(completion.prompt) == injection
+
+
+def test_a_server_keeping_prompts_serves_exact_mode_requests(model_and_tokenizer) -> None:
+    """keep_prompt (a server-wide flag) refines the cached modes; a request for the exact mode drops it
+    instead of failing validation."""
+    config = ServerConfig(model_name="tiny", api_key=None, settings=replace(SETTINGS, keep_prompt=True))
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert parse_job("chat", body, model_and_tokenizer[1], config, 4096).settings.keep_prompt
+    exact = parse_job("chat", {**body, "cache": "none"}, model_and_tokenizer[1], config, 4096).settings
+    assert exact.cache == "none" and not exact.keep_prompt
+    exact.validate()
 
 
 def test_models_health_and_metrics(served, client) -> None:

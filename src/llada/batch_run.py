@@ -113,16 +113,24 @@ class BatchRun:
 
     # --- one step ---------------------------------------------------------------------------------
 
+    def _keeps_prompt(self, row: int) -> bool:
+        """Whether row ``row``'s refresh may skip its prompt (``keep_prompt``, and the prompt was encoded:
+        every row's first step is a complete refresh)."""
+        return self.settings.keep_prompt and (self.row_block[row] > 0 or self.row_block_step[row] > 0)
+
     def _logits(self, offsets: torch.Tensor, live: list[int], refresh: list[int]) -> torch.Tensor:
         """Logits (B, block_length, V) at each row's block (``offsets``: answer positions, (B, L))."""
         engine, settings = self.engine, self.settings
         batch, device = self.x.shape[0], engine.device
         positions = offsets + self.prompt_length  # (B, L)
         everything = torch.arange(self.length, device=device)
-        if refresh == live:  # every decoding row refreshes: one forward pass over the whole batch (idle rows too)
-            tokens = self._model_rows(self.x)
-            logits = engine.forward(self.cache, tokens, everything.expand(tokens.shape[0], -1),
-                                    self._model_rows(positions), self.key_bias, write=True)
+        answer_only = [self._keeps_prompt(r) for r in refresh]
+        if refresh == live and len(set(answer_only)) == 1:
+            # Every decoding row refreshes, all of the same kind: one pass over the whole batch (idle rows too).
+            start = self.prompt_length if answer_only[0] else 0
+            tokens = self._model_rows(self.x[:, start:])
+            logits = engine.forward(self.cache, tokens, everything[start:].expand(tokens.shape[0], -1),
+                                    self._model_rows(positions - start), self.key_bias, write=True)
             return self._guide(logits)
         if settings.cache == "prefix":  # from the (common) block to the end
             start = self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
@@ -141,13 +149,30 @@ class BatchRun:
         return logits
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Refresh some rows (a smaller eager batch) and copy their keys/values into the batch's cache."""
+        """Refresh some rows (a smaller eager batch) and copy their keys/values into the batch's cache.
+
+        Rows that keep their prompt (``keep_prompt``) bring their cached prompt keys/values along and
+        query the answer only; the others query everything. Each kind is one pass."""
+        logits = torch.empty(len(rows), *positions.shape[1:], self.engine.model.config.vocab_size,
+                             dtype=self.engine.model.dtype, device=self.engine.device)
+        for answer_only in (False, True):
+            subset = [i for i, r in enumerate(rows) if self._keeps_prompt(r) == answer_only]
+            if subset:
+                logits[subset] = self._refresh_some([rows[i] for i in subset], positions, answer_only)
+        return logits
+
+    def _refresh_some(self, rows: list[int], positions: torch.Tensor, answer_only: bool) -> torch.Tensor:
         model_rows = self._model_row_index(rows)
-        tokens = self._model_rows(self.x[rows])
+        start = self.prompt_length if answer_only else 0
+        tokens = self._model_rows(self.x[rows, start:])
         cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length)
+        if answer_only:  # the rows' cached prompt keys/values (the answer's are recomputed)
+            for layer in range(len(cache.keys)):
+                cache.keys[layer].copy_(self.cache.keys[layer].index_select(0, model_rows))
+                cache.values[layer].copy_(self.cache.values[layer].index_select(0, model_rows))
         key_mask = None if self.key_mask is None else self.key_mask[rows]
-        everything = torch.arange(self.length, device=self.engine.device).expand(tokens.shape[0], -1)
-        logits = self.engine.forward(cache, tokens, everything, self._model_rows(positions[rows]),
+        queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
+        logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions[rows] - start),
                                      self._bias(key_mask), write=True, graph=False)
         for layer in range(len(cache.keys)):
             self.cache.keys[layer].index_copy_(0, model_rows, cache.keys[layer])

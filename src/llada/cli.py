@@ -430,6 +430,9 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                         help="engine KV cache: dual (default), prefix, or none (exact: a full forward per step)")
     parser.add_argument("--refresh-every", type=int, default=0,
                         help="engine: also refresh the cache every N steps within a block (default 0: block starts)")
+    parser.add_argument("--keep-prompt", action="store_true",
+                        help="engine, prefix/dual cache: encode the prompt once; later refreshes recompute the "
+                             "answer only (faster refreshes, one more approximation; docs/engine.md)")
     parser.add_argument("--no-early-stop", action="store_true",
                         help="engine: decode every block even after the answer has ended")
     parser.add_argument("--compile", action="store_true", help="engine: torch.compile the block steps (GPU)")
@@ -443,7 +446,8 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     policy = args.policy or ("fixed" if args.steps is not None or args.sampler == "reference" else "threshold")
     return GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, policy=policy,
                               steps=args.steps, threshold=args.threshold, factor=args.factor, cache=args.cache,
-                              refresh_every=args.refresh_every, temperature=args.temperature,
+                              refresh_every=args.refresh_every, keep_prompt=args.keep_prompt,
+                              temperature=args.temperature,
                               cfg_scale=args.cfg_scale, remasking=args.remasking, early_stop=not args.no_early_stop)
 
 

@@ -4,7 +4,9 @@ The reference sampler (``sampling.generate``) runs the model over prompt + answe
 Here a step instead runs one of three forward passes, all through ``kv_cache.cached_forward``:
 
 - *refresh*: every position is a query; fills the cache and equals the full forward pass exactly.
-  It runs at the first step of each block (and every ``refresh_every`` steps within one).
+  It runs at the first step of each block (and every ``refresh_every`` steps within one). With
+  ``keep_prompt`` only a row's first refresh is complete; later ones query the answer's positions
+  and read the prompt's keys/values from the cache.
 - *dual* step: only the current block's positions are queries; the prompt, the decided blocks and
   the still-masked later blocks are read from the cache (Fast-dLLM's DualCache).
 - *prefix* step: the block and everything after it are queries; only the prefix is cached
@@ -59,6 +61,10 @@ class GenerationSettings:
     factor: float = 1.0
     cache: CacheMode = "dual"
     refresh_every: int = 0  # also refresh the cache every N steps inside a block (0 = block starts only)
+    # Approximate modes: after a row's first refresh, later refreshes recompute the answer's keys/values
+    # only and keep the prompt's from that first pass (the prompt is encoded once, as in an
+    # autoregressive model): a refresh over gen_length positions instead of prompt + gen_length.
+    keep_prompt: bool = False
     temperature: float = 0.0
     cfg_scale: float = 0.0
     remasking: str = "low_confidence"
@@ -90,6 +96,8 @@ class GenerationSettings:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.factor <= 0:
             raise ValueError(f"factor must be positive, got {self.factor}")
+        if self.keep_prompt and self.cache == "none":
+            raise ValueError("keep_prompt needs a cache (prefix or dual): cache='none' refreshes everything every step")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
         if self.temperature < 0:

@@ -334,6 +334,8 @@ def _settings(fields: _Fields, kind: Kind, config: ServerConfig) -> tuple[Genera
         cfg_scale=fields.number("cfg_scale", 0.0, 100.0, base.cfg_scale),
         remasking=fields.choice("remasking", REMASKING_CHOICES, base.remasking),
         cache=fields.choice("cache", CACHE_MODES, base.cache))
+    # The server's keep_prompt refines the cached modes; a request for the exact mode drops it.
+    settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and settings.cache != "none")
     return settings, max_tokens
 
 
