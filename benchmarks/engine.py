@@ -16,6 +16,7 @@ Random bf16 weights at the LLaDA-8B shape (speed does not depend on the weights'
   (docs/engine.md reports tokens per step on a trained model).
 
     PYTHONPATH=src python benchmarks/engine.py --part step --out benchmarks/results/engine/step_h100.json
+    PYTHONPATH=src python benchmarks/engine.py --part step --batches 32 --out ...   # batch 32
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,16 +94,21 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="fixed", steps=gen_length,
                                   cache="dual", early_stop=False)
     # Unfused first: the other engines fuse the q/k/v and gate/up projections in place.
-    variants = (("compiled_cuda_graphs_unfused", {"cuda_graphs": True, "compile": True, "fuse": False}),
-                ("eager", {"cuda_graphs": False}), ("cuda_graphs", {"cuda_graphs": True}),
-                ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}),
-                *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True})] if quantize else []))
-    for name, kwargs in variants:
+    # The threshold policy at τ = 1 commits one token per step too, but reads "is the block decided?"
+    # back to the host every step: its row prices that synchronisation.
+    threshold = replace(settings, policy="threshold", threshold=1.0)
+    variants = (("compiled_cuda_graphs_unfused", {"cuda_graphs": True, "compile": True, "fuse": False}, settings),
+                ("eager", {"cuda_graphs": False}, settings), ("cuda_graphs", {"cuda_graphs": True}, settings),
+                ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}, settings),
+                ("compiled_cuda_graphs_threshold_policy", {"cuda_graphs": True, "compile": True}, threshold),
+                *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True}, settings)]
+                  if quantize else []))
+    for name, kwargs, variant_settings in variants:
         if quantize and name.endswith(quantize):  # last: quantizing changes the model in place
             QUANTIZERS[quantize](model)
             results[f"{quantize}_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
         engine = Engine(model, **kwargs)
-        run = engine.start(prompt, settings)
+        run = engine.start(prompt, variant_settings)
         run.advance()  # block start: the refresh
         for _ in range(3):
             run.advance()  # capture / compile the block step
@@ -115,7 +122,7 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
         results[f"{name}_forward_ms"] = forward_ms
         run.cancel()
         engine.release_memory()
-        print(f"{name:22s} cached step {step_ms:7.2f} ms (forward alone {forward_ms:6.2f} ms)", flush=True)
+        print(f"{name:37s} cached step {step_ms:7.2f} ms (forward alone {forward_ms:6.2f} ms)", flush=True)
     print(f"reference step {results['reference_step_ms']:.2f} ms; floor {floor_ms:.2f} ms "
           f"({weight_bytes / 1e9:.1f} GB at {bandwidth / 1e12:.2f} TB/s)", flush=True)
     return results
@@ -222,7 +229,7 @@ def main() -> None:
     parser.add_argument("--preset", default="8b")
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--gen-lengths", default="256,512")
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--batches", default="1,32", help="--part e2e: batch sizes; --part step: the first one")
     parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine,engine_fp8",
                         help="engine methods: engine, engine_keep_prompt (settings.keep_prompt), engine_fp8 / "
                              "engine_int8 (quantized block weights, run last), engine_fp8_keep_prompt")
@@ -242,7 +249,8 @@ def main() -> None:
     else:
         model = random_model(args.preset)
     if args.part == "step":
-        info["step"] = step_part(model, args.prompt_length, 256, args.block_length, 1, args.quantize)
+        info["step"] = step_part(model, args.prompt_length, 256, args.block_length,
+                                 int(args.batches.split(",")[0]), args.quantize)
     elif args.part == "e2e":
         def save(rows: list[dict]) -> None:
             info["e2e"] = rows

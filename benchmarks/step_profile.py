@@ -1,12 +1,13 @@
 """Where the GPU time of one cached block step goes, kernel by kernel (LLaDA-8B shape, random weights).
 
 Runs the engine's compiled dual-cache block step without CUDA graphs (so that the profiler sees each
-kernel; a graph replays the same kernels) at prompt 512 / answer 256 / block 32 / batch 1, and sums
+kernel; a graph replays the same kernels) at prompt 512 / answer 256 / block 32 / batch 1 (``--batch``), and sums
 the kernels' GPU time per step, grouped into matmuls, attention, Inductor's fused kernels and the
 rest, with the largest kernels listed.
 
     PYTHONPATH=src python benchmarks/step_profile.py --out benchmarks/results/engine/step_profile_h200.json
     PYTHONPATH=src python benchmarks/step_profile.py --quantize fp8 --out benchmarks/results/engine/step_profile_fp8_h200.json
+    PYTHONPATH=src python benchmarks/step_profile.py --batch 32 --out benchmarks/results/engine/step_profile_batch32_h200.json
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ def main() -> None:
     parser.add_argument("--preset", default="8b")
     parser.add_argument("--quantize", choices=sorted(QUANTIZERS))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out")
     args = parser.parse_args()
     model = random_model(args.preset)
     if args.quantize:
         QUANTIZERS[args.quantize](model)
-    prompt = torch.randint(0, model.config.vocab_size - 1000, (1, 512), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size - 1000, (args.batch, 512), device="cuda")
     settings = GenerationSettings(gen_length=256, block_length=32, policy="fixed", steps=256, cache="dual",
                                   early_stop=False)
     engine = Engine(model, cuda_graphs=False, compile=True)
@@ -75,7 +77,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "quantize": args.quantize,
-            "gpu_ms_per_step": total / 1e3,
+            "batch": args.batch, "gpu_ms_per_step": total / 1e3,
             "groups": {g: {"ms": m / 1e3, "kernels": c} for g, (m, c) in groups.items()},
             "top_kernels": [{"name": n, "ms": m / 1e3, "count": c} for n, (m, c) in top]}, indent=2) + "\n")
 
