@@ -76,6 +76,22 @@ class BatchRun:
         self.cache: KVCache | None = None
         self._set_rows(batch)
         self.done = False
+        # Index tensors reused across steps: building one from a host list is a blocking copy (the host
+        # would wait for the GPU at every step), so the rows' block offsets are rebuilt only when a row
+        # changes block.
+        self._everything = torch.arange(self.length, device=device)
+        self._block_columns = torch.arange(self.block_length, device=device)
+        self._offsets_of: tuple[int, ...] | None = None
+        self._offsets = self._block_columns[None]
+
+    def _block_offsets(self) -> torch.Tensor:
+        """(B, L) answer positions of each row's current block."""
+        blocks = tuple(min(b, self.num_blocks - 1) for b in self.row_block)
+        if blocks != self._offsets_of:
+            self._offsets = (torch.tensor(blocks, device=self.engine.device)[:, None] * self.block_length
+                             + self._block_columns)
+            self._offsets_of = blocks
+        return self._offsets
 
     # --- rows -------------------------------------------------------------------------------------
 
@@ -121,9 +137,9 @@ class BatchRun:
     def _logits(self, offsets: torch.Tensor, live: list[int], refresh: list[int]) -> torch.Tensor:
         """Logits (B, block_length, V) at each row's block (``offsets``: answer positions, (B, L))."""
         engine, settings = self.engine, self.settings
-        batch, device = self.x.shape[0], engine.device
+        batch = self.x.shape[0]
         positions = offsets + self.prompt_length  # (B, L)
-        everything = torch.arange(self.length, device=device)
+        everything = self._everything
         answer_only = [self._keeps_prompt(r) for r in refresh]
         if refresh == live and len(set(answer_only)) == 1:
             # Every decoding row refreshes, all of the same kind: one pass over the whole batch (idle rows too).
@@ -137,7 +153,7 @@ class BatchRun:
             query = everything[start:].expand(batch, -1)
             index = positions - start
         else:
-            query, index = positions, torch.arange(self.block_length, device=device).expand(batch, -1)
+            query, index = positions, self._block_columns.expand(batch, -1)
         tokens = self._model_rows(self.x.gather(1, query))
         # Eagerly, writing the queries into the cache and using fused SDPA is fastest; compiled, a
         # read-only step avoids copying the cache (see kv_cache.cached_forward).
@@ -200,11 +216,9 @@ class BatchRun:
     def _step(self, report: bool) -> StepUpdate | None:
         """One step; the ``StepUpdate`` only when ``report`` (it costs device-to-host copies)."""
         settings, engine = self.settings, self.engine
-        batch, device = self.x.shape[0], engine.device
+        batch = self.x.shape[0]
         live = self._live()
-        blocks = [min(b, self.num_blocks - 1) for b in self.row_block]
-        offsets = (torch.tensor(blocks, device=device)[:, None] * self.block_length
-                   + torch.arange(self.block_length, device=device))  # (B, L) answer positions
+        offsets = self._block_offsets()  # (B, L) answer positions
         refresh = [r for r in live if settings.cache == "none" or self.row_block_step[r] == 0
                    or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
         logits = self._logits(offsets, live, refresh)
