@@ -147,6 +147,9 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
     def quantized(method: str) -> str | None:
         return next((kind for kind in QUANTIZERS if f"_{kind}" in method), None)
 
+    if len({quantized(m) for m in methods} - {None}) > 1:
+        raise SystemExit("--methods: one quantized kind per run (quantizing changes the model in place)")
+
     for method in sorted(methods, key=lambda m: quantized(m) is not None):
         if method.startswith("engine") and method not in engines:
             kind = quantized(method)

@@ -48,6 +48,18 @@ def test_fp8_linear_equals_the_matmul_of_its_rounded_operands(rows: int) -> None
         Fp8Linear(torch.randn(24, 16))
 
 
+def test_fp8_linear_on_float16_inputs_stays_finite() -> None:
+    """Unscaled fp8 products (up to 448² per term) overflow float16; the layer must not write them there."""
+    generator = torch.Generator().manual_seed(0)
+    layer = Fp8Linear(torch.randn(64, 64, generator=generator).half())
+    x = torch.randn(4, 64, generator=generator).half()
+    out = layer(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    row_scales = x.float().abs().amax(-1, keepdim=True) / FP8_MAX
+    rounded = (x.float() / row_scales).to(torch.float8_e4m3fn).float() * row_scales
+    torch.testing.assert_close(out.float(), rounded @ layer.dequantized().T, rtol=2e-3, atol=2e-3)  # float16 output
+
+
 # fp8 rounds activations too: on this random tiny model, whose confidences are nearly tied, that
 # reorders many choices (the trained demo model keeps 99% of its tokens: docs/engine.md).
 @pytest.mark.parametrize(("quantize", "layer_type", "tolerance", "min_agreement"),

@@ -148,6 +148,11 @@ class BatchRun:
             logits = engine.forward(self.cache, tokens, everything[start:].expand(tokens.shape[0], -1),
                                     self._model_rows(positions - start), self.key_bias, write=True)
             return self._guide(logits)
+        if refresh == live:  # every decoding row refreshes, of both kinds: no block step is needed
+            fresh = self._refresh_rows(refresh, positions)
+            logits = fresh.new_zeros(batch, *fresh.shape[1:])  # idle rows: nothing to decide
+            logits[refresh] = fresh
+            return logits
         if settings.cache == "prefix":  # from the (common) block to the end
             start = self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
             query = everything[start:].expand(batch, -1)
@@ -169,12 +174,15 @@ class BatchRun:
 
         Rows that keep their prompt (``keep_prompt``) bring their cached prompt keys/values along and
         query the answer only; the others query everything. Each kind is one pass."""
-        logits = torch.empty(len(rows), *positions.shape[1:], self.engine.model.config.vocab_size,
-                             dtype=self.engine.model.dtype, device=self.engine.device)
-        for answer_only in (False, True):
-            subset = [i for i, r in enumerate(rows) if self._keeps_prompt(r) == answer_only]
-            if subset:
-                logits[subset] = self._refresh_some([rows[i] for i in subset], positions, answer_only)
+        subsets = [[i for i, r in enumerate(rows) if self._keeps_prompt(r) == answer_only] for answer_only in (False, True)]
+        if not subsets[1]:
+            return self._refresh_some(rows, positions, answer_only=False)
+        if not subsets[0]:
+            return self._refresh_some(rows, positions, answer_only=True)
+        complete = self._refresh_some([rows[i] for i in subsets[0]], positions, answer_only=False)
+        logits = complete.new_empty(len(rows), *complete.shape[1:])
+        logits[subsets[0]] = complete
+        logits[subsets[1]] = self._refresh_some([rows[i] for i in subsets[1]], positions, answer_only=True)
         return logits
 
     def _refresh_some(self, rows: list[int], positions: torch.Tensor, answer_only: bool) -> torch.Tensor:

@@ -159,8 +159,9 @@ class Engine:
                 later batch of the same shape starts without capturing again).
             fuse: run q/k/v and gate/up as one matmul each (``kv_cache.fuse_projections``: the
                 model's weights become views of fused matrices, in place; default: on CUDA devices).
-                The model must not be moved or reloaded while the engine is in use. Refreshes keep
-                the model's own matmuls (the exact mode stays bit-identical to the reference).
+                The model must not be moved or reloaded while the engine is in use. Complete
+                refreshes keep the model's own matmuls (the exact mode stays bit-identical to the
+                reference); block steps and keep_prompt's answer-only refreshes use the fused ones.
         """
         self.model = model.eval()
         self.device = model.device

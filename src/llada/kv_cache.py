@@ -132,8 +132,9 @@ def fuse_projections(model: LLaDAModel) -> bool:
     afterwards breaks the views; ``projections_fused_in`` tells whether they still hold.
     """
     projections = [(block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj) for block in model.blocks]
-    kinds = {type(layer) for layers in projections for layer in layers}
-    if len(kinds) != 1 or not (kinds == {nn.Linear} or hasattr(next(iter(kinds)), "stacked")):
+    layers = [layer for group in projections for layer in group]
+    stackable = len({type(layer) for layer in layers}) == 1 and hasattr(type(layers[0]), "stacked")
+    if not (stackable or all(isinstance(layer, nn.Linear) for layer in layers)):
         return False
     unfused = [block for block in model.blocks if not projections_fused_in(block)]
     with torch.no_grad():
@@ -175,7 +176,7 @@ def projections_fused_in(block: Block) -> bool:
 
 def _fuse(*layers: nn.Module) -> torch.Tensor | nn.Module:
     """The stacked weight matrix of ``nn.Linear`` layers, or the stacked layer of quantized ones."""
-    if not isinstance(layers[0], nn.Linear):
+    if hasattr(type(layers[0]), "stacked"):
         return type(layers[0]).stacked(list(layers))
     fused = torch.cat([layer.weight.detach() for layer in layers])
     start = 0

@@ -33,8 +33,9 @@ from llada.model import LLaDAModel
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448, the largest e4m3 value
 # Below this many rows Fp8Linear runs the plain (unit-scale) fp8 matmul and scales its output; from it
 # on, PyTorch's row-wise scaled kernel, faster for compute-bound shapes (84 against 100 µs at 1,024
-# rows): benchmarks/results/engine/fp8_matmul_h200.json.
-UNIT_SCALE_ROWS = 512
+# rows; the four projections of a layer take about as long either way at 256 rows):
+# benchmarks/results/engine/fp8_matmul_h200.json.
+UNIT_SCALE_ROWS = 256
 BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
@@ -99,9 +100,11 @@ class Fp8Linear(nn.Module):
         if rows.shape[0] < UNIT_SCALE_ROWS:
             # Few rows (the engine's block steps): the plain fp8 matmul, scaled afterwards, is faster than
             # the row-wise scaled kernel (18 µs against 26 µs for 32 × 4096 → 12288 on an H200). The
-            # raw product rounds to bfloat16 once more before scaling: 0.2% next to fp8's few %.
+            # raw product rounds to bfloat16 once more before scaling: 0.2% next to fp8's few %. Unscaled
+            # products reach 448² per term, beyond float16: on the CPU they are written in float32 (or 64).
+            raw_dtype = torch.promote_types(out_dtype, torch.float32) if x.device.type == "cpu" else out_dtype
             raw = torch._scaled_mm(quantized, self.weight.t(), scale_a=self.unit, scale_b=self.unit,
-                                   out_dtype=out_dtype)
+                                   out_dtype=raw_dtype)
             out = raw.to(torch.promote_types(raw.dtype, torch.float32)) * row_scales * self.scales
         else:
             out = torch._scaled_mm(quantized, self.weight.t(), scale_a=row_scales, scale_b=self.scales,
