@@ -126,6 +126,19 @@ def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bo
         assert len({r.steps for r in together}) > 1
 
 
+def record_query_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of query positions of every forward pass any engine runs from now on."""
+    queries: list[int] = []
+    original = Engine.forward
+
+    def spy(self, cache, tokens, *args, **kwargs):
+        queries.append(tokens.shape[1])
+        return original(self, cache, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "forward", spy)
+    return queries
+
+
 def test_keep_prompt_refreshes_query_the_answer_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """A row's first refresh queries prompt and answer; later ones (block starts, ``refresh_every``)
     the answer only, reading the prompt's keys/values from the cache — which, with two layers, are
@@ -135,14 +148,7 @@ def test_keep_prompt_refreshes_query_the_answer_only(monkeypatch: pytest.MonkeyP
     base = GenerationSettings(gen_length=16, block_length=4, policy="fixed", steps=16, cache="dual", early_stop=False,
                               refresh_every=2)
     engine = Engine(net)
-    queries = []
-    original = Engine.forward
-
-    def spy(self, cache, tokens, *args, **kwargs):
-        queries.append(tokens.shape[1])
-        return original(self, cache, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(Engine, "forward", spy)
+    queries = record_query_lengths(monkeypatch)
     kept = engine.generate(rows, replace(base, keep_prompt=True))
     total = 9 + 16
     # 16 steps of one token: a refresh at steps 0 and 2 of each block, block steps in between.
@@ -165,14 +171,7 @@ def test_refreshes_of_both_kinds_in_one_step_skip_the_block_step(monkeypatch: py
     alone = [engine.generate([row], settings)[0].tokens for row in rows]
     run = engine.start(rows[:2], settings, prompt_room=8)
     run.advance()
-    queries = []
-    original = Engine.forward
-
-    def spy(self, cache, tokens, *args, **kwargs):
-        queries.append(tokens.shape[1])
-        return original(self, cache, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(Engine, "forward", spy)
+    queries = record_query_lengths(monkeypatch)
     run.add(rows[2:])
     run.advance()
     assert sorted(queries) == [16, 8 + 16]  # answer-only for the two rows, complete for the new one
