@@ -46,22 +46,27 @@ def propose(logits: torch.Tensor, temperature: float, remasking: str, generator:
         tokens (B, Q) int64 and confidence (B, Q) float.
     """
     if forbid:
-        logits = logits.clone()
-        logits[..., list(forbid)] = -torch.inf
+        logits = _without(logits.clone(), forbid)
     scores = add_gumbel_noise(logits, temperature, generator)
     if never:
-        scores = scores.clone() if scores is logits else scores
-        scores[..., list(never)] = -torch.inf
+        scores = _without(scores.clone() if scores is logits else scores, never)
     tokens = torch.argmax(scores, dim=-1)
     if demote:
-        logits = logits.clone()
-        logits[..., list(demote)] = -torch.inf
+        logits = _without(logits.clone(), demote)
     if remasking == "random":
         confidence = torch.rand(tokens.shape, device=logits.device, generator=generator)
     else:
         probabilities = F.softmax(logits if exact_confidence else logits.float(), dim=-1)
         confidence = probabilities.gather(-1, tokens[..., None]).squeeze(-1)
     return tokens, confidence
+
+
+def _without(scores: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """``scores`` with the columns ``ids`` set to -inf, in place. One id at a time: indexing with a
+    host list would copy an index tensor to the GPU, a blocking copy at every step."""
+    for token in ids:
+        scores[..., token] = -torch.inf
+    return scores
 
 
 def _top_count(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
