@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llada.model import Block, LLaDAModel, apply_rope
+from llada.model import Block, LLaDAModel
 
 
 @dataclass
@@ -197,14 +197,9 @@ def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     fused = getattr(block, "fused_qkv", None) if use_fused else None
     if fused is None:
         return block.project_qkv(x, cos, sin)
-    batch, length, _ = x.shape
     kv_width = block.n_kv_heads * block.head_dim
-    q_width = block.n_heads * block.head_dim
-    q, k, v = _apply(fused, x).split([q_width, kv_width, kv_width], dim=-1)
-    q = q.reshape(batch, length, block.n_heads, block.head_dim).transpose(1, 2)
-    k = k.reshape(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
-    v = v.reshape(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    q, k, v = _apply(fused, x).split([block.n_heads * block.head_dim, kv_width, kv_width], dim=-1)
+    return block.split_heads(q, k, v, cos, sin)
 
 
 def _mlp(block: Block, x: torch.Tensor, use_fused: bool) -> torch.Tensor:
@@ -212,5 +207,4 @@ def _mlp(block: Block, x: torch.Tensor, use_fused: bool) -> torch.Tensor:
     fused = getattr(block, "fused_gate_up", None) if use_fused else None
     if fused is None:
         return block.mlp(x)
-    gate, up = _apply(fused, x).chunk(2, dim=-1)
-    return block.ff_out(F.silu(gate) * up)
+    return block.gated_out(*_apply(fused, x).chunk(2, dim=-1))

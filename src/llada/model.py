@@ -102,10 +102,16 @@ class Block(nn.Module):
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, L, D) and keys/values (B, K, L, D), with RoPE applied at the given angles."""
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self.split_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected (B, L, ·) queries/keys/values into heads, RoPE on queries and keys (also for
+        projections computed elsewhere, e.g. one fused matmul)."""
+        batch, length, _ = q.shape
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -122,7 +128,11 @@ class Block(nn.Module):
         return self.attend(q, k, v, attn_mask, causal)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))  # (B, L, E)
+        return self.gated_out(self.ff_proj(x), self.up_proj(x))  # (B, L, E)
+
+    def gated_out(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's second half, from gate and up projections computed here or elsewhere (fused)."""
+        return self.ff_out(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None,
                 causal: bool) -> torch.Tensor:
