@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+from llada.quantize import FP8_MAX
+
 SHAPES = {"qkv (fused)": (4096, 12288), "attn_out": (4096, 4096), "gate_up (fused)": (4096, 24576),
           "ff_out": (12288, 4096)}
 
