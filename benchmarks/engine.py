@@ -81,7 +81,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int, batch: int,
-              quantize: str | None) -> dict:
+              quantize: str | None, only: set[str] | None = None) -> dict:
+    """Rows as in the module docstring; ``only``: just these variants (by name, without ``_step_ms``)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
@@ -97,13 +98,20 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
     # The threshold policy at τ = 1 commits one token per step too, but reads "is the block decided?"
     # back to the host every step: its row prices that synchronisation.
     threshold = replace(settings, policy="threshold", threshold=1.0)
+    # "sampling_apart": the graph holds the forward pass only; the choice and commit of tokens run as
+    # separate kernels after it (the engine's way before whole block steps were captured).
+    apart = {"cuda_graphs": True, "compile": True, "capture_sampling": False}
     variants = (("compiled_cuda_graphs_unfused", {"cuda_graphs": True, "compile": True, "fuse": False}, settings),
                 ("eager", {"cuda_graphs": False}, settings), ("cuda_graphs", {"cuda_graphs": True}, settings),
                 ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}, settings),
+                ("compiled_cuda_graphs_sampling_apart", apart, settings),
                 ("compiled_cuda_graphs_threshold_policy", {"cuda_graphs": True, "compile": True}, threshold),
+                ("compiled_cuda_graphs_threshold_policy_sampling_apart", apart, threshold),
                 *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True}, settings)]
                   if quantize else []))
     for name, kwargs, variant_settings in variants:
+        if only is not None and name not in only:
+            continue
         if quantize and name.endswith(quantize):  # last: quantizing changes the model in place
             QUANTIZERS[quantize](model)
             results[f"{quantize}_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
@@ -155,7 +163,8 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
             kind = quantized(method)
             if kind and getattr(model, "quantized", None) != kind:
                 QUANTIZERS[kind](model)
-            engines[method] = Engine(model, cuda_graphs=True, compile=True)
+            engines[method] = Engine(model, cuda_graphs=True, compile=True,
+                                     capture_sampling="sampling_apart" not in method)
         for gen_length in gen_lengths:
             for batch in batches:
                 if method in ("reference", "published_prefix") and batch > slow_max_batch:
@@ -235,7 +244,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32", help="--part e2e: batch sizes; --part step: the first one")
     parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine,engine_fp8",
                         help="engine methods: engine, engine_keep_prompt (settings.keep_prompt), engine_fp8 / "
-                             "engine_int8 (quantized block weights, run last), engine_fp8_keep_prompt")
+                             "engine_int8 (quantized block weights, run last), engine_fp8_keep_prompt; "
+                             "..._sampling_apart: graphs of the forward pass only (Engine(capture_sampling=False))")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--slow-max-batch", type=int, default=1,
@@ -243,6 +253,8 @@ def main() -> None:
     parser.add_argument("--quantize", choices=sorted(QUANTIZERS), default="fp8",
                         help="--part step: also time the compiled step with quantized block weights")
     parser.add_argument("--no-quantize", dest="quantize", action="store_const", const=None)
+    parser.add_argument("--variants", help="--part step: only these rows (comma-separated names, e.g. "
+                                           "compiled_cuda_graphs,compiled_cuda_graphs_sampling_apart)")
     parser.add_argument("--out")
     args = parser.parse_args()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
@@ -253,7 +265,8 @@ def main() -> None:
         model = random_model(args.preset)
     if args.part == "step":
         info["step"] = step_part(model, args.prompt_length, 256, args.block_length,
-                                 int(args.batches.split(",")[0]), args.quantize)
+                                 int(args.batches.split(",")[0]), args.quantize,
+                                 set(args.variants.split(",")) if args.variants else None)
     elif args.part == "e2e":
         def save(rows: list[dict]) -> None:
             info["e2e"] = rows

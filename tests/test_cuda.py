@@ -50,6 +50,30 @@ def test_keep_prompt_under_cuda_graphs_equals_plain_calls(cfg_scale: float) -> N
     assert [r.tokens for r in graphed] == [r.tokens for r in plain]
 
 
+@pytest.mark.parametrize(("settings", "compile"), [
+    (GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3), False),
+    (GenerationSettings(gen_length=16, block_length=4, policy="fixed", steps=8, cache="prefix", early_stop=False), False),
+    (GenerationSettings(gen_length=16, block_length=4, policy="factor", cfg_scale=1.0, keep_prompt=True), False),
+    (GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3), True),
+])
+def test_whole_block_steps_captured_as_graphs_equal_plain_calls_and_serve_later_batches(
+        settings: GenerationSettings, compile: bool) -> None:
+    """Greedy block steps (forward pass and commits) replay as one graph each: the answers equal plain
+    calls', rows finishing early shrink the batch onto other caches, and a second batch of the same
+    shapes replays the graphs on its own tokens (the cache's state tensors) without capturing again."""
+    net = gpu_model()
+    rows = prompts((3, 8, 5, 6))
+    plain = Engine(net, cuda_graphs=False).generate(rows, settings)
+    engine = Engine(net, compile=compile, max_pooled_caches=8)
+    assert [r.tokens for r in engine.generate(rows, settings)] == [r.tokens for r in plain]
+    captured = dict(engine._graphs)
+    assert any(key[0] == "block step" for key in captured)
+    assert [r.tokens for r in engine.generate(rows, settings)] == [r.tokens for r in plain]
+    assert engine._graphs == captured
+    sampled = Engine(net, capture_sampling=False).generate(rows, settings)  # the forward pass alone captured
+    assert [r.tokens for r in sampled] == [r.tokens for r in plain]
+
+
 def test_fused_dual_cache_steps_agree_with_unfused_ones() -> None:
     settings = GenerationSettings(gen_length=16, block_length=8, steps=16, policy="fixed", cache="dual",
                                   early_stop=False)

@@ -129,13 +129,13 @@ def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bo
 def record_query_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of query positions of every forward pass any engine runs from now on."""
     queries: list[int] = []
-    original = Engine.forward
+    original = Engine.plain_forward
 
     def spy(self, cache, tokens, *args, **kwargs):
         queries.append(tokens.shape[1])
         return original(self, cache, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "forward", spy)
+    monkeypatch.setattr(Engine, "plain_forward", spy)
     return queries
 
 

@@ -104,13 +104,13 @@ def test_cancel_and_limits() -> None:
 def _count_forward_rows(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every forward pass the engine runs (the cost a cancelled row should stop adding)."""
     rows: list[int] = []
-    forward = engine.forward
+    forward = engine.plain_forward
 
     def counting(cache, tokens, *args, **kwargs):
         rows.append(tokens.shape[0])
         return forward(cache, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "forward", counting)
+    monkeypatch.setattr(engine, "plain_forward", counting)
     return rows
 
 

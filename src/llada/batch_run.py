@@ -17,6 +17,7 @@ row's own block.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -48,10 +49,10 @@ class BatchRun:
         self.length = prompt_length + settings.gen_length
         self.block_length = settings.block_length
         self.num_blocks = settings.gen_length // settings.block_length
-        self.x = torch.full((batch, self.length), engine.mask_id, dtype=torch.long, device=device)
-        self.x[:, :prompt_length] = prompt_ids.to(device)
+        x = torch.full((batch, self.length), engine.mask_id, dtype=torch.long, device=device)
+        x[:, :prompt_length] = prompt_ids.to(device)
         # Decided-ness is tracked apart from the tokens: a model may propose the mask id itself.
-        self.undecided = torch.ones(batch, settings.gen_length, dtype=torch.bool, device=device)
+        undecided = torch.ones(batch, settings.gen_length, dtype=torch.bool, device=device)
         self.key_mask = None  # (B, T) real tokens, or None when nothing is padded
         if not bool(prompt_mask.all()):
             self.key_mask = torch.cat([prompt_mask, torch.ones(batch, settings.gen_length, dtype=torch.bool)],
@@ -74,22 +75,19 @@ class BatchRun:
         self.steps = 0
         self.max_steps = settings.total_steps if settings.policy == "fixed" else settings.gen_length
         self.cache: KVCache | None = None
-        self._set_rows(batch)
-        self.done = False
         # Index tensors reused across steps: building one from a host list is a blocking copy (the host
         # would wait for the GPU at every step), so the rows' block offsets are rebuilt only when a row
         # changes block.
         self._everything = torch.arange(self.length, device=device)
         self._block_columns = torch.arange(self.block_length, device=device)
-        self._offsets_of: tuple[int, ...] | None = None
-        self._offsets = self._block_columns[None]
+        self._set_rows(x, undecided)
+        self.done = False
 
     def _block_offsets(self) -> torch.Tensor:
         """(B, L) answer positions of each row's current block."""
         blocks = tuple(min(b, self.num_blocks - 1) for b in self.row_block)
         if blocks != self._offsets_of:
-            self._offsets = (torch.tensor(blocks, device=self.engine.device)[:, None] * self.block_length
-                             + self._block_columns)
+            self._offsets.copy_(torch.tensor(blocks)[:, None] * self.block_length + torch.arange(self.block_length))
             self._offsets_of = blocks
         return self._offsets
 
@@ -99,9 +97,15 @@ class BatchRun:
     def guided(self) -> bool:
         return self.settings.cfg_scale > 0
 
-    def _set_rows(self, batch: int) -> None:
-        """(Re)build what depends on the number of rows: cache, attention bias."""
+    def _set_rows(self, x: torch.Tensor, undecided: torch.Tensor) -> None:
+        """(Re)build what depends on the number of rows: cache, attention bias; the tokens ``x`` and
+        ``undecided`` flags move into the cache's state tensors (where captured steps find them)."""
+        batch = x.shape[0]
         self.cache = self.engine.acquire_cache(batch * (2 if self.guided else 1), self.length)
+        self.x = self.cache.state_tensor("tokens", x.shape, x.dtype).copy_(x)
+        self.undecided = self.cache.state_tensor("undecided", undecided.shape, undecided.dtype).copy_(undecided)
+        self._offsets = self.cache.state_tensor("block offsets", (batch, self.block_length), torch.long)
+        self._offsets_of: tuple[int, ...] | None = None  # the blocks ``_offsets`` holds
         self.key_bias = self._bias(self.key_mask)
 
     def _bias(self, key_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -153,12 +157,7 @@ class BatchRun:
             logits = fresh.new_zeros(batch, *fresh.shape[1:])  # idle rows: nothing to decide
             logits[refresh] = fresh
             return logits
-        if settings.cache == "prefix":  # from the (common) block to the end
-            start = self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
-            query = everything[start:].expand(batch, -1)
-            index = positions - start
-        else:
-            query, index = positions, self._block_columns.expand(batch, -1)
+        query, index = self._block_query(positions, self._query_start(live), self._everything, self._block_columns)
         tokens = self._model_rows(self.x.gather(1, query))
         # Eagerly, writing the queries into the cache and using fused SDPA is fastest; compiled, a
         # read-only step avoids copying the cache (see kv_cache.cached_forward).
@@ -168,6 +167,57 @@ class BatchRun:
         if refresh:
             logits[refresh] = self._refresh_rows(refresh, positions)
         return logits
+
+    def _query_start(self, live: list[int]) -> int | None:
+        """Prefix cache: the first query position of a block step (the rows' common block); else None."""
+        if self.settings.cache != "prefix":
+            return None
+        return self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
+
+    def _block_query(self, positions: torch.Tensor, start: int | None, everything: torch.Tensor,
+                     block_columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block step's query positions (B, Q) and the columns of the blocks among them (B, L):
+        the block alone, or (``start``: prefix cache) everything from ``start`` on."""
+        batch = positions.shape[0]
+        if start is None:
+            return positions, block_columns.expand(batch, -1)
+        return everything[start:].expand(batch, -1), positions - start
+
+    def _block_step(self, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
+                    key_bias: torch.Tensor | None, count: int, start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole block step of every row, from the tokens to the commits (``_commit``).
+
+        It reads and writes only its arguments, the model and the cache (no tensor of this run), so
+        that one CUDA graph of it serves every batch of this shape and settings that holds the cache.
+        """
+        positions = offsets + self.prompt_length
+        everything = torch.arange(self.length, device=x.device)
+        query, index = self._block_query(positions, start, everything, everything[:self.block_length])
+        tokens = self._model_rows(x.gather(1, query))
+        logits = self.engine.plain_forward(self.cache, tokens, self._model_rows(query), self._model_rows(index),
+                                           key_bias, write=not self.engine.compiled)
+        return self._commit(self._guide(logits), x, undecided, offsets, count)
+
+    def _commit(self, logits: torch.Tensor, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
+                count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose this step's tokens in each row's block and write them into ``x`` and ``undecided``.
+
+        Returns ``chosen`` (B, L), the positions committed, and ``pending`` (B,), rows whose block
+        still has undecided positions."""
+        settings, engine = self.settings, self.engine
+        answer = x[:, self.prompt_length:]  # a view: scattering into it writes x
+        current = answer.gather(1, offsets)
+        masked = undecided.gather(1, offsets)  # idle rows have nothing undecided
+        forbid = (engine.end_ids[0],) if settings.logits_eos_inf else ()
+        demote = engine.end_ids[:2] if settings.confidence_eos_eot_inf else ()
+        proposals, confidence = propose(logits, settings.temperature, settings.remasking, self.generator,
+                                        exact_confidence=settings.policy == "fixed", forbid=forbid, demote=demote,
+                                        never=(engine.mask_id,))
+        chosen = select(confidence, masked, settings.policy, count, settings.threshold, settings.factor)
+        answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
+        still_masked = masked & ~chosen
+        undecided.scatter_(1, offsets, still_masked)
+        return chosen, still_masked.any(1)
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
         """Refresh some rows (a smaller eager batch) and copy their keys/values into the batch's cache.
@@ -229,19 +279,22 @@ class BatchRun:
         offsets = self._block_offsets()  # (B, L) answer positions
         refresh = [r for r in live if settings.cache == "none" or self.row_block_step[r] == 0
                    or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
-        logits = self._logits(offsets, live, refresh)
-        answer = self.x[:, self.prompt_length:]  # a view: scattering into it writes x
-        current = answer.gather(1, offsets)
-        masked = self.undecided.gather(1, offsets)  # idle rows have nothing undecided
-        forbid = (engine.end_ids[0],) if settings.logits_eos_inf else ()
-        demote = engine.end_ids[:2] if settings.confidence_eos_eot_inf else ()
-        proposals, confidence = propose(logits, settings.temperature, settings.remasking, self.generator,
-                                        exact_confidence=settings.policy == "fixed", forbid=forbid, demote=demote,
-                                        never=(engine.mask_id,))
-        chosen = select(confidence, masked, settings.policy, self._counts(live), settings.threshold, settings.factor)
-        answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
-        still_masked = masked & ~chosen
-        self.undecided.scatter_(1, offsets, still_masked)
+        count = self._counts(live)
+        # Greedy block steps (no random numbers, one count for all rows) run as one CUDA graph from the
+        # tokens to the commits: the host only launches it (and, for a threshold, reads ``pending``).
+        whole = not refresh and (not engine.cuda_graphs or (
+            engine.capture_sampling and settings.temperature == 0 and settings.remasking == "low_confidence"
+            and isinstance(count, int)))
+        if whole:
+            start = self._query_start(live)
+            key = ("block step", id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length, settings,
+                   count, start, None if self.key_bias is None else self.key_bias.shape)
+            step = functools.partial(self._block_step, count=count, start=start)
+            chosen, pending = engine.replay(key, self.cache, step, [self.key_bias],
+                                            state=[self.x, self.undecided, offsets])
+        else:
+            chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets, count)
+        answer = self.x[:, self.prompt_length:]
         self.steps += 1
         for r in live:
             self.row_block_step[r] += 1
@@ -257,7 +310,7 @@ class BatchRun:
         if self.steps_per_block is not None:
             block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
         else:
-            pending = still_masked.any(1).tolist()  # the policy's one host synchronisation
+            pending = pending.tolist()  # the policy's one host synchronisation
             block_done = [r for r in live if not pending[r]]
             if settings.cache == "prefix" and len(block_done) < len(live):
                 # The prefix cache keeps rows in step: its query starts at one block for all rows,
@@ -279,7 +332,8 @@ class BatchRun:
             return 1
         counts = [self.schedule[min(self.row_block_step[r], len(self.schedule) - 1)] if r in live else 0
                   for r in range(self.x.shape[0])]
-        return counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=self.engine.device)
+        live_counts = {counts[r] for r in live}  # idle rows have nothing undecided: any count does for them
+        return live_counts.pop() if len(live_counts) == 1 else torch.tensor(counts, device=self.engine.device)
 
     def _finish_blocks(self, rows: list[int]) -> None:
         """Move rows to their next block; rows whose answer is complete finish."""
@@ -321,15 +375,13 @@ class BatchRun:
     def _keep_rows(self, rows: list[int]) -> None:
         keep = torch.tensor(rows, device=self.engine.device)
         old, model_rows = self.cache, self._model_row_index(rows)
-        self.x = self.x.index_select(0, keep)
-        self.undecided = self.undecided.index_select(0, keep)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, keep)
         self.row_ids = [self.row_ids[r] for r in rows]
         self.row_block = [self.row_block[r] for r in rows]
         self.row_block_step = [self.row_block_step[r] for r in rows]
         self.active = [True] * len(rows)
-        self._set_rows(len(rows))
+        self._set_rows(self.x.index_select(0, keep), self.undecided.index_select(0, keep))
         for layer in range(len(old.keys)):
             self.cache.keys[layer].copy_(old.keys[layer].index_select(0, model_rows))
             self.cache.values[layer].copy_(old.values[layer].index_select(0, model_rows))
@@ -386,9 +438,8 @@ class BatchRun:
         old_batch, new_batch = self.x.shape[0], 1 << (rows - 1).bit_length()
         extra = new_batch - old_batch
         device = self.engine.device
-        self.x = torch.cat([self.x, torch.full((extra, self.length), self.engine.mask_id, device=device)])
-        self.undecided = torch.cat([self.undecided, torch.zeros(extra, self.gen_length, dtype=torch.bool,
-                                                                device=device)])
+        x = torch.cat([self.x, torch.full((extra, self.length), self.engine.mask_id, device=device)])
+        undecided = torch.cat([self.undecided, torch.zeros(extra, self.gen_length, dtype=torch.bool, device=device)])
         if self.key_mask is not None:
             self.key_mask = torch.cat([self.key_mask, torch.ones(extra, self.length, dtype=torch.bool, device=device)])
         self.row_ids += [None] * extra
@@ -396,7 +447,7 @@ class BatchRun:
         self.row_block_step += [0] * extra
         self.active += [False] * extra
         old = self.cache
-        self._set_rows(new_batch)
+        self._set_rows(x, undecided)
         halves = 2 if self.guided else 1  # with guidance the unconditional rows follow the conditional ones
         for layer in range(len(old.keys)):
             for half in range(halves):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -135,12 +135,14 @@ class Generation:
 
 
 @dataclass
-class _Forward:
-    """One captured (or plain) forward pass: static inputs, output, and the CUDA graph that fills it."""
+class _Graph:
+    """One captured pass: its copied inputs, the state tensors it works on in place, its output, and
+    the CUDA graph that fills it."""
 
     cache: KVCache  # held, so that the memory the graph writes into stays allocated
     inputs: list[torch.Tensor | None]
-    output: torch.Tensor | None = None
+    state_pointers: list[int]
+    output: Any = None
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -148,7 +150,7 @@ class Engine:
     """Fast generation for one model. Keep one per model and process; it caches compiled graphs."""
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
-                 max_pooled_caches: int = 2, fuse: bool | None = None) -> None:
+                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True) -> None:
         """
         Args:
             model: the mask predictor, in eval mode, on its device and dtype.
@@ -162,6 +164,9 @@ class Engine:
                 The model must not be moved or reloaded while the engine is in use. Complete
                 refreshes keep the model's own matmuls (the exact mode stays bit-identical to the
                 reference); block steps and keep_prompt's answer-only refreshes use the fused ones.
+            capture_sampling: with CUDA graphs, capture greedy block steps whole — the forward pass and
+                the choice and commit of tokens — as one graph, so that the host launches one graph
+                per step instead of a dozen small kernels after it. False captures the forward pass only.
         """
         self.model = model.eval()
         self.device = model.device
@@ -175,11 +180,12 @@ class Engine:
         # number of compiled shapes small (dynamic=None: a second cache length recompiles once,
         # with symbolic lengths).
         self.compiled = compile
+        self.capture_sampling = capture_sampling
         self.step_fn: Callable[..., torch.Tensor] = (
             torch.compile(cached_forward, dynamic=None, fullgraph=True) if compile else cached_forward)
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
-        self._graphs: dict[tuple, _Forward] = {}
+        self._graphs: dict[tuple, _Graph] = {}
         config = model.config
         self.mask_id = config.mask_token_id
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
@@ -265,44 +271,61 @@ class Engine:
         The returned logits live in the graph's output buffer: read them before the next call.
         ``graph=False`` runs it plainly (one-off shapes, such as refreshing a few rows of a batch).
         """
-        self._check_weights(replay=self.cuda_graphs and graph)
+        def run(tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
+                key_bias: torch.Tensor | None) -> torch.Tensor:
+            return self.plain_forward(cache, tokens, positions, logits_index, key_bias, write)
+
+        if not graph:
+            self._check_weights(replay=False)
+            return run(tokens, positions, logits_index, key_bias)
+        key = ("forward", id(cache), tokens.shape, positions.shape, logits_index.shape,
+               None if key_bias is None else key_bias.shape, write)
+        return self.replay(key, cache, run, [tokens, positions, logits_index, key_bias])
+
+    def plain_forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
+                      key_bias: torch.Tensor | None, write: bool) -> torch.Tensor:
+        """``cached_forward`` as the engine runs it: block steps compiled (when asked for) and fused."""
         # A refresh (every position a query) stays the model's own arithmetic, so that the exact mode
         # equals the reference sampler bit for bit; the (approximate) cached steps use fused matmuls.
         fused = self.fused and tokens.shape[1] != cache.length
-        if not (self.cuda_graphs and graph):
-            return self._function(write)(self.model, tokens, positions, cache, key_bias, logits_index, write, fused)
-        key = (id(cache), tokens.shape, positions.shape, logits_index.shape, None if key_bias is None else key_bias.shape,
-               write)
+        function = cached_forward if write else self.step_fn
+        return function(self.model, tokens, positions, cache, key_bias, logits_index, write, fused)
+
+    def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
+               state: Sequence[torch.Tensor] = ()) -> Any:
+        """``function(*state, *inputs)``, through a CUDA graph captured once per ``key`` on graph engines.
+
+        ``key`` must name everything the function bakes in (shapes, settings, host numbers). ``inputs``
+        are copied into the graph's own tensors at every call; ``state`` tensors are read and written
+        in place, so they must be the same tensors at every call of a key (a cache's state tensors).
+        The output lives in the graph's buffers: read it before the next call.
+        """
+        self._check_weights(replay=self.cuda_graphs)
+        if not self.cuda_graphs:
+            return function(*state, *inputs)
         entry = self._graphs.get(key)
-        args = [tokens, positions, logits_index, key_bias]
         if entry is None:
-            entry = self._capture(cache, args, write, fused)
+            entry = self._capture(cache, function, inputs, state)
             self._graphs[key] = entry
-        for static, value in zip(entry.inputs, args, strict=True):
+        if entry.state_pointers != [tensor.data_ptr() for tensor in state]:
+            raise RuntimeError("a captured step was replayed on other state tensors than it was captured on")
+        for static, value in zip(entry.inputs, inputs, strict=True):
             if static is not None:
                 static.copy_(value)
         entry.graph.replay()
         return entry.output
 
-    def _function(self, write: bool) -> Callable[..., torch.Tensor]:
-        return cached_forward if write else self.step_fn
-
-    def _capture(self, cache: KVCache, args: list[torch.Tensor | None], write: bool, fused: bool) -> _Forward:
-        entry = _Forward(cache=cache, inputs=[None if a is None else a.clone() for a in args])
-        tokens, positions, logits_index, key_bias = entry.inputs
-
-        function = self._function(write)
-
-        def run() -> torch.Tensor:
-            return function(self.model, tokens, positions, cache, key_bias, logits_index, write, fused)
-
-        # Warm-up on a side stream (compiles, picks kernels). It is a real call with the real inputs:
-        # its cache writes are the ones the replay below makes again.
+    def _capture(self, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
+                 state: Sequence[torch.Tensor]) -> _Graph:
+        entry = _Graph(cache=cache, inputs=[None if a is None else a.clone() for a in inputs],
+                       state_pointers=[tensor.data_ptr() for tensor in state])
+        # Warm-up on a side stream (compiles, picks kernels), on copies of the state so that it changes
+        # nothing; it writes the cache, as the replay below does again with the same tokens.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # twice: the second call must find everything compiled
-                run()
+                function(*[tensor.clone() for tensor in state], *entry.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         entry.graph = torch.cuda.CUDAGraph()
         # thread_local: a server captures on its worker thread while other threads (the web server's,
@@ -312,7 +335,7 @@ class Engine:
             cache.graph_pool = torch.cuda.graph_pool_handle()
         try:
             with torch.cuda.graph(entry.graph, pool=cache.graph_pool, capture_error_mode="thread_local"):
-                entry.output = run()
+                entry.output = function(*state, *entry.inputs)
         except BaseException:
             if not any(other.cache is cache for other in self._graphs.values()):
                 cache.graph_pool = None  # a failed capture leaves its pool's count unreliable

@@ -10,7 +10,7 @@ position as a query, and then equals the plain forward pass exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,10 @@ class KVCache:
     # The memory pool of the CUDA graphs an engine captured over this cache: it lives and dies with
     # them (a pool whose graphs were all freed must not be captured into again).
     graph_pool: tuple[int, int] | None = None
+    # The decoding state of the batch holding this cache (tokens, undecided flags, block offsets),
+    # by name, shape and dtype: step graphs captured over the cache read and write these very
+    # tensors, so that a later batch of the same shape replays them without capturing again.
+    state: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, model: LLaDAModel, batch: int, length: int) -> KVCache:
@@ -35,6 +39,13 @@ class KVCache:
         shape = (batch, config.n_kv_heads, length, config.head_dim)
         new = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)
         return cls([new() for _ in range(config.n_layers)], [new() for _ in range(config.n_layers)])
+
+    def state_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The cache's state tensor ``name`` of this shape and dtype (uninitialised when new)."""
+        key = (name, tuple(shape), dtype)
+        if key not in self.state:
+            self.state[key] = torch.empty(shape, dtype=dtype, device=self.keys[0].device)
+        return self.state[key]
 
     @property
     def batch(self) -> int:
