@@ -1,0 +1,87 @@
+"""Throughput against batch size on the trained demo model, where threshold decoding commits several
+tokens per step and rows finish their blocks at different steps.
+
+The random-weight benchmark (``engine.py``) commits one token per step in every row, so its rows
+move in lockstep; here each row moves at its own pace, so a batch step mixes rows that refresh (a
+new block) with rows that take a block step. Every batch size decodes the same prompts (the
+arithmetic and definition prompts of ``engine_quality.py``), in consecutive batches of that size,
+after a warm-up pass over all of them (CUDA graphs captured, block steps compiled). Reported per
+batch size: answer tokens/s (up to each answer's first end-of-text token, wall-clock), the speed-up
+over batch 1, and the share of answers identical to batch 1's (a row's result must not depend on
+its batch).
+
+    PYTHONPATH=src python benchmarks/engine_batching.py --device cuda --dtype bfloat16 --compile \
+        --out benchmarks/results/engine/batching_demo_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from engine_quality import device_name, prompts, synchronize
+
+from llada.cli import DEMO_MODEL
+from llada.engine import Engine, GenerationSettings
+from llada.model import LLaDAModel
+from llada.tokenizer import Tokenizer
+
+
+def decode_all(engine: Engine, ids: list[list[int]], settings: GenerationSettings, batch: int) -> list[list[int]]:
+    """Every prompt's answer tokens, decoding ``batch`` prompts per call."""
+    return [result.tokens for start in range(0, len(ids), batch)
+            for result in engine.generate(ids[start:start + batch], settings)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEMO_MODEL))
+    parser.add_argument("--arithmetic", type=int, default=112, help="arithmetic prompts (plus 16 definitions)")
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--gen-length", type=int, default=32)
+    parser.add_argument("--block-length", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine's block steps")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    model = LLaDAModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    ids = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q, _ in prompts(args.arithmetic)]
+    engine = Engine(model, compile=args.compile, max_pooled_caches=16)
+    base = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length)
+    rows = []
+    for name, settings in (("dual cache, threshold 0.9", base),
+                           ("dual cache, threshold 0.9, keep prompt", replace(base, keep_prompt=True))):
+        single = None
+        for batch in [int(b) for b in args.batches.split(",")]:
+            decode_all(engine, ids, settings, batch)  # warm-up: every shape this batch size meets
+            synchronize(args.device)
+            start = time.perf_counter()
+            answers = decode_all(engine, ids, settings, batch)
+            synchronize(args.device)
+            seconds = time.perf_counter() - start
+            single = single or answers
+            tokens = sum(len(answer) for answer in answers)
+            row = {"setting": name, "batch": batch, "tokens": tokens, "seconds": seconds,
+                   "tokens_per_s": tokens / seconds,
+                   "same_as_batch_1": sum(a == b for a, b in zip(answers, single)) / len(answers)}
+            row["speedup"] = row["tokens_per_s"] / next(r["tokens_per_s"] for r in rows + [row]
+                                                        if r["setting"] == name and r["batch"] == 1)
+            rows.append(row)
+            print(f"{name:40s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s ({row['speedup']:5.1f}x batch 1), "
+                  f"{row['same_as_batch_1']:6.1%} answers as at batch 1", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "prompts": len(ids), "gen_length": args.gen_length,
+                                              "block_length": args.block_length, "device": device_name(args.device),
+                                              "dtype": args.dtype, "compile": args.compile, "torch": torch.__version__,
+                                              "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
