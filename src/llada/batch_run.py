@@ -140,7 +140,7 @@ class BatchRun:
 
     def _logits(self, offsets: torch.Tensor, live: list[int], refresh: list[int]) -> torch.Tensor:
         """Logits (B, block_length, V) at each row's block (``offsets``: answer positions, (B, L))."""
-        engine, settings = self.engine, self.settings
+        engine = self.engine
         batch = self.x.shape[0]
         positions = offsets + self.prompt_length  # (B, L)
         everything = self._everything
