@@ -354,9 +354,9 @@ def test_fp8_models_are_fused_into_stacked_fp8_layers() -> None:
     assert torch.equal(answers(engine.generate(prompts((4, 6)), settings)), expected)
 
 
-def test_fused_matrices_serve_the_cached_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refreshes (every position a query) keep the model's own matmuls, so the exact mode stays the
-    reference's arithmetic; block steps take the fused matrices."""
+def test_fused_matrices_serve_every_pass_but_the_exact_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact mode's passes keep the model's own matmuls, so that it stays the reference's
+    arithmetic; the cached modes' refreshes and block steps take the fused matrices."""
     from llada import kv_cache
 
     calls: list[tuple[int, bool]] = []
@@ -368,12 +368,15 @@ def test_fused_matrices_serve_the_cached_steps_only(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(kv_cache, "_project_qkv", spy)
     engine = Engine(model(), fuse=True)
-    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=16, cache="dual",
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=16, cache="none",
                                   early_stop=False)
     engine.generate(prompts((5,)), settings)
+    assert calls and {fused for _, fused in calls} == {False}
+    calls.clear()
+    engine.generate(prompts((5,)), replace(settings, cache="dual"))
     total = 5 + 16
-    assert {fused for length, fused in calls if length == total} == {False}  # refreshes
-    assert {fused for length, fused in calls if length == 8} == {True}  # dual-cache block steps
+    assert {length for length, _ in calls} == {total, 8}  # refreshes and dual-cache block steps
+    assert {fused for _, fused in calls} == {True}
 
 
 def test_engines_refuse_weights_replaced_after_them() -> None:

@@ -150,7 +150,8 @@ class BatchRun:
             start = self.prompt_length if answer_only[0] else 0
             tokens = self._model_rows(self.x[:, start:])
             logits = engine.forward(self.cache, tokens, everything[start:].expand(tokens.shape[0], -1),
-                                    self._model_rows(positions - start), self.key_bias, write=True)
+                                    self._model_rows(positions - start), self.key_bias, write=True,
+                                    exact=self.settings.cache == "none")
             return self._guide(logits)
         if refresh == live:  # every decoding row refreshes, of both kinds: no block step is needed
             fresh = self._refresh_rows(refresh, positions)
@@ -247,7 +248,7 @@ class BatchRun:
         key_mask = None if self.key_mask is None else self.key_mask[rows]
         queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
         logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions[rows] - start),
-                                     self._bias(key_mask), write=True, graph=False)
+                                     self._bias(key_mask), write=True, graph=False, exact=self.settings.cache == "none")
         for layer in range(len(cache.keys)):
             self.cache.keys[layer].index_copy_(0, model_rows, cache.keys[layer])
             self.cache.values[layer].index_copy_(0, model_rows, cache.values[layer])

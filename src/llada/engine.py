@@ -134,6 +134,12 @@ class Generation:
     finish_reason: Literal["stop", "length"]  # "stop": ended with an end-of-text token
 
 
+def _refresh_pass(model: LLaDAModel, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  key_bias: torch.Tensor | None, logits_index: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``cached_forward`` writing the cache (a refresh), as a function of its own to compile apart."""
+    return cached_forward(model, tokens, positions, cache, key_bias, logits_index, True, fused)
+
+
 @dataclass
 class _Graph:
     """One captured pass: its copied inputs, the state tensors it works on in place, its output, and
@@ -155,15 +161,17 @@ class Engine:
         Args:
             model: the mask predictor, in eval mode, on its device and dtype.
             cuda_graphs: capture each forward shape as a CUDA graph (default: on CUDA devices).
-            compile: ``torch.compile`` the cached forward pass (fuses norms, RoPE and SwiGLU; the
-                first call of each shape compiles for some seconds).
+            compile: ``torch.compile`` the forward passes (fuses norms, RoPE and SwiGLU; the first
+                call of each shape compiles for some seconds, up to a minute at the 8B shape): block
+                steps, and refreshes except in the exact mode (``cache="none"``), which keeps the
+                model's own eager arithmetic so as to equal the reference sampler bit for bit.
             max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a
                 later batch of the same shape starts without capturing again).
             fuse: run q/k/v and gate/up as one matmul each (``kv_cache.fuse_projections``: the
                 model's weights become views of fused matrices, in place; default: on CUDA devices).
-                The model must not be moved or reloaded while the engine is in use. Complete
-                refreshes keep the model's own matmuls (the exact mode stays bit-identical to the
-                reference); block steps and keep_prompt's answer-only refreshes use the fused ones.
+                The model must not be moved or reloaded while the engine is in use. The exact mode
+                keeps the model's own matmuls (it stays bit-identical to the reference); every
+                other pass uses the fused ones.
             capture_sampling: with CUDA graphs, capture greedy block steps whole — the forward pass and
                 the choice and commit of tokens — as one graph, so that the host launches one graph
                 per step instead of a dozen small kernels after it. False captures the forward pass only.
@@ -175,14 +183,16 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
-        # Only block steps are compiled: they are launch- and memory-bound, where fusion pays; a
-        # refresh (every position a query) is compute-bound and runs eagerly, which also keeps the
-        # number of compiled shapes small (dynamic=None: a second cache length recompiles once,
-        # with symbolic lengths).
+        # Block steps (read-only, a few shapes) compile with static shapes first (dynamic=None: a
+        # second cache length recompiles once, with symbolic lengths); refreshes, whose number of
+        # rows and queries varies (rows joining, answer-only refreshes), compile once with symbolic
+        # shapes, as a function of their own so that they keep their own recompile budget.
         self.compiled = compile
         self.capture_sampling = capture_sampling
         self.step_fn: Callable[..., torch.Tensor] = (
             torch.compile(cached_forward, dynamic=None, fullgraph=True) if compile else cached_forward)
+        self.refresh_fn: Callable[..., torch.Tensor] = (
+            torch.compile(_refresh_pass, dynamic=True, fullgraph=True) if compile else _refresh_pass)
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Graph] = {}
@@ -265,31 +275,38 @@ class Engine:
 
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-                key_bias: torch.Tensor | None, write: bool = True, graph: bool = True) -> torch.Tensor:
-        """``cached_forward`` through a CUDA graph captured for this cache and these shapes.
+                key_bias: torch.Tensor | None, write: bool = True, graph: bool = True,
+                exact: bool = False) -> torch.Tensor:
+        """``plain_forward`` through a CUDA graph captured for this cache and these shapes.
 
         The returned logits live in the graph's output buffer: read them before the next call.
         ``graph=False`` runs it plainly (one-off shapes, such as refreshing a few rows of a batch).
         """
         def run(tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
                 key_bias: torch.Tensor | None) -> torch.Tensor:
-            return self.plain_forward(cache, tokens, positions, logits_index, key_bias, write)
+            return self.plain_forward(cache, tokens, positions, logits_index, key_bias, write, exact)
 
         if not graph:
             self._check_weights(replay=False)
             return run(tokens, positions, logits_index, key_bias)
         key = ("forward", id(cache), tokens.shape, positions.shape, logits_index.shape,
-               None if key_bias is None else key_bias.shape, write)
+               None if key_bias is None else key_bias.shape, write, exact)
         return self.replay(key, cache, run, [tokens, positions, logits_index, key_bias])
 
     def plain_forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-                      key_bias: torch.Tensor | None, write: bool) -> torch.Tensor:
-        """``cached_forward`` as the engine runs it: block steps compiled (when asked for) and fused."""
-        # A refresh (every position a query) stays the model's own arithmetic, so that the exact mode
-        # equals the reference sampler bit for bit; the (approximate) cached steps use fused matmuls.
-        fused = self.fused and tokens.shape[1] != cache.length
-        function = cached_forward if write else self.step_fn
-        return function(self.model, tokens, positions, cache, key_bias, logits_index, write, fused)
+                      key_bias: torch.Tensor | None, write: bool, exact: bool = False) -> torch.Tensor:
+        """``cached_forward`` as the engine runs it.
+
+        ``exact``: the model's own arithmetic, eagerly (the exact mode, which equals the reference
+        sampler bit for bit). Otherwise fused matmuls, and on compiling engines the compiled
+        functions: read-only block steps (``write=False``) or refreshes writing the cache.
+        """
+        if exact or not self.compiled:
+            return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
+                                  self.fused and not exact)
+        if write:
+            return self.refresh_fn(self.model, tokens, positions, cache, key_bias, logits_index, self.fused)
+        return self.step_fn(self.model, tokens, positions, cache, key_bias, logits_index, False, self.fused)
 
     def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
                state: Sequence[torch.Tensor] = ()) -> Any:
