@@ -198,3 +198,20 @@ def test_cancelling_twice_or_after_finishing_is_harmless() -> None:
         run.result(1)
     with pytest.raises(IndexError, match="not in this batch"):
         run.drop(2)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_an_idle_row_left_behind_does_not_disturb_the_rows_that_move_on(cache: str) -> None:
+    """A dropped row of four stays in its batch (three still decode: no shrink) at the block it was
+    dropped in, while the others move on; with the prefix cache the step's queries then start past
+    that row's block, which must not index before them."""
+    settings = replace(SETTINGS, cache=cache, policy="fixed", steps=16, early_stop=False)
+    engine = Engine(model())
+    rows = prompts((3, 6, 4, 5), seed=3)
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    run = engine.start(rows, settings)
+    run.advance()
+    run.drop(1)
+    while run.advance():
+        pass
+    assert [run.result(r).tokens for r in (0, 2, 3)] == [alone[r] for r in (0, 2, 3)]

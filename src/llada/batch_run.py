@@ -84,8 +84,11 @@ class BatchRun:
         self.done = False
 
     def _block_offsets(self) -> torch.Tensor:
-        """(B, L) answer positions of each row's current block."""
-        blocks = tuple(min(b, self.num_blocks - 1) for b in self.row_block)
+        """(B, L) answer positions of each row's current block; idle rows point at the last block,
+        which lies within every step's queries (a prefix-cache step queries from the live rows'
+        first block on: an idle row left at an earlier block would index before its queries)."""
+        last = self.num_blocks - 1
+        blocks = tuple(min(b, last) if active else last for b, active in zip(self.row_block, self.active))
         if blocks != self._offsets_of:
             self._offsets.copy_(torch.tensor(blocks)[:, None] * self.block_length + torch.arange(self.block_length))
             self._offsets_of = blocks
