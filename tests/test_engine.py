@@ -398,3 +398,29 @@ def test_a_stream_left_early_gives_its_cache_back() -> None:
     assert not engine._free_caches
     updates.close()
     assert len(engine._free_caches) == 1
+
+
+def test_block_steps_of_any_threshold_or_factor_share_their_graph_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threshold and factor are inputs of a captured block step (clients choose them per request), so
+    batches that differ only in them replay the same graphs on a pooled cache; other settings that a
+    block step never reads (early stop, refresh_every) do not split the keys either."""
+    keys: list[tuple] = []
+    original = Engine.replay
+
+    def spy(self, key, *args, **kwargs):
+        keys.append(key)
+        return original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "replay", spy)
+    engine = Engine(model())
+    rows = prompts((5,))  # one row: the batch never shrinks onto another cache
+    seen = []
+    for settings in (GenerationSettings(gen_length=16, block_length=8, threshold=0.3),
+                     GenerationSettings(gen_length=16, block_length=8, threshold=0.6, refresh_every=5),
+                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=0.5, early_stop=False),
+                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=2.0)):
+        keys.clear()
+        engine.generate(rows, settings)
+        seen.append({key for key in keys if key[0] == "block step"})
+    assert len(seen[0]) == 1 and seen[0] == seen[1]
+    assert len(seen[2]) == 1 and seen[2] == seen[3] and seen[0] != seen[2]  # another policy: another graph

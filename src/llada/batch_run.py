@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -79,6 +80,9 @@ class BatchRun:
         # would wait for the GPU at every step), so the rows' block offsets are rebuilt only when a row
         # changes block.
         self._everything = torch.arange(self.length, device=device)
+        # The threshold and factor policies' numbers as float32 device scalars, as the policies compare
+        # float32 confidences with them.
+        self._limits = torch.tensor([settings.threshold, settings.factor], dtype=torch.float32, device=device)
         self._block_columns = torch.arange(self.block_length, device=device)
         self._set_rows(x, undecided)
         self.done = False
@@ -188,7 +192,8 @@ class BatchRun:
         return everything[start:].expand(batch, -1), positions - start
 
     def _block_step(self, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
-                    key_bias: torch.Tensor | None, count: int, start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    key_bias: torch.Tensor | None, limits: torch.Tensor, count: int | torch.Tensor,
+                    start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole block step of every row, from the tokens to the commits (``_commit``).
 
         It reads and writes only its arguments, the model and the cache (no tensor of this run), so
@@ -200,14 +205,15 @@ class BatchRun:
         tokens = self._model_rows(x.gather(1, query))
         logits = self.engine.plain_forward(self.cache, tokens, self._model_rows(query), self._model_rows(index),
                                            key_bias, write=not self.engine.compiled)
-        return self._commit(self._guide(logits), x, undecided, offsets, count)
+        return self._commit(self._guide(logits), x, undecided, offsets, limits, count)
 
     def _commit(self, logits: torch.Tensor, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
-                count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                limits: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose this step's tokens in each row's block and write them into ``x`` and ``undecided``.
 
-        Returns ``chosen`` (B, L), the positions committed, and ``pending`` (B,), rows whose block
-        still has undecided positions."""
+        ``limits``: the policy's threshold and factor, as on the device (``_limits``). Returns
+        ``chosen`` (B, L), the positions committed, and ``pending`` (B,), rows whose block still has
+        undecided positions."""
         settings, engine = self.settings, self.engine
         answer = x[:, self.prompt_length:]  # a view: scattering into it writes x
         current = answer.gather(1, offsets)
@@ -217,7 +223,7 @@ class BatchRun:
         proposals, confidence = propose(logits, settings.temperature, settings.remasking, self.generator,
                                         exact_confidence=settings.policy == "fixed", forbid=forbid, demote=demote,
                                         never=(engine.mask_id,))
-        chosen = select(confidence, masked, settings.policy, count, settings.threshold, settings.factor)
+        chosen = select(confidence, masked, settings.policy, count, limits[0], limits[1])
         answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
         still_masked = masked & ~chosen
         undecided.scatter_(1, offsets, still_masked)
@@ -291,13 +297,18 @@ class BatchRun:
             and isinstance(count, int)))
         if whole:
             start = self._query_start(live)
-            key = ("block step", id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length, settings,
+            # Threshold and factor are inputs of the graph (clients choose them per request); the key
+            # holds what the graph bakes in.
+            baked = replace(settings, threshold=0.0, factor=1.0, steps=None, refresh_every=0, keep_prompt=False,
+                            early_stop=False)
+            key = ("block step", id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length, baked,
                    count, start, None if self.key_bias is None else self.key_bias.shape)
             step = functools.partial(self._block_step, count=count, start=start)
-            chosen, pending = engine.replay(key, self.cache, step, [self.key_bias],
+            chosen, pending = engine.replay(key, self.cache, step, [self.key_bias, self._limits],
                                             state=[self.x, self.undecided, offsets])
         else:
-            chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets, count)
+            chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
+                                           self._limits, count)
         answer = self.x[:, self.prompt_length:]
         self.steps += 1
         for r in live:
@@ -371,8 +382,7 @@ class BatchRun:
         live = self._live()
         if not live:
             self.done = True
-            self.engine.release_cache(self.cache)
-            self.cache = None
+            self._release()
         elif len(live) <= math.ceil(self.x.shape[0] / 2):
             self._keep_rows(live)
 
@@ -486,9 +496,14 @@ class BatchRun:
     def cancel(self) -> None:
         """Stop decoding (e.g. the client went away) and give the cache back to the engine."""
         if self.cache is not None:
-            self.engine.release_cache(self.cache)
-            self.cache = None
+            self._release()
         self.done = True
+
+    def _release(self) -> None:
+        """Give the cache back to the engine, with the state tensors that held this batch's tokens (the
+        next batch to take the cache overwrites them: nothing here may read them again)."""
+        self.engine.release_cache(self.cache)
+        self.cache = self.x = self.undecided = self._offsets = None
 
     # --- results ----------------------------------------------------------------------------------
 

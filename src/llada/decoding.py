@@ -78,7 +78,7 @@ def _top_count(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def select(confidence: torch.Tensor, masked: torch.Tensor, policy: Policy, count: int | torch.Tensor = 1,
-           threshold: float = 0.9, factor: float = 1.0) -> torch.Tensor:
+           threshold: float | torch.Tensor = 0.9, factor: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Which masked positions to commit this step: (B, Q) bool.
 
     Args:
@@ -86,8 +86,9 @@ def select(confidence: torch.Tensor, masked: torch.Tensor, policy: Policy, count
         masked: (B, Q) positions still masked (the only ones that may be chosen).
         policy: ``fixed``, ``threshold`` or ``factor`` (module docstring).
         count: ``fixed`` only: tokens per row this step (int, or (B,) tensor).
-        threshold: τ of the ``threshold`` policy, in [0, 1].
-        factor: f of the ``factor`` policy, > 0.
+        threshold: τ of the ``threshold`` policy, in [0, 1] (a number, or a 0-d tensor, which a
+            CUDA graph can take as an input).
+        factor: f of the ``factor`` policy, > 0 (a number or a 0-d tensor).
     Rows without masked positions commit nothing; every other row commits at least one position.
     """
     confidence = confidence.masked_fill(~masked, -torch.inf)
