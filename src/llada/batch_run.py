@@ -187,9 +187,11 @@ class BatchRun:
         """A block step's query positions (B, Q) and the columns of the blocks among them (B, L):
         the block alone, or (``start``: prefix cache) everything from ``start`` on."""
         batch = positions.shape[0]
+        # Contiguous: compiled passes specialise on strides, and the graph-captured forward pass gets
+        # contiguous copies of its inputs; expanded ones here would compile a second variant.
         if start is None:
-            return positions, block_columns.expand(batch, -1)
-        return everything[start:].expand(batch, -1), positions - start
+            return positions, block_columns.expand(batch, -1).contiguous()
+        return everything[start:].expand(batch, -1).contiguous(), positions - start
 
     def _block_step(self, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
                     key_bias: torch.Tensor | None, limits: torch.Tensor, count: int | torch.Tensor,

@@ -322,6 +322,7 @@ class Engine:
             return function(*state, *inputs)
         entry = self._graphs.get(key)
         if entry is None:
+            self._check_weights(replay=False)  # every block, before the weights are baked into a graph
             entry = self._capture(cache, function, inputs, state)
             self._graphs[key] = entry
         if entry.state_pointers != [tensor.data_ptr() for tensor in state]:
