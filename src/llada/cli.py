@@ -435,7 +435,9 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                              "answer only (faster refreshes, one more approximation; docs/engine.md)")
     parser.add_argument("--no-early-stop", action="store_true",
                         help="engine: decode every block even after the answer has ended")
-    parser.add_argument("--compile", action="store_true", help="engine: torch.compile the block steps (GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="engine: torch.compile the block steps and refreshes (GPU; the first call of a "
+                             "shape compiles for tens of seconds)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default 0 = off)")
     parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
