@@ -24,8 +24,9 @@ the rows still decoding once half of it is done.
 can interleave many runs and let requests join and leave between steps (``scheduler.py``).
 
 On CUDA each forward pass of a given shape is captured once as a CUDA graph (optionally of a
-``torch.compile``d function) and replayed: a step costs one graph launch plus a handful of small
-sampling kernels, with no host synchronisation except where the policy needs a count.
+``torch.compile``d function) and replayed; a greedy block step is captured whole, forward pass and
+commits (``Engine.replay`` over the cache's state tensors), so that it costs one graph launch, with
+no host synchronisation except where the policy needs a count.
 """
 
 from __future__ import annotations
