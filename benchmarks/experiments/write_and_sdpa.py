@@ -10,11 +10,13 @@ argmax tokens agree (random weights: near-ties everywhere, so bf16 rounding flip
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from engine import random_model
 
-import llada.kv_cache as kv_cache
+from llada import kv_cache
 from llada.kv_cache import KVCache, fuse_projections
 
 
@@ -69,8 +71,8 @@ def main() -> None:
         a = read_only(model, tokens, positions, cache, bias, index, False, True)
         b = writing(model, tokens, positions, cache, bias, index, True, True)
         print("agree", (a.argmax(-1) == b.argmax(-1)).float().mean().item(), flush=True)
-        read_ms = graph_ms(lambda: read_only(model, tokens, positions, cache, bias, index, False, True))
-        write_ms = graph_ms(lambda: writing(model, tokens, positions, cache, bias, index, True, True))
+        read_ms = graph_ms(functools.partial(read_only, model, tokens, positions, cache, bias, index, False, True))
+        write_ms = graph_ms(functools.partial(writing, model, tokens, positions, cache, bias, index, True, True))
         print(f"batch {batch}: read-only {read_ms:.3f} ms, write+SDPA {write_ms:.3f} ms", flush=True)
 
 
