@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from llada.batch_run import BatchRun
 from llada.decoding import select
 from llada.engine import Engine, GenerationSettings
 from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
@@ -137,6 +138,38 @@ def record_query_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(Engine, "plain_forward", spy)
     return queries
+
+
+@pytest.mark.parametrize("overrides", [{}, {"keep_prompt": True}, {"keep_prompt": True, "cfg_scale": 1.0}])
+def test_per_row_refreshes_write_every_entry_of_their_scratch_cache(overrides: dict,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that refresh while others take a block step run in a scratch cache that is not zeroed;
+    filled with NaN, any entry read before it is written would poison the answers, which instead
+    equal single-prompt runs (whose refreshes use zeroed caches)."""
+    original = KVCache.allocate.__func__
+
+    def poisoned(cls, model, batch, length, zeroed=True):
+        cache = original(cls, model, batch, length, zeroed)
+        if not zeroed:
+            for tensor in cache.keys + cache.values:
+                tensor.fill_(float("nan"))
+        return cache
+
+    rows = prompts((3, 8, 5, 6), seed=1)
+    settings = GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3, **overrides)
+    engine = Engine(model())
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    scratch: list[int] = []
+    refresh_some = BatchRun._refresh_some
+
+    def counting(self, rows, positions, answer_only):
+        scratch.append(len(rows))
+        return refresh_some(self, rows, positions, answer_only)
+
+    monkeypatch.setattr(KVCache, "allocate", classmethod(poisoned))
+    monkeypatch.setattr(BatchRun, "_refresh_some", counting)
+    assert [r.tokens for r in engine.generate(rows, settings)] == alone
+    assert scratch  # some rows did refresh on their own
 
 
 def test_keep_prompt_refreshes_query_the_answer_only(monkeypatch: pytest.MonkeyPatch) -> None:

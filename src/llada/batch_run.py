@@ -249,16 +249,19 @@ class BatchRun:
 
     def _refresh_some(self, rows: list[int], positions: torch.Tensor, answer_only: bool) -> torch.Tensor:
         model_rows = self._model_row_index(rows)
+        index = model_rows[:len(rows)]  # the rows themselves (with guidance, their unconditional copies follow)
         start = self.prompt_length if answer_only else 0
-        tokens = self._model_rows(self.x[rows, start:])
-        cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length)
+        tokens = self._model_rows(self.x.index_select(0, index)[:, start:])
+        # Every entry of this cache is written before it is read: the prompt's copied (answer_only)
+        # or recomputed, the answer's recomputed.
+        cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length, zeroed=False)
         if answer_only:  # the rows' cached prompt keys/values (the answer's are recomputed)
             for layer in range(len(cache.keys)):
-                cache.keys[layer].copy_(self.cache.keys[layer].index_select(0, model_rows))
-                cache.values[layer].copy_(self.cache.values[layer].index_select(0, model_rows))
-        key_mask = None if self.key_mask is None else self.key_mask[rows]
+                torch.index_select(self.cache.keys[layer], 0, model_rows, out=cache.keys[layer])
+                torch.index_select(self.cache.values[layer], 0, model_rows, out=cache.values[layer])
+        key_mask = None if self.key_mask is None else self.key_mask.index_select(0, index)
         queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
-        logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions[rows] - start),
+        logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions.index_select(0, index) - start),
                                      self._bias(key_mask), write=True, graph=False, exact=self.settings.cache == "none")
         for layer in range(len(cache.keys)):
             self.cache.keys[layer].index_copy_(0, model_rows, cache.keys[layer])

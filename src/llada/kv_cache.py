@@ -34,10 +34,13 @@ class KVCache:
     state: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def allocate(cls, model: LLaDAModel, batch: int, length: int) -> KVCache:
+    def allocate(cls, model: LLaDAModel, batch: int, length: int, zeroed: bool = True) -> KVCache:
+        """A cache for ``batch`` sequences of ``length``; ``zeroed=False`` leaves the memory as it is,
+        for a cache whose every entry is written before it is read (a refresh's)."""
         config = model.config
         shape = (batch, config.n_kv_heads, length, config.head_dim)
-        new = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)
+        make = torch.zeros if zeroed else torch.empty
+        new = lambda: make(shape, dtype=model.dtype, device=model.device)
         return cls([new() for _ in range(config.n_layers)], [new() for _ in range(config.n_layers)])
 
     def state_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
