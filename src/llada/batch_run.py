@@ -9,8 +9,8 @@ the batch shrinks to the rows still decoding (a smaller shape, captured once mor
 Until then a new prompt can take an idle row's slot (``add``).
 
 Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
-all rows, otherwise as a smaller batch (not captured as a graph) whose cache rows are copied in — and the other rows
-take a cached step (their block alone, or, with the prefix cache, everything from the block on:
+all rows, otherwise as a smaller batch (not captured as a graph) whose cache rows are copied in —
+and the other rows take a cached step (their block alone, or, with the prefix cache, everything from the block on:
 there rows move from block to block together, so that a row's result does not depend on its batch). The commits are per row: ``decoding.propose`` and ``decoding.select`` over each
 row's own block.
 """
@@ -232,7 +232,8 @@ class BatchRun:
         return chosen, still_masked.any(1)
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Refresh some rows (a smaller batch, not captured as a graph: its shape varies) and copy their keys/values into the batch's cache.
+        """Refresh some rows (a smaller batch, not captured as a graph: its shape varies) and copy their
+        keys/values into the batch's cache.
 
         Rows that keep their prompt (``keep_prompt``) bring their cached prompt keys/values along and
         query the answer only; the others query everything. Each kind is one pass."""
