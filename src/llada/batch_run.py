@@ -10,9 +10,10 @@ Until then a new prompt can take an idle row's slot (``add``).
 
 Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
 all rows, otherwise as a smaller batch (not captured as a graph) whose cache rows are copied in —
-and the other rows take a cached step (their block alone, or, with the prefix cache, everything from the block on:
-there rows move from block to block together, so that a row's result does not depend on its batch). The commits are per row: ``decoding.propose`` and ``decoding.select`` over each
-row's own block.
+and the other rows take a cached step (their block alone, or, with the prefix cache, everything from
+the block on: there rows move from block to block together, so that a row's result does not depend
+on its batch). The commits are per row: ``decoding.propose`` and ``decoding.select`` over each row's
+own block. Greedy block steps of the whole batch run as one captured graph (``_block_step``).
 """
 
 from __future__ import annotations
