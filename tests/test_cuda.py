@@ -74,6 +74,28 @@ def test_whole_block_steps_captured_as_graphs_equal_plain_calls_and_serve_later_
     assert [r.tokens for r in sampled] == [r.tokens for r in plain]
 
 
+def test_batches_of_other_layouts_on_one_pooled_cache_keep_their_own_graphs() -> None:
+    """Two batches whose sequences have the same length but other prompt/answer splits take turns on
+    one pooled cache: they share its token state tensor and its pool, each replays its own captured
+    steps, and every answer equals a plain engine's."""
+    net = gpu_model()
+    short = GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3)
+    long = GenerationSettings(gen_length=8, block_length=4, policy="threshold", threshold=0.5)
+    # One row each (no shrinking onto other caches); 8 + 16 = 16 + 8 positions.
+    batches = [(prompts((8,), seed=1), short), (prompts((16,), seed=2), long)]
+    plain = Engine(net, cuda_graphs=False)
+    expected = [[r.tokens for r in plain.generate(rows, settings)] for rows, settings in batches]
+    engine = Engine(net, max_pooled_caches=1)
+    captured = []
+    for _ in range(2):
+        for (rows, settings), tokens in zip(batches, expected, strict=True):
+            assert [r.tokens for r in engine.generate(rows, settings)] == tokens
+        captured.append(dict(engine._graphs))
+    assert captured[0] == captured[1]  # the second round captured nothing
+    assert len({id(entry.cache) for entry in captured[0].values()}) == 1  # one cache served both layouts
+    assert len({key[4] for key in captured[0] if key[0] == "block step"}) == 2  # a block step per prompt length
+
+
 def test_fused_dual_cache_steps_agree_with_unfused_ones() -> None:
     settings = GenerationSettings(gen_length=16, block_length=8, steps=16, policy="fixed", cache="dual",
                                   early_stop=False)
