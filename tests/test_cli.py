@@ -140,6 +140,15 @@ def test_keep_prompt_flag(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -
     assert "keep_prompt needs a cache" in capsys.readouterr().err
 
 
+def test_reuse_decided_flag(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["generate", "--model", str(checkpoint_dir), "--prompt", "x", "--gen-length", "8", "--block-length", "4",
+            "--reuse-decided", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--cache", "prefix"]) == 2
+    assert "reuse_decided needs cache='dual'" in capsys.readouterr().err
+
+
 def test_console_script_help() -> None:
     result = subprocess.run([sys.executable, "-m", "llada", "generate", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "examples:" in result.stdout and "--block-length" in result.stdout

@@ -111,6 +111,54 @@ def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, re
         assert [r.steps for r in cached] == [r.steps for r in exact]
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("policy", ["threshold", "fixed"])
+def test_reusing_decided_positions_is_exact_for_a_one_layer_model(policy: str, read_only: bool, cfg_scale: float,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one layer a decided position's keys/values depend on its own token only, so computing them
+    once after the decision and reading them from the cache later (reuse_decided) is exact — padding
+    queries of rows that need fewer positions than others included."""
+    net = model(n_layers=1)
+    rows = prompts((4, 6, 5))
+    base = {"gen_length": 16, "block_length": 8, "policy": policy, "threshold": 0.4, "early_stop": False,
+            "cfg_scale": cfg_scale}
+    exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
+    engine = Engine(net)
+    engine.compiled = read_only  # read-only steps storing the queries afterwards, without compiling on the CPU
+    queries = record_query_lengths(monkeypatch)
+    reused = engine.generate(rows, GenerationSettings(cache="dual", reuse_decided=True, **base))
+    assert torch.equal(answers(reused), answers(exact))
+    assert [r.steps for r in reused] == [r.steps for r in exact]
+    assert min(queries) < 8  # some steps queried part of a block
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_reusing_decided_positions_keeps_each_rows_single_prompt_answer(read_only: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two layers reuse_decided is an approximation, but a row's answer must not depend on its
+    batch: the rows that need fewer queries than the widest one are padded with positions whose cached
+    keys/values stand; the answers also differ from the dual cache's somewhere (the reuse does matter)."""
+    net = model()
+    rows = prompts((3, 8, 5, 6), seed=1)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3,
+                                  reuse_decided=True)
+    engine = Engine(net)
+    engine.compiled = read_only
+    alone = [engine.generate([row], settings)[0] for row in rows]
+    together = engine.generate(rows, settings)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert [r.steps for r in together] == [r.steps for r in alone]
+    dual = engine.generate(rows, replace(settings, reuse_decided=False))
+    assert not torch.equal(answers(together), answers(dual))
+
+
+def test_reuse_decided_needs_the_dual_cache() -> None:
+    for cache in ("none", "prefix"):
+        with pytest.raises(ValueError, match="reuse_decided needs cache='dual'"):
+            GenerationSettings(cache=cache, reuse_decided=True).validate()
+
+
 @pytest.mark.parametrize(("cache", "keep_prompt"), [("none", False), ("prefix", False), ("dual", False),
                                                    ("prefix", True), ("dual", True)])
 def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bool) -> None:
@@ -308,12 +356,14 @@ def test_bad_prompts_are_named() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_block_steps_match_plain_ones() -> None:
+@pytest.mark.parametrize("reuse_decided", [False, True])
+def test_compiled_block_steps_match_plain_ones(reuse_decided: bool) -> None:
     """The compiled engine (torch.compile of the read-only block step; Inductor on the CPU here)
     decodes like the uncompiled read-only path."""
     net = model()
     rows = prompts((4, 6))
-    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3,
+                                  reuse_decided=reuse_decided)
     plain = Engine(net)
     plain.compiled = True  # the read-only block steps, uncompiled
     compiled = Engine(net, compile=True)

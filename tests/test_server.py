@@ -342,14 +342,19 @@ def test_special_token_strings_in_messages_and_prompts_are_plain_text(model_and_
 
 
 def test_a_server_keeping_prompts_serves_exact_mode_requests(model_and_tokenizer) -> None:
-    """keep_prompt (a server-wide flag) refines the cached modes; a request for the exact mode drops it
-    instead of failing validation."""
-    config = ServerConfig(model_name="tiny", api_key=None, settings=replace(SETTINGS, keep_prompt=True))
+    """keep_prompt and reuse_decided (server-wide flags) refine the cached modes; a request for another
+    mode drops them instead of failing validation."""
+    config = ServerConfig(model_name="tiny", api_key=None,
+                          settings=replace(SETTINGS, keep_prompt=True, reuse_decided=True))
     body = {"messages": [{"role": "user", "content": "Hi"}]}
-    assert parse_job("chat", body, model_and_tokenizer[1], config, 4096).settings.keep_prompt
+    dual = parse_job("chat", body, model_and_tokenizer[1], config, 4096).settings
+    assert dual.keep_prompt and dual.reuse_decided
     exact = parse_job("chat", {**body, "cache": "none"}, model_and_tokenizer[1], config, 4096).settings
-    assert exact.cache == "none" and not exact.keep_prompt
+    assert exact.cache == "none" and not exact.keep_prompt and not exact.reuse_decided
     exact.validate()
+    prefix = parse_job("chat", {**body, "cache": "prefix"}, model_and_tokenizer[1], config, 4096).settings
+    assert prefix.keep_prompt and not prefix.reuse_decided
+    prefix.validate()
 
 
 def test_models_health_and_metrics(served, client) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from llada.decoding import propose, select
 from llada.engine import Engine, Generation, GenerationSettings, StepUpdate
-from llada.kv_cache import KVCache
+from llada.kv_cache import KVCache, store_queries
 from llada.model import attention_bias
 from llada.sampling import num_transfer_tokens
 
@@ -55,6 +55,11 @@ class BatchRun:
         x[:, :prompt_length] = prompt_ids.to(device)
         # Decided-ness is tracked apart from the tokens: a model may propose the mask id itself.
         undecided = torch.ones(batch, settings.gen_length, dtype=torch.bool, device=device)
+        # reuse_decided: decided positions whose keys/values in the cache were computed before their
+        # decision (a block step stores them once more), and per row (host) how many positions of its
+        # block the next step must query: the undecided ones and these.
+        unwritten = torch.zeros(batch, settings.gen_length, dtype=torch.bool, device=device)
+        self._needed = [settings.block_length] * batch
         self.key_mask = None  # (B, T) real tokens, or None when nothing is padded
         if not bool(prompt_mask.all()):
             self.key_mask = torch.cat([prompt_mask, torch.ones(batch, settings.gen_length, dtype=torch.bool)],
@@ -85,7 +90,7 @@ class BatchRun:
         # float32 confidences with them.
         self._limits = torch.tensor([settings.threshold, settings.factor], dtype=torch.float32, device=device)
         self._block_columns = torch.arange(self.block_length, device=device)
-        self._set_rows(x, undecided)
+        self._set_rows(x, undecided, unwritten)
         self.done = False
 
     def _block_offsets(self) -> torch.Tensor:
@@ -105,13 +110,15 @@ class BatchRun:
     def guided(self) -> bool:
         return self.settings.cfg_scale > 0
 
-    def _set_rows(self, x: torch.Tensor, undecided: torch.Tensor) -> None:
-        """(Re)build what depends on the number of rows: cache, attention bias; the tokens ``x`` and
-        ``undecided`` flags move into the cache's state tensors (where captured steps find them)."""
+    def _set_rows(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor) -> None:
+        """(Re)build what depends on the number of rows: cache, attention bias; the tokens ``x`` and the
+        ``undecided`` and ``unwritten`` flags move into the cache's state tensors (where captured steps
+        find them)."""
         batch = x.shape[0]
         self.cache = self.engine.acquire_cache(batch * (2 if self.guided else 1), self.length)
         self.x = self.cache.state_tensor("tokens", x.shape, x.dtype).copy_(x)
         self.undecided = self.cache.state_tensor("undecided", undecided.shape, undecided.dtype).copy_(undecided)
+        self.unwritten = self.cache.state_tensor("unwritten", unwritten.shape, unwritten.dtype).copy_(unwritten)
         self._offsets = self.cache.state_tensor("block offsets", (batch, self.block_length), torch.long)
         self._offsets_of: tuple[int, ...] | None = None  # the blocks ``_offsets`` holds
         self.key_bias = self._bias(self.key_mask)
@@ -156,6 +163,7 @@ class BatchRun:
         if refresh == live and len(set(answer_only)) == 1:
             # Every decoding row refreshes, all of the same kind: one pass over the whole batch (idle rows too).
             start = self.prompt_length if answer_only[0] else 0
+            self.unwritten.zero_()  # every row's keys/values are stored from its tokens now
             tokens = self._model_rows(self.x[:, start:])
             logits = engine.forward(self.cache, tokens, everything[start:].expand(tokens.shape[0], -1),
                                     self._model_rows(positions - start), self.key_bias, write=True,
@@ -166,13 +174,18 @@ class BatchRun:
             logits = fresh.new_zeros(batch, *fresh.shape[1:])  # idle rows: nothing to decide
             logits[refresh] = fresh
             return logits
-        query, index = self._block_query(positions, self._query_start(live), self._everything, self._block_columns)
-        tokens = self._model_rows(self.x.gather(1, query))
-        # Eagerly, writing the queries into the cache and using fused SDPA is fastest; compiled, a
-        # read-only step avoids copying the cache (see kv_cache.cached_forward).
-        logits = engine.forward(self.cache, tokens, self._model_rows(query), self._model_rows(index), self.key_bias,
-                                write=not engine.compiled)
-        logits = self._guide(logits.clone() if refresh else logits)
+        if self.settings.reuse_decided:  # the whole block, storing what a reuse_decided step would
+            logits, _ = self._sparse_logits(self.x, self.undecided, self.unwritten, offsets, self.key_bias,
+                                            self.block_length)
+            logits = self._guide(logits)
+        else:
+            query, index = self._block_query(positions, self._query_start(live), self._everything, self._block_columns)
+            tokens = self._model_rows(self.x.gather(1, query))
+            # Eagerly, writing the queries into the cache and using fused SDPA is fastest; compiled, a
+            # read-only step avoids copying the cache (see kv_cache.cached_forward).
+            logits = engine.forward(self.cache, tokens, self._model_rows(query), self._model_rows(index),
+                                    self.key_bias, write=not engine.compiled)
+            logits = self._guide(logits.clone() if refresh else logits)
         if refresh:
             logits[refresh] = self._refresh_rows(refresh, positions)
         return logits
@@ -210,13 +223,61 @@ class BatchRun:
                                            key_bias, write=not self.engine.compiled)
         return self._commit(self._guide(logits), x, undecided, offsets, limits, count)
 
+    def _sparse_block_step(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor,
+                           offsets: torch.Tensor, key_bias: torch.Tensor | None, limits: torch.Tensor,
+                           count: int | torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_block_step`` of ``reuse_decided``: each row queries ``width`` positions of its block, first
+        those still undecided or unwritten, then (padding) others, which keep their cached keys/values.
+
+        Returns ``chosen`` (B, W), the queried answer positions (B, W) and ``pending`` (B,).
+        """
+        logits, queried = self._sparse_logits(x, undecided, unwritten, offsets, key_bias, width)
+        chosen, pending = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten)
+        return chosen, queried, pending
+
+    def _sparse_logits(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor, offsets: torch.Tensor,
+                       key_bias: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass of a ``reuse_decided`` block step over ``width`` positions per row (padded
+        as in ``_sparse_block_step``): stores the keys/values of the positions it had to query and
+        clears their ``unwritten`` flags. Returns the (unguided) logits and the queried positions."""
+        needed = (undecided | unwritten).gather(1, offsets)  # (B, L)
+        columns = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :width].sort(dim=1).values
+        real = needed.gather(1, columns)  # (B, W)
+        queried = offsets.gather(1, columns)  # answer positions, in block order
+        positions = self._model_rows(queried + self.prompt_length)
+        tokens = x.gather(1, positions[:x.shape[0]])
+        index = torch.arange(width, device=x.device).expand(positions.shape[0], -1).contiguous()
+        mask = self._model_rows(real)
+        engine = self.engine
+        if engine.compiled:  # a read-only pass; the real queries' keys/values stored after it
+            logits, keys, values = engine.plain_forward(self.cache, self._model_rows(tokens), positions, index,
+                                                        key_bias, write=False, query_mask=mask, return_fresh=True)
+            where = positions[:, None, :, None].expand(-1, keys[0].shape[1], -1, keys[0].shape[3])
+            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+                store_queries(self.cache.keys[layer], where, k, mask)
+                store_queries(self.cache.values[layer], where, v, mask)
+        else:
+            logits = engine.plain_forward(self.cache, self._model_rows(tokens), positions, index, key_bias,
+                                          write=True, query_mask=mask)
+        unwritten.scatter_(1, queried, unwritten.gather(1, queried) & ~real)  # stored now
+        return logits, queried
+
+    def _sparse_width(self, live: list[int]) -> int:
+        """Queries per row of a ``reuse_decided`` step: the most any live row needs, rounded up to an
+        eighth of the block (fewer shapes to capture)."""
+        grain = max(1, self.block_length // 8)
+        need = max(self._needed[r] for r in live)
+        return min(self.block_length, max(grain, -(-need // grain) * grain))
+
     def _commit(self, logits: torch.Tensor, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
-                limits: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose this step's tokens in each row's block and write them into ``x`` and ``undecided``.
+                limits: torch.Tensor, count: int | torch.Tensor,
+                unwritten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose this step's tokens at ``offsets`` (B, N: each row's block, or the part of it a step
+        queried) and write them into ``x`` and ``undecided`` (and mark them in ``unwritten``).
 
         ``limits``: the policy's threshold and factor, as on the device (``_limits``). Returns
-        ``chosen`` (B, L), the positions committed, and ``pending`` (B,), rows whose block still has
-        undecided positions."""
+        ``chosen`` (B, N), the positions committed, and ``pending`` (B,), rows with undecided
+        positions left among ``offsets``."""
         settings, engine = self.settings, self.engine
         answer = x[:, self.prompt_length:]  # a view: scattering into it writes x
         current = answer.gather(1, offsets)
@@ -230,6 +291,8 @@ class BatchRun:
         answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
         still_masked = masked & ~chosen
         undecided.scatter_(1, offsets, still_masked)
+        if unwritten is not None:  # their cached keys/values were computed from the mask
+            unwritten.scatter_(1, offsets, unwritten.gather(1, offsets) | chosen)
         return chosen, still_masked.any(1)
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
@@ -262,6 +325,7 @@ class BatchRun:
                 torch.index_select(self.cache.keys[layer], 0, model_rows, out=cache.keys[layer])
                 torch.index_select(self.cache.values[layer], 0, model_rows, out=cache.values[layer])
         key_mask = None if self.key_mask is None else self.key_mask.index_select(0, index)
+        self.unwritten.index_fill_(0, index, False)  # these rows' keys/values are stored from their tokens now
         queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
         logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions.index_select(0, index) - start),
                                      self._bias(key_mask), write=True, graph=False, exact=self.settings.cache == "none")
@@ -302,20 +366,33 @@ class BatchRun:
         whole = not refresh and (not engine.cuda_graphs or (
             engine.capture_sampling and settings.temperature == 0 and settings.remasking == "low_confidence"
             and isinstance(count, int)))
+        unwritten = self.unwritten if settings.reuse_decided else None
+        committed_at = offsets  # the answer positions ``chosen`` refers to
         if whole:
-            start = self._query_start(live)
             # Threshold and factor are inputs of the graph (clients choose them per request); the key
             # holds what the graph bakes in.
             baked = replace(settings, threshold=0.0, factor=1.0, steps=None, refresh_every=0, keep_prompt=False,
                             early_stop=False)
-            key = ("block step", id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length, baked,
-                   count, start, None if self.key_bias is None else self.key_bias.shape)
-            step = functools.partial(self._block_step, count=count, start=start)
-            chosen, pending = engine.replay(key, self.cache, step, [self.key_bias, self._limits],
-                                            state=[self.x, self.undecided, offsets])
+            key = (id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length, baked, count,
+                   None if self.key_bias is None else self.key_bias.shape)
+            inputs = [self.key_bias, self._limits]
+            if settings.reuse_decided:
+                width = self._sparse_width(live)
+                step = functools.partial(self._sparse_block_step, count=count, width=width)
+                chosen, committed_at, pending = engine.replay(("sparse block step", *key, width), self.cache, step,
+                                                              inputs, state=[self.x, self.undecided, self.unwritten,
+                                                                             offsets])
+            else:
+                start = self._query_start(live)
+                step = functools.partial(self._block_step, count=count, start=start)
+                chosen, pending = engine.replay(("block step", *key, start), self.cache, step, inputs,
+                                                state=[self.x, self.undecided, offsets])
         else:
             chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
-                                           self._limits, count)
+                                           self._limits, count, unwritten)
+        if settings.reuse_decided:  # one read-back for the policy and for the next step's queries
+            needed = (self.undecided | self.unwritten).gather(1, offsets).sum(1)
+            pending, self._needed = torch.stack([pending.long(), needed]).tolist()
         answer = self.x[:, self.prompt_length:]
         self.steps += 1
         for r in live:
@@ -327,12 +404,13 @@ class BatchRun:
             callers = [self.row_ids[r] for r in slots]
             decided = torch.zeros(self.answers.shape, dtype=torch.bool)
             decided[callers] = torch.zeros(batch, self.gen_length, dtype=torch.bool).scatter_(
-                1, offsets.cpu(), chosen.cpu())[slots]
+                1, committed_at.cpu(), chosen.cpu())[slots]
             self.answers[callers] = answer.cpu()[slots]
         if self.steps_per_block is not None:
             block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
         else:
-            pending = pending.tolist()  # the policy's one host synchronisation
+            if not isinstance(pending, list):
+                pending = pending.tolist()  # the policy's one host synchronisation
             block_done = [r for r in live if not pending[r]]
             if settings.cache == "prefix" and len(block_done) < len(live):
                 # The prefix cache keeps rows in step: its query starts at one block for all rows,
@@ -377,6 +455,7 @@ class BatchRun:
             filled = answer[done_index].masked_fill(self.undecided[done_index], self.engine.end_ids[0])
             answer[done_index] = filled
         self.undecided[done_index] = False
+        self.unwritten[done_index] = False
         callers = [self.row_ids[r] for r in done]
         self.answers[callers] = answer[done_index].cpu()
         for r, caller in zip(done, callers):
@@ -402,7 +481,9 @@ class BatchRun:
         self.row_block = [self.row_block[r] for r in rows]
         self.row_block_step = [self.row_block_step[r] for r in rows]
         self.active = [True] * len(rows)
-        self._set_rows(self.x.index_select(0, keep), self.undecided.index_select(0, keep))
+        self._needed = [self._needed[r] for r in rows]
+        self._set_rows(self.x.index_select(0, keep), self.undecided.index_select(0, keep),
+                       self.unwritten.index_select(0, keep))
         for layer in range(len(old.keys)):
             self.cache.keys[layer].copy_(old.keys[layer].index_select(0, model_rows))
             self.cache.values[layer].copy_(old.values[layer].index_select(0, model_rows))
@@ -440,6 +521,8 @@ class BatchRun:
             self.x[slot, :self.prompt_length] = ids.to(device)
             self.x[slot, self.prompt_length:] = self.engine.mask_id
             self.undecided[slot] = True
+            self.unwritten[slot] = False
+            self._needed[slot] = self.block_length
             if self.key_mask is not None:
                 self.key_mask[slot, :self.prompt_length] = keep.to(device)
                 self.key_mask[slot, self.prompt_length:] = True
@@ -461,6 +544,8 @@ class BatchRun:
         device = self.engine.device
         x = torch.cat([self.x, torch.full((extra, self.length), self.engine.mask_id, device=device)])
         undecided = torch.cat([self.undecided, torch.zeros(extra, self.gen_length, dtype=torch.bool, device=device)])
+        unwritten = torch.cat([self.unwritten, torch.zeros(extra, self.gen_length, dtype=torch.bool, device=device)])
+        self._needed += [self.block_length] * extra
         if self.key_mask is not None:
             self.key_mask = torch.cat([self.key_mask, torch.ones(extra, self.length, dtype=torch.bool, device=device)])
         self.row_ids += [None] * extra
@@ -468,7 +553,7 @@ class BatchRun:
         self.row_block_step += [0] * extra
         self.active += [False] * extra
         old = self.cache
-        self._set_rows(x, undecided)
+        self._set_rows(x, undecided, unwritten)
         halves = 2 if self.guided else 1  # with guidance the unconditional rows follow the conditional ones
         for layer in range(len(old.keys)):
             for half in range(halves):
@@ -498,6 +583,7 @@ class BatchRun:
         self.row_ids[slot] = None  # an empty slot, as after ``_grow``
         self.active[slot] = False
         self.undecided[slot] = False  # idle rows have nothing undecided: no step commits to them
+        self.unwritten[slot] = False
         self._settle()
 
     def cancel(self) -> None:
@@ -510,7 +596,7 @@ class BatchRun:
         """Give the cache back to the engine, with the state tensors that held this batch's tokens (the
         next batch to take the cache overwrites them: nothing here may read them again)."""
         self.engine.release_cache(self.cache)
-        self.cache = self.x = self.undecided = self._offsets = None
+        self.cache = self.x = self.undecided = self.unwritten = self._offsets = None
 
     # --- results ----------------------------------------------------------------------------------
 

@@ -433,6 +433,9 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-prompt", action="store_true",
                         help="engine, prefix/dual cache: encode the prompt once; later refreshes recompute the "
                              "answer only (faster refreshes, one more approximation; docs/engine.md)")
+    parser.add_argument("--reuse-decided", action="store_true",
+                        help="engine, dual cache: block steps recompute only undecided (and just decided) "
+                             "positions; fewer queries per step for large batches (an approximation; docs/engine.md)")
     parser.add_argument("--no-early-stop", action="store_true",
                         help="engine: decode every block even after the answer has ended")
     parser.add_argument("--compile", action="store_true",
@@ -449,7 +452,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, policy=policy,
                               steps=args.steps, threshold=args.threshold, factor=args.factor, cache=args.cache,
                               refresh_every=args.refresh_every, keep_prompt=args.keep_prompt,
-                              temperature=args.temperature,
+                              reuse_decided=args.reuse_decided, temperature=args.temperature,
                               cfg_scale=args.cfg_scale, remasking=args.remasking, early_stop=not args.no_early_stop)
 
 

@@ -66,6 +66,10 @@ class GenerationSettings:
     # only and keep the prompt's from that first pass (the prompt is encoded once, as in an
     # autoregressive model): a refresh over gen_length positions instead of prompt + gen_length.
     keep_prompt: bool = False
+    # Dual cache: block steps recompute only the block's undecided positions and those decided since
+    # their keys/values were last stored; the other decided positions are read from the cache (each is
+    # computed once more after it is decided). Fewer queries per step: for large, compute-bound batches.
+    reuse_decided: bool = False
     temperature: float = 0.0
     cfg_scale: float = 0.0
     remasking: str = "low_confidence"
@@ -97,6 +101,9 @@ class GenerationSettings:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.factor <= 0:
             raise ValueError(f"factor must be positive, got {self.factor}")
+        if self.reuse_decided and self.cache != "dual":
+            raise ValueError(f"reuse_decided needs cache='dual' (got {self.cache!r}): the other modes recompute the "
+                             "decided positions anyway")
         if self.keep_prompt and self.cache == "none":
             raise ValueError("keep_prompt needs a cache (prefix or dual): cache='none' refreshes everything every step")
         if self.refresh_every < 0:
@@ -295,19 +302,22 @@ class Engine:
         return self.replay(key, cache, run, [tokens, positions, logits_index, key_bias])
 
     def plain_forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-                      key_bias: torch.Tensor | None, write: bool, exact: bool = False) -> torch.Tensor:
+                      key_bias: torch.Tensor | None, write: bool, exact: bool = False,
+                      query_mask: torch.Tensor | None = None, return_fresh: bool = False) -> Any:
         """``cached_forward`` as the engine runs it.
 
         ``exact``: the model's own arithmetic, eagerly (the exact mode, which equals the reference
         sampler bit for bit). Otherwise fused matmuls, and on compiling engines the compiled
         functions: read-only block steps (``write=False``) or refreshes writing the cache.
+        ``query_mask`` and ``return_fresh`` as in ``cached_forward`` (block steps only).
         """
         if exact or not self.compiled:
             return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
-                                  self.fused and not exact)
+                                  self.fused and not exact, query_mask, return_fresh)
         if write:
             return self.refresh_fn(self.model, tokens, positions, cache, key_bias, logits_index, self.fused)
-        return self.step_fn(self.model, tokens, positions, cache, key_bias, logits_index, False, self.fused)
+        return self.step_fn(self.model, tokens, positions, cache, key_bias, logits_index, False, self.fused,
+                            query_mask, return_fresh)
 
     def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
                state: Sequence[torch.Tensor] = ()) -> Any:

@@ -61,7 +61,9 @@ class KVCache:
 
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                    key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
-                   write: bool = True, fused: bool = False) -> torch.Tensor:
+                   write: bool = True, fused: bool = False, query_mask: torch.Tensor | None = None,
+                   return_fresh: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor],
+                                                                         list[torch.Tensor]]:
     """Run ``input_ids`` at ``positions`` against the cache.
 
     Args:
@@ -80,8 +82,15 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
             step anyway, and not writing saves a copy of the cache per layer under ``torch.compile``.
         fused: use the fused projection matrices (``fuse_projections``), which round differently
             from the model's own matmuls; off, the pass is the model's own arithmetic.
+        query_mask: optional (B, Q) bool, the real queries; the others pad a row to Q: their
+            positions keep their cached keys/values (seen by every query, never overwritten) and
+            their outputs mean nothing. Padding a row with positions it does not need therefore
+            changes nothing for its real queries.
+        return_fresh: also return each layer's fresh (B, K, Q, D) keys and values, for the caller
+            to store after a read-only pass (a store inside a compiled pass copies the cache).
     Returns:
-        (B, N, V) logits in the model's dtype (N = Q without ``logits_index``).
+        (B, N, V) logits in the model's dtype (N = Q without ``logits_index``); with
+        ``return_fresh``, (logits, keys, values) with one tensor per layer in each list.
     """
     if input_ids.shape != positions.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal (B, Q)")
@@ -89,32 +98,53 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         raise ValueError(f"batch of {input_ids.shape[0]} rows does not match the cache's {cache.batch}")
     angles = model.rope[:, positions]  # (2, B, Q, D)
     cos, sin = angles[0][:, None], angles[1][:, None]  # (B, 1, Q, D), broadcast over heads
+    lowest = torch.finfo(model.dtype).min
+    fresh_bias = None
     if not write:
         stale = torch.zeros(input_ids.shape[0], cache.length, dtype=torch.bool, device=input_ids.device)
-        stale = stale.scatter_(1, positions, True)[:, None, None, :]  # (B, 1, 1, T): the queries' own entries
-        lowest = torch.finfo(model.dtype).min
+        own = True if query_mask is None else query_mask
+        stale = stale.scatter_(1, positions, own)[:, None, None, :]  # (B, 1, 1, T): the real queries' own entries
         key_bias = (torch.zeros_like(stale, dtype=model.dtype) if key_bias is None else key_bias).masked_fill(stale, lowest)
+        if query_mask is not None:  # padding queries' fresh keys hidden: their cached ones stand
+            fresh_bias = torch.zeros(query_mask.shape, dtype=model.dtype, device=query_mask.device).masked_fill(
+                ~query_mask, lowest)[:, None, None, :]  # (B, 1, 1, Q)
+    fresh_keys, fresh_values = [], []
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
         q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin, fused)
+        if return_fresh:
+            fresh_keys.append(k)
+            fresh_values.append(v)
         if write:
             index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
-            keys = cache.keys[layer].scatter_(2, index, k)
-            values = cache.values[layer].scatter_(2, index, v)
+            keys = store_queries(cache.keys[layer], index, k, query_mask)
+            values = store_queries(cache.values[layer], index, v, query_mask)
             x = x + block.attend(q, keys, values, key_bias)
         else:
-            out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v)
+            out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v, fresh_bias)
             x = x + block.attn_out(out)
         x = x + _mlp(block, block.ff_norm(x), fused)
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
-    return F.linear(model.ln_f(x), model.output_weight())
+    logits = F.linear(model.ln_f(x), model.output_weight())
+    return (logits, fresh_keys, fresh_values) if return_fresh else logits
+
+
+def store_queries(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
+                  query_mask: torch.Tensor | None) -> torch.Tensor:
+    """Write the real queries' fresh keys (or values) (B, K, Q, D) into a layer's cache (B, K, T, D)
+    at ``index`` (their positions, expanded to (B, K, Q, D)), in place; padding queries (``query_mask``
+    False) write their positions' cached entries back unchanged."""
+    if query_mask is not None:
+        fresh = torch.where(query_mask[:, None, :, None], fresh, cache.gather(2, index))
+    return cache.scatter_(2, index, fresh)
 
 
 def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor,
-                            k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                            k: torch.Tensor, v: torch.Tensor, fresh_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q (B, H, Q, D) over two key sets at once — the cache (B, K, T, D) under
-    ``bias`` and the fresh k/v (B, K, Q, D) — without concatenating them (which would copy the cache).
+    ``bias`` and the fresh k/v (B, K, Q, D), under ``fresh_bias`` (B, 1, 1, Q) if given — without
+    concatenating them (which would copy the cache).
 
     Scores in (at least) float32; query heads are grouped per key/value head (GQA) by a reshape, not a copy.
     Returns (B, Q, H·D).
@@ -126,6 +156,8 @@ def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     compute = torch.promote_types(q.dtype, torch.float32)
     cached = (grouped @ cache_k.transpose(-1, -2)).to(compute) * scale + bias.to(compute)  # (B, K, G·Q, T)
     fresh = (grouped @ k.transpose(-1, -2)).to(compute) * scale  # (B, K, G·Q, Q)
+    if fresh_bias is not None:
+        fresh = fresh + fresh_bias.to(compute)
     peak = torch.maximum(cached.amax(-1, keepdim=True), fresh.amax(-1, keepdim=True))
     cached, fresh = (cached - peak).exp(), (fresh - peak).exp()
     total = cached.sum(-1, keepdim=True) + fresh.sum(-1, keepdim=True)

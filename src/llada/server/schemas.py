@@ -334,8 +334,10 @@ def _settings(fields: _Fields, kind: Kind, config: ServerConfig) -> tuple[Genera
         cfg_scale=fields.number("cfg_scale", 0.0, 100.0, base.cfg_scale),
         remasking=fields.choice("remasking", REMASKING_CHOICES, base.remasking),
         cache=fields.choice("cache", CACHE_MODES, base.cache))
-    # The server's keep_prompt refines the cached modes; a request for the exact mode drops it.
-    settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and settings.cache != "none")
+    # The server's keep_prompt and reuse_decided refine the cached modes (reuse_decided the dual cache
+    # only); a request for another mode drops them.
+    settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and settings.cache != "none",
+                                   reuse_decided=settings.reuse_decided and settings.cache == "dual")
     return settings, max_tokens
 
 
