@@ -179,7 +179,8 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
                     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="threshold",
                                                   threshold=threshold, cache=cache,
                                                   early_stop=method.startswith("engine"),
-                                                  keep_prompt="keep_prompt" in method)
+                                                  keep_prompt="keep_prompt" in method,
+                                                  reuse_decided="reuse_decided" in method)
 
                     def run():
                         out = engines[method].generate(prompt, settings)
@@ -245,7 +246,8 @@ def main() -> None:
     parser.add_argument("--methods", default="reference,published_prefix,published_dual,engine,engine_fp8",
                         help="engine methods: engine, engine_keep_prompt (settings.keep_prompt), engine_fp8 / "
                              "engine_int8 (quantized block weights, run last), engine_fp8_keep_prompt; "
-                             "..._sampling_apart: graphs of the forward pass only (Engine(capture_sampling=False))")
+                             "..._sampling_apart: graphs of the forward pass only (Engine(capture_sampling=False)); "
+                             "..._reuse_decided: settings.reuse_decided")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--slow-max-batch", type=int, default=1,

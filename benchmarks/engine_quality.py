@@ -51,6 +51,9 @@ SETTINGS = {
                                                "keep_prompt": True},
     "prefix cache, threshold 0.9, keep prompt": {"cache": "prefix", "policy": "threshold", "threshold": 0.9,
                                                  "keep_prompt": True},
+    "dual cache, threshold 0.9, reuse decided": {"cache": "dual", "policy": "threshold", "threshold": 0.9,
+                                                 "reuse_decided": True},
+    "dual cache, fixed, reuse decided": {"cache": "dual", "policy": "fixed", "reuse_decided": True},
 }
 
 
