@@ -55,6 +55,8 @@ def test_keep_prompt_under_cuda_graphs_equals_plain_calls(cfg_scale: float) -> N
     (GenerationSettings(gen_length=16, block_length=4, policy="fixed", steps=8, cache="prefix", early_stop=False), False),
     (GenerationSettings(gen_length=16, block_length=4, policy="factor", cfg_scale=1.0, keep_prompt=True), False),
     (GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3), True),
+    (GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3, reuse_decided=True), False),
+    (GenerationSettings(gen_length=16, block_length=8, policy="fixed", reuse_decided=True, cfg_scale=1.0), True),
 ])
 def test_whole_block_steps_captured_as_graphs_equal_plain_calls_and_serve_later_batches(
         settings: GenerationSettings, compile: bool) -> None:
@@ -67,7 +69,7 @@ def test_whole_block_steps_captured_as_graphs_equal_plain_calls_and_serve_later_
     engine = Engine(net, compile=compile, max_pooled_caches=8)
     assert [r.tokens for r in engine.generate(rows, settings)] == [r.tokens for r in plain]
     captured = dict(engine._graphs)
-    assert any(key[0] == "block step" for key in captured)
+    assert any(key[0] in ("block step", "sparse block step") for key in captured)
     assert [r.tokens for r in engine.generate(rows, settings)] == [r.tokens for r in plain]
     assert engine._graphs == captured
     sampled = Engine(net, capture_sampling=False).generate(rows, settings)  # the forward pass alone captured
