@@ -46,7 +46,8 @@ def test_prompts_longer_than_the_room_start_a_new_batch() -> None:
 
 
 @pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0), replace(SETTINGS, keep_prompt=True),
-                                      replace(SETTINGS, keep_prompt=True, cfg_scale=1.0)])
+                                      replace(SETTINGS, keep_prompt=True, cfg_scale=1.0),
+                                      replace(SETTINGS, reuse_decided=True)])
 def test_batch_grows_when_more_prompts_join_than_it_has_free_rows(settings: GenerationSettings) -> None:
     engine = Engine(model())
     rows = prompts((3, 4, 2, 5, 4), seed=6)
@@ -125,7 +126,7 @@ def _steps(scheduler: Scheduler, forward_rows: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("settings", [replace(SETTINGS, cache="none"), replace(SETTINGS, cache="prefix"), SETTINGS,
-                                      replace(SETTINGS, cfg_scale=1.0)])
+                                      replace(SETTINGS, cfg_scale=1.0), replace(SETTINGS, reuse_decided=True)])
 def test_a_cancelled_row_leaves_its_batch_and_the_others_keep_their_answers(
         settings: GenerationSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     """After one of three running requests is cancelled, the other two get their single-prompt answers
@@ -147,7 +148,7 @@ def test_a_cancelled_row_leaves_its_batch_and_the_others_keep_their_answers(
     assert first.updates[-1].finished and last.updates[-1].finished
 
 
-@pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0)])
+@pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0), replace(SETTINGS, reuse_decided=True)])
 def test_a_new_request_takes_a_cancelled_rows_slot(settings: GenerationSettings,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A request arriving after a cancel joins the running batch in the freed slot (no new shape) and
