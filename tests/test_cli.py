@@ -131,22 +131,16 @@ def test_bad_sampling_settings_are_reported(checkpoint_dir: Path, capsys: pytest
     assert "multiple of block_length" in capsys.readouterr().err
 
 
-def test_keep_prompt_flag(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("flag", "other_cache", "error"), [("--keep-prompt", "none", "keep_prompt needs a cache"),
+                                                           ("--reuse-decided", "prefix", "reuse_decided needs cache='dual'")])
+def test_cache_refining_flags(flag: str, other_cache: str, error: str, checkpoint_dir: Path,
+                              capsys: pytest.CaptureFixture) -> None:
     args = ["generate", "--model", str(checkpoint_dir), "--prompt", "x", "--gen-length", "8", "--block-length", "4",
-            "--keep-prompt", "--device", "cpu"]
+            flag, "--device", "cpu"]
     assert main(args) == 0
     capsys.readouterr()
-    assert main([*args, "--cache", "none"]) == 2
-    assert "keep_prompt needs a cache" in capsys.readouterr().err
-
-
-def test_reuse_decided_flag(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["generate", "--model", str(checkpoint_dir), "--prompt", "x", "--gen-length", "8", "--block-length", "4",
-            "--reuse-decided", "--device", "cpu"]
-    assert main(args) == 0
-    capsys.readouterr()
-    assert main([*args, "--cache", "prefix"]) == 2
-    assert "reuse_decided needs cache='dual'" in capsys.readouterr().err
+    assert main([*args, "--cache", other_cache]) == 2
+    assert error in capsys.readouterr().err
 
 
 def test_console_script_help() -> None:

@@ -22,19 +22,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def microseconds(function, x: torch.Tensor, weights: list[torch.Tensor], replays: int = 20) -> float:
-    """Mean µs per call of ``function(x, w)`` over the weight copies, replayed from a CUDA graph."""
-    for _ in range(3):
-        function(x, weights[0])
+def graph_ms(run, replays: int = 20) -> float:
+    """Milliseconds per replay of a CUDA graph of ``run()`` (warmed up on a side stream first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        function(x, weights[0])
+        for _ in range(3):
+            run()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for weight in weights:
-            function(x, weight)
+        run()
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -43,7 +41,16 @@ def microseconds(function, x: torch.Tensor, weights: list[torch.Tensor], replays
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays / len(weights) * 1e3
+    return start.elapsed_time(end) / replays
+
+
+def microseconds(function, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    """Mean µs per call of ``function(x, w)`` over the weight copies, replayed from a CUDA graph."""
+    def run() -> None:
+        for weight in weights:
+            function(x, weight)
+
+    return graph_ms(run) / len(weights) * 1e3
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ Times each, compiled and replayed from a CUDA graph, at batch 1 and 32, and prin
 argmax tokens agree (random weights: near-ties everywhere, so bf16 rounding flips many). Result
 (H200): docs/engine.md, "Tried and dropped" (the batch-32 part did not finish within the run's limit).
 
-    PYTHONPATH=src:benchmarks python benchmarks/experiments/write_and_sdpa.py
+    PYTHONPATH=src:benchmarks:benchmarks/experiments python benchmarks/experiments/write_and_sdpa.py
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from engine import random_model
+from skinny_matmul import graph_ms
 
 from llada import kv_cache
 from llada.kv_cache import KVCache, fuse_projections
@@ -34,27 +35,6 @@ def write_forward(model, input_ids, positions, cache, key_bias, logits_index, wr
         x = x + kv_cache._mlp(block, block.ff_norm(x), fused)
     x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))
     return F.linear(model.ln_f(x), model.output_weight())
-
-
-def graph_ms(function, replays: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
