@@ -153,6 +153,41 @@ def test_reusing_decided_positions_keeps_each_rows_single_prompt_answer(read_onl
     assert not torch.equal(answers(together), answers(dual))
 
 
+@pytest.mark.parametrize("overrides", [{"policy": "fixed", "steps": 8}, {"temperature": 0.7},
+                                       {"remasking": "random", "cfg_scale": 1.0}])
+def test_reuse_decided_with_sampling_apart_from_the_pass_matches_whole_steps(overrides: dict) -> None:
+    """Graph engines that cannot capture a step whole (sampling at a temperature, random remasking,
+    capture_sampling=False) run the reuse_decided forward pass alone and choose tokens afterwards:
+    the same answers as whole steps (a graph engine simulated on the CPU: its replays run plainly)."""
+    net = model()
+    rows = prompts((3, 8, 5), seed=4)
+    settings = GenerationSettings(**{"gen_length": 16, "block_length": 8, "policy": "threshold", "threshold": 0.3,
+                                     "reuse_decided": True, **overrides})
+    whole = Engine(net).generate(rows, settings, generator=torch.Generator().manual_seed(0))
+    apart = Engine(net, capture_sampling=False)
+    apart.cuda_graphs = True
+    apart.replay = lambda key, cache, function, inputs, state=(): function(*state, *inputs)
+    keys = []
+    forward = apart.replay
+    apart.replay = lambda key, *args, **kwargs: keys.append(key[0]) or forward(key, *args, **kwargs)
+    assert [r.tokens for r in apart.generate(rows, settings, generator=torch.Generator().manual_seed(0))] == \
+        [r.tokens for r in whole]
+    assert "sparse block pass" in keys and "sparse block step" not in keys
+
+
+def test_reusing_decided_positions_breaks_confidence_ties_as_the_whole_block() -> None:
+    """Demoted end-of-text proposals (confidence_eos_eot_inf) all get confidence 0: exact ties, which
+    top-k breaks by position and by the width it looks at; choosing over the whole block keeps the
+    exact mode's choices (one layer, where reuse_decided is exact)."""
+    net = model(n_layers=1, eos=386)
+    rows = prompts((4, 6, 5), seed=16)
+    base = {"gen_length": 16, "block_length": 8, "policy": "fixed", "early_stop": False,
+            "confidence_eos_eot_inf": True}
+    exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
+    reused = Engine(net).generate(rows, GenerationSettings(cache="dual", reuse_decided=True, **base))
+    assert torch.equal(answers(reused), answers(exact))
+
+
 def test_reuse_decided_needs_the_dual_cache() -> None:
     for cache in ("none", "prefix"):
         with pytest.raises(ValueError, match="reuse_decided needs cache='dual'"):

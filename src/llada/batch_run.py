@@ -175,8 +175,8 @@ class BatchRun:
             logits[refresh] = fresh
             return logits
         if self.settings.reuse_decided:  # the whole block, storing what a reuse_decided step would
-            logits, _ = self._sparse_logits(self.x, self.undecided, self.unwritten, offsets, self.key_bias,
-                                            self.block_length)
+            logits, _, _ = self._sparse_logits(self.x, self.undecided, self.unwritten, offsets, self.key_bias,
+                                               self.block_length)
             logits = self._guide(logits)
         else:
             query, index = self._block_query(positions, self._query_start(live), self._everything, self._block_columns)
@@ -231,15 +231,16 @@ class BatchRun:
 
         Returns ``chosen`` (B, W), the queried answer positions (B, W) and ``pending`` (B,).
         """
-        logits, queried = self._sparse_logits(x, undecided, unwritten, offsets, key_bias, width)
-        chosen, pending = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten)
+        logits, queried, columns = self._sparse_logits(x, undecided, unwritten, offsets, key_bias, width)
+        chosen, pending = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten, columns)
         return chosen, queried, pending
 
     def _sparse_logits(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor, offsets: torch.Tensor,
-                       key_bias: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       key_bias: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The forward pass of a ``reuse_decided`` block step over ``width`` positions per row (padded
         as in ``_sparse_block_step``): stores the keys/values of the positions it had to query and
-        clears their ``unwritten`` flags. Returns the (unguided) logits and the queried positions."""
+        clears their ``unwritten`` flags. Returns the (unguided) logits, the queried answer positions
+        and their columns in the block, (B, W) each."""
         needed = (undecided | unwritten).gather(1, offsets)  # (B, L)
         columns = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :width].sort(dim=1).values
         real = needed.gather(1, columns)  # (B, W)
@@ -260,7 +261,7 @@ class BatchRun:
             logits = engine.plain_forward(self.cache, self._model_rows(tokens), positions, index, key_bias,
                                           write=True, query_mask=mask)
         unwritten.scatter_(1, queried, unwritten.gather(1, queried) & ~real)  # stored now
-        return logits, queried
+        return logits, queried, columns
 
     def _sparse_width(self, live: list[int]) -> int:
         """Queries per row of a ``reuse_decided`` step: the most any live row needs, rounded up to an
@@ -270,10 +271,11 @@ class BatchRun:
         return min(self.block_length, max(grain, -(-need // grain) * grain))
 
     def _commit(self, logits: torch.Tensor, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
-                limits: torch.Tensor, count: int | torch.Tensor,
-                unwritten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose this step's tokens at ``offsets`` (B, N: each row's block, or the part of it a step
-        queried) and write them into ``x`` and ``undecided`` (and mark them in ``unwritten``).
+                limits: torch.Tensor, count: int | torch.Tensor, unwritten: torch.Tensor | None = None,
+                columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose this step's tokens at ``offsets`` (B, N: each row's block, or, with their ``columns``
+        in the block, the part of it a step queried) and write them into ``x`` and ``undecided`` (and
+        mark them in ``unwritten``).
 
         ``limits``: the policy's threshold and factor, as on the device (``_limits``). Returns
         ``chosen`` (B, N), the positions committed, and ``pending`` (B,), rows with undecided
@@ -287,7 +289,13 @@ class BatchRun:
         proposals, confidence = propose(logits, settings.temperature, settings.remasking, self.generator,
                                         exact_confidence=settings.policy == "fixed", forbid=forbid, demote=demote,
                                         never=(engine.mask_id,))
-        chosen = select(confidence, masked, settings.policy, count, limits[0], limits[1])
+        if columns is None:
+            chosen = select(confidence, masked, settings.policy, count, limits[0], limits[1])
+        else:  # choose over the whole block, as without reuse_decided: top-k breaks ties by position and width
+            block = (masked.shape[0], self.block_length)
+            chosen = select(confidence.new_zeros(block).scatter_(1, columns, confidence),
+                            masked.new_zeros(block).scatter_(1, columns, masked), settings.policy, count,
+                            limits[0], limits[1]).gather(1, columns)
         answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
         still_masked = masked & ~chosen
         undecided.scatter_(1, offsets, still_masked)
@@ -387,6 +395,15 @@ class BatchRun:
                 step = functools.partial(self._block_step, count=count, start=start)
                 chosen, pending = engine.replay(("block step", *key, start), self.cache, step, inputs,
                                                 state=[self.x, self.undecided, offsets])
+        elif settings.reuse_decided and not refresh:  # sampling apart from the (captured) forward pass
+            width = self._sparse_width(live)
+            key = ("sparse block pass", id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length,
+                   self.guided, width, None if self.key_bias is None else self.key_bias.shape)
+            logits, committed_at, columns = engine.replay(
+                key, self.cache, functools.partial(self._sparse_logits, width=width), [self.key_bias],
+                state=[self.x, self.undecided, self.unwritten, offsets])
+            chosen, pending = self._commit(self._guide(logits), self.x, self.undecided, committed_at, self._limits,
+                                           count, unwritten, columns)
         else:
             chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
                                            self._limits, count, unwritten)
