@@ -188,6 +188,22 @@ def test_reusing_decided_positions_breaks_confidence_ties_as_the_whole_block() -
     assert torch.equal(answers(reused), answers(exact))
 
 
+def test_reuse_decided_steps_query_the_undecided_and_the_just_decided(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token per step in blocks of 8: after the block's refresh, step k queries the 8 - k undecided
+    positions and the one decided at step k - 1 (their keys/values still show the mask)."""
+    queries = record_query_lengths(monkeypatch)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", early_stop=False, reuse_decided=True)
+    Engine(model()).generate(prompts((5,)), settings)
+    total = 5 + 16
+    assert queries == [total, 8, 7, 6, 5, 4, 3, 2] * 2
+    wide = GenerationSettings(gen_length=64, block_length=32, policy="fixed", early_stop=False, reuse_decided=True)
+    queries.clear()
+    Engine(model()).generate(prompts((5,)), wide)
+    block_steps = [q for q in queries if q <= 32]
+    # Step k of a block needs 33 - k positions (17 on average), rounded up to a multiple of 4.
+    assert block_steps == [-(-(33 - k) // 4) * 4 for k in range(1, 32)] * 2
+
+
 def test_reuse_decided_needs_the_dual_cache() -> None:
     for cache in ("none", "prefix"):
         with pytest.raises(ValueError, match="reuse_decided needs cache='dual'"):
