@@ -86,10 +86,10 @@ class BatchRun:
         # would wait for the GPU at every step), so the rows' block offsets are rebuilt only when a row
         # changes block.
         self._everything = torch.arange(self.length, device=device)
+        self._block_columns = torch.arange(self.block_length, device=device)
         # The threshold and factor policies' numbers as float32 device scalars, as the policies compare
         # float32 confidences with them.
         self._limits = torch.tensor([settings.threshold, settings.factor], dtype=torch.float32, device=device)
-        self._block_columns = torch.arange(self.block_length, device=device)
         self._set_rows(x, undecided, unwritten)
         self.done = False
 
@@ -376,13 +376,15 @@ class BatchRun:
             and isinstance(count, int)))
         unwritten = self.unwritten if settings.reuse_decided else None
         committed_at = offsets  # the answer positions ``chosen`` refers to
+        # What every captured pass of this batch bakes in: its cache, shapes and prompt length.
+        layout = (id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length,
+                  None if self.key_bias is None else self.key_bias.shape)
         if whole:
             # Threshold and factor are inputs of the graph (clients choose them per request); the key
             # holds what the graph bakes in.
             baked = replace(settings, threshold=0.0, factor=1.0, steps=None, refresh_every=0, keep_prompt=False,
                             early_stop=False)
-            key = (id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length, baked, count,
-                   None if self.key_bias is None else self.key_bias.shape)
+            key = (*layout, baked, count)
             inputs = [self.key_bias, self._limits]
             if settings.reuse_decided:
                 width = self._sparse_width(live)
@@ -397,19 +399,18 @@ class BatchRun:
                                                 state=[self.x, self.undecided, offsets])
         elif settings.reuse_decided and not refresh:  # sampling apart from the (captured) forward pass
             width = self._sparse_width(live)
-            key = ("sparse block pass", id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length,
-                   self.guided, width, None if self.key_bias is None else self.key_bias.shape)
             logits, committed_at, columns = engine.replay(
-                key, self.cache, functools.partial(self._sparse_logits, width=width), [self.key_bias],
+                ("sparse block pass", *layout, self.guided, width), self.cache, functools.partial(self._sparse_logits, width=width), [self.key_bias],
                 state=[self.x, self.undecided, self.unwritten, offsets])
             chosen, pending = self._commit(self._guide(logits), self.x, self.undecided, committed_at, self._limits,
                                            count, unwritten, columns)
         else:
             chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
                                            self._limits, count, unwritten)
+        pending_rows: list[bool] | None = None  # read back from ``pending`` when needed
         if settings.reuse_decided:  # one read-back for the policy and for the next step's queries
             needed = (self.undecided | self.unwritten).gather(1, offsets).sum(1)
-            pending, self._needed = torch.stack([pending.long(), needed]).tolist()
+            pending_rows, self._needed = torch.stack([pending.long(), needed]).tolist()
         answer = self.x[:, self.prompt_length:]
         self.steps += 1
         for r in live:
@@ -426,9 +427,9 @@ class BatchRun:
         if self.steps_per_block is not None:
             block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
         else:
-            if not isinstance(pending, list):
-                pending = pending.tolist()  # the policy's one host synchronisation
-            block_done = [r for r in live if not pending[r]]
+            if pending_rows is None:
+                pending_rows = pending.tolist()  # the policy's one host synchronisation
+            block_done = [r for r in live if not pending_rows[r]]
             if settings.cache == "prefix" and len(block_done) < len(live):
                 # The prefix cache keeps rows in step: its query starts at one block for all rows,
                 # so a row that moved ahead would see its own blocks recomputed (batch-dependent).
