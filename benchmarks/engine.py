@@ -98,6 +98,8 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
     # The threshold policy at τ = 1 commits one token per step too, but reads "is the block decided?"
     # back to the host every step: its row prices that synchronisation.
     threshold = replace(settings, policy="threshold", threshold=1.0)
+    # "reuse_decided": steps 5..24 query the block's undecided positions and the one decided last step
+    # (widths 28 down to 8, in fours), so the row is the average of a block's sparse steps.
     # "sampling_apart": the graph holds the forward pass only; the choice and commit of tokens run as
     # separate kernels after it (the engine's way before whole block steps were captured).
     apart = {"cuda_graphs": True, "compile": True, "capture_sampling": False}
@@ -107,6 +109,8 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
                 ("compiled_cuda_graphs_sampling_apart", apart, settings),
                 ("compiled_cuda_graphs_threshold_policy", {"cuda_graphs": True, "compile": True}, threshold),
                 ("compiled_cuda_graphs_threshold_policy_sampling_apart", apart, threshold),
+                ("compiled_cuda_graphs_reuse_decided", {"cuda_graphs": True, "compile": True},
+                 replace(settings, reuse_decided=True)),
                 *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True}, settings)]
                   if quantize else []))
     for name, kwargs, variant_settings in variants:

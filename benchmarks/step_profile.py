@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--quantize", choices=sorted(QUANTIZERS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reuse-decided", action="store_true",
+                        help="sparse block steps (settings.reuse_decided): the queried width shrinks step by step")
     parser.add_argument("--out")
     args = parser.parse_args()
     model = random_model(args.preset)
@@ -47,7 +49,7 @@ def main() -> None:
         QUANTIZERS[args.quantize](model)
     prompt = torch.randint(0, model.config.vocab_size - 1000, (args.batch, 512), device="cuda")
     settings = GenerationSettings(gen_length=256, block_length=32, policy="fixed", steps=256, cache="dual",
-                                  early_stop=False)
+                                  early_stop=False, reuse_decided=args.reuse_decided)
     engine = Engine(model, cuda_graphs=False, compile=True)
     run = engine.start(prompt, settings)
     for _ in range(5):
@@ -77,7 +79,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "quantize": args.quantize,
-            "batch": args.batch, "gpu_ms_per_step": total / 1e3,
+            "batch": args.batch, "reuse_decided": args.reuse_decided, "gpu_ms_per_step": total / 1e3,
             "groups": {g: {"ms": m / 1e3, "kernels": c} for g, (m, c) in groups.items()},
             "top_kernels": [{"name": n, "ms": m / 1e3, "count": c} for n, (m, c) in top]}, indent=2) + "\n")
 

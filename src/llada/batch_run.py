@@ -27,7 +27,7 @@ import torch
 
 from llada.decoding import propose, select
 from llada.engine import Engine, Generation, GenerationSettings, StepUpdate
-from llada.kv_cache import KVCache, store_queries
+from llada.kv_cache import KVCache, store_entries
 from llada.model import attention_bias
 from llada.sampling import num_transfer_tokens
 
@@ -251,12 +251,9 @@ class BatchRun:
         mask = self._model_rows(real)
         engine = self.engine
         if engine.compiled:  # a read-only pass; the real queries' keys/values stored after it
-            logits, keys, values = engine.plain_forward(self.cache, self._model_rows(tokens), positions, index,
-                                                        key_bias, write=False, query_mask=mask, return_fresh=True)
-            where = positions[:, None, :, None].expand(-1, keys[0].shape[1], -1, keys[0].shape[3])
-            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-                store_queries(self.cache.keys[layer], where, k, mask)
-                store_queries(self.cache.values[layer], where, v, mask)
+            logits, entries = engine.plain_forward(self.cache, self._model_rows(tokens), positions, index,
+                                                   key_bias, write=False, query_mask=mask, return_entries=True)
+            store_entries(self.cache, positions, entries)
         else:
             logits = engine.plain_forward(self.cache, self._model_rows(tokens), positions, index, key_bias,
                                           write=True, query_mask=mask)
@@ -329,17 +326,13 @@ class BatchRun:
         # or recomputed, the answer's recomputed.
         cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length, zeroed=False)
         if answer_only:  # the rows' cached prompt keys/values (the answer's are recomputed)
-            for layer in range(len(cache.keys)):
-                torch.index_select(self.cache.keys[layer], 0, model_rows, out=cache.keys[layer])
-                torch.index_select(self.cache.values[layer], 0, model_rows, out=cache.values[layer])
+            torch.index_select(self.cache.entries, 2, model_rows, out=cache.entries)
         key_mask = None if self.key_mask is None else self.key_mask.index_select(0, index)
         self.unwritten.index_fill_(0, index, False)  # these rows' keys/values are stored from their tokens now
         queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
         logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions.index_select(0, index) - start),
                                      self._bias(key_mask), write=True, graph=False, exact=self.settings.cache == "none")
-        for layer in range(len(cache.keys)):
-            self.cache.keys[layer].index_copy_(0, model_rows, cache.keys[layer])
-            self.cache.values[layer].index_copy_(0, model_rows, cache.values[layer])
+        self.cache.entries.index_copy_(2, model_rows, cache.entries)
         return self._guide(logits)
 
     def _guide(self, logits: torch.Tensor) -> torch.Tensor:
@@ -502,9 +495,7 @@ class BatchRun:
         self._needed = [self._needed[r] for r in rows]
         self._set_rows(self.x.index_select(0, keep), self.undecided.index_select(0, keep),
                        self.unwritten.index_select(0, keep))
-        for layer in range(len(old.keys)):
-            self.cache.keys[layer].copy_(old.keys[layer].index_select(0, model_rows))
-            self.cache.values[layer].copy_(old.values[layer].index_select(0, model_rows))
+        torch.index_select(old.entries, 2, model_rows, out=self.cache.entries)
         self.engine.release_cache(old)
 
     # --- joining ----------------------------------------------------------------------------------
@@ -573,12 +564,9 @@ class BatchRun:
         old = self.cache
         self._set_rows(x, undecided, unwritten)
         halves = 2 if self.guided else 1  # with guidance the unconditional rows follow the conditional ones
-        for layer in range(len(old.keys)):
-            for half in range(halves):
-                for target, source in ((self.cache.keys[layer], old.keys[layer]),
-                                       (self.cache.values[layer], old.values[layer])):
-                    target[half * new_batch:half * new_batch + old_batch] = source[half * old_batch:
-                                                                                  (half + 1) * old_batch]
+        for half in range(halves):
+            self.cache.entries[:, :, half * new_batch:half * new_batch + old_batch] = \
+                old.entries[:, :, half * old_batch:(half + 1) * old_batch]
         self.engine.release_cache(old)
 
     # --- leaving ----------------------------------------------------------------------------------

@@ -303,21 +303,21 @@ class Engine:
 
     def plain_forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
                       key_bias: torch.Tensor | None, write: bool, exact: bool = False,
-                      query_mask: torch.Tensor | None = None, return_fresh: bool = False) -> Any:
+                      query_mask: torch.Tensor | None = None, return_entries: bool = False) -> Any:
         """``cached_forward`` as the engine runs it.
 
         ``exact``: the model's own arithmetic, eagerly (the exact mode, which equals the reference
         sampler bit for bit). Otherwise fused matmuls, and on compiling engines the compiled
         functions: read-only block steps (``write=False``) or refreshes writing the cache.
-        ``query_mask`` and ``return_fresh`` as in ``cached_forward`` (block steps only).
+        ``query_mask`` and ``return_entries`` as in ``cached_forward`` (block steps only).
         """
         if exact or not self.compiled:
             return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
-                                  self.fused and not exact, query_mask, return_fresh)
+                                  self.fused and not exact, query_mask, return_entries)
         if write:
             return self.refresh_fn(self.model, tokens, positions, cache, key_bias, logits_index, self.fused)
         return self.step_fn(self.model, tokens, positions, cache, key_bias, logits_index, False, self.fused,
-                            query_mask, return_fresh)
+                            query_mask, return_entries)
 
     def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
                state: Sequence[torch.Tensor] = ()) -> Any:

@@ -21,10 +21,12 @@ from llada.model import Block, LLaDAModel
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values of a batch of sequences: ``keys[i]`` and ``values[i]`` are (B, K, T, D)."""
+    """Keys and values of a batch of sequences for every layer, in one tensor ``entries``
+    (2, n_layers, B, K, T, D): keys then values. ``keys[i]`` and ``values[i]`` are its (B, K, T, D)
+    views per layer. One tensor lets work over all layers at once (storing a sparse step's entries,
+    copying rows between caches) run as one kernel instead of one per layer and kind."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    entries: torch.Tensor
     # The memory pool of the CUDA graphs an engine captured over this cache: it lives and dies with
     # them (a pool whose graphs were all freed must not be captured into again).
     graph_pool: tuple[int, int] | None = None
@@ -32,38 +34,47 @@ class KVCache:
     # by name, shape and dtype: step graphs captured over the cache read and write these very
     # tensors, so that a later batch of the same shape replays them without capturing again.
     state: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    keys: list[torch.Tensor] = field(init=False)
+    values: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.entries.dim() != 6 or self.entries.shape[0] != 2:
+            raise ValueError(f"cache entries must be (2, n_layers, B, K, T, D), got {tuple(self.entries.shape)}")
+        # Indexed one by one: the views of ``unbind`` may not be written in place under autograd.
+        layers = range(self.entries.shape[1])
+        self.keys = [self.entries[0, layer] for layer in layers]
+        self.values = [self.entries[1, layer] for layer in layers]
 
     @classmethod
     def allocate(cls, model: LLaDAModel, batch: int, length: int, zeroed: bool = True) -> KVCache:
         """A cache for ``batch`` sequences of ``length``; ``zeroed=False`` leaves the memory as it is,
         for a cache whose every entry is written before it is read (a refresh's)."""
         config = model.config
-        shape = (batch, config.n_kv_heads, length, config.head_dim)
+        shape = (2, config.n_layers, batch, config.n_kv_heads, length, config.head_dim)
         make = torch.zeros if zeroed else torch.empty
-        new = lambda: make(shape, dtype=model.dtype, device=model.device)
-        return cls([new() for _ in range(config.n_layers)], [new() for _ in range(config.n_layers)])
+        return cls(make(shape, dtype=model.dtype, device=model.device))
 
     def state_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The cache's state tensor ``name`` of this shape and dtype (uninitialised when new)."""
         key = (name, tuple(shape), dtype)
         if key not in self.state:
-            self.state[key] = torch.empty(shape, dtype=dtype, device=self.keys[0].device)
+            self.state[key] = torch.empty(shape, dtype=dtype, device=self.entries.device)
         return self.state[key]
 
     @property
     def batch(self) -> int:
-        return self.keys[0].shape[0]
+        return self.entries.shape[2]
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2]
+        return self.entries.shape[4]
 
 
+@torch.no_grad()  # a cache is inference state: its in-place writes (into views of one tensor) carry no gradient
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                    key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
                    write: bool = True, fused: bool = False, query_mask: torch.Tensor | None = None,
-                   return_fresh: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor],
-                                                                         list[torch.Tensor]]:
+                   return_entries: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``input_ids`` at ``positions`` against the cache.
 
     Args:
@@ -86,11 +97,13 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
             positions keep their cached keys/values (seen by every query, never overwritten) and
             their outputs mean nothing. Padding a row with positions it does not need therefore
             changes nothing for its real queries.
-        return_fresh: also return each layer's fresh (B, K, Q, D) keys and values, for the caller
-            to store after a read-only pass (a store inside a compiled pass copies the cache).
+        return_entries: also return the queries' entries to store, (2, n_layers, B, K, Q, D) like
+            ``KVCache.entries`` (padding queries carry their positions' cached entries), for the
+            caller to store after a read-only pass with ``store_entries`` (a store inside a
+            compiled pass copies the cache; one outside it is one kernel for all layers).
     Returns:
         (B, N, V) logits in the model's dtype (N = Q without ``logits_index``); with
-        ``return_fresh``, (logits, keys, values) with one tensor per layer in each list.
+        ``return_entries``, (logits, entries).
     """
     if input_ids.shape != positions.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal (B, Q)")
@@ -108,13 +121,13 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         if query_mask is not None:  # padding queries' fresh keys hidden: their cached ones stand
             fresh_bias = torch.zeros(query_mask.shape, dtype=model.dtype, device=query_mask.device).masked_fill(
                 ~query_mask, lowest)[:, None, None, :]  # (B, 1, 1, Q)
-    fresh_keys, fresh_values = [], []
+    stored_keys, stored_values = [], []
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
         q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin, fused)
-        if return_fresh:
-            fresh_keys.append(k)
-            fresh_values.append(v)
+        if return_entries:
+            stored_keys.append(_entries_to_store(cache.keys[layer], positions, k, query_mask))
+            stored_values.append(_entries_to_store(cache.values[layer], positions, v, query_mask))
         if write:
             index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
             keys = store_queries(cache.keys[layer], index, k, query_mask)
@@ -127,7 +140,27 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
     logits = F.linear(model.ln_f(x), model.output_weight())
-    return (logits, fresh_keys, fresh_values) if return_fresh else logits
+    if return_entries:
+        return logits, torch.stack([torch.stack(stored_keys), torch.stack(stored_values)])
+    return logits
+
+
+def _entries_to_store(cache: torch.Tensor, positions: torch.Tensor, fresh: torch.Tensor,
+                      query_mask: torch.Tensor | None) -> torch.Tensor:
+    """The fresh keys (or values) (B, K, Q, D) of the real queries, and the cached ones of padding
+    queries (``query_mask`` False) at their ``positions`` (B, Q) in a layer's cache (B, K, T, D)."""
+    if query_mask is None:
+        return fresh
+    index = positions[:, None, :, None].expand(-1, fresh.shape[1], -1, fresh.shape[3])
+    return torch.where(query_mask[:, None, :, None], fresh, cache.gather(2, index))
+
+
+def store_entries(cache: KVCache, positions: torch.Tensor, entries: torch.Tensor) -> None:
+    """Write ``entries`` (2, n_layers, B, K, Q, D), from ``cached_forward(return_entries=True)``, into
+    the cache at ``positions`` (B, Q), every layer's keys and values in one scatter."""
+    two, layers, _, heads, _, dim = entries.shape
+    index = positions[None, None, :, None, :, None].expand(two, layers, -1, heads, -1, dim)
+    cache.entries.scatter_(4, index, entries)
 
 
 def store_queries(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
