@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,7 +130,7 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
         tokens = run.x[:, start:start + block]
         positions = torch.arange(start, start + block, device="cuda").expand(batch, -1)
         index = torch.arange(block, device="cuda").expand(batch, -1)
-        forward_ms = timed(lambda: engine.forward(cache, tokens, positions, index, None, write=not engine.compiled), 20)
+        forward_ms = timed(partial(engine.forward, cache, tokens, positions, index, None, write=not engine.compiled), 20)
         results[f"{name}_step_ms"] = step_ms
         results[f"{name}_forward_ms"] = forward_ms
         run.cancel()
@@ -142,6 +143,18 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
 
 def count_tokens(results) -> int:
     return sum(len(r.tokens) for r in results)
+
+
+def reference_run(model: LLaDAModel, prompt: torch.Tensor, gen_length: int, block: int) -> tuple[int, torch.Tensor]:
+    """The reference sampler, one token per step: (answer tokens, output)."""
+    out = generate(model, prompt, steps=gen_length, gen_length=gen_length, block_length=block)
+    return prompt.shape[0] * gen_length, out
+
+
+def engine_run(engine: Engine, prompt: torch.Tensor, settings: GenerationSettings) -> tuple[int, list]:
+    """One engine generation: (answer tokens up to each first end-of-text, results)."""
+    out = engine.generate(prompt, settings)
+    return count_tokens(out), out
 
 
 def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batches: list[int],
@@ -175,9 +188,7 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
                     continue
                 prompt = prompts[batch]
                 if method == "reference":
-                    def run():
-                        out = generate(model, prompt, steps=gen_length, gen_length=gen_length, block_length=block)
-                        return batch * gen_length, out
+                    run = partial(reference_run, model, prompt, gen_length, block)
                 else:
                     cache = "prefix" if method == "published_prefix" else "dual"
                     settings = GenerationSettings(gen_length=gen_length, block_length=block, policy="threshold",
@@ -185,10 +196,7 @@ def e2e_part(model: LLaDAModel, prompt_length: int, gen_lengths: list[int], batc
                                                   early_stop=method.startswith("engine"),
                                                   keep_prompt="keep_prompt" in method,
                                                   reuse_decided="reuse_decided" in method)
-
-                    def run():
-                        out = engines[method].generate(prompt, settings)
-                        return count_tokens(out), out
+                    run = partial(engine_run, engines[method], prompt, settings)
                 if method.startswith("engine"):
                     run()  # compile and capture this shape first
                 torch.cuda.synchronize()

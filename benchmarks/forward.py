@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -64,7 +65,7 @@ def bench_model(model, config, variant: str, ceilings: dict[str, float], repeat:
             model(ids)
             torch.cuda.synchronize()
             first_call_s = time.perf_counter() - compile_start
-            times = time_cuda(lambda: model(ids), repeat=repeat)
+            times = time_cuda(partial(model, ids), repeat=repeat)
         median = statistics.median(times)
         flops = config.flops_per_token(length) * batch * length
         floor_ms = 1e3 * max(weight_bytes / (ceilings["copy_bandwidth_GBps"] * 1e9),

@@ -668,8 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     sampling = {}
     if args.command in ("generate", "chat"):
-        sampling = dict(model=args.model, settings=settings_from_args(args), sampler=args.sampler,
-                        device=args.device, dtype=args.dtype, seed=args.seed, compile=args.compile)
+        sampling = {"model": args.model, "settings": settings_from_args(args), "sampler": args.sampler,
+                    "device": args.device, "dtype": args.dtype, "seed": args.seed, "compile": args.compile}
     try:
         if args.command == "generate" and args.input:
             run_generate_file(input=args.input, output=args.output, batch_size=args.batch_size, chat=not args.no_chat,

@@ -68,7 +68,8 @@ def _messages(line: str, field: str) -> list[Message]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} needs string 'role' and 'content'")
+            problem = f"message {i} needs string 'role' and 'content'"
+            raise ValueError(problem)  # noqa: TRY004 - bad data, not a bad call
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message to learn from")
     return messages

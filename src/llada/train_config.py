@@ -144,7 +144,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, recursing into nested sections; errors name the key."""
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        problem = f"{prefix or 'config'}: expected a mapping, got {data!r}"
+        raise ValueError(problem)  # noqa: TRY004 - bad data, not a bad call
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -170,7 +171,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {assignment!r}: {part} is not a section")
+            problem = f"override {assignment!r}: {part} is not a section"
+            raise ValueError(problem)  # noqa: TRY004 - bad data, not a bad call
     node[leaf] = yaml.safe_load(raw)
 
 
