@@ -11,7 +11,7 @@ from conftest import tiny_model
 from llada.batch_run import BatchRun
 from llada.decoding import select
 from llada.engine import Engine, GenerationSettings
-from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
+from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in, store_entries
 from llada.model import attention_bias
 from llada.quantize import Fp8Linear, quantize_fp8, quantize_int8
 from llada.sampling import generate
@@ -87,6 +87,37 @@ def test_refresh_equals_the_full_forward_pass_and_cached_steps_reuse_it() -> Non
     suffix = torch.arange(7, ids.shape[1]).expand(2, -1)
     prefix = cached_forward(net, ids[:, 7:], suffix, cache, bias, logits_index=torch.arange(4).expand(2, -1))
     torch.testing.assert_close(prefix, full[:, 7:11], rtol=1e-12, atol=1e-12)
+
+
+def test_a_read_only_pass_stores_its_entries_as_a_writing_pass_does() -> None:
+    """``return_entries`` + ``store_entries`` (one scatter over every layer, after a read-only pass)
+    leave the cache and the logits as a pass that writes each layer's queries itself, padding
+    queries included (they keep their cached entries)."""
+    net = model()
+    ids, mask = left_padded(prompts((4, 7)))
+    ids = torch.cat([ids, torch.full((2, 8), net.config.mask_token_id)], 1)
+    mask = torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], 1)
+    bias = attention_bias(mask, ids.shape[1], False, net.dtype, net.device)
+    caches = [KVCache.allocate(net, 2, ids.shape[1]) for _ in range(2)]
+    for cache in caches:  # a refresh, then tokens change in the answer
+        cached_forward(net, ids, torch.arange(ids.shape[1]).expand(2, -1), cache, bias)
+    ids[:, 8] = ids[:, 9] = 5
+    before = caches[1].entries.clone()
+    positions = torch.tensor([[8, 9, 10, 11], [8, 12, 9, 13]])
+    query_mask = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    tokens = ids.gather(1, positions)
+    written = cached_forward(net, tokens, positions, caches[0], bias, query_mask=query_mask)
+    read, entries = cached_forward(net, tokens, positions, caches[1], bias, write=False, query_mask=query_mask,
+                                   return_entries=True)
+    assert entries.shape == (2, net.config.n_layers, 2, net.config.n_kv_heads, 4, net.config.head_dim)
+    store_entries(caches[1], positions, entries)
+    # Equal up to float64 rounding: the two passes attend through different kernels.
+    torch.testing.assert_close(caches[1].entries, caches[0].entries, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(read[query_mask], written[query_mask], rtol=1e-12, atol=1e-12)
+    assert not torch.equal(caches[1].entries, before)  # the answer's keys/values did change
+    assert torch.equal(caches[1].keys[1], caches[1].entries[0, 1])  # per-layer tensors are views of one
+    with pytest.raises(ValueError, match=r"must be \(2, n_layers, B, K, T, D\)"):
+        KVCache(torch.zeros(3, 2, 1, 1, 4, 8))
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
