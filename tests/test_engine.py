@@ -120,6 +120,33 @@ def test_a_read_only_pass_stores_its_entries_as_a_writing_pass_does() -> None:
         KVCache(torch.zeros(3, 2, 1, 1, 4, 8))
 
 
+def test_compiled_refreshes_do_not_recompile_per_batch_size() -> None:
+    """A cache's layers are views of one tensor; compiled with dynamic shapes, a refresh must not tie
+    that tensor's constant dimensions (2 for keys/values, n_layers) to a batch size that happens to
+    equal them. (A batch size equal to the number of key/value heads still costs one recompile:
+    PyTorch's duck sizing, as with separate tensors per layer.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    from llada.engine import _refresh_pass
+    net = model(n_kv_heads=4)  # two layers, four key/value heads
+    counter = CompileCounter()
+    refresh = torch.compile(_refresh_pass, dynamic=True, fullgraph=True, backend=counter)
+    for batch in (2, 3, 5):  # the first equals 2 (keys/values) and n_layers, then changes
+        cache = KVCache.allocate(net, batch, 12)
+        positions = torch.arange(12).expand(batch, -1).contiguous()
+        refresh(net, torch.randint(0, 50, (batch, 12)), positions, cache, None, positions, False)
+    assert counter.frame_count == 1
+
+
+def test_copying_rows_into_a_cache_of_another_shape_is_refused() -> None:
+    net = model()
+    source, target = KVCache.allocate(net, 3, 8), KVCache.allocate(net, 2, 8)
+    target.copy_rows(source, torch.tensor([2, 0]))
+    assert torch.equal(target.keys[1], source.keys[1][[2, 0]])
+    with pytest.raises(ValueError, match="cannot take 3 rows"):
+        target.copy_rows(source, torch.tensor([0, 1, 2]))
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
 @pytest.mark.parametrize(("read_only", "keep_prompt"), [(False, False), (True, False), (False, True)])

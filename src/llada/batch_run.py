@@ -326,7 +326,7 @@ class BatchRun:
         # or recomputed, the answer's recomputed.
         cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length, zeroed=False)
         if answer_only:  # the rows' cached prompt keys/values (the answer's are recomputed)
-            torch.index_select(self.cache.entries, 2, model_rows, out=cache.entries)
+            cache.copy_rows(self.cache, model_rows)
         key_mask = None if self.key_mask is None else self.key_mask.index_select(0, index)
         self.unwritten.index_fill_(0, index, False)  # these rows' keys/values are stored from their tokens now
         queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
@@ -495,7 +495,7 @@ class BatchRun:
         self._needed = [self._needed[r] for r in rows]
         self._set_rows(self.x.index_select(0, keep), self.undecided.index_select(0, keep),
                        self.unwritten.index_select(0, keep))
-        torch.index_select(old.entries, 2, model_rows, out=self.cache.entries)
+        self.cache.copy_rows(old, model_rows)
         self.engine.release_cache(old)
 
     # --- joining ----------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ class KVCache:
     def __post_init__(self) -> None:
         if self.entries.dim() != 6 or self.entries.shape[0] != 2:
             raise ValueError(f"cache entries must be (2, n_layers, B, K, T, D), got {tuple(self.entries.shape)}")
+        # Compiled passes see the layers' views with this tensor as their base: its constant
+        # dimensions must not share symbols with equal batch sizes (a recompile per batch size).
+        for dim in (0, 1, 3, 5):
+            torch._dynamo.mark_static(self.entries, dim)
         # Indexed one by one: the views of ``unbind`` may not be written in place under autograd.
         layers = range(self.entries.shape[1])
         self.keys = [self.entries[0, layer] for layer in layers]
@@ -63,11 +67,19 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.entries.shape[2]
+        return self.keys[0].shape[0]
 
     @property
     def length(self) -> int:
-        return self.entries.shape[4]
+        return self.keys[0].shape[2]
+
+    def copy_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Fill this cache with ``source``'s rows ``rows`` (in that order), in place."""
+        expected = (*source.entries.shape[:2], len(rows), *source.entries.shape[3:])
+        if self.entries.shape != expected:  # ``out=`` would resize, moving the memory graphs point at
+            raise ValueError(f"cache of shape {tuple(self.entries.shape)} cannot take {len(rows)} rows of "
+                             f"{tuple(source.entries.shape)}")
+        torch.index_select(source.entries, 2, rows, out=self.entries)
 
 
 @torch.no_grad()  # a cache is inference state: its in-place writes (into views of one tensor) carry no gradient
