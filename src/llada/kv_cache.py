@@ -41,7 +41,7 @@ class KVCache:
         if self.entries.dim() != 6 or self.entries.shape[0] != 2:
             raise ValueError(f"cache entries must be (2, n_layers, B, K, T, D), got {tuple(self.entries.shape)}")
         # Compiled passes see the layers' views with this tensor as their base: its constant
-        # dimensions must not share symbols with equal batch sizes (a recompile per batch size).
+        # dimensions must not share symbols with an equal batch size (a recompile at the next one).
         for dim in (0, 1, 3, 5):
             torch._dynamo.mark_static(self.entries, dim)
         # Indexed one by one: the views of ``unbind`` may not be written in place under autograd.
