@@ -137,11 +137,11 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
         q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin, fused)
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
         if return_entries:
-            stored_keys.append(_entries_to_store(cache.keys[layer], positions, k, query_mask))
-            stored_values.append(_entries_to_store(cache.values[layer], positions, v, query_mask))
+            stored_keys.append(_entries_to_store(cache.keys[layer], index, k, query_mask))
+            stored_values.append(_entries_to_store(cache.values[layer], index, v, query_mask))
         if write:
-            index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
             keys = store_queries(cache.keys[layer], index, k, query_mask)
             values = store_queries(cache.values[layer], index, v, query_mask)
             x = x + block.attend(q, keys, values, key_bias)
@@ -157,13 +157,13 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
     return logits
 
 
-def _entries_to_store(cache: torch.Tensor, positions: torch.Tensor, fresh: torch.Tensor,
+def _entries_to_store(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
                       query_mask: torch.Tensor | None) -> torch.Tensor:
     """The fresh keys (or values) (B, K, Q, D) of the real queries, and the cached ones of padding
-    queries (``query_mask`` False) at their ``positions`` (B, Q) in a layer's cache (B, K, T, D)."""
+    queries (``query_mask`` False) at their positions (``index``, expanded to (B, K, Q, D)) in a
+    layer's cache (B, K, T, D)."""
     if query_mask is None:
         return fresh
-    index = positions[:, None, :, None].expand(-1, fresh.shape[1], -1, fresh.shape[3])
     return torch.where(query_mask[:, None, :, None], fresh, cache.gather(2, index))
 
 
@@ -180,9 +180,7 @@ def store_queries(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
     """Write the real queries' fresh keys (or values) (B, K, Q, D) into a layer's cache (B, K, T, D)
     at ``index`` (their positions, expanded to (B, K, Q, D)), in place; padding queries (``query_mask``
     False) write their positions' cached entries back unchanged."""
-    if query_mask is not None:
-        fresh = torch.where(query_mask[:, None, :, None], fresh, cache.gather(2, index))
-    return cache.scatter_(2, index, fresh)
+    return cache.scatter_(2, index, _entries_to_store(cache, index, fresh, query_mask))
 
 
 def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor,
