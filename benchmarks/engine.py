@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-from llada import fp8_kernels
 from llada.config import preset
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
@@ -40,8 +39,6 @@ from llada.quantize import QUANTIZERS
 from llada.sampling import generate
 from llada.scheduler import Scheduler
 from llada.tokenizer import Tokenizer
-
-FP8_KERNEL_MAX_ROWS = fp8_kernels.MAX_ROWS
 
 
 def random_model(name: str, tokenizer: Tokenizer | None = None) -> LLaDAModel:
@@ -116,17 +113,13 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
                 ("compiled_cuda_graphs_reuse_decided", {"cuda_graphs": True, "compile": True},
                  replace(settings, reuse_decided=True)),
                 *([(f"compiled_cuda_graphs_{quantize}", {"cuda_graphs": True, "compile": True}, settings)]
-                  if quantize else []),
-                # fp8 block steps with cuBLASLt's matmul instead of llada.fp8_kernels' Triton kernel.
-                *([("compiled_cuda_graphs_fp8_cublas", {"cuda_graphs": True, "compile": True}, settings)]
-                  if quantize == "fp8" else []))
+                  if quantize else []))
     for name, kwargs, variant_settings in variants:
         if only is not None and name not in only:
             continue
-        if quantize and f"_{quantize}" in name and not getattr(model, "quantized", None):
-            QUANTIZERS[quantize](model)  # last rows: quantizing changes the model in place
+        if quantize and name.endswith(quantize):  # last: quantizing changes the model in place
+            QUANTIZERS[quantize](model)
             results[f"{quantize}_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
-        fp8_kernels.MAX_ROWS = 0 if name.endswith("_cublas") else FP8_KERNEL_MAX_ROWS
         engine = Engine(model, **kwargs)
         run = engine.start(prompt, variant_settings)
         run.advance()  # block start: the refresh

@@ -8,6 +8,8 @@ rest, with the largest kernels listed.
     PYTHONPATH=src python benchmarks/step_profile.py --out benchmarks/results/engine/step_profile_h200.json
     PYTHONPATH=src python benchmarks/step_profile.py --quantize fp8 --out benchmarks/results/engine/step_profile_fp8_h200.json
     PYTHONPATH=src python benchmarks/step_profile.py --batch 32 --out benchmarks/results/engine/step_profile_batch32_h200.json
+    PYTHONPATH=src python benchmarks/step_profile.py --batch 32 --reuse-decided --steps 20 \
+        --out benchmarks/results/engine/step_profile_batch32_reuse_decided_h200.json
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def main() -> None:
                                   early_stop=False, reuse_decided=args.reuse_decided)
     engine = Engine(model, cuda_graphs=False, compile=True)
     run = engine.start(prompt, settings)
-    for _ in range(5):
-        run.advance()  # the refresh, then compiling the block step
+    # The refresh, then compiling the block step; sparse steps compile one graph per queried width, so
+    # they warm up over a whole block first (else the profile shows Inductor benchmarking new kernels).
+    for _ in range(5 + (settings.block_length + 1 if args.reuse_decided else 0)):
+        run.advance()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as trace:
         for _ in range(args.steps):

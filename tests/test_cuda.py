@@ -11,7 +11,6 @@ import pytest
 import torch
 from test_engine import answers, left_padded, model, prompts
 
-from llada import fp8_kernels
 from llada.engine import Engine, GenerationSettings
 from llada.quantize import FP8_MAX, Fp8Linear
 from llada.sampling import generate
@@ -139,52 +138,6 @@ def test_fp8_linear_on_the_gpu_equals_its_rounded_operands(compiled: bool, rows:
     out = run(x)
     assert out.dtype == torch.bfloat16 and out.shape == (3, rows, 256)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding
-
-
-@pytest.mark.parametrize("rows", [1, 7, 32])  # narrow sides padded to 16, 16 and 32
-@pytest.mark.parametrize(("out_features", "in_features"), [(384, 512), (128, 4096)])  # reductions split 2 and 16 ways
-def test_triton_fp8_matmul_equals_the_product_of_its_operands(rows: int, out_features: int, in_features: int) -> None:
-    """Independent truth: the e4m3 operands multiplied in float64 and scaled; the kernel accumulates in
-    float32 (with the tensor cores' reduced-precision additions limited to 128 products at a time)."""
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    weight = torch.randn(out_features, in_features, device="cuda", generator=generator)
-    weight_scales = weight.abs().amax(1)[None] / FP8_MAX
-    weight8 = (weight / weight_scales.T).to(torch.float8_e4m3fn)
-    x = torch.randn(rows, in_features, device="cuda", generator=generator)
-    row_scales = x.abs().amax(1, keepdim=True) / FP8_MAX
-    x8 = (x / row_scales).to(torch.float8_e4m3fn)
-    assert fp8_kernels.available(x8, weight8)
-    out = fp8_kernels.scaled_fp8_matmul(x8, row_scales, weight8, weight_scales)
-    expected = (x8.double() @ weight8.double().T) * row_scales.double() * weight_scales.double()
-    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
-    # The tensor cores add 128 fp8 products at a time at reduced precision (all of them: 20× the error).
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=3e-3 * expected.abs().mean().item())
-
-
-def test_fp8_layers_use_the_triton_kernel_for_few_rows_compiled_and_captured() -> None:
-    """A compiled Fp8Linear of few rows calls the Triton kernel (it agrees with the row-wise scaled
-    matmul) and replays from a CUDA graph with new inputs."""
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    layer = Fp8Linear(torch.randn(256, 512, device="cuda", generator=generator).bfloat16())
-    compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(2, 16, 512, device="cuda", generator=generator).bfloat16()
-    row_scales = x.float().abs().amax(-1, keepdim=True) / FP8_MAX
-    rounded = (x.float() / row_scales).to(torch.float8_e4m3fn).float() * row_scales
-    expected = rounded @ layer.dequantized().T
-    torch.testing.assert_close(compiled(x).float(), expected, rtol=2e-2, atol=2e-2)
-    static_x = x.clone()
-    for _ in range(2):
-        compiled(static_x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = compiled(static_x)
-    static_x.copy_(x.flip(1))
-    graph.replay()
-    torch.testing.assert_close(static_out.float(), expected.flip(1), rtol=2e-2, atol=2e-2)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        compiled(x)
-        torch.cuda.synchronize()
-    assert any("scaled_fp8_matmul_transposed" in event.name for event in profile.events())
 
 
 def test_a_scheduler_on_a_worker_thread_captures_graphs_while_other_threads_use_the_gpu() -> None:

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llada import fp8_kernels
 from llada.kv_cache import bump_weights_version, unfuse_projections
 from llada.model import LLaDAModel
 
@@ -98,9 +97,7 @@ class Fp8Linear(nn.Module):
         quantized = (rows.float() / row_scales).to(torch.float8_e4m3fn)
         # CUDA's scaled matmuls write bfloat16 here; the CPU ones write any float dtype.
         out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
-        if fp8_kernels.available(quantized, self.weight):
-            out = fp8_kernels.scaled_fp8_matmul(quantized, row_scales, self.weight, self.scales)
-        elif rows.shape[0] < UNIT_SCALE_ROWS:
+        if rows.shape[0] < UNIT_SCALE_ROWS:
             # Few rows (the engine's block steps): the plain fp8 matmul, scaled afterwards, is faster than
             # the row-wise scaled kernel (18 µs against 26 µs for 32 × 4096 → 12288 on an H200). The
             # raw product rounds to bfloat16 once more before scaling: 0.2% next to fp8's few %. Unscaled
