@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from llada import block_attention
 from llada.config import preset
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
@@ -107,6 +108,7 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
     variants = (("compiled_cuda_graphs_unfused", {"cuda_graphs": True, "compile": True, "fuse": False}, settings),
                 ("eager", {"cuda_graphs": False}, settings), ("cuda_graphs", {"cuda_graphs": True}, settings),
                 ("compiled_cuda_graphs", {"cuda_graphs": True, "compile": True}, settings),
+                ("compiled_cuda_graphs_tensor_attention", {"cuda_graphs": True, "compile": True}, settings),
                 ("compiled_cuda_graphs_sampling_apart", apart, settings),
                 ("compiled_cuda_graphs_threshold_policy", {"cuda_graphs": True, "compile": True}, threshold),
                 ("compiled_cuda_graphs_threshold_policy_sampling_apart", apart, threshold),
@@ -120,6 +122,8 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
         if quantize and name.endswith(quantize):  # last: quantizing changes the model in place
             QUANTIZERS[quantize](model)
             results[f"{quantize}_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
+        # "tensor_attention": block steps attend with tensor operations, not llada.block_attention's kernel.
+        block_attention.ENABLED = not name.endswith("_tensor_attention")
         engine = Engine(model, **kwargs)
         run = engine.start(prompt, variant_settings)
         run.advance()  # block start: the refresh

@@ -11,7 +11,9 @@ import pytest
 import torch
 from test_engine import answers, left_padded, model, prompts
 
+from llada import block_attention
 from llada.engine import Engine, GenerationSettings
+from llada.kv_cache import KVCache, _attend_cache_and_fresh, cached_forward
 from llada.quantize import FP8_MAX, Fp8Linear
 from llada.sampling import generate
 from llada.scheduler import Scheduler
@@ -138,6 +140,66 @@ def test_fp8_linear_on_the_gpu_equals_its_rounded_operands(compiled: bool, rows:
     out = run(x)
     assert out.dtype == torch.bfloat16 and out.shape == (3, rows, 256)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "queries", "length", "fresh_bias"),
+                         [(4, 4, 32, 768, True), (4, 4, 32, 100, False), (8, 2, 24, 130, True), (2, 2, 90, 300, True)])
+def test_block_attention_kernel_equals_the_tensor_operations(heads: int, kv_heads: int, queries: int, length: int,
+                                                             fresh_bias: bool) -> None:
+    """The fused kernel against ``_attend_cache_and_fresh`` in float64 on the same bf16 inputs: cache
+    keys hidden by the bias, padding queries' fresh keys hidden, grouped heads (GQA), several row blocks
+    (90 queries), key counts not a multiple of the tile, and queries/values as strided views."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator).bfloat16()
+
+    batch, dim, lowest = 3, 128, torch.finfo(torch.bfloat16).min
+    q = randn(batch, queries, heads, dim).transpose(1, 2)
+    cache_k, cache_v = randn(2, batch, kv_heads, length, dim).unbind(0)
+    k, v = randn(batch, kv_heads, queries, dim), randn(batch, queries, kv_heads, dim).transpose(1, 2)
+    hidden = torch.rand(batch, 1, 1, length, device="cuda", generator=generator) < 0.3
+    bias = torch.zeros(batch, 1, 1, length, device="cuda", dtype=torch.bfloat16).masked_fill(hidden, lowest)
+    padding = torch.rand(batch, 1, 1, queries, device="cuda", generator=generator) < 0.3
+    padding[..., 0] = False
+    fresh = (torch.zeros(batch, 1, 1, queries, device="cuda", dtype=torch.bfloat16).masked_fill(padding, lowest)
+             if fresh_bias else None)
+    assert block_attention.available(q, cache_k)
+    out = block_attention.block_attention(q, cache_k, cache_v, bias, k, v, fresh)
+    expected = _attend_cache_and_fresh(*(t.double() for t in (q, cache_k, cache_v, bias, k, v)),
+                                       None if fresh is None else fresh.double())
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape == (batch, queries, heads * dim)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)  # bf16 probabilities and output
+
+
+def test_read_only_passes_attend_through_the_kernel_as_through_the_tensor_operations() -> None:
+    """``cached_forward``'s read-only pass (block steps) with the fused kernel and with the tensor
+    operations: the real queries' logits agree to bf16 rounding (padding queries hidden either way)."""
+    net = gpu_model()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 400, (2, 24), device="cuda", generator=generator)
+    positions = torch.arange(24, device="cuda").expand(2, -1).contiguous()
+    cache = KVCache.allocate(net, 2, 24)
+    cached_forward(net, ids, positions, cache)  # a refresh fills the cache
+    real = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+    real[1, 5:] = False
+    block = (net, ids[:, 8:16].flip(1), positions[:, 8:16].contiguous(), cache)
+    fused = cached_forward(*block, write=False, query_mask=real)
+    block_attention.ENABLED = False
+    try:
+        plain = cached_forward(*block, write=False, query_mask=real)
+    finally:
+        block_attention.ENABLED = True
+    assert ((fused[real].float() - plain[real].float()).norm() / plain[real].float().norm()).item() < 2e-2
+
+
+def test_compiled_block_steps_use_the_block_attention_kernel() -> None:
+    rows = prompts((5, 9))
+    settings = GenerationSettings(gen_length=16, block_length=8, steps=16, policy="fixed", early_stop=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        Engine(gpu_model(), compile=True, cuda_graphs=False).generate(rows, settings)
+        torch.cuda.synchronize()
+    assert any(event.name.startswith("block_attention") for event in profile.events())
 
 
 def test_a_scheduler_on_a_worker_thread_captures_graphs_while_other_threads_use_the_gpu() -> None:

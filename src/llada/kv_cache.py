@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llada import block_attention
 from llada.model import Block, LLaDAModel
 
 
@@ -190,8 +191,10 @@ def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     concatenating them (which would copy the cache).
 
     Scores in (at least) float32; query heads are grouped per key/value head (GQA) by a reshape, not a copy.
-    Returns (B, Q, H·D).
+    Returns (B, Q, H·D). On a GPU in bf16/fp16 one fused kernel computes the same (``llada.block_attention``).
     """
+    if block_attention.available(q, cache_k):
+        return block_attention.block_attention(q, cache_k, cache_v, bias, k, v, fresh_bias)
     batch, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # (B, K, G·Q, D)

@@ -1,0 +1,76 @@
+"""One fused attention kernel for the engine's compiled block steps, written in Triton.
+
+A block step's queries attend to two key sets at once: the cache (every position of the sequence,
+the queries' own stale entries hidden by the bias) and their own fresh keys/values, which are not
+written into the cache first (writing would copy it under ``torch.compile``). Computed with tensor
+operations (``kv_cache._attend_cache_and_fresh``) that is four batched matmuls, a softmax reduction
+and a normalisation per layer: at batch 1 six small kernels, launch-bound, about 0.45 ms of a 5.3 ms
+step on an H200. This kernel does it in one pass per layer, flash-attention style (online softmax
+over the cache in tiles, then over the fresh keys; scores and probabilities never leave the chip).
+
+Arithmetic: scores in float32 (the cache's and the queries' dtype in, as ``_attend_cache_and_fresh``),
+probabilities rounded to the values' dtype for their product with the values, float32 accumulation,
+one rounding at the end.
+
+Triton comes with PyTorch's CUDA builds; where it is missing ``available`` says so and the tensor
+operations run instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+BLOCK_KEYS = 64  # keys per tile
+ENABLED = True  # False: the tensor operations everywhere (benchmarks compare the two)
+
+
+def available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether the kernel serves these queries (B, H, Q, D) and cache (B, K, T, D): on a GPU with Triton,
+    in bf16 or fp16 (float32 tiles would multiply in TF32), head dimension a power of two."""
+    dim = q.shape[-1]
+    return (ENABLED and q.is_cuda and TRITON_INSTALLED and q.dtype in (torch.bfloat16, torch.float16)
+            and cache_k.dtype == q.dtype and 16 <= dim <= 256 and dim & (dim - 1) == 0)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, imported on first use so that importing this module needs no Triton."""
+    from llada.block_attention_kernel import block_attention as kernel
+
+    return kernel
+
+
+@torch.library.custom_op("llada::block_attention", mutates_args=())
+def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, fresh_bias: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of ``q`` (B, H, Q, D) over the cache (B, K, T, D) under ``bias`` (B, 1, 1, T)
+    and the fresh ``k``/``v`` (B, K, Q, D) under ``fresh_bias`` (B, 1, 1, Q) if given; returns
+    (B, Q, H·D), as ``kv_cache._attend_cache_and_fresh``. Check ``available`` first. A custom operator,
+    so that ``torch.compile`` and CUDA graphs take the kernel as one opaque call."""
+    batch, heads, queries, dim = q.shape
+    kv_heads, length = cache_k.shape[1], cache_k.shape[2]
+    group = heads // kv_heads
+    q, cache_k, cache_v, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, cache_k, cache_v, k, v))
+    out = q.new_empty((batch, queries, heads * dim))
+    # Rows of a program: up to 64 of its query heads × queries, a power of two (16 at least for tl.dot).
+    block_m = min(64, max(16, 1 << (group * queries - 1).bit_length()))
+    fresh_bias_strides = (0, 0) if fresh_bias is None else (fresh_bias.stride(0), fresh_bias.stride(3))
+    grid = (batch * kv_heads, -(-group * queries // block_m))
+    _kernel()[grid](
+        q, cache_k, cache_v, bias, k, v, bias if fresh_bias is None else fresh_bias, out,
+        kv_heads, length, queries, dim ** -0.5, *q.stride()[:3], *cache_k.stride()[:3], *cache_v.stride()[:3],
+        *k.stride()[:3], *v.stride()[:3], bias.stride(0), bias.stride(3), *fresh_bias_strides,
+        out.stride(0), out.stride(1),
+        GROUP=group, DIM=dim, BLOCK_M=block_m, BLOCK=BLOCK_KEYS, FRESH_BIAS=fresh_bias is not None,
+        num_warps=4, num_stages=2)
+    return out
+
+
+@block_attention.register_fake
+def _(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor, k: torch.Tensor,
+      v: torch.Tensor, fresh_bias: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1] * q.shape[3]))
