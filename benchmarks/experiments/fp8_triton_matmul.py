@@ -20,9 +20,9 @@ the run-time quantization of the input, compiled and timed as a CUDA graph of 20
 through copies of the weights (1 GB at least, so that weights come from memory, not L2).
 ``--sweep`` times the kernel alone over a grid of tile configurations.
 
-    PYTHONPATH=src python benchmarks/experiments/fp8_triton_matmul.py --compare \
+    PYTHONPATH=src:benchmarks python benchmarks/experiments/fp8_triton_matmul.py --compare \
         --out benchmarks/results/engine/fp8_triton/compare_h200.json
-    PYTHONPATH=src python benchmarks/experiments/fp8_triton_matmul.py --sweep --rows 32,128 \
+    PYTHONPATH=src:benchmarks python benchmarks/experiments/fp8_triton_matmul.py --sweep --rows 32,128 \
         --out benchmarks/results/engine/fp8_triton/sweep_h200.json
 """
 
@@ -34,12 +34,12 @@ import functools
 import itertools
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fp8_matmul import graph_time_us, quantize_rows  # benchmarks/ on the path
 
 from llada.quantize import FP8_MAX
 
@@ -165,11 +165,6 @@ SHAPES = {"qkv (fused)": (4096, 12288), "attn_out": (4096, 4096), "gate_up (fuse
 COPIES_BYTES = 1 << 30
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scales = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scales).to(torch.float8_e4m3fn), scales
-
-
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
     return (weight.float() / scales[:, None]).to(torch.float8_e4m3fn), scales[None, :].contiguous()
@@ -197,29 +192,6 @@ def fp8_triton(x, weight, w8, w_scales):
 
 
 VARIANTS = {"bf16": bf16, "fp8_rowwise": fp8_rowwise, "fp8_unit_scales": fp8_unit_scales, "fp8_triton": fp8_triton}
-
-
-def graph_time_us(run: Callable[[int], object], calls: int = 20) -> float:
-    """GPU microseconds per call of ``run(i)`` (call ``i`` of a CUDA graph of ``calls`` calls)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            run(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            run(i)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (10 * calls)
 
 
 def weight_copies(fan_in: int, fan_out: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
