@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (llada.block_attention) run in Triton's interpreter where there is no GPU
+    # (tests/test_block_attention.py). It must be on before Triton is imported, which llada does.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llada.config import preset
 from llada.model import LLaDAModel
