@@ -262,6 +262,37 @@ def test_reuse_decided_steps_query_the_undecided_and_the_just_decided(monkeypatc
     assert block_steps == [-(-(33 - k) // 4) * 4 for k in range(1, 32)] * 2
 
 
+def test_fixed_schedules_predict_reuse_decided_query_widths_without_reading_them_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fixed policy the host derives each row's next query count from the schedule. Counted on
+    the device instead (undecided or unwritten positions of each block, as the other policies read
+    back), every step must query the same widths and give the same answers — with uneven counts
+    (8 tokens in 3 steps per block) and rows that join at different steps."""
+    settings = GenerationSettings(gen_length=16, block_length=8, steps=6, policy="fixed", early_stop=False,
+                                  reuse_decided=True)
+    rows = prompts((5, 7, 4), seed=3)
+
+    def decode() -> tuple[list[int], list[list[int]]]:
+        queries = record_query_lengths(monkeypatch)
+        run = Engine(model()).start(rows[:1], settings, prompt_room=8)
+        run.advance()
+        run.add(rows[1:])  # joining one step later: rows at different steps of their blocks
+        while run.advance():
+            pass
+        return list(queries), [result.tokens for result in run.results()]
+
+    predicted = decode()
+
+    def counted_on_the_device(self, live: list[int]) -> list[int]:
+        counts = (self.undecided | self.unwritten).gather(1, self._block_offsets()).sum(1).tolist()
+        return [counts[r] if r in live else self._needed[r] for r in range(len(counts))]
+
+    monkeypatch.setattr(BatchRun, "_needed_by_schedule", counted_on_the_device)
+    counted = decode()
+    assert predicted == counted
+    assert min(predicted[0]) < settings.block_length  # sparse steps did run
+
+
 def test_reuse_decided_needs_the_dual_cache() -> None:
     for cache in ("none", "prefix"):
         with pytest.raises(ValueError, match="reuse_decided needs cache='dual'"):

@@ -401,7 +401,9 @@ class BatchRun:
             chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
                                            self._limits, count, unwritten)
         pending_rows: list[bool] | None = None  # read back from ``pending`` when needed
-        if settings.reuse_decided:  # one read-back for the policy and for the next step's queries
+        if settings.reuse_decided and self.schedule is not None:
+            self._needed = self._needed_by_schedule(live)  # known on the host: no read-back
+        elif settings.reuse_decided:  # one read-back for the policy and for the next step's queries
             needed = (self.undecided | self.unwritten).gather(1, offsets).sum(1)
             pending_rows, self._needed = torch.stack([pending.long(), needed]).tolist()
         answer = self.x[:, self.prompt_length:]
@@ -436,6 +438,17 @@ class BatchRun:
             if caller is not None and not self.finished[caller]:
                 blocks_now[caller] = self.row_block[r]
         return StepUpdate(self.steps, blocks_now, self.answers.clone(), decided, list(self.finished))
+
+    def _needed_by_schedule(self, live: list[int]) -> list[int]:
+        """``reuse_decided`` with the fixed policy: how many positions of each row's block the next step
+        must query (those undecided or unwritten), called before ``row_block_step`` counts this step.
+
+        Every step stores the keys/values of all the positions it had to query and marks the ones it
+        commits as unwritten, so the next step needs exactly the positions that were undecided before
+        this one — which the fixed schedule tells the host, sparing the step a read-back (the GPU runs
+        on while the host prepares the next step)."""
+        return [self.block_length - sum(self.schedule[:self.row_block_step[r]]) if r in live else self._needed[r]
+                for r in range(self.x.shape[0])]
 
     def _counts(self, live: list[int]) -> int | torch.Tensor:
         """Fixed policy: tokens each row commits this step (an int when all rows agree, as the reference)."""
