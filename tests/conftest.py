@@ -10,7 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     # Triton kernels (llada.block_attention) run in Triton's interpreter where there is no GPU
-    # (tests/test_block_attention.py). It must be on before Triton is imported, which llada does.
+    # (tests/test_block_attention.py). It must be on before Triton is first imported, which PyTorch
+    # modules that llada loads do.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llada.config import preset

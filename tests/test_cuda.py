@@ -184,13 +184,31 @@ def test_read_only_passes_attend_through_the_kernel_as_through_the_tensor_operat
     real = torch.ones(2, 8, dtype=torch.bool, device="cuda")
     real[1, 5:] = False
     block = (net, ids[:, 8:16].flip(1), positions[:, 8:16].contiguous(), cache)
-    fused = cached_forward(*block, write=False, query_mask=real)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fused = cached_forward(*block, write=False, query_mask=real)
+        torch.cuda.synchronize()
+    assert any(event.name.startswith("block_attention") for event in profile.events())
     block_attention.ENABLED = False
     try:
         plain = cached_forward(*block, write=False, query_mask=real)
     finally:
         block_attention.ENABLED = True
     assert ((fused[real].float() - plain[real].float()).norm() / plain[real].float().norm()).item() < 2e-2
+
+
+def test_the_block_attention_kernel_serves_gpu_half_precision_and_measured_head_sizes() -> None:
+    def serves(dim: int, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> bool:
+        q = torch.empty(1, 2, 4, dim, dtype=dtype, device=device)
+        return block_attention.available(q, torch.empty(1, 2, 8, dim, dtype=dtype, device=device))
+
+    assert serves(64) and serves(128) and serves(16, torch.float16)
+    assert not serves(96) and not serves(256) and not serves(8)  # not a power of two; beyond what was measured
+    assert not serves(128, torch.float32) and not serves(128, device="cpu")
+    block_attention.ENABLED = False
+    try:
+        assert not serves(128)
+    finally:
+        block_attention.ENABLED = True
 
 
 def test_compiled_block_steps_use_the_block_attention_kernel() -> None:

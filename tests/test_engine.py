@@ -262,14 +262,16 @@ def test_reuse_decided_steps_query_the_undecided_and_the_just_decided(monkeypatc
     assert block_steps == [-(-(33 - k) // 4) * 4 for k in range(1, 32)] * 2
 
 
+@pytest.mark.parametrize("overrides", [{}, {"cfg_scale": 1.0}, {"keep_prompt": True}, {"refresh_every": 2, "steps": 8}])
 def test_fixed_schedules_predict_reuse_decided_query_widths_without_reading_them_back(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        overrides: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the fixed policy the host derives each row's next query count from the schedule. Counted on
     the device instead (undecided or unwritten positions of each block, as the other policies read
     back), every step must query the same widths and give the same answers — with uneven counts
-    (8 tokens in 3 steps per block) and rows that join at different steps."""
-    settings = GenerationSettings(gen_length=16, block_length=8, steps=6, policy="fixed", early_stop=False,
-                                  reuse_decided=True)
+    (8 tokens in 3 steps per block), rows that join at different steps, guidance, per-row prompt caches
+    and periodic refreshes."""
+    settings = GenerationSettings(**{"gen_length": 16, "block_length": 8, "steps": 6, "policy": "fixed",
+                                     "early_stop": False, "reuse_decided": True, **overrides})
     rows = prompts((5, 7, 4), seed=3)
 
     def decode() -> tuple[list[int], list[list[int]]]:
