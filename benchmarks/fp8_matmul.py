@@ -104,9 +104,14 @@ def main() -> None:
                 flush=True)
             torch._dynamo.reset()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                              "results": results}, indent=2) + "\n")
+        write_results(args.out, results)
+
+
+def write_results(path: str, results: list[dict]) -> None:
+    """``results`` as JSON, with the card and PyTorch version that produced them."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                      "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

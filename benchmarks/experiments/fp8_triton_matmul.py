@@ -32,14 +32,12 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fp8_matmul import graph_time_us, quantize_rows  # benchmarks/ on the path
+from fp8_matmul import graph_time_us, quantize_rows, write_results  # benchmarks/ on the path
 
 from llada.quantize import FP8_MAX
 
@@ -283,9 +281,8 @@ def main() -> None:
     rows_list = [int(rows) for rows in args.rows.split(",")]
     results = sweep_configs(rows_list, args.imprecise_products) if args.sweep else compare_variants(rows_list)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                              "results": results}, indent=2) + "\n")
+        write_results(args.out, results)
+
 
 
 if __name__ == "__main__":
