@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llada.quantize import FP8_MAX
+from llada.quantize import FP8_MAX, Fp8Linear
 
 SHAPES = {"qkv (fused)": (4096, 12288), "attn_out": (4096, 4096), "gate_up (fused)": (4096, 24576),
           "ff_out": (12288, 4096)}
@@ -36,9 +36,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def variants(weight: torch.Tensor) -> dict:
-    w_scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
-    w8 = (weight.float() / w_scales[:, None]).to(torch.float8_e4m3fn)
-    w_scales_row = w_scales[None, :].contiguous()
+    quantized = Fp8Linear(weight)  # the engine's own weight quantization
+    w8, w_scales_row = quantized.weight, quantized.scales
     one = torch.ones((), device=weight.device)
 
     def bf16(x):

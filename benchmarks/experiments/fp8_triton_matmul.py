@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from fp8_matmul import graph_time_us, quantize_rows, write_results  # benchmarks/ on the path
+from fp8_matmul import SHAPES, graph_time_us, quantize_rows, write_results  # benchmarks/ on the path
 
-from llada.quantize import FP8_MAX
+from llada.quantize import Fp8Linear
 
 
 @dataclass(frozen=True)
@@ -158,14 +158,7 @@ def scaled_fp8_matmul(quantized: torch.Tensor, row_scales: torch.Tensor, weight:
     return scaled_fp8_matmul_partials(quantized, row_scales, weight, weight_scales).sum(0)
 
 
-SHAPES = {"qkv (fused)": (4096, 12288), "attn_out": (4096, 4096), "gate_up (fused)": (4096, 24576),
-          "ff_out": (12288, 4096)}
 COPIES_BYTES = 1 << 30
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
-    return (weight.float() / scales[:, None]).to(torch.float8_e4m3fn), scales[None, :].contiguous()
 
 
 def bf16(x, weight, w8, w_scales):
@@ -197,7 +190,8 @@ def weight_copies(fan_in: int, fan_out: int) -> list[tuple[torch.Tensor, torch.T
     copies = []
     for _ in range(max(2, math.ceil(COPIES_BYTES / (2 * fan_in * fan_out)))):
         weight = (torch.randn(fan_out, fan_in, device="cuda") / fan_in**0.5).bfloat16()
-        copies.append((weight, *quantize_weight(weight)))
+        layer = Fp8Linear(weight)  # the engine's own weight quantization
+        copies.append((weight, layer.weight, layer.scales))
     return copies
 
 
