@@ -17,8 +17,20 @@ import torch
 from llada import block_attention
 from llada.kv_cache import _attend_cache_and_fresh
 
-pytestmark = pytest.mark.skipif(not (block_attention.TRITON_INSTALLED and os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="needs Triton, run by its interpreter (tests/conftest.py: no GPU)")
+pytestmark = [
+    pytest.mark.skipif(not (block_attention.TRITON_INSTALLED and os.environ.get("TRITON_INTERPRET") == "1"),
+                       reason="needs Triton, run by its interpreter (tests/conftest.py: no GPU)"),
+    pytest.mark.usefixtures("multiprocessors"),
+]
+
+
+@pytest.fixture(params=[1, 64], ids=["whole cache per program", "cache split across programs"])
+def multiprocessors(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every test runs twice: with one program per query rows walking the whole cache, and on a
+    pretend GPU of 64 multiprocessors, where the small cases' caches are split into parts whose
+    results a second kernel merges."""
+    monkeypatch.setattr(block_attention, "_multiprocessors", lambda device: request.param)
+    return request.param
 
 
 def case(batch: int, heads: int, kv_heads: int, queries: int, length: int, dim: int, dtype: torch.dtype,
@@ -60,6 +72,8 @@ def check(inputs, tolerance: float) -> None:
     (2, 8, 2, 24, 70),   # grouped heads: 4 × 24 query rows span two 64-row programs
     (1, 2, 2, 1, 1),     # one query, one cached key
     (1, 2, 1, 65, 64),   # fresh keys beyond one tile, exactly one cache tile
+    (1, 4, 2, 8, 300),   # five cache tiles: five parts where split
+    (1, 16, 8, 4, 900),  # 15 tiles, 8 programs: eight parts of two tiles where split, the last of one
 ])
 def test_kernel_equals_the_tensor_operations(batch: int, heads: int, kv_heads: int, queries: int, length: int) -> None:
     check(case(batch, heads, kv_heads, queries, length, 16, torch.float16), tolerance=2e-3)  # float16 probabilities
