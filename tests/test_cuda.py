@@ -6,6 +6,7 @@ Deselected by default (marker ``cuda``); on a GPU machine run ``python -m pytest
 from __future__ import annotations
 
 import threading
+import types
 
 import pytest
 import torch
@@ -196,7 +197,8 @@ def test_read_only_passes_attend_through_the_kernel_as_through_the_tensor_operat
     assert ((fused[real].float() - plain[real].float()).norm() / plain[real].float().norm()).item() < 2e-2
 
 
-def test_the_block_attention_kernel_serves_gpu_half_precision_and_measured_head_sizes() -> None:
+def test_the_block_attention_kernel_serves_gpu_half_precision_and_measured_head_sizes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     def serves(dim: int, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> bool:
         q = torch.empty(1, 2, 4, dim, dtype=dtype, device=device)
         return block_attention.available(q, torch.empty(1, 2, 8, dim, dtype=dtype, device=device))
@@ -209,6 +211,9 @@ def test_the_block_attention_kernel_serves_gpu_half_precision_and_measured_head_
         assert not serves(128)
     finally:
         block_attention.ENABLED = True
+    with monkeypatch.context() as patch:  # a Turing card: no bf16 tensor-core products
+        patch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=7))
+        assert not serves(128)
 
 
 def test_compiled_block_steps_use_the_block_attention_kernel() -> None:

@@ -34,12 +34,14 @@ ENABLED = True  # False: the tensor operations everywhere (benchmarks compare th
 
 
 def available(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether the kernel serves these queries (B, H, Q, D) and cache (B, K, T, D): on a GPU with Triton,
-    in bf16 or fp16 (float32 tiles would multiply in TF32), head dimension a power of two from 16 (the
-    tensor cores' minimum) to 128 (larger tiles were not measured and may not fit shared memory)."""
+    """Whether the kernel serves these queries (B, H, Q, D) and cache (B, K, T, D): on a GPU with Triton
+    of compute capability 8 or later (Ampere: bf16 tensor-core products), in bf16 or fp16 (float32
+    tiles would multiply in TF32), head dimension a power of two from 16 (the tensor cores' minimum)
+    to 128 (larger tiles were not measured and may not fit shared memory)."""
     dim = q.shape[-1]
     return (ENABLED and q.is_cuda and TRITON_INSTALLED and q.dtype in (torch.bfloat16, torch.float16)
-            and cache_k.dtype == q.dtype and 16 <= dim <= 128 and dim & (dim - 1) == 0)
+            and cache_k.dtype == q.dtype and 16 <= dim <= 128 and dim & (dim - 1) == 0
+            and torch.cuda.get_device_properties(q.device).major >= 8)
 
 
 @functools.cache
