@@ -147,6 +147,20 @@ def test_copying_rows_into_a_cache_of_another_shape_is_refused() -> None:
         target.copy_rows(source, torch.tensor([0, 1, 2]))
 
 
+def test_writing_rows_back_inverts_copying_them() -> None:
+    net = model()
+    source = KVCache(torch.randn_like(KVCache.allocate(net, 3, 8).entries))
+    rows = torch.tensor([2, 0])
+    part = KVCache.allocate(net, 2, 8)
+    part.copy_rows(source, rows)
+    target = KVCache.allocate(net, 3, 8)
+    target.write_rows(part, rows)
+    assert torch.equal(target.entries[:, :, rows], source.entries[:, :, rows])
+    assert not target.entries[:, :, 1].any()  # the row not written keeps its zeros
+    with pytest.raises(ValueError, match="cannot take"):
+        target.write_rows(source, rows)
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
 @pytest.mark.parametrize(("read_only", "keep_prompt"), [(False, False), (True, False), (False, True)])

@@ -241,7 +241,7 @@ class BatchRun:
         as in ``_sparse_block_step``): stores the keys/values of the positions it had to query and
         clears their ``unwritten`` flags. Returns the (unguided) logits, the queried answer positions
         and their columns in the block, (B, W) each."""
-        needed = (undecided | unwritten).gather(1, offsets)  # (B, L)
+        needed = _needed(undecided, unwritten, offsets)  # (B, L)
         columns = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :width].sort(dim=1).values
         real = needed.gather(1, columns)  # (B, W)
         queried = offsets.gather(1, columns)  # answer positions, in block order
@@ -332,7 +332,7 @@ class BatchRun:
         queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
         logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions.index_select(0, index) - start),
                                      self._bias(key_mask), write=True, graph=False, exact=self.settings.cache == "none")
-        self.cache.entries.index_copy_(2, model_rows, cache.entries)
+        self.cache.write_rows(cache, model_rows)
         return self._guide(logits)
 
     def _guide(self, logits: torch.Tensor) -> torch.Tensor:
@@ -404,7 +404,7 @@ class BatchRun:
         if settings.reuse_decided and self.schedule is not None:
             self._needed = self._needed_by_schedule(live)  # known on the host: no read-back
         elif settings.reuse_decided:  # one read-back for the policy and for the next step's queries
-            needed = (self.undecided | self.unwritten).gather(1, offsets).sum(1)
+            needed = _needed(self.undecided, self.unwritten, offsets).sum(1)
             pending_rows, self._needed = torch.stack([pending.long(), needed]).tolist()
         answer = self.x[:, self.prompt_length:]
         self.steps += 1
@@ -678,3 +678,9 @@ def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int,
         ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row):] = True
     return ids, mask
+
+
+def _needed(undecided: torch.Tensor, unwritten: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Which answer positions at ``offsets`` (B, L) a ``reuse_decided`` step must query: those still
+    undecided, and those decided since their keys/values were last stored (``unwritten``)."""
+    return (undecided | unwritten).gather(1, offsets)

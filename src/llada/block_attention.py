@@ -95,12 +95,14 @@ def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
 
 def _split(programs: int, length: int, device: torch.device) -> tuple[int, int]:
     """Into how many parts to split the cache's keys (each part a program of its own, the parts merged
-    by a second kernel), and the keys of a part: as many parts as fill the GPU's multiprocessors once.
+    by a second kernel), and the keys of a part: enough parts to fill the GPU's multiprocessors once.
     At batch 1 a layer has one program per key/value head (32 at the 8B shape) on a GPU of 132
-    multiprocessors, each walking the whole cache tile after tile: 20.8 µs for a 768-key cache on an
-    H200 (0.6 TB/s); larger batches fill the GPU without splitting."""
+    multiprocessors, each walking the whole cache tile after tile: 21 µs for a 768-key cache on an
+    H200 (0.6 TB/s), 13.5 µs in four parts. Rounded up: at batch 4 (128 programs) two parts took
+    27.0 µs against 29.6 µs unsplit (benchmarks/attention_kernel.py --sweep); from batch 8 the
+    programs fill the GPU."""
     tiles = max(1, -(-length // BLOCK_KEYS))
-    parts = min(tiles, max(1, _multiprocessors(device) // programs))
+    parts = min(tiles, -(-_multiprocessors(device) // programs))
     split_keys = -(-tiles // parts) * BLOCK_KEYS
     return -(-tiles * BLOCK_KEYS // split_keys), split_keys
 

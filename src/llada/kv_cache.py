@@ -82,6 +82,14 @@ class KVCache:
                              f"{tuple(source.entries.shape)}")
         torch.index_select(source.entries, 2, rows, out=self.entries)
 
+    def write_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Write every row of ``source`` into this cache's rows ``rows`` (the inverse of ``copy_rows``)."""
+        expected = (*self.entries.shape[:2], len(rows), *self.entries.shape[3:])
+        if source.entries.shape != expected:
+            raise ValueError(f"cache of shape {tuple(self.entries.shape)} cannot take {tuple(source.entries.shape)} "
+                             f"into {len(rows)} rows")
+        self.entries.index_copy_(2, rows, source.entries)
+
 
 @torch.no_grad()  # a cache is inference state: its in-place writes (into views of one tensor) carry no gradient
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
