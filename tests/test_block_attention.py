@@ -24,11 +24,11 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=[1, 64], ids=["whole cache per program", "cache split across programs"])
+@pytest.fixture(params=[1, 7, 64], ids=["whole cache per program", "few parts", "cache split across programs"])
 def multiprocessors(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Every test runs twice: with one program per query rows walking the whole cache, and on a
-    pretend GPU of 64 multiprocessors, where the small cases' caches are split into parts whose
-    results a second kernel merges."""
+    """Every test runs three times: with one program per query rows walking the whole cache, and on
+    pretend GPUs of 7 and 64 multiprocessors, where the small cases' caches are split into parts
+    (of unequal sizes, some) whose results a second kernel merges."""
     monkeypatch.setattr(block_attention, "_multiprocessors", lambda device: request.param)
     return request.param
 
@@ -92,6 +92,28 @@ def test_keys_hidden_by_minus_infinity_and_biases_shared_by_every_row() -> None:
     check((q, cache_k, cache_v, bias, k, v, fresh_bias), tolerance=2e-3)
     everything_hidden = torch.full((3, 1, 1, 150), float("-inf"), dtype=torch.float16)  # the fresh keys remain
     check((q, cache_k, cache_v, everything_hidden, k, v, fresh_bias), tolerance=2e-3)
+
+
+def test_a_hidden_last_part_merges_into_visible_ones() -> None:
+    """The cache's last tiles and every fresh key hidden by -inf: where the cache is split, the last
+    part's peak is -inf and its merge with the finite parts before it must weigh it 0, not NaN."""
+    q, cache_k, cache_v, bias, k, v, _ = case(1, 4, 2, 8, 300, 16, torch.float16)
+    bias[..., 192:] = float("-inf")
+    fresh_hidden = torch.full((1, 1, 1, 8), float("-inf"), dtype=torch.float16)
+    check((q, cache_k, cache_v, bias, k, v, fresh_hidden), tolerance=2e-3)
+
+
+def test_strided_biases_and_caches() -> None:
+    """Biases read every other key of a longer one and broadcast one fresh bias over rows; the cache
+    is a slice of a longer buffer and the queries have a last-dimension stride of 2 (copied first)."""
+    q, _, _, _, k, v, fresh_bias = case(3, 4, 2, 6, 150, 16, torch.float16)
+    longer = case(3, 4, 2, 6, 160, 16, torch.float16, hidden=0.4, seed=1)
+    cache_k, cache_v = longer[1][:, :, 5:155], longer[2][:, :, 5:155]
+    bias = torch.zeros(3, 1, 1, 300, dtype=torch.float16).masked_fill(torch.rand(3, 1, 1, 300) < 0.3, float("-inf"))
+    bias[..., 0] = 0  # every row keeps a cached key
+    q_strided = torch.zeros(*q.shape[:3], 32, dtype=q.dtype)
+    q_strided[..., ::2] = q
+    check((q_strided[..., ::2], cache_k, cache_v, bias[..., ::2], k, v, fresh_bias[:1]), tolerance=2e-3)
 
 
 def test_the_fake_implementation_matches_the_kernel() -> None:
