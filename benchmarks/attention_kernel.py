@@ -8,7 +8,8 @@ calls (so launch overhead is the graph's, as in a compiled block step), in µs p
 
 ``--sweep`` times the kernel with its tile of keys (``BLOCK_KEYS``) and the number of parts the cache
 is split into varied: the parts follow from a pretended multiprocessor count, a multiple (0: no
-splitting) of the card's real one.
+splitting) of the card's real one. ``--warps``/``--stages`` add the attending kernel's warps and
+software-pipeline stages to the sweep (default: the module's).
 
     PYTHONPATH=src python benchmarks/attention_kernel.py --out benchmarks/results/engine/attention_kernel_h200.json
     PYTHONPATH=src python benchmarks/attention_kernel.py --sweep --out benchmarks/results/engine/attention_kernel_sweep_h200.json
@@ -17,6 +18,7 @@ splitting) of the card's real one.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -89,34 +91,37 @@ def compare(shapes: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
-def sweep(shapes: list[tuple[int, int]]) -> list[dict]:
+def sweep(shapes: list[tuple[int, int]], warps: list[int], stages: list[int]) -> list[dict]:
     real = torch.cuda.get_device_properties(0).multi_processor_count
-    multiprocessors, block_keys = block_attention._multiprocessors, block_attention.BLOCK_KEYS
+    saved = block_attention._multiprocessors, block_attention.BLOCK_KEYS, block_attention.WARPS, block_attention.STAGES
     rows = []
     try:
-        for batch, length in shapes:
+        for (batch, length), block, factor, warp, stage in itertools.product(shapes, (32, 64, 128), (0, 1, 2, 4),
+                                                                             warps, stages):
             inputs = layer_inputs(batch, length)
-            for block in (32, 64, 128):
-                for factor in (0, 1, 2, 4):
-                    block_attention.BLOCK_KEYS = block
-                    block_attention._multiprocessors = lambda device, f=factor: max(1, f * real)
-                    row = {"batch": batch, "cache": length, "block": block, "sm_factor": factor,
-                           "parts": parts_of(batch, length),
-                           "us": round(graph_time(lambda: _attend_cache_and_fresh(*inputs, None)), 2)}  # noqa: B023
-                    print(row, flush=True)
-                    rows.append(row)
+            block_attention.BLOCK_KEYS, block_attention.WARPS, block_attention.STAGES = block, warp, stage
+            block_attention._multiprocessors = lambda device, f=factor: max(1, f * real)
+            row = {"batch": batch, "cache": length, "block": block, "sm_factor": factor, "warps": warp,
+                   "stages": stage, "parts": parts_of(batch, length),
+                   "us": round(graph_time(lambda: _attend_cache_and_fresh(*inputs, None)), 2)}  # noqa: B023
+            print(row, flush=True)
+            rows.append(row)
     finally:
-        block_attention._multiprocessors, block_attention.BLOCK_KEYS = multiprocessors, block_keys
+        (block_attention._multiprocessors, block_attention.BLOCK_KEYS, block_attention.WARPS,
+         block_attention.STAGES) = saved
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--warps", default=str(block_attention.WARPS), help="--sweep: comma-separated warp counts")
+    parser.add_argument("--stages", default=str(block_attention.STAGES), help="--sweep: comma-separated stage counts")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.sweep:
-        rows = sweep([(1, 768), (1, 2048), (4, 768)])
+        rows = sweep([(1, 768), (1, 2048), (4, 768)], [int(w) for w in args.warps.split(",")],
+                     [int(n) for n in args.stages.split(",")])
     else:
         rows = compare([(1, 768), (1, 2048), (1, 4096), (32, 768), (8, 768)])
     if args.out:

@@ -30,6 +30,7 @@ import torch
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 BLOCK_KEYS = 64  # keys per tile
+WARPS, STAGES = 4, 2  # of the attending kernel (benchmarks/attention_kernel.py --sweep varies them)
 ENABLED = True  # False: the tensor operations everywhere (benchmarks compare the two)
 
 
@@ -86,7 +87,8 @@ def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
             kv_heads, length, queries, split_keys, dim ** -0.5, *q.stride()[:3], *cache_k.stride()[:3],
             *cache_v.stride()[:3], *k.stride()[:3], *v.stride()[:3], bias.stride(0), bias.stride(3),
             *fresh_bias_strides, out.stride(0), out.stride(1),
-            **shapes, BLOCK=BLOCK_KEYS, FRESH_BIAS=fresh_bias is not None, SPLIT=parts > 1, num_warps=4, num_stages=2)
+            **shapes, BLOCK=BLOCK_KEYS, FRESH_BIAS=fresh_bias is not None, SPLIT=parts > 1, num_warps=WARPS,
+            num_stages=STAGES)
         if parts > 1:
             combine[programs](sums, peaks, totals, out, kv_heads, queries, parts, out.stride(0), out.stride(1),
                               **shapes, num_warps=4)
