@@ -158,27 +158,37 @@ def device_name(device: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, device: str) -> None:
+    """Agreement against tokens/s and against steps, one marker per setting named in a shared legend
+    (many settings share an agreement level, where labels beside the points would overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    figure, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xh<>"
     for axis, key, label in ((axes[0], "tokens_per_s", f"answer tokens/s ({device}, one prompt at a time)"),
                              (axes[1], "steps", "denoising steps per answer")):
-        for row in rows:
-            axis.scatter(row[key], row["agreement"], s=30)
-            axis.annotate(row["setting"], (row[key], row["agreement"]), fontsize=7,
-                          xytext=(4, 2), textcoords="offset points")
+        for i, row in enumerate(rows):
+            axis.scatter(row[key], row["agreement"], s=45, color=colors[i % len(colors)],
+                         marker=markers[i // len(colors) % len(markers)], label=row["setting"], alpha=0.85)
         axis.set_xlabel(label)
         axis.set_ylabel("answers identical to the reference sampler's")
         axis.grid(alpha=0.3)
+    for axis in axes:  # the reference and the fastest settings lie orders of magnitude apart
+        axis.set_xscale("log")
+        axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
     axes[1].invert_xaxis()  # fewer steps to the right, like more tokens/s on the left plot
-    figure.suptitle("Engine settings on the demo model: quality against parallelism")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    figure.suptitle("Engine settings on the demo model: quality against speed")
+    figure.tight_layout(rect=(0, 0, 0.78, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-
 
 if __name__ == "__main__":
     main()
