@@ -96,16 +96,16 @@ def sweep(shapes: list[tuple[int, int]], warps: list[int], stages: list[int]) ->
     saved = block_attention._multiprocessors, block_attention.BLOCK_KEYS, block_attention.WARPS, block_attention.STAGES
     rows = []
     try:
-        for (batch, length), block, factor, warp, stage in itertools.product(shapes, (32, 64, 128), (0, 1, 2, 4),
-                                                                             warps, stages):
+        for batch, length in shapes:
             inputs = layer_inputs(batch, length)
-            block_attention.BLOCK_KEYS, block_attention.WARPS, block_attention.STAGES = block, warp, stage
-            block_attention._multiprocessors = lambda device, f=factor: max(1, f * real)
-            row = {"batch": batch, "cache": length, "block": block, "sm_factor": factor, "warps": warp,
-                   "stages": stage, "parts": parts_of(batch, length),
-                   "us": round(graph_time(lambda: _attend_cache_and_fresh(*inputs, None)), 2)}  # noqa: B023
-            print(row, flush=True)
-            rows.append(row)
+            for block, factor, warp, stage in itertools.product((32, 64, 128), (0, 1, 2, 4), warps, stages):
+                block_attention.BLOCK_KEYS, block_attention.WARPS, block_attention.STAGES = block, warp, stage
+                block_attention._multiprocessors = lambda device, f=factor: max(1, f * real)
+                row = {"batch": batch, "cache": length, "block": block, "sm_factor": factor, "warps": warp,
+                       "stages": stage, "parts": parts_of(batch, length),
+                       "us": round(graph_time(lambda: _attend_cache_and_fresh(*inputs, None)), 2)}  # noqa: B023
+                print(row, flush=True)
+                rows.append(row)
     finally:
         (block_attention._multiprocessors, block_attention.BLOCK_KEYS, block_attention.WARPS,
          block_attention.STAGES) = saved

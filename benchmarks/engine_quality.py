@@ -190,5 +190,6 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
 
+
 if __name__ == "__main__":
     main()

@@ -76,19 +76,21 @@ class KVCache:
 
     def copy_rows(self, source: KVCache, rows: torch.Tensor) -> None:
         """Fill this cache with ``source``'s rows ``rows`` (in that order), in place."""
-        expected = (*source.entries.shape[:2], len(rows), *source.entries.shape[3:])
-        if self.entries.shape != expected:  # ``out=`` would resize, moving the memory graphs point at
-            raise ValueError(f"cache of shape {tuple(self.entries.shape)} cannot take {len(rows)} rows of "
-                             f"{tuple(source.entries.shape)}")
+        _check_rows(self, source, rows)  # ``out=`` would resize, moving the memory graphs point at
         torch.index_select(source.entries, 2, rows, out=self.entries)
 
     def write_rows(self, source: KVCache, rows: torch.Tensor) -> None:
         """Write every row of ``source`` into this cache's rows ``rows`` (the inverse of ``copy_rows``)."""
-        expected = (*self.entries.shape[:2], len(rows), *self.entries.shape[3:])
-        if source.entries.shape != expected:
-            raise ValueError(f"cache of shape {tuple(self.entries.shape)} cannot take {tuple(source.entries.shape)} "
-                             f"into {len(rows)} rows")
+        _check_rows(source, self, rows)
         self.entries.index_copy_(2, rows, source.entries)
+
+
+def _check_rows(part: KVCache, whole: KVCache, rows: torch.Tensor) -> None:
+    """Refuse ``part`` as the rows ``rows`` of ``whole`` unless it has exactly their shape."""
+    expected = (*whole.entries.shape[:2], len(rows), *whole.entries.shape[3:])
+    if part.entries.shape != expected:
+        raise ValueError(f"cache of shape {tuple(part.entries.shape)} cannot take {len(rows)} rows of "
+                         f"{tuple(whole.entries.shape)}")
 
 
 @torch.no_grad()  # a cache is inference state: its in-place writes (into views of one tensor) carry no gradient
