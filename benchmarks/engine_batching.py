@@ -8,7 +8,10 @@ arithmetic and definition prompts of ``engine_quality.py``), in consecutive batc
 after a warm-up pass over all of them (CUDA graphs captured, block steps compiled). Reported per
 batch size: answer tokens/s (up to each answer's first end-of-text token, wall-clock), the speed-up
 over batch 1, and the share of answers identical to batch 1's (a row's result must not depend on
-its batch).
+its batch). Each batch size also runs through the step-level scheduler (``llada.scheduler``) with
+that many rows: continuous batching, where a finished row's slot takes the next waiting prompt at
+once instead of idling until the slowest row of its batch is done, as a server would run. Timings
+are the median of ``--repeats`` passes (a pass over the demo prompts takes well under a second).
 
     PYTHONPATH=src python benchmarks/engine_batching.py --device cuda --dtype bfloat16 --compile \
         --out benchmarks/results/engine/batching_demo_h200.json
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +32,7 @@ from engine_quality import device_name, prompts, synchronize
 from llada.cli import DEMO_MODEL
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
+from llada.scheduler import Scheduler
 from llada.tokenizer import Tokenizer
 
 
@@ -35,6 +40,15 @@ def decode_all(engine: Engine, ids: list[list[int]], settings: GenerationSetting
     """Every prompt's answer tokens, decoding ``batch`` prompts per call."""
     return [result.tokens for start in range(0, len(ids), batch)
             for result in engine.generate(ids[start:start + batch], settings)]
+
+
+def decode_continuously(engine: Engine, ids: list[list[int]], settings: GenerationSettings,
+                        batch: int) -> list[list[int]]:
+    """Every prompt's answer tokens, all submitted at once to a scheduler running ``batch`` rows."""
+    scheduler = Scheduler(engine, max_batch=batch, max_waiting=len(ids), stream=False)
+    requests = [scheduler.submit(row, settings) for row in ids]
+    scheduler.run_until_idle()
+    return [request.result.tokens for request in requests]
 
 
 def main() -> None:
@@ -47,11 +61,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine's block steps")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per row (the median is reported)")
     parser.add_argument("--out")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if batches[0] != 1:
         parser.error("--batches must start with 1: the other batch sizes are compared with it")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     model = LLaDAModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
     tokenizer = Tokenizer.from_pretrained(args.model)
     ids = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q, _ in prompts(args.arithmetic)]
@@ -62,28 +79,35 @@ def main() -> None:
                            ("dual cache, threshold 0.9, keep prompt", replace(base, keep_prompt=True))):
         single, single_rate = None, None  # batch 1's answers and tokens/s
         for batch in batches:
-            decode_all(engine, ids, settings, batch)  # warm-up: every shape this batch size meets
-            synchronize(args.device)
-            start = time.perf_counter()
-            answers = decode_all(engine, ids, settings, batch)
-            synchronize(args.device)
-            seconds = time.perf_counter() - start
-            single = single or answers
-            tokens = sum(len(answer) for answer in answers)
-            row = {"setting": name, "batch": batch, "tokens": tokens, "seconds": seconds,
-                   "tokens_per_s": tokens / seconds,
-                   "same_as_batch_1": sum(a == b for a, b in zip(answers, single)) / len(answers)}
-            single_rate = single_rate or row["tokens_per_s"]
-            row["speedup"] = row["tokens_per_s"] / single_rate
-            rows.append(row)
-            print(f"{name:40s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s ({row['speedup']:5.1f}x batch 1), "
-                  f"{row['same_as_batch_1']:6.1%} answers as at batch 1", flush=True)
+            for mode, decode in (("batches", decode_all), ("scheduler", decode_continuously)):
+                if batch == 1 and mode == "scheduler":
+                    continue  # one row at a time is the same work either way
+                decode(engine, ids, settings, batch)  # warm-up: every shape this batch size meets
+                timings = []
+                for _ in range(args.repeats):
+                    synchronize(args.device)
+                    start = time.perf_counter()
+                    answers = decode(engine, ids, settings, batch)
+                    synchronize(args.device)
+                    timings.append(time.perf_counter() - start)
+                seconds = statistics.median(timings)
+                single = single or answers
+                tokens = sum(len(answer) for answer in answers)
+                row = {"setting": name, "mode": mode, "batch": batch, "tokens": tokens, "seconds": seconds,
+                       "tokens_per_s": tokens / seconds,
+                       "same_as_batch_1": sum(a == b for a, b in zip(answers, single)) / len(answers)}
+                single_rate = single_rate or row["tokens_per_s"]
+                row["speedup"] = row["tokens_per_s"] / single_rate
+                rows.append(row)
+                print(f"{name:40s} {mode:9s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s "
+                      f"({row['speedup']:5.1f}x batch 1), {row['same_as_batch_1']:6.1%} answers as at batch 1",
+                      flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "prompts": len(ids), "gen_length": args.gen_length,
                                               "block_length": args.block_length, "device": device_name(args.device),
-                                              "dtype": args.dtype, "compile": args.compile, "torch": torch.__version__,
-                                              "rows": rows}, indent=2) + "\n")
+                                              "dtype": args.dtype, "compile": args.compile, "repeats": args.repeats,
+                                              "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
