@@ -96,6 +96,33 @@ def test_compiled_engines_equal_eager_ones_in_float32(reuse_decided: bool) -> No
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
 
 
+@pytest.mark.parametrize("settings", [
+    GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3),
+    GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3, keep_prompt=True,
+                       cfg_scale=1.0),
+])
+def test_rows_joining_a_batch_refresh_through_padded_graphs_as_plain_calls(settings: GenerationSettings) -> None:
+    """Rows joining a running batch refresh as a pass of their own, padded to a power of two with
+    copies of its first row and captured: in float32 (where rows do not depend on their batch's
+    size) every answer equals a plain engine's, and the duplicated rows' writes leave the cache exact."""
+    net = model().to("cuda", torch.float32)
+    rows = prompts((3, 4, 2, 5, 4, 3), seed=8)
+
+    def decode(engine: Engine) -> list[list[int]]:
+        run = engine.start(rows[:1], settings, prompt_room=6)
+        run.advance()
+        run.add(rows[1:4])  # three rows: a pass padded to four
+        run.advance()
+        run.add(rows[4:])
+        while run.advance():
+            pass
+        return [r.tokens for r in run.results()]
+
+    graphed = Engine(net)
+    assert decode(graphed) == decode(Engine(net, cuda_graphs=False))
+    assert {key[-3] for key in graphed._graphs if key[0] == "refresh rows"} >= {4}
+
+
 def test_batches_of_other_layouts_on_one_pooled_cache_keep_their_own_graphs() -> None:
     """Two batches whose sequences have the same length but other prompt/answer splits take turns on
     one pooled cache: they share its token state tensor and its pool, each replays its own captured

@@ -238,7 +238,7 @@ def test_reuse_decided_with_sampling_apart_from_the_pass_matches_whole_steps(ove
     whole = Engine(net).generate(rows, settings, generator=torch.Generator().manual_seed(0))
     apart = Engine(net, capture_sampling=False)
     apart.cuda_graphs = True
-    apart.replay = lambda key, cache, function, inputs, state=(): function(*state, *inputs)
+    apart.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
     keys = []
     forward = apart.replay
     apart.replay = lambda key, *args, **kwargs: keys.append(key[0]) or forward(key, *args, **kwargs)

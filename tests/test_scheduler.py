@@ -216,3 +216,54 @@ def test_an_idle_row_left_behind_does_not_disturb_the_rows_that_move_on(cache: s
     while run.advance():
         pass
     assert [run.result(r).tokens for r in (0, 2, 3)] == [alone[r] for r in (0, 2, 3)]
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0), replace(SETTINGS, keep_prompt=True),
+                                      replace(SETTINGS, keep_prompt=True, cfg_scale=1.0),
+                                      replace(SETTINGS, cache="prefix")])
+@pytest.mark.parametrize("token_limit", [4096, 40])
+def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
+        settings: GenerationSettings, token_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows refreshed apart from their batch (joining it, moving to their next block) run as a captured
+    pass padded with copies of the first row; passes over ``CAPTURED_REFRESH_TOKENS`` run uncaptured at
+    their own size. Either way each row gets its single-prompt answer (a graph engine simulated on the
+    CPU: its replays run plainly)."""
+    from llada import batch_run
+
+    net = model()
+    rows = prompts((3, 4, 2, 5, 4, 3), seed=8)
+    expected = [Engine(net).generate([row], settings)[0].tokens for row in rows]
+    engine = Engine(net)
+    engine.cuda_graphs = True
+    passes: list[tuple[int, bool]] = []  # (rows in the pass, captured) of every refresh of some rows
+
+    def replay(key, cache, function, inputs, state=(), graph=True):
+        if key[0] == "refresh rows":
+            passes.append((len(inputs[0]), graph))
+        return function(*state, *inputs)
+
+    engine.replay = replay
+    monkeypatch.setattr(batch_run, "CAPTURED_REFRESH_TOKENS", token_limit)
+    sizes: list[tuple[int, int | None]] = []  # (rows refreshed, rows of the captured pass or None)
+    captured_rows = batch_run.BatchRun._captured_refresh_rows
+
+    def recording(self, rows, queries):
+        sizes.append((rows, captured_rows(self, rows, queries)))
+        return sizes[-1][1]
+
+    monkeypatch.setattr(batch_run.BatchRun, "_captured_refresh_rows", recording)
+    run = engine.start(rows[:1], settings, prompt_room=6)
+    run.advance()
+    run.add(rows[1:4])  # three rows join a batch grown to four: a pass of three rows, padded to four
+    run.advance()
+    run.add(rows[4:])  # two more: the batch grows to eight, they refresh as a pass of two
+    while run.advance():
+        pass
+    assert [r.tokens for r in run.results()] == expected
+    assert len(passes) == len(sizes)
+    assert all(graph == (width is not None) and rows_in_pass == (width or rows)
+               for (rows_in_pass, graph), (rows, width) in zip(passes, sizes))
+    if token_limit > 40:
+        assert (3, 4) in sizes and all(width is not None for _, width in sizes)
+    else:  # 3 rows (padded to 4) × 22 positions exceed 40 tokens: uncaptured, unpadded
+        assert (3, None) in sizes

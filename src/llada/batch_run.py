@@ -9,7 +9,8 @@ the batch shrinks to the rows still decoding (a smaller shape, captured once mor
 Until then a new prompt can take an idle row's slot (``add``).
 
 Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
-all rows, otherwise as a smaller batch (not captured as a graph) whose cache rows are copied in —
+all rows, otherwise as a smaller batch (on GPUs padded to a power of two and captured, when short)
+whose cache rows are copied in —
 and the other rows take a cached step (their block alone, or, with the prefix cache, everything from
 the block on: there rows move from block to block together, so that a row's result does not depend
 on its batch). The commits are per row: ``decoding.propose`` and ``decoding.select`` over each row's
@@ -30,6 +31,12 @@ from llada.engine import Engine, Generation, GenerationSettings, StepUpdate
 from llada.kv_cache import KVCache, store_entries
 from llada.model import attention_bias
 from llada.sampling import num_transfer_tokens
+
+# Refreshes of some rows of a batch with at most this many query tokens (rows × positions, after
+# padding) are captured as CUDA graphs; longer ones run uncaptured. On the demo model every such pass
+# is launch-bound (a few hundred tokens); at the 8B shape one 768-token row takes ~15 ms of GPU time,
+# longer than launching its kernels, so capturing gains little there and padding rows would cost.
+CAPTURED_REFRESH_TOKENS = 4096
 
 
 class BatchRun:
@@ -147,6 +154,11 @@ class BatchRun:
         return torch.tensor(index, device=self.engine.device)
 
     # --- one step ---------------------------------------------------------------------------------
+
+    def _layout(self) -> tuple:
+        """What every captured pass of this batch bakes in: its cache, shapes and prompt length."""
+        return (id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length,
+                None if self.key_bias is None else self.key_bias.shape)
 
     def _keeps_prompt(self, row: int) -> bool:
         """Whether row ``row``'s refresh may skip its prompt (``keep_prompt``, and the prompt was encoded:
@@ -318,22 +330,56 @@ class BatchRun:
         return logits
 
     def _refresh_some(self, rows: list[int], positions: torch.Tensor, answer_only: bool) -> torch.Tensor:
-        model_rows = self._model_row_index(rows)
-        index = model_rows[:len(rows)]  # the rows themselves (with guidance, their unconditional copies follow)
+        """Refresh rows ``rows`` of the batch as a batch of their own; returns their guided logits.
+
+        On graph engines a small pass (rows joining a scheduler's batch, rows moving to their next
+        block) is launch-bound: its rows are padded to a power of two with copies of the first row
+        and the pass is captured once per padded size (``_captured_refresh_rows``)."""
         start = self.prompt_length if answer_only else 0
-        tokens = self._model_rows(self.x.index_select(0, index)[:, start:])
+        width = self._captured_refresh_rows(len(rows), self.length - start)
+        # A copy of a row computes the same bits as the row (rows are independent in every kernel),
+        # so writing both into the cache is writing that row once.
+        padded = rows + rows[:1] * ((width or len(rows)) - len(rows))
+        index = torch.tensor(padded, device=self.engine.device)
+        key_mask = None if self.key_mask is None else self.key_mask.index_select(0, index)
+        inputs = [index, positions.index_select(0, index) - start, self._bias(key_mask)]
+        logits = self.engine.replay(("refresh rows", *self._layout(), len(padded), answer_only,
+                                     self.settings.cache == "none"), self.cache,
+                                    functools.partial(self._refresh_pass, answer_only=answer_only), inputs,
+                                    state=[self.x, self.unwritten], graph=width is not None)
+        return self._guide(logits)[:len(rows)]
+
+    def _captured_refresh_rows(self, rows: int, queries: int) -> int | None:
+        """Rows of a captured refresh of ``rows`` rows over ``queries`` positions: ``rows`` rounded up
+        to a power of two (a few shapes to capture per batch), or None to run it uncaptured at its own
+        size — without CUDA graphs, and for passes of more than ``CAPTURED_REFRESH_TOKENS`` query
+        tokens, whose GPU time hides their kernel launches and whose padding would cost real work."""
+        if not self.engine.cuda_graphs:
+            return None
+        width = min(1 << (rows - 1).bit_length(), self.x.shape[0])
+        return width if width * queries * (2 if self.guided else 1) <= CAPTURED_REFRESH_TOKENS else None
+
+    def _refresh_pass(self, x: torch.Tensor, unwritten: torch.Tensor, index: torch.Tensor, logits_index: torch.Tensor,
+                      key_bias: torch.Tensor | None, answer_only: bool) -> torch.Tensor:
+        """The refresh of rows ``index`` (their logits at ``logits_index``, unguided) in a cache of their
+        own, whose entries are then written into the batch's cache. Rows that keep their prompt
+        (``answer_only``) bring their cached prompt keys/values along and query the answer only.
+        Like ``_block_step`` it touches only its arguments, the model and the cache (capturable)."""
+        batch = x.shape[0]
+        model_rows = torch.cat([index, index + batch]) if self.guided else index
+        start = self.prompt_length if answer_only else 0
+        tokens = self._model_rows(x.index_select(0, index)[:, start:])
         # Every entry of this cache is written before it is read: the prompt's copied (answer_only)
         # or recomputed, the answer's recomputed.
         cache = KVCache.allocate(self.engine.model, tokens.shape[0], self.length, zeroed=False)
-        if answer_only:  # the rows' cached prompt keys/values (the answer's are recomputed)
+        if answer_only:
             cache.copy_rows(self.cache, model_rows)
-        key_mask = None if self.key_mask is None else self.key_mask.index_select(0, index)
-        self.unwritten.index_fill_(0, index, False)  # these rows' keys/values are stored from their tokens now
-        queries = torch.arange(start, self.length, device=self.engine.device).expand(tokens.shape[0], -1)
-        logits = self.engine.forward(cache, tokens, queries, self._model_rows(positions.index_select(0, index) - start),
-                                     self._bias(key_mask), write=True, graph=False, exact=self.settings.cache == "none")
+        unwritten.index_fill_(0, index, False)  # these rows' keys/values are stored from their tokens now
+        queries = torch.arange(start, self.length, device=x.device).expand(tokens.shape[0], -1)
+        logits = self.engine.plain_forward(cache, tokens, queries, self._model_rows(logits_index), key_bias,
+                                           write=True, exact=self.settings.cache == "none")
         self.cache.write_rows(cache, model_rows)
-        return self._guide(logits)
+        return logits
 
     def _guide(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.guided:
@@ -369,9 +415,7 @@ class BatchRun:
             and isinstance(count, int)))
         unwritten = self.unwritten if settings.reuse_decided else None
         committed_at = offsets  # the answer positions ``chosen`` refers to
-        # What every captured pass of this batch bakes in: its cache, shapes and prompt length.
-        layout = (id(self.cache), self.x.shape, self.undecided.shape, self.prompt_length,
-                  None if self.key_bias is None else self.key_bias.shape)
+        layout = self._layout()
         if whole:
             # Threshold and factor are inputs of the graph (clients choose them per request); the key
             # holds what the graph bakes in.

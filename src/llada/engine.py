@@ -283,20 +283,15 @@ class Engine:
 
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
-                key_bias: torch.Tensor | None, write: bool = True, graph: bool = True,
-                exact: bool = False) -> torch.Tensor:
+                key_bias: torch.Tensor | None, write: bool = True, exact: bool = False) -> torch.Tensor:
         """``plain_forward`` through a CUDA graph captured for this cache and these shapes.
 
         The returned logits live in the graph's output buffer: read them before the next call.
-        ``graph=False`` runs it plainly (one-off shapes, such as refreshing a few rows of a batch).
         """
         def run(tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
                 key_bias: torch.Tensor | None) -> torch.Tensor:
             return self.plain_forward(cache, tokens, positions, logits_index, key_bias, write, exact)
 
-        if not graph:
-            self._check_weights(replay=False)
-            return run(tokens, positions, logits_index, key_bias)
         key = ("forward", id(cache), tokens.shape, positions.shape, logits_index.shape,
                None if key_bias is None else key_bias.shape, write, exact)
         return self.replay(key, cache, run, [tokens, positions, logits_index, key_bias])
@@ -320,16 +315,18 @@ class Engine:
                             query_mask, return_entries)
 
     def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
-               state: Sequence[torch.Tensor] = ()) -> Any:
+               state: Sequence[torch.Tensor] = (), graph: bool = True) -> Any:
         """``function(*state, *inputs)``, through a CUDA graph captured once per ``key`` on graph engines.
 
         ``key`` must name everything the function bakes in (shapes, settings, host numbers). ``inputs``
         are copied into the graph's own tensors at every call; ``state`` tensors are read and written
         in place, so they must be the same tensors at every call of a key (a cache's state tensors).
-        The output lives in the graph's buffers: read it before the next call.
+        The output lives in the graph's buffers: read it before the next call. ``graph=False`` calls
+        the function plainly (a pass not worth capturing).
         """
-        self._check_weights(replay=self.cuda_graphs)
-        if not self.cuda_graphs:
+        captured = self.cuda_graphs and graph
+        self._check_weights(replay=captured)
+        if not captured:
             return function(*state, *inputs)
         entry = self._graphs.get(key)
         if entry is None:
