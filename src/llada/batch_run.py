@@ -578,28 +578,33 @@ class BatchRun:
         if len(free) < len(prompts):
             self._grow(self.x.shape[0] + len(prompts) - len(free))
             free = [r for r in range(self.x.shape[0]) if not self.active[r]]
-        device, callers = self.engine.device, []
+        device, count = self.engine.device, len(prompts)
         padded, mask = left_pad(list(prompts), self.engine.end_ids[0] if self.engine.end_ids else 0,
                                  width=self.prompt_length)
+        # The new rows are built on the host and written with one copy per tensor: a server adds
+        # requests between steps, and per-slot writes would be a dozen small kernels per request.
+        slots = free[:count]
+        index = torch.tensor(slots, device=device)
+        rows = torch.full((count, self.length), self.engine.mask_id, dtype=torch.long)
+        rows[:, :self.prompt_length] = padded
+        self.x.index_copy_(0, index, rows.to(device))
+        self.undecided.index_fill_(0, index, True)
+        self.unwritten.index_fill_(0, index, False)
         if self.key_mask is None and not bool(mask.all()):
             self.key_mask = torch.ones(self.x.shape, dtype=torch.bool, device=device)
-        for slot, ids, keep in zip(free, padded, mask, strict=False):
-            self.x[slot, :self.prompt_length] = ids.to(device)
-            self.x[slot, self.prompt_length:] = self.engine.mask_id
-            self.undecided[slot] = True
-            self.unwritten[slot] = False
+        if self.key_mask is not None:
+            keep = torch.ones(count, self.length, dtype=torch.bool)
+            keep[:, :self.prompt_length] = mask
+            self.key_mask.index_copy_(0, index, keep.to(device))
+        callers = list(range(len(self.finished), len(self.finished) + count))
+        self.finished += [False] * count
+        self.row_steps += [0] * count
+        self.dropped += [False] * count
+        self.answers = torch.cat([self.answers, torch.full((count, self.gen_length), self.engine.mask_id)])
+        for slot, caller in zip(slots, callers, strict=True):
             self._needed[slot] = self.block_length
-            if self.key_mask is not None:
-                self.key_mask[slot, :self.prompt_length] = keep.to(device)
-                self.key_mask[slot, self.prompt_length:] = True
-            caller = len(self.finished)
-            self.finished.append(False)
-            self.row_steps.append(0)
-            self.dropped.append(False)
-            self.answers = torch.cat([self.answers, torch.full((1, self.gen_length), self.engine.mask_id)])
             self.row_ids[slot], self.row_block[slot], self.row_block_step[slot] = caller, 0, 0
             self.active[slot] = True
-            callers.append(caller)
         self.key_bias = self._bias(self.key_mask)
         return callers
 

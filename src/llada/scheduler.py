@@ -171,11 +171,18 @@ class Scheduler:
             if first.generator is None:
                 target = next((r for r in self.running if r.run.can_add(first.prompt, first.settings)), None)
                 if target is not None:
-                    row = target.run.add([first.prompt])[0]
-                    assert row == len(target.requests)  # rows are numbered in the order they join
-                    target.requests.append(first)
-                    first.started_at = time.monotonic()
-                    capacity -= 1
+                    # It and the requests right behind it that fit the same batch join in one ``add``.
+                    joining = [first]
+                    while (self.waiting and len(joining) < capacity and self.waiting[0].generator is None
+                           and target.run.can_add(self.waiting[0].prompt, self.waiting[0].settings)):
+                        joining.append(self.waiting.popleft())
+                    rows = target.run.add([r.prompt for r in joining])
+                    assert rows[0] == len(target.requests)  # rows are numbered in the order they join
+                    target.requests += joining
+                    now = time.monotonic()
+                    for request in joining:
+                        request.started_at = now
+                    capacity -= len(joining)
                     continue
             group = [first]
             # A request with its own random generator runs alone: its draws must not depend on others.
