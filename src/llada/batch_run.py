@@ -313,8 +313,8 @@ class BatchRun:
         return chosen, still_masked.any(1)
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Refresh some rows (a smaller batch, not captured as a graph: its shape varies) and copy their
-        keys/values into the batch's cache.
+        """Refresh some rows (a smaller batch, ``_refresh_some``) and copy their keys/values into the
+        batch's cache.
 
         Rows that keep their prompt (``keep_prompt``) bring their cached prompt keys/values along and
         query the answer only; the others query everything. Each kind is one pass."""
