@@ -237,3 +237,16 @@ def test_serve_builds_the_server_from_its_flags(checkpoint_dir: Path, monkeypatc
     assert "decodes with the engine" in capsys.readouterr().err
     assert main(["serve", "--model", str(checkpoint_dir), "--gen-length", "2048", "--max-gen-length", "1024"]) == 2
     assert "max_gen_length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    (["--prompt", "x", "--batch-size", "4"], "--batch-size go with --input"),
+    (["--prompt", "x", "--output", "out.jsonl", "--batch-size", "4"], "--output and --batch-size go with --input"),
+    (["--input", "in.jsonl", "--show-prompt"], "--show-prompt goes with --prompt"),
+])
+def test_generate_refuses_options_of_the_other_input_mode(options: list[str], error: str, checkpoint_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(checkpoint_dir), *options])
+    assert exit_info.value.code == 2
+    assert error in capsys.readouterr().err

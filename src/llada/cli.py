@@ -518,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--input", help='JSONL file of {"prompt": ...} or {"messages": [...]} lines to answer')
     gen.add_argument("--output", help="with --input: JSONL file to write (default: standard output)")
-    gen.add_argument("--batch-size", type=int, default=16, help="with --input: prompts decoded together (default 16)")
+    # None when not given, so that a value given with --prompt (where it means nothing) is refused.
+    gen.add_argument("--batch-size", type=int, help="with --input: prompts decoded together (default 16)")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
-    gen.add_argument("--show-prompt", action="store_true", help="print the prompt before the answer")
+    gen.add_argument("--show-prompt", action="store_true", help="with --prompt: print the prompt before the answer")
     _add_runtime(gen)
 
     chat = command("chat", "Interactive multi-turn chat; answers appear block by block.")
@@ -652,6 +653,16 @@ def _run_humaneval(argv: list[str]) -> int:
     return 0
 
 
+def _check_generate_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse options of the other input mode: silently ignoring them would hide a mistaken command."""
+    if args.prompt is not None:
+        given = [flag for flag, value in (("--output", args.output), ("--batch-size", args.batch_size)) if value is not None]
+        if given:
+            parser.error(f"{' and '.join(given)} go with --input (a JSONL file of prompts), not --prompt")
+    elif args.show_prompt:
+        parser.error("--show-prompt goes with --prompt; with --input every output line keeps its input line's fields")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "humaneval"]:
@@ -664,7 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return evaluate(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        _check_generate_options(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     sampling = {}
     if args.command in ("generate", "chat"):
@@ -672,8 +686,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "device": args.device, "dtype": args.dtype, "seed": args.seed, "compile": args.compile}
     try:
         if args.command == "generate" and args.input:
-            run_generate_file(input=args.input, output=args.output, batch_size=args.batch_size, chat=not args.no_chat,
-                              **sampling)
+            run_generate_file(input=args.input, output=args.output, batch_size=args.batch_size or 16,
+                              chat=not args.no_chat, **sampling)
         elif args.command == "generate":
             print(run_generate(prompt=args.prompt, chat=not args.no_chat, show_prompt=args.show_prompt, **sampling))
         elif args.command == "chat":
