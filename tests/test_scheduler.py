@@ -221,11 +221,11 @@ def test_an_idle_row_left_behind_does_not_disturb_the_rows_that_move_on(cache: s
 @pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0), replace(SETTINGS, keep_prompt=True),
                                       replace(SETTINGS, keep_prompt=True, cfg_scale=1.0),
                                       replace(SETTINGS, cache="prefix")])
-@pytest.mark.parametrize("token_limit", [4096, 40])
+@pytest.mark.parametrize("small_limit", [False, True])
 def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
-        settings: GenerationSettings, token_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        settings: GenerationSettings, small_limit: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows refreshed apart from their batch (joining it, moving to their next block) run as a captured
-    pass padded with copies of the first row; passes over ``CAPTURED_REFRESH_TOKENS`` run uncaptured at
+    pass padded with copies of the first row; passes over ``CAPTURED_REFRESH_FLOPS`` run uncaptured at
     their own size. Either way each row gets its single-prompt answer (a graph engine simulated on the
     CPU: its replays run plainly)."""
     from llada import batch_run
@@ -243,7 +243,10 @@ def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
         return function(*state, *inputs)
 
     engine.replay = replay
-    monkeypatch.setattr(batch_run, "CAPTURED_REFRESH_TOKENS", token_limit)
+    # The small limit: three rows of the 22 positions (prompt room 6, answer 16) fit, the four that
+    # three joining rows are padded to do not.
+    monkeypatch.setattr(batch_run, "CAPTURED_REFRESH_FLOPS", 3 * 22 * net.config.flops_per_token(22) if small_limit
+                        else batch_run.CAPTURED_REFRESH_FLOPS)
     sizes: list[tuple[int, int | None]] = []  # (rows refreshed, rows of the captured pass or None)
     captured_rows = batch_run.BatchRun._captured_refresh_rows
 
@@ -263,7 +266,7 @@ def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
     assert len(passes) == len(sizes)
     assert all(graph == (width is not None) and rows_in_pass == (width or rows)
                for (rows_in_pass, graph), (rows, width) in zip(passes, sizes))
-    if token_limit > 40:
+    if small_limit:
+        assert (3, None) in sizes and any(width is not None for _, width in sizes)  # smaller passes fit
+    else:
         assert (3, 4) in sizes and all(width is not None for _, width in sizes)
-    else:  # 3 rows (padded to 4) × 22 positions exceed 40 tokens: uncaptured, unpadded
-        assert (3, None) in sizes

@@ -32,11 +32,12 @@ from llada.kv_cache import KVCache, store_entries
 from llada.model import attention_bias
 from llada.sampling import num_transfer_tokens
 
-# Refreshes of some rows of a batch with at most this many query tokens (rows × positions, after
-# padding) are captured as CUDA graphs; longer ones run uncaptured. On the demo model every such pass
-# is launch-bound (a few hundred tokens); at the 8B shape one 768-token row takes ~15 ms of GPU time,
-# longer than launching its kernels, so capturing gains little there and padding rows would cost.
-CAPTURED_REFRESH_TOKENS = 4096
+# Refreshes of some rows of a batch of at most this many matmul FLOPs (after padding) are captured as
+# CUDA graphs; larger ones run uncaptured at their own size. 2 TFLOP take about 3 ms on an H100,
+# about as long as launching an uncaptured pass's kernels: below it a pass is launch-bound (the demo
+# model's: ~0.05 TFLOP for 32 rows), above it the GPU hides the launches and padding would cost real
+# work (the 8B model's 768-token row: 12 TFLOP), and its graphs would hold GBs of scratch cache.
+CAPTURED_REFRESH_FLOPS = 2e12
 
 
 class BatchRun:
@@ -352,12 +353,13 @@ class BatchRun:
     def _captured_refresh_rows(self, rows: int, queries: int) -> int | None:
         """Rows of a captured refresh of ``rows`` rows over ``queries`` positions: ``rows`` rounded up
         to a power of two (a few shapes to capture per batch), or None to run it uncaptured at its own
-        size — without CUDA graphs, and for passes of more than ``CAPTURED_REFRESH_TOKENS`` query
-        tokens, whose GPU time hides their kernel launches and whose padding would cost real work."""
+        size — without CUDA graphs, and for passes of more than ``CAPTURED_REFRESH_FLOPS``."""
         if not self.engine.cuda_graphs:
             return None
         width = min(1 << (rows - 1).bit_length(), self.x.shape[0])
-        return width if width * queries * (2 if self.guided else 1) <= CAPTURED_REFRESH_TOKENS else None
+        tokens = width * queries * (2 if self.guided else 1)
+        flops = tokens * self.engine.model.config.flops_per_token(self.length)
+        return width if flops <= CAPTURED_REFRESH_FLOPS else None
 
     def _refresh_pass(self, x: torch.Tensor, unwritten: torch.Tensor, index: torch.Tensor, logits_index: torch.Tensor,
                       key_bias: torch.Tensor | None, answer_only: bool) -> torch.Tensor:
