@@ -270,3 +270,30 @@ def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
         assert (3, None) in sizes and any(width is not None for _, width in sizes)  # smaller passes fit
     else:
         assert (3, 4) in sizes and all(width is not None for _, width in sizes)
+
+
+def test_a_batch_keeps_finished_rows_slots_while_requests_wait_to_join(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With requests waiting that fit a running batch, its finished rows' slots stay for them (no shrink
+    followed by growth); once nothing waits the batch shrinks as before. Answers stay the engine's own."""
+    from llada.batch_run import BatchRun
+
+    engine = Engine(model())
+    rows = prompts((3, 6, 4, 5, 7, 3, 5, 4, 6, 2), seed=9)
+    expected = [engine.generate([row], SETTINGS)[0].tokens for row in rows]
+    scheduler = Scheduler(engine, max_batch=4, prompt_bucket=8)
+    shrinks: list[int] = []  # waiting requests at each shrink
+    keep_rows = BatchRun._keep_rows
+
+    def recording(self, live):
+        shrinks.append(len(scheduler.waiting))
+        return keep_rows(self, live)
+
+    monkeypatch.setattr(BatchRun, "_keep_rows", recording)
+    requests = [scheduler.submit(row, SETTINGS) for row in rows]
+    batches = set()
+    while not scheduler.idle:
+        scheduler.step()
+        batches |= {id(running.run) for running in scheduler.running}
+    assert [r.result.tokens for r in requests] == expected
+    assert len(batches) == 1  # every request joined the first batch
+    assert all(waiting == 0 for waiting in shrinks) and shrinks  # shrunk only once the queue was empty

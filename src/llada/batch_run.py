@@ -5,8 +5,9 @@ step within it: with a confidence threshold a row whose block is decided moves o
 (and refreshes its cache rows) while others are still working on theirs, and a row whose answer is
 complete stops. A row can also be dropped between steps (its request was cancelled): it stops at once
 and gets no result. Finished and dropped rows stay in the batch, idle, until half of it is idle; then
-the batch shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph).
-Until then a new prompt can take an idle row's slot (``add``).
+the batch shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph),
+unless a scheduler holds the slots for waiting requests (``hold_slots``). Until then a new prompt can
+take an idle row's slot (``add``).
 
 Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
 all rows, otherwise as a smaller batch (on GPUs padded to a power of two and captured, when short)
@@ -100,6 +101,9 @@ class BatchRun:
         self._limits = torch.tensor([settings.threshold, settings.factor], dtype=torch.float32, device=device)
         self._set_rows(x, undecided, unwritten)
         self.done = False
+        # Keep finished rows' slots instead of shrinking: set by a scheduler whose waiting requests
+        # would take them at the next step (shrinking, then growing again, copies the whole cache twice).
+        self.hold_slots = False
 
     def _block_offsets(self) -> torch.Tensor:
         """(B, L) answer positions of each row's current block; idle rows point at the last block,
@@ -534,12 +538,13 @@ class BatchRun:
         self._settle()
 
     def _settle(self) -> None:
-        """After rows went idle: end the batch when none is decoding, shrink it once half of it is idle."""
+        """After rows went idle: end the batch when none is decoding, shrink it once half of it is idle
+        (unless ``hold_slots``)."""
         live = self._live()
         if not live:
             self.done = True
             self._release()
-        elif len(live) <= math.ceil(self.x.shape[0] / 2):
+        elif not self.hold_slots and len(live) <= math.ceil(self.x.shape[0] / 2):
             self._keep_rows(live)
 
     def _keep_rows(self, rows: list[int]) -> None:

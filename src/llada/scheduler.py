@@ -137,6 +137,8 @@ class Scheduler:
         self._admit()
         finished: list[Request] = []
         for running in list(self.running):
+            running.run.hold_slots = any(request.generator is None and running.run.can_add(request.prompt, request.settings)
+                                         for request in self.waiting)
             update = None
             if self.stream:
                 update = running.run.step()
