@@ -250,3 +250,11 @@ def test_generate_refuses_options_of_the_other_input_mode(options: list[str], er
         main(["generate", "--model", str(checkpoint_dir), *options])
     assert exit_info.value.code == 2
     assert error in capsys.readouterr().err
+
+
+def test_generate_refuses_a_batch_size_below_one(checkpoint_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    assert main(["generate", "--model", str(checkpoint_dir), "--input", str(prompts), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err

@@ -297,3 +297,69 @@ def test_a_batch_keeps_finished_rows_slots_while_requests_wait_to_join(monkeypat
     assert [r.result.tokens for r in requests] == expected
     assert len(batches) == 1  # every request joined the first batch
     assert all(waiting == 0 for waiting in shrinks) and shrinks  # shrunk only once the queue was empty
+
+
+def test_held_slots_are_let_go_once_no_request_waits_for_them() -> None:
+    """Rows that go idle while the batch holds their slots (a request was waiting) are dropped from the
+    batch at the next step once nothing waits any more (here: the waiting request and six running
+    ones are cancelled), so the batch does not compute idle rows for the rest of its life."""
+    settings = GenerationSettings(gen_length=32, block_length=4, policy="threshold", threshold=0.3)
+    engine = Engine(model())
+    rows = prompts((3, 4, 5, 6, 3, 5, 2, 7, 4), seed=11)
+    scheduler = Scheduler(engine, max_batch=8, prompt_bucket=8)
+    running = [scheduler.submit(row, settings) for row in rows[:8]]
+    scheduler.step()
+    waiting = scheduler.submit(rows[8], settings)  # no capacity left: it waits
+    scheduler.step()
+    assert scheduler.running[0].run.hold_slots
+    for request in [*running[2:], waiting]:
+        scheduler.cancel(request)
+    scheduler.step()
+    if scheduler.running:
+        run = scheduler.running[0].run
+        assert not run.hold_slots and run.x.shape[0] <= 2 * len(run._live())
+    scheduler.run_until_idle()
+    assert [r.result.tokens for r in running[:2]] == [engine.generate([row], settings)[0].tokens for row in rows[:2]]
+
+
+def test_only_the_batch_the_next_request_joins_holds_its_slots() -> None:
+    """With two running batches that could both take the queue's head, the scheduler gives freed slots
+    to the first (FIFO admission): only that one holds its idle rows."""
+    engine = Engine(model())
+    scheduler = Scheduler(engine, max_batch=4, prompt_bucket=8)
+    first = scheduler.submit(prompts((3,), seed=1)[0], SETTINGS)
+    scheduler.step()  # batch A, prompt room 8
+    scheduler.submit(prompts((12,), seed=2)[0], SETTINGS)  # too long for A: batch B, room 16
+    scheduler.step()
+    for prompt in prompts((3, 3, 3), seed=3):  # fit both batches; A (first in line) takes the two free rows
+        scheduler.submit(prompt, SETTINGS)
+    scheduler.step()
+    assert len(scheduler.waiting) == 1 and len(scheduler.running) == 2
+    assert [r.run.hold_slots for r in scheduler.running] == [True, False]
+    scheduler.run_until_idle()
+    assert first.result.tokens == engine.generate([first.prompt], SETTINGS)[0].tokens
+
+
+def test_a_prefix_cache_batch_takes_no_new_row_once_its_rows_left_their_first_block() -> None:
+    """Prefix-cache steps query from the rows' earliest block on: a row joining at block 0 would have
+    the others' decided blocks recomputed. Such a batch refuses new rows; the scheduler starts a new
+    batch for them, and every answer stays the single-prompt one."""
+    settings = replace(SETTINGS, cache="prefix")
+    engine = Engine(model())
+    rows = prompts((3, 4), seed=5)
+    run = engine.start(rows[:1], settings, prompt_room=6)
+    assert run.can_add(rows[1], settings)  # every row still in its first block
+    while run.row_block[0] == 0:
+        run.advance()
+    assert not run.can_add(rows[1], settings)
+    with pytest.raises(ValueError, match="prefix-cache rows have left their first block"):
+        run.add(rows[1:])
+    scheduler = Scheduler(engine, prompt_bucket=8)
+    requests = [scheduler.submit(rows[0], settings)]
+    while scheduler.running[0].run.row_block[0] == 0 if scheduler.running else not requests[0].done:
+        scheduler.step()
+    requests.append(scheduler.submit(rows[1], settings))
+    scheduler.step()
+    assert len(scheduler.running) == 2  # a batch of its own
+    scheduler.run_until_idle()
+    assert [r.result.tokens for r in requests] == [engine.generate([row], settings)[0].tokens for row in rows]

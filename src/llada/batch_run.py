@@ -408,6 +408,7 @@ class BatchRun:
     def _step(self, report: bool) -> StepUpdate | None:
         """One step; the ``StepUpdate`` only when ``report`` (it costs device-to-host copies)."""
         settings, engine = self.settings, self.engine
+        self._shrink_if_idle(self._live())
         batch = self.x.shape[0]
         live = self._live()
         offsets = self._block_offsets()  # (B, L) answer positions
@@ -538,13 +539,19 @@ class BatchRun:
         self._settle()
 
     def _settle(self) -> None:
-        """After rows went idle: end the batch when none is decoding, shrink it once half of it is idle
-        (unless ``hold_slots``)."""
+        """After rows went idle: end the batch when none is decoding, else ``_shrink_if_idle``."""
         live = self._live()
         if not live:
             self.done = True
             self._release()
-        elif not self.hold_slots and len(live) <= math.ceil(self.x.shape[0] / 2):
+        else:
+            self._shrink_if_idle(live)
+
+    def _shrink_if_idle(self, live: list[int]) -> None:
+        """Shrink the batch to its ``live`` rows once half of it is idle, unless ``hold_slots``. Also run
+        before every step: rows that went idle while the slots were held are let go once they are not."""
+        batch = self.x.shape[0]
+        if not self.hold_slots and len(live) < batch and len(live) <= math.ceil(batch / 2):
             self._keep_rows(live)
 
     def _keep_rows(self, rows: list[int]) -> None:
@@ -565,9 +572,13 @@ class BatchRun:
     # --- joining ----------------------------------------------------------------------------------
 
     def can_add(self, prompt: Sequence[int], settings: GenerationSettings) -> bool:
-        """Whether a new prompt can join this batch: same settings, no private generator, prompt fits."""
+        """Whether a new prompt can join this batch: same settings, no private generator, prompt fits,
+        and, with the prefix cache, every row still in its first block (prefix-cache steps query from
+        the rows' earliest block on: a row joining at block 0 would have the others' decided blocks
+        recomputed, changing their answers)."""
         return (not self.done and settings == self.settings and self.generator is None
-                and 0 < len(prompt) <= self.prompt_length)
+                and 0 < len(prompt) <= self.prompt_length
+                and (settings.cache != "prefix" or all(self.row_block[r] == 0 for r in self._live())))
 
     @torch.no_grad()
     def add(self, prompts: Sequence[Sequence[int]]) -> list[int]:
@@ -580,7 +591,8 @@ class BatchRun:
         for prompt in prompts:
             if not self.can_add(prompt, self.settings):
                 raise ValueError(f"a prompt of {len(prompt)} tokens cannot join this batch (prompt room "
-                                 f"{self.prompt_length}, or the batch is done)")
+                                 f"{self.prompt_length}; or the batch is done, or its prefix-cache rows have left "
+                                 f"their first block)")
         free = [r for r in range(self.x.shape[0]) if not self.active[r]]
         if len(free) < len(prompts):
             self._grow(self.x.shape[0] + len(prompts) - len(free))

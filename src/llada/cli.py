@@ -686,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "device": args.device, "dtype": args.dtype, "seed": args.seed, "compile": args.compile}
     try:
         if args.command == "generate" and args.input:
-            run_generate_file(input=args.input, output=args.output, batch_size=args.batch_size or 16,
+            run_generate_file(input=args.input, output=args.output, batch_size=16 if args.batch_size is None else args.batch_size,
                               chat=not args.no_chat, **sampling)
         elif args.command == "generate":
             print(run_generate(prompt=args.prompt, chat=not args.no_chat, show_prompt=args.show_prompt, **sampling))

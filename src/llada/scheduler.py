@@ -136,9 +136,13 @@ class Scheduler:
         """Admit what fits, advance every running batch by one step; return the requests that finished."""
         self._admit()
         finished: list[Request] = []
+        # Slots freed by this step go first to the head of the queue (FIFO): only the batch it would
+        # join keeps its finished rows' slots instead of shrinking (``BatchRun.hold_slots``).
+        head = self.waiting[0] if self.waiting else None
+        joins = None if head is None or head.generator is not None else next(
+            (running for running in self.running if running.run.can_add(head.prompt, head.settings)), None)
         for running in list(self.running):
-            running.run.hold_slots = any(request.generator is None and running.run.can_add(request.prompt, request.settings)
-                                         for request in self.waiting)
+            running.run.hold_slots = running is joins
             update = None
             if self.stream:
                 update = running.run.step()
