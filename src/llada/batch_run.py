@@ -408,7 +408,7 @@ class BatchRun:
     def _step(self, report: bool) -> StepUpdate | None:
         """One step; the ``StepUpdate`` only when ``report`` (it costs device-to-host copies)."""
         settings, engine = self.settings, self.engine
-        self._shrink_if_idle(self._live())
+        self._shrink_if_idle(self._live())  # rows left idle while their slots were held
         batch = self.x.shape[0]
         live = self._live()
         offsets = self._block_offsets()  # (B, L) answer positions
