@@ -7,7 +7,7 @@ complete stops. A row can also be dropped between steps (its request was cancell
 and gets no result. Finished and dropped rows stay in the batch, idle, until half of it is idle; then
 the batch shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph),
 unless a scheduler holds the slots for waiting requests (``hold_slots``). Until then a new prompt can
-take an idle row's slot (``add``).
+take an idle row's slot (``add``; with the prefix cache only while every row is in its first block).
 
 Per step: rows that start a block (or are due a refresh) are refreshed — all together when they are
 all rows, otherwise as a smaller batch (on GPUs padded to a power of two and captured, when short)

@@ -24,7 +24,8 @@ the rows still decoding once half of it is done.
 can interleave many runs and let requests join and leave between steps (``scheduler.py``).
 
 On CUDA each forward pass of a given shape is captured once as a CUDA graph (optionally of a
-``torch.compile``d function) and replayed; a greedy block step is captured whole, forward pass and
+``torch.compile``d function) and replayed (refreshes of some rows of a batch only when short:
+``batch_run.CAPTURED_REFRESH_FLOPS``); a greedy block step is captured whole, forward pass and
 commits (``Engine.replay`` over the cache's state tensors), so that it costs one graph launch, with
 no host synchronisation except where the policy needs a count.
 """

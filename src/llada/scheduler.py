@@ -8,9 +8,11 @@ synchronous and single-threaded on purpose: a server calls ``step()`` from one w
 hands updates to its clients; nothing here blocks except the GPU work of one step.
 
 Continuous batching: a waiting request joins a running batch with the same settings when its prompt
-fits the batch's prompt room (prompts are left-padded to a multiple of ``prompt_bucket``), taking the
-slot of a finished row or growing the batch; it then shares every forward pass with the rows already
-decoding. Otherwise it starts a new batch, advanced in the same ``step()`` calls. A cancelled
+fits the batch's prompt room (prompts are left-padded to a multiple of ``prompt_bucket``) and, with
+the prefix cache, every row is still in its first block, taking the slot of a finished row or
+growing the batch; it then shares every forward pass with the rows already decoding. The batch the
+queue's head would join keeps finished rows' slots for it (``BatchRun.hold_slots``) instead of
+shrinking. Otherwise it starts a new batch, advanced in the same ``step()`` calls. A cancelled
 request's row leaves its batch at once (``BatchRun.drop``), so it costs no more compute and its slot
 can take a waiting request.
 """
