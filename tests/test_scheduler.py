@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -363,3 +364,49 @@ def test_a_prefix_cache_batch_takes_no_new_row_once_its_rows_left_their_first_bl
     assert len(scheduler.running) == 2  # a batch of its own
     scheduler.run_until_idle()
     assert [r.result.tokens for r in requests] == [engine.generate([row], settings)[0].tokens for row in rows]
+
+
+def graph_engine_on_the_cpu(net) -> Engine:
+    """An engine that takes the graph engines' paths (padded, captured refreshes of some rows) while
+    its replays run plainly on the CPU."""
+    engine = Engine(net)
+    engine.cuda_graphs = True
+    engine.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
+    return engine
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0, keep_prompt=True),
+                                      replace(SETTINGS, reuse_decided=True), replace(SETTINGS, cache="prefix"),
+                                      replace(SETTINGS, policy="fixed", steps=8, refresh_every=1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_joins_and_drops_leave_every_answer_as_decoded_alone(settings: GenerationSettings, seed: int) -> None:
+    """A random schedule of rows joining (when the batch can take them), rows dropped and slots held,
+    on a graph engine's paths: every row that finishes has its single-prompt answer."""
+    rng = random.Random(seed)
+    net = model()
+    plain = Engine(net)
+    engine = graph_engine_on_the_cpu(net)
+    room = 7
+    rows = prompts(tuple(rng.randint(1, room) for _ in range(rng.randint(1, 5))), seed=seed)
+    run = engine.start(rows, settings, prompt_room=room)
+    dropped: set[int] = set()
+    for step in range(200):
+        if run.done:
+            break
+        run.hold_slots = rng.random() < 0.5
+        action = rng.random()
+        if action < 0.3 and step < 20:
+            joining = prompts(tuple(rng.randint(1, room) for _ in range(rng.randint(1, 4))), seed=100 * seed + step)
+            if run.can_add(joining[0], settings):
+                assert run.add(joining) == list(range(len(rows), len(rows) + len(joining)))
+                rows += joining
+        elif action < 0.4:
+            live = [r for r in range(len(rows)) if not run.finished[r] and not run.dropped[r]]
+            if live:
+                victim = rng.choice(live)
+                dropped.add(victim)
+                run.drop(victim)
+        run.advance()
+    assert run.done
+    kept = [r for r in range(len(rows)) if r not in dropped]
+    assert [run.result(r).tokens for r in kept] == [plain.generate([rows[r]], settings)[0].tokens for r in kept]
