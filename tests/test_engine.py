@@ -38,6 +38,15 @@ def prompts(lengths=(5, 5, 5), seed=0) -> list[list[int]]:
     return [torch.randint(0, 400, (n,), generator=generator).tolist() for n in lengths]
 
 
+def graph_engine_on_the_cpu(net, **options) -> Engine:
+    """An engine that takes the graph engines' paths (whole captured steps, padded refreshes of some
+    rows) while its replays run plainly on the CPU."""
+    engine = Engine(net, **options)
+    engine.cuda_graphs = True
+    engine.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
+    return engine
+
+
 def answers(results) -> torch.Tensor:
     return torch.stack([r.answer for r in results])
 
@@ -236,9 +245,7 @@ def test_reuse_decided_with_sampling_apart_from_the_pass_matches_whole_steps(ove
     settings = GenerationSettings(**{"gen_length": 16, "block_length": 8, "policy": "threshold", "threshold": 0.3,
                                      "reuse_decided": True, **overrides})
     whole = Engine(net).generate(rows, settings, generator=torch.Generator().manual_seed(0))
-    apart = Engine(net, capture_sampling=False)
-    apart.cuda_graphs = True
-    apart.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
+    apart = graph_engine_on_the_cpu(net, capture_sampling=False)
     keys = []
     forward = apart.replay
     apart.replay = lambda key, *args, **kwargs: keys.append(key[0]) or forward(key, *args, **kwargs)

@@ -6,7 +6,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from test_engine import model, prompts
+from test_engine import graph_engine_on_the_cpu, model, prompts
 
 from llada.engine import Engine, GenerationSettings
 from llada.scheduler import Request, Scheduler, SchedulerFull
@@ -234,14 +234,14 @@ def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
     net = model()
     rows = prompts((3, 4, 2, 5, 4, 3), seed=8)
     expected = [Engine(net).generate([row], settings)[0].tokens for row in rows]
-    engine = Engine(net)
-    engine.cuda_graphs = True
+    engine = graph_engine_on_the_cpu(net)
     passes: list[tuple[int, bool]] = []  # (rows in the pass, captured) of every refresh of some rows
+    plain_replay = engine.replay
 
     def replay(key, cache, function, inputs, state=(), graph=True):
         if key[0] == "refresh rows":
             passes.append((len(inputs[0]), graph))
-        return function(*state, *inputs)
+        return plain_replay(key, cache, function, inputs, state, graph)
 
     engine.replay = replay
     # The small limit: three rows of the 22 positions (prompt room 6, answer 16) fit, the four that
@@ -364,15 +364,6 @@ def test_a_prefix_cache_batch_takes_no_new_row_once_its_rows_left_their_first_bl
     assert len(scheduler.running) == 2  # a batch of its own
     scheduler.run_until_idle()
     assert [r.result.tokens for r in requests] == [engine.generate([row], settings)[0].tokens for row in rows]
-
-
-def graph_engine_on_the_cpu(net) -> Engine:
-    """An engine that takes the graph engines' paths (padded, captured refreshes of some rows) while
-    its replays run plainly on the CPU."""
-    engine = Engine(net)
-    engine.cuda_graphs = True
-    engine.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
-    return engine
 
 
 @pytest.mark.parametrize("settings", [SETTINGS, replace(SETTINGS, cfg_scale=1.0, keep_prompt=True),
