@@ -153,10 +153,9 @@ class BatchRun:
         """The rows still decoding (the others are idle slots)."""
         return [r for r in range(self.x.shape[0]) if self.active[r]]
 
-    def _model_row_index(self, rows: list[int]) -> torch.Tensor:
-        batch = self.x.shape[0]
-        index = rows + [r + batch for r in rows] if self.guided else rows
-        return torch.tensor(index, device=self.engine.device)
+    def _model_row_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """The model's rows of batch rows ``rows``: with guidance, their unconditional copies follow."""
+        return torch.cat([rows, rows + self.x.shape[0]]) if self.guided else rows
 
     # --- one step ---------------------------------------------------------------------------------
 
@@ -371,8 +370,7 @@ class BatchRun:
         own, whose entries are then written into the batch's cache. Rows that keep their prompt
         (``answer_only``) bring their cached prompt keys/values along and query the answer only.
         Like ``_block_step`` it touches only its arguments, the model and the cache (capturable)."""
-        batch = x.shape[0]
-        model_rows = torch.cat([index, index + batch]) if self.guided else index
+        model_rows = self._model_row_index(index)
         start = self.prompt_length if answer_only else 0
         tokens = self._model_rows(x.index_select(0, index)[:, start:])
         # Every entry of this cache is written before it is read: the prompt's copied (answer_only)
@@ -556,7 +554,7 @@ class BatchRun:
 
     def _keep_rows(self, rows: list[int]) -> None:
         keep = torch.tensor(rows, device=self.engine.device)
-        old, model_rows = self.cache, self._model_row_index(rows)
+        old, model_rows = self.cache, self._model_row_index(keep)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, keep)
         self.row_ids = [self.row_ids[r] for r in rows]

@@ -140,9 +140,7 @@ class Scheduler:
         finished: list[Request] = []
         # Slots freed by this step go first to the head of the queue (FIFO): only the batch it would
         # join keeps its finished rows' slots instead of shrinking (``BatchRun.hold_slots``).
-        head = self.waiting[0] if self.waiting else None
-        joins = None if head is None or head.generator is not None else next(
-            (running for running in self.running if running.run.can_add(head.prompt, head.settings)), None)
+        joins = self._batch_for(self.waiting[0]) if self.waiting else None
         for running in list(self.running):
             running.run.hold_slots = running is joins
             update = None
@@ -170,40 +168,42 @@ class Scheduler:
         while not self.idle:
             self.step()
 
+    def _batch_for(self, request: Request) -> _Running | None:
+        """The running batch ``request`` would join (the first that can take it); None when it has its own
+        random generator (it then runs alone) or no batch can take it."""
+        if request.generator is not None:
+            return None
+        return next((running for running in self.running if running.run.can_add(request.prompt, request.settings)),
+                    None)
+
     def _admit(self) -> None:
         """Admit waiting requests FIFO: into a running batch that can take them, else as a new batch
         (grouping consecutive requests with equal settings)."""
         capacity = self.max_batch - self.active_rows
         while self.waiting and capacity > 0:
             first = self.waiting.popleft()
-            if first.generator is None:
-                target = next((r for r in self.running if r.run.can_add(first.prompt, first.settings)), None)
-                if target is not None:
-                    # It and the requests right behind it that fit the same batch join in one ``add``.
-                    joining = [first]
-                    while (self.waiting and len(joining) < capacity and self.waiting[0].generator is None
-                           and target.run.can_add(self.waiting[0].prompt, self.waiting[0].settings)):
-                        joining.append(self.waiting.popleft())
-                    rows = target.run.add([r.prompt for r in joining])
-                    assert rows[0] == len(target.requests)  # rows are numbered in the order they join
-                    target.requests += joining
-                    now = time.monotonic()
-                    for request in joining:
-                        request.started_at = now
-                    capacity -= len(joining)
-                    continue
+            target = self._batch_for(first)
             group = [first]
-            # A request with its own random generator runs alone: its draws must not depend on others.
-            while (first.generator is None and self.waiting and len(group) < capacity
-                   and self.waiting[0].settings == first.settings and self.waiting[0].generator is None):
-                group.append(self.waiting.popleft())
-            longest = max(len(r.prompt) for r in group)
-            room = -(-longest // self.prompt_bucket) * self.prompt_bucket
-            limit = self.engine.model.config.max_sequence_length - first.settings.gen_length
-            run = self.engine.start([r.prompt for r in group], first.settings, first.generator,
-                                    prompt_room=max(longest, min(room, limit)))
+            if target is not None:
+                # It and the requests right behind it that fit the same batch join in one ``add``.
+                while (self.waiting and len(group) < capacity and self.waiting[0].generator is None
+                       and target.run.can_add(self.waiting[0].prompt, self.waiting[0].settings)):
+                    group.append(self.waiting.popleft())
+                rows = target.run.add([r.prompt for r in group])
+                assert rows[0] == len(target.requests)  # rows are numbered in the order they join
+                target.requests += group
+            else:
+                # A request with its own random generator runs alone: its draws must not depend on others.
+                while (first.generator is None and self.waiting and len(group) < capacity
+                       and self.waiting[0].settings == first.settings and self.waiting[0].generator is None):
+                    group.append(self.waiting.popleft())
+                longest = max(len(r.prompt) for r in group)
+                room = -(-longest // self.prompt_bucket) * self.prompt_bucket
+                limit = self.engine.model.config.max_sequence_length - first.settings.gen_length
+                run = self.engine.start([r.prompt for r in group], first.settings, first.generator,
+                                        prompt_room=max(longest, min(room, limit)))
+                self.running.append(_Running(run, group))
             now = time.monotonic()
             for request in group:
                 request.started_at = now
-            self.running.append(_Running(run, group))
             capacity -= len(group)
