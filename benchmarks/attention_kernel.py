@@ -9,7 +9,8 @@ calls (so launch overhead is the graph's, as in a compiled block step), in µs p
 ``--sweep`` times the kernel with its tile of keys (``BLOCK_KEYS``) and the number of parts the cache
 is split into varied: the parts follow from a pretended multiprocessor count, a multiple (0: no
 splitting) of the card's real one. ``--warps``/``--stages`` add the attending kernel's warps and
-software-pipeline stages to the sweep (default: the module's).
+software-pipeline stages to the sweep (default: the module's); ``--shapes`` picks the batch sizes
+and cache lengths.
 
     PYTHONPATH=src python benchmarks/attention_kernel.py --out benchmarks/results/engine/attention_kernel_h200.json
     PYTHONPATH=src python benchmarks/attention_kernel.py --sweep --out benchmarks/results/engine/attention_kernel_sweep_h200.json
@@ -117,10 +118,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--warps", default=str(block_attention.WARPS), help="--sweep: comma-separated warp counts")
     parser.add_argument("--stages", default=str(block_attention.STAGES), help="--sweep: comma-separated stage counts")
+    parser.add_argument("--shapes", default="1x768,1x2048,4x768",
+                        help="--sweep: comma-separated BATCHxCACHE shapes (batch rows x cached keys)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.sweep:
-        rows = sweep([(1, 768), (1, 2048), (4, 768)], [int(w) for w in args.warps.split(",")],
+        try:
+            shapes = [(int(b), int(n)) for b, n in (shape.split("x") for shape in args.shapes.split(","))]
+        except ValueError:
+            parser.error(f"--shapes takes BATCHxCACHE pairs such as 1x768,32x768, got {args.shapes!r}")
+        rows = sweep(shapes, [int(w) for w in args.warps.split(",")],
                      [int(n) for n in args.stages.split(",")])
     else:
         rows = compare([(1, 768), (1, 2048), (1, 4096), (32, 768), (8, 768)])
