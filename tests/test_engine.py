@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from llada.batch_run import BatchRun
+from llada.batch_run import BatchRun, _decided_through_end
 from llada.decoding import select
 from llada.engine import Engine, GenerationSettings
 from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in, store_entries
@@ -478,6 +478,20 @@ def test_early_stop_never_cuts_a_non_end_token() -> None:
     assert all((r.answer != net.config.mask_token_id).all() for r in stopped)  # the rest is filled in
 
 
+def test_complete_answers_against_their_definition() -> None:
+    """An answer is complete when some decided end token (either id) has every position before it
+    decided; checked against that definition, position by position, on random rows."""
+    generator = torch.Generator().manual_seed(0)
+    answer = torch.randint(0, 6, (400, 7), generator=generator)  # ids 4 and 5 end the text
+    undecided = torch.rand(400, 7, generator=generator) < 0.3
+    expected = [any(answer[b, i] in (4, 5) and not undecided[b, i] and not undecided[b, :i].any() for i in range(7))
+                for b in range(400)]
+    assert _decided_through_end(answer, undecided, (4, 5)).tolist() == expected
+    assert 40 < sum(expected) < 360  # both outcomes well represented
+    assert _decided_through_end(answer, undecided, (4,)).tolist() == [
+        any(answer[b, i] == 4 and not undecided[b, :i + 1].any() for i in range(7)) for b in range(400)]
+
+
 def test_policies_against_their_definitions() -> None:
     confidence = torch.tensor([[0.95, 0.5, 0.97, 0.2], [0.1, 0.3, 0.2, 0.05]])
     masked = torch.tensor([[True, True, True, True], [True, False, True, True]])
@@ -648,8 +662,9 @@ def test_a_stream_left_early_gives_its_cache_back() -> None:
 
 def test_block_steps_of_any_threshold_or_factor_share_their_graph_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """Threshold and factor are inputs of a captured block step (clients choose them per request), so
-    batches that differ only in them replay the same graphs on a pooled cache; other settings that a
-    block step never reads (early stop, refresh_every) do not split the keys either."""
+    batches that differ only in them replay the same graphs on a pooled cache; refresh_every, which a
+    block step never reads, does not split the keys either. Early stop does: the step itself tells
+    which answers are complete."""
     keys: list[tuple] = []
     original = Engine.replay
 
@@ -663,10 +678,12 @@ def test_block_steps_of_any_threshold_or_factor_share_their_graph_keys(monkeypat
     seen = []
     for settings in (GenerationSettings(gen_length=16, block_length=8, threshold=0.3),
                      GenerationSettings(gen_length=16, block_length=8, threshold=0.6, refresh_every=5),
-                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=0.5, early_stop=False),
-                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=2.0)):
+                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=0.5),
+                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=2.0),
+                     GenerationSettings(gen_length=16, block_length=8, policy="factor", factor=2.0, early_stop=False)):
         keys.clear()
         engine.generate(rows, settings)
         seen.append({key for key in keys if key[0] == "block step"})
     assert len(seen[0]) == 1 and seen[0] == seen[1]
     assert len(seen[2]) == 1 and seen[2] == seen[3] and seen[0] != seen[2]  # another policy: another graph
+    assert len(seen[4]) == 1 and seen[4] != seen[3]

@@ -226,7 +226,7 @@ class BatchRun:
     def _block_step(self, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
                     key_bias: torch.Tensor | None, limits: torch.Tensor, count: int | torch.Tensor,
                     start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole block step of every row, from the tokens to the commits (``_commit``).
+        """A whole block step of every row, from the tokens to the commits (``_commit``'s results).
 
         It reads and writes only its arguments, the model and the cache (no tensor of this run), so
         that one CUDA graph of it serves every batch of this shape and settings that holds the cache.
@@ -245,11 +245,11 @@ class BatchRun:
         """``_block_step`` of ``reuse_decided``: each row queries ``width`` positions of its block, first
         those still undecided or unwritten, then (padding) others, which keep their cached keys/values.
 
-        Returns ``chosen`` (B, W), the queried answer positions (B, W) and ``pending`` (B,).
+        Returns ``chosen`` (B, W), the queried answer positions (B, W) and the rows' ``progress`` (2, B).
         """
         logits, queried, columns = self._sparse_logits(x, undecided, unwritten, offsets, key_bias, width)
-        chosen, pending = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten, columns)
-        return chosen, queried, pending
+        chosen, progress = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten, columns)
+        return chosen, queried, progress
 
     def _sparse_logits(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor, offsets: torch.Tensor,
                        key_bias: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,8 +291,11 @@ class BatchRun:
         mark them in ``unwritten``).
 
         ``limits``: the policy's threshold and factor, as on the device (``_limits``). Returns
-        ``chosen`` (B, N), the positions committed, and ``pending`` (B,), rows with undecided
-        positions left among ``offsets``."""
+        ``chosen`` (B, N), the positions committed, and ``progress`` (2, B) bool: ``[0]`` rows with
+        undecided positions left among ``offsets`` (pending), ``[1]`` rows whose answer is complete
+        (``_decided_through_end``; all False without ``early_stop``). Both come from the step itself,
+        inside its CUDA graph, so that the host reads one small tensor per step instead of running a
+        dozen small kernels and another read-back when rows finish their block."""
         settings, engine = self.settings, self.engine
         answer = x[:, self.prompt_length:]  # a view: scattering into it writes x
         current = answer.gather(1, offsets)
@@ -314,7 +317,10 @@ class BatchRun:
         undecided.scatter_(1, offsets, still_masked)
         if unwritten is not None:  # their cached keys/values were computed from the mask
             unwritten.scatter_(1, offsets, unwritten.gather(1, offsets) | chosen)
-        return chosen, still_masked.any(1)
+        pending = still_masked.any(1)
+        complete = (_decided_through_end(answer, undecided, engine.end_ids) if settings.early_stop
+                    else torch.zeros_like(pending))
+        return chosen, torch.stack([pending, complete])
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
         """Refresh some rows (a smaller batch, ``_refresh_some``) and copy their keys/values into the
@@ -414,7 +420,7 @@ class BatchRun:
                    or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
         count = self._counts(live)
         # Greedy block steps (no random numbers, one count for all rows) run as one CUDA graph from the
-        # tokens to the commits: the host only launches it (and, for a threshold, reads ``pending``).
+        # tokens to the commits: the host only launches it (and, for a threshold, reads ``progress``).
         whole = not refresh and (not engine.cuda_graphs or (
             engine.capture_sampling and settings.temperature == 0 and settings.remasking == "low_confidence"
             and isinstance(count, int)))
@@ -423,38 +429,38 @@ class BatchRun:
         layout = self._layout()
         if whole:
             # Threshold and factor are inputs of the graph (clients choose them per request); the key
-            # holds what the graph bakes in.
-            baked = replace(settings, threshold=0.0, factor=1.0, steps=None, refresh_every=0, keep_prompt=False,
-                            early_stop=False)
+            # holds what the graph bakes in (early_stop too: the step tells which answers are complete).
+            baked = replace(settings, threshold=0.0, factor=1.0, steps=None, refresh_every=0, keep_prompt=False)
             key = (*layout, baked, count)
             inputs = [self.key_bias, self._limits]
             if settings.reuse_decided:
                 width = self._sparse_width(live)
                 step = functools.partial(self._sparse_block_step, count=count, width=width)
-                chosen, committed_at, pending = engine.replay(("sparse block step", *key, width), self.cache, step,
+                chosen, committed_at, progress = engine.replay(("sparse block step", *key, width), self.cache, step,
                                                               inputs, state=[self.x, self.undecided, self.unwritten,
                                                                              offsets])
             else:
                 start = self._query_start(live)
                 step = functools.partial(self._block_step, count=count, start=start)
-                chosen, pending = engine.replay(("block step", *key, start), self.cache, step, inputs,
+                chosen, progress = engine.replay(("block step", *key, start), self.cache, step, inputs,
                                                 state=[self.x, self.undecided, offsets])
         elif settings.reuse_decided and not refresh:  # sampling apart from the (captured) forward pass
             width = self._sparse_width(live)
             logits, committed_at, columns = engine.replay(
                 ("sparse block pass", *layout, self.guided, width), self.cache, functools.partial(self._sparse_logits, width=width), [self.key_bias],
                 state=[self.x, self.undecided, self.unwritten, offsets])
-            chosen, pending = self._commit(self._guide(logits), self.x, self.undecided, committed_at, self._limits,
+            chosen, progress = self._commit(self._guide(logits), self.x, self.undecided, committed_at, self._limits,
                                            count, unwritten, columns)
         else:
-            chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
+            chosen, progress = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
                                            self._limits, count, unwritten)
-        pending_rows: list[bool] | None = None  # read back from ``pending`` when needed
+        pending_rows: list[bool] | None = None  # read back from ``progress`` when needed
+        complete_rows: list[bool] | None = None
         if settings.reuse_decided and self.schedule is not None:
             self._needed = self._needed_by_schedule(live)  # known on the host: no read-back
         elif settings.reuse_decided:  # one read-back for the policy and for the next step's queries
             needed = _needed(self.undecided, self.unwritten, offsets).sum(1)
-            pending_rows, self._needed = torch.stack([pending.long(), needed]).tolist()
+            pending_rows, complete_rows, self._needed = torch.cat([progress.long(), needed[None]]).tolist()
         answer = self.x[:, self.prompt_length:]
         self.steps += 1
         for r in live:
@@ -472,14 +478,16 @@ class BatchRun:
             block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
         else:
             if pending_rows is None:
-                pending_rows = pending.tolist()  # the policy's one host synchronisation
+                pending_rows, complete_rows = progress.tolist()  # the policy's one host synchronisation
             block_done = [r for r in live if not pending_rows[r]]
             if settings.cache == "prefix" and len(block_done) < len(live):
                 # The prefix cache keeps rows in step: its query starts at one block for all rows,
                 # so a row that moved ahead would see its own blocks recomputed (batch-dependent).
                 block_done = []
         if block_done:
-            self._finish_blocks(block_done)
+            if complete_rows is None:  # the fixed policy reads back only when a block ends
+                complete_rows = progress[1].tolist()
+            self._finish_blocks(block_done, complete_rows)
         if not report:
             return None
         blocks_now = [self.num_blocks] * len(self.finished)
@@ -508,29 +516,27 @@ class BatchRun:
         live_counts = {counts[r] for r in live}  # idle rows have nothing undecided: any count does for them
         return live_counts.pop() if len(live_counts) == 1 else torch.tensor(counts, device=self.engine.device)
 
-    def _finish_blocks(self, rows: list[int]) -> None:
-        """Move rows to their next block; rows whose answer is complete finish."""
+    def _finish_blocks(self, rows: list[int], complete: list[bool]) -> None:
+        """Move rows to their next block; rows at the last block's end, or (``early_stop``) whose
+        answer is ``complete`` (per slot, from the step's ``progress``), finish."""
         for r in rows:
             self.row_block[r] += 1
             self.row_block_step[r] = 0
-        answer = self.x[:, self.prompt_length:]
-        index = torch.tensor(rows, device=self.engine.device)
-        ended = [self.row_block[r] == self.num_blocks for r in rows]
-        if self.settings.early_stop:
-            complete = _decided_through_end(answer[index], self.undecided[index], self.engine.end_ids).tolist()
-            ended = [a or b for a, b in zip(ended, complete)]
-        done = [r for r, end in zip(rows, ended) if end]
+        done = [r for r in rows if self.row_block[r] == self.num_blocks or complete[r]]
         if not done:
             return
-        # Finished rows: fill what is left with end-of-text, hand them back, and leave them idle.
-        done_index = torch.tensor(done, device=self.engine.device)
+        # Finished rows: fill what is left with end-of-text, hand them back, and leave them idle
+        # (masked writes over the whole batch: a few kernels however many rows finish).
+        answer = self.x[:, self.prompt_length:]
+        finishing = torch.zeros(self.x.shape[0], 1, dtype=torch.bool)
+        finishing[done] = True
+        finishing = finishing.to(self.engine.device)
         if self.engine.end_ids:
-            filled = answer[done_index].masked_fill(self.undecided[done_index], self.engine.end_ids[0])
-            answer[done_index] = filled
-        self.undecided[done_index] = False
-        self.unwritten[done_index] = False
+            answer.masked_fill_(self.undecided & finishing, self.engine.end_ids[0])
+        self.undecided.masked_fill_(finishing, False)
+        self.unwritten.masked_fill_(finishing, False)
         callers = [self.row_ids[r] for r in done]
-        self.answers[callers] = answer[done_index].cpu()
+        self.answers[callers] = answer.cpu()[done]
         for r, caller in zip(done, callers):
             self.finished[caller] = True
             self.active[r] = False
@@ -713,14 +719,11 @@ def _decided_through_end(answer: torch.Tensor, undecided: torch.Tensor, end_ids:
     Such an answer is final: decoding ends at the first end-of-text token, and tokens once committed
     are never changed, so nothing left to decode can alter the text before it.
     """
-    is_end = torch.zeros_like(answer, dtype=torch.bool)
-    for token in end_ids:
+    is_end = answer == end_ids[0]
+    for token in end_ids[1:]:
         is_end |= answer == token
-    is_end &= ~undecided
-    is_mask = undecided
-    first_end = torch.where(is_end.any(1), is_end.to(torch.int8).argmax(1), answer.shape[1])
-    first_mask = torch.where(is_mask.any(1), is_mask.to(torch.int8).argmax(1), answer.shape[1])
-    return is_end.any(1) & (first_mask > first_end)
+    settled = undecided.cumsum(1) == 0  # the positions before the first undecided one
+    return (is_end & settled).any(1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int,
