@@ -226,7 +226,8 @@ class BatchRun:
     def _block_step(self, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
                     key_bias: torch.Tensor | None, limits: torch.Tensor, count: int | torch.Tensor,
                     start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole block step of every row, from the tokens to the commits (``_commit``'s results).
+        """A whole block step of every row, from the tokens to the commits: ``chosen`` (B, N), the
+        positions committed, and the rows' ``progress`` (2, B).
 
         It reads and writes only its arguments, the model and the cache (no tensor of this run), so
         that one CUDA graph of it serves every batch of this shape and settings that holds the cache.
@@ -237,7 +238,24 @@ class BatchRun:
         tokens = self._model_rows(x.gather(1, query))
         logits = self.engine.plain_forward(self.cache, tokens, self._model_rows(query), self._model_rows(index),
                                            key_bias, write=not self.engine.compiled)
-        return self._commit(self._guide(logits), x, undecided, offsets, limits, count)
+        chosen, pending = self._commit(self._guide(logits), x, undecided, offsets, limits, count)
+        return chosen, self._progress(x, undecided, pending)
+
+    def _progress(self, x: torch.Tensor, undecided: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+        """(2, B) bool: ``[0]`` the rows with undecided positions left in their block (``pending``),
+        ``[1]`` the rows whose answer is complete (``_decided_through_end``; all False without
+        ``early_stop``). Captured steps compute both inside their CUDA graph, so that the host reads
+        one small tensor per step instead of running a dozen small kernels and a second read-back
+        when rows finish their block; other steps leave completeness to ``_complete``."""
+        complete = (_decided_through_end(x[:, self.prompt_length:], undecided, self.engine.end_ids)
+                    if self.settings.early_stop else torch.zeros_like(pending))
+        return torch.stack([pending, complete])
+
+    def _complete(self) -> list[bool]:
+        """Per slot, whether its answer is complete (``early_stop``), for steps without ``_progress``."""
+        if not self.settings.early_stop:
+            return [False] * self.x.shape[0]
+        return _decided_through_end(self.x[:, self.prompt_length:], self.undecided, self.engine.end_ids).tolist()
 
     def _sparse_block_step(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor,
                            offsets: torch.Tensor, key_bias: torch.Tensor | None, limits: torch.Tensor,
@@ -248,8 +266,8 @@ class BatchRun:
         Returns ``chosen`` (B, W), the queried answer positions (B, W) and the rows' ``progress`` (2, B).
         """
         logits, queried, columns = self._sparse_logits(x, undecided, unwritten, offsets, key_bias, width)
-        chosen, progress = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten, columns)
-        return chosen, queried, progress
+        chosen, pending = self._commit(self._guide(logits), x, undecided, queried, limits, count, unwritten, columns)
+        return chosen, queried, self._progress(x, undecided, pending)
 
     def _sparse_logits(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor, offsets: torch.Tensor,
                        key_bias: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,11 +309,8 @@ class BatchRun:
         mark them in ``unwritten``).
 
         ``limits``: the policy's threshold and factor, as on the device (``_limits``). Returns
-        ``chosen`` (B, N), the positions committed, and ``progress`` (2, B) bool: ``[0]`` rows with
-        undecided positions left among ``offsets`` (pending), ``[1]`` rows whose answer is complete
-        (``_decided_through_end``; all False without ``early_stop``). Both come from the step itself,
-        inside its CUDA graph, so that the host reads one small tensor per step instead of running a
-        dozen small kernels and another read-back when rows finish their block."""
+        ``chosen`` (B, N), the positions committed, and ``pending`` (B,), rows with undecided
+        positions left among ``offsets``."""
         settings, engine = self.settings, self.engine
         answer = x[:, self.prompt_length:]  # a view: scattering into it writes x
         current = answer.gather(1, offsets)
@@ -317,10 +332,7 @@ class BatchRun:
         undecided.scatter_(1, offsets, still_masked)
         if unwritten is not None:  # their cached keys/values were computed from the mask
             unwritten.scatter_(1, offsets, unwritten.gather(1, offsets) | chosen)
-        pending = still_masked.any(1)
-        complete = (_decided_through_end(answer, undecided, engine.end_ids) if settings.early_stop
-                    else torch.zeros_like(pending))
-        return chosen, torch.stack([pending, complete])
+        return chosen, still_masked.any(1)
 
     def _refresh_rows(self, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
         """Refresh some rows (a smaller batch, ``_refresh_some``) and copy their keys/values into the
@@ -449,18 +461,19 @@ class BatchRun:
             logits, committed_at, columns = engine.replay(
                 ("sparse block pass", *layout, self.guided, width), self.cache, functools.partial(self._sparse_logits, width=width), [self.key_bias],
                 state=[self.x, self.undecided, self.unwritten, offsets])
-            chosen, progress = self._commit(self._guide(logits), self.x, self.undecided, committed_at, self._limits,
+            chosen, pending = self._commit(self._guide(logits), self.x, self.undecided, committed_at, self._limits,
                                            count, unwritten, columns)
+            progress = pending[None]  # completeness left to ``_complete``
         else:
-            chosen, progress = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
+            chosen, pending = self._commit(self._logits(offsets, live, refresh), self.x, self.undecided, offsets,
                                            self._limits, count, unwritten)
-        pending_rows: list[bool] | None = None  # read back from ``progress`` when needed
-        complete_rows: list[bool] | None = None
+            progress = pending[None]
+        flags: list[list[int]] | None = None  # ``progress`` read back, when needed
         if settings.reuse_decided and self.schedule is not None:
             self._needed = self._needed_by_schedule(live)  # known on the host: no read-back
         elif settings.reuse_decided:  # one read-back for the policy and for the next step's queries
             needed = _needed(self.undecided, self.unwritten, offsets).sum(1)
-            pending_rows, complete_rows, self._needed = torch.cat([progress.long(), needed[None]]).tolist()
+            *flags, self._needed = torch.cat([progress.long(), needed[None]]).tolist()
         answer = self.x[:, self.prompt_length:]
         self.steps += 1
         for r in live:
@@ -477,17 +490,19 @@ class BatchRun:
         if self.steps_per_block is not None:
             block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
         else:
-            if pending_rows is None:
-                pending_rows, complete_rows = progress.tolist()  # the policy's one host synchronisation
-            block_done = [r for r in live if not pending_rows[r]]
+            if flags is None:
+                flags = progress.tolist()  # the policy's one host synchronisation
+            block_done = [r for r in live if not flags[0][r]]
             if settings.cache == "prefix" and len(block_done) < len(live):
                 # The prefix cache keeps rows in step: its query starts at one block for all rows,
                 # so a row that moved ahead would see its own blocks recomputed (batch-dependent).
                 block_done = []
         if block_done:
-            if complete_rows is None:  # the fixed policy reads back only when a block ends
-                complete_rows = progress[1].tolist()
-            self._finish_blocks(block_done, complete_rows)
+            if progress.shape[0] == 1:
+                complete = self._complete()
+            else:  # the fixed policy reads back only when a block ends
+                complete = flags[1] if flags is not None else progress[1].tolist()
+            self._finish_blocks(block_done, complete)
         if not report:
             return None
         blocks_now = [self.num_blocks] * len(self.finished)
