@@ -127,8 +127,13 @@ def run_generate(model: str, prompt: str, settings: GenerationSettings | None = 
     return (prompt + text) if show_prompt else text
 
 
+# ``llada generate --input``'s prompts per batch; the option has no parser default (None: not given),
+# so that ``--batch-size`` with ``--prompt`` can be refused.
+GENERATE_BATCH_SIZE = 16
+
+
 def run_generate_file(model: str, input: str, output: str | None = None, settings: GenerationSettings | None = None,
-                      sampler: Sampler = "engine", batch_size: int = 16, chat: bool = True, device: str = "auto",
+                      sampler: Sampler = "engine", batch_size: int = GENERATE_BATCH_SIZE, chat: bool = True, device: str = "auto",
                       dtype: str = "auto", seed: int = 0, compile: bool = False) -> int:
     """Answer every line of a JSONL file ({"prompt": str} or {"messages": [...]}, other fields kept).
 
@@ -519,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", help='JSONL file of {"prompt": ...} or {"messages": [...]} lines to answer')
     gen.add_argument("--output", help="with --input: JSONL file to write (default: standard output)")
     # None when not given, so that a value given with --prompt (where it means nothing) is refused.
-    gen.add_argument("--batch-size", type=int, help="with --input: prompts decoded together (default 16)")
+    gen.add_argument("--batch-size", type=int, help=f"with --input: prompts decoded together (default {GENERATE_BATCH_SIZE})")
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--show-prompt", action="store_true", help="with --prompt: print the prompt before the answer")
     _add_runtime(gen)
@@ -686,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "device": args.device, "dtype": args.dtype, "seed": args.seed, "compile": args.compile}
     try:
         if args.command == "generate" and args.input:
-            run_generate_file(input=args.input, output=args.output, batch_size=16 if args.batch_size is None else args.batch_size,
+            run_generate_file(input=args.input, output=args.output, batch_size=GENERATE_BATCH_SIZE if args.batch_size is None else args.batch_size,
                               chat=not args.no_chat, **sampling)
         elif args.command == "generate":
             print(run_generate(prompt=args.prompt, chat=not args.no_chat, show_prompt=args.show_prompt, **sampling))
