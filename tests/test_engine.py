@@ -316,6 +316,21 @@ def test_fixed_schedules_predict_reuse_decided_query_widths_without_reading_them
     assert min(predicted[0]) < settings.block_length  # sparse steps did run
 
 
+def test_refreshes_leave_only_their_own_commits_unwritten() -> None:
+    """A refresh stores every position's keys/values from its tokens, so afterwards only the positions
+    it committed itself are unwritten (refreshes every other step: the step before a refresh left its
+    commits unwritten, which a stale mark would make the next step query again)."""
+    settings = GenerationSettings(gen_length=16, block_length=8, steps=8, policy="fixed", early_stop=False,
+                                  reuse_decided=True, refresh_every=2)
+    run = Engine(model()).start(prompts((5, 6), seed=2), settings)
+    refreshes = 0
+    while (update := run.step()) is not None:
+        if (update.step - 1) % 2 == 0 and not all(update.finished):  # 4 steps a block: steps 0 and 2 refresh
+            refreshes += 1
+            assert torch.equal(run.unwritten.cpu(), update.decided)
+    assert refreshes == 4  # two per block
+
+
 def test_reuse_decided_needs_the_dual_cache() -> None:
     for cache in ("none", "prefix"):
         with pytest.raises(ValueError, match="reuse_decided needs cache='dual'"):
