@@ -249,7 +249,9 @@ class BatchRun:
         and the rows' ``progress`` (2, B). The same arithmetic as ``_logits``'s whole-batch refresh
         followed by ``_commit``, without a dozen small kernels launched after the graph."""
         unwritten.zero_()  # every row's keys/values are stored from its tokens now
-        tokens = self._model_rows(x[:, start:])
+        # Contiguous, as the graph inputs of other compiled refreshes (a strided slice would compile a
+        # variant of its own).
+        tokens = self._model_rows(x[:, start:].contiguous())
         queries = torch.arange(start, self.length, device=x.device).expand(tokens.shape[0], -1).contiguous()
         logits = self.engine.plain_forward(self.cache, tokens, queries,
                                            self._model_rows(offsets + self.prompt_length - start), key_bias,
