@@ -760,7 +760,8 @@ def _decided_through_end(answer: torch.Tensor, undecided: torch.Tensor, end_ids:
     """(B,) rows whose answer holds an end-of-text token with every position before it decided.
 
     Such an answer is final: decoding ends at the first end-of-text token, and tokens once committed
-    are never changed, so nothing left to decode can alter the text before it.
+    are never changed, so nothing left to decode can alter the text before it. ``end_ids`` holds at
+    least one id (``early_stop`` is refused for models without one).
     """
     is_end = answer == end_ids[0]
     for token in end_ids[1:]:
