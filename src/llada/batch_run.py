@@ -241,25 +241,6 @@ class BatchRun:
         chosen, pending = self._commit(self._guide(logits), x, undecided, offsets, limits, count)
         return chosen, self._progress(x, undecided, pending)
 
-    def _refresh_step(self, x: torch.Tensor, undecided: torch.Tensor, unwritten: torch.Tensor, offsets: torch.Tensor,
-                      key_bias: torch.Tensor | None, limits: torch.Tensor, count: int | torch.Tensor,
-                      start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A refresh of every row from position ``start`` on (0, or the prompt's end for rows that keep
-        their prompt) and the commits, as ``_block_step`` (capturable the same way): ``chosen`` (B, L)
-        and the rows' ``progress`` (2, B). The same arithmetic as ``_logits``'s whole-batch refresh
-        followed by ``_commit``, without a dozen small kernels launched after the graph."""
-        unwritten.zero_()  # every row's keys/values are stored from its tokens now
-        # Contiguous, as the graph inputs of other compiled refreshes (a strided slice would compile a
-        # variant of its own).
-        tokens = self._model_rows(x[:, start:].contiguous())
-        queries = torch.arange(start, self.length, device=x.device).expand(tokens.shape[0], -1).contiguous()
-        logits = self.engine.plain_forward(self.cache, tokens, queries,
-                                           self._model_rows(offsets + self.prompt_length - start), key_bias,
-                                           write=True, exact=self.settings.cache == "none")
-        chosen, pending = self._commit(self._guide(logits), x, undecided, offsets, limits, count,
-                                       unwritten if self.settings.reuse_decided else None)
-        return chosen, self._progress(x, undecided, pending)
-
     def _progress(self, x: torch.Tensor, undecided: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
         """(2, B) bool: ``[0]`` the rows with undecided positions left in their block (``pending``),
         ``[1]`` the rows whose answer is complete (``_decided_through_end``; all False without
@@ -450,30 +431,21 @@ class BatchRun:
         refresh = [r for r in live if settings.cache == "none" or self.row_block_step[r] == 0
                    or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
         count = self._counts(live)
-        # Greedy steps (no random numbers, one count for all rows) run as one CUDA graph from the tokens
-        # to the commits: the host only launches it (and, for a threshold, reads ``progress``). So do
-        # refreshes of every decoding row, all of one kind (a batch's first step, say).
-        greedy = not engine.cuda_graphs or (
+        # Greedy block steps (no random numbers, one count for all rows) run as one CUDA graph from the
+        # tokens to the commits: the host only launches it (and, for a threshold, reads ``progress``).
+        whole = not refresh and (not engine.cuda_graphs or (
             engine.capture_sampling and settings.temperature == 0 and settings.remasking == "low_confidence"
-            and isinstance(count, int))
-        refresh_kinds = {self._keeps_prompt(r) for r in refresh}
-        whole_refresh = greedy and refresh == live and len(refresh_kinds) == 1
-        whole = greedy and not refresh
+            and isinstance(count, int)))
         unwritten = self.unwritten if settings.reuse_decided else None
         committed_at = offsets  # the answer positions ``chosen`` refers to
         layout = self._layout()
-        if whole or whole_refresh:
+        if whole:
             # Threshold and factor are inputs of the graph (clients choose them per request); the key
             # holds what the graph bakes in (early_stop too: the step tells which answers are complete).
             baked = replace(settings, threshold=0.0, factor=1.0, steps=None, refresh_every=0, keep_prompt=False)
             key = (*layout, baked, count)
             inputs = [self.key_bias, self._limits]
-            if whole_refresh:
-                start = self.prompt_length if refresh_kinds.pop() else 0
-                step = functools.partial(self._refresh_step, count=count, start=start)
-                chosen, progress = engine.replay(("refresh step", *key, start), self.cache, step, inputs,
-                                                 state=[self.x, self.undecided, self.unwritten, offsets])
-            elif settings.reuse_decided:
+            if settings.reuse_decided:
                 width = self._sparse_width(live)
                 step = functools.partial(self._sparse_block_step, count=count, width=width)
                 chosen, committed_at, progress = engine.replay(("sparse block step", *key, width), self.cache, step,

@@ -25,9 +25,9 @@ can interleave many runs and let requests join and leave between steps (``schedu
 
 On CUDA each forward pass of a given shape is captured once as a CUDA graph (optionally of a
 ``torch.compile``d function) and replayed (refreshes of some rows of a batch only when short:
-``batch_run.CAPTURED_REFRESH_FLOPS``); a greedy block step, or a greedy refresh of every decoding
-row, is captured whole, forward pass and commits (``Engine.replay`` over the cache's state tensors),
-so that it costs one graph launch, with no host synchronisation except where the policy needs a count.
+``batch_run.CAPTURED_REFRESH_FLOPS``); a greedy block step is captured whole, forward pass and
+commits (``Engine.replay`` over the cache's state tensors), so that it costs one graph launch, with
+no host synchronisation except where the policy needs a count.
 """
 
 from __future__ import annotations
