@@ -449,13 +449,13 @@ class BatchRun:
                 width = self._sparse_width(live)
                 step = functools.partial(self._sparse_block_step, count=count, width=width)
                 chosen, committed_at, progress = engine.replay(("sparse block step", *key, width), self.cache, step,
-                                                              inputs, state=[self.x, self.undecided, self.unwritten,
-                                                                             offsets])
+                                                               inputs, state=[self.x, self.undecided, self.unwritten,
+                                                                              offsets])
             else:
                 start = self._query_start(live)
                 step = functools.partial(self._block_step, count=count, start=start)
                 chosen, progress = engine.replay(("block step", *key, start), self.cache, step, inputs,
-                                                state=[self.x, self.undecided, offsets])
+                                                 state=[self.x, self.undecided, offsets])
         elif settings.reuse_decided and not refresh:  # sampling apart from the (captured) forward pass
             width = self._sparse_width(live)
             logits, committed_at, columns = engine.replay(
