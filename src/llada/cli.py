@@ -127,9 +127,7 @@ def run_generate(model: str, prompt: str, settings: GenerationSettings | None = 
     return (prompt + text) if show_prompt else text
 
 
-# ``llada generate --input``'s prompts per batch; the option has no parser default (None: not given),
-# so that ``--batch-size`` with ``--prompt`` can be refused.
-GENERATE_BATCH_SIZE = 16
+GENERATE_BATCH_SIZE = 16  # ``llada generate --input``'s prompts per batch (the option itself defaults to None)
 
 
 def run_generate_file(model: str, input: str, output: str | None = None, settings: GenerationSettings | None = None,
