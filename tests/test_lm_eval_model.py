@@ -1,4 +1,5 @@
-"""The lm-eval model: exact scores where they are exact, and lm-eval run end to end offline."""
+"""The lm-eval model: exact scores where they are exact, the official wrapper's definitions (is_greedy,
+tokenization, generation clean-up, model args), loud errors, and lm-eval run end to end offline."""
 
 from __future__ import annotations
 
@@ -14,19 +15,30 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not in
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from llada.cli import main
-from llada.lm_eval_model import TASKS_DIR, LLaDAEvalModel, _cut
+from llada.cli import DEMO_MODEL, main
+from llada.likelihood import suffix_greedy
+from llada.lm_eval_model import TASKS_DIR, LLaDAEvalModel
+from llada.sampling import generate
 
 
 @dataclass
-class Request:  # what lm-eval hands a model: an object with .args
+class Request:  # what lm-eval hands a model: .args, and where the request comes from
     args: tuple
+    task_name: str = "task"
+    doc_id: int = 0
+    idx: int = 0
 
 
 @pytest.fixture(scope="module")
 def adapter(checkpoint_dir: Path) -> LLaDAEvalModel:
-    return LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, mc_batch_size=4, batch_size=2, gen_length=8,
-                          block_length=4)
+    return LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, batch_size=4, gen_length=8, block_length=4,
+                          steps=8)
+
+
+@pytest.fixture(scope="module")
+def demo() -> LLaDAEvalModel:
+    return LLaDAEvalModel(str(DEMO_MODEL), device="cpu", mc_num=8, batch_size=8, gen_length=16, block_length=8,
+                          steps=16)
 
 
 def test_one_token_continuations_are_scored_exactly(adapter: LLaDAEvalModel) -> None:
@@ -34,12 +46,20 @@ def test_one_token_continuations_are_scored_exactly(adapter: LLaDAEvalModel) -> 
     assert len(continuation) == 1
     masked = torch.tensor([context + [adapter.model.config.mask_token_id]])
     with torch.no_grad():
-        expected = F.log_softmax(adapter.model(masked).logits[0, -1].double(), -1)[continuation[0]].item()
+        logits = adapter.model(masked).logits[0, -1].double()
     (score, greedy), = adapter.loglikelihood([Request(("The quick brown ", "fox"))])  # space moves over
-    assert score == pytest.approx(expected, rel=1e-5)
-    with torch.no_grad():
-        argmax = adapter.model(masked).logits[0, -1].argmax().item()
-    assert greedy == (argmax == continuation[0])
+    assert score == pytest.approx(F.log_softmax(logits, -1)[continuation[0]].item(), rel=1e-5)
+    assert greedy == (logits.argmax().item() == continuation[0])
+
+
+def test_continuations_are_tokenized_as_the_official_encode_pair(adapter: LLaDAEvalModel) -> None:
+    """The continuation's ids are those of context + continuation after the context's own ids."""
+    tokenizer = adapter.tokenizer
+    for context, continuation in (("The quick brown ", "fox"), ("Numbers: 1 2", " 3 4"), ("To be", ", or not")):
+        context_ids, continuation_ids = adapter._encode_pair(context, continuation)
+        whole = tokenizer.encode(context.rstrip() + context[len(context.rstrip()):] + continuation)
+        assert context_ids == tokenizer.encode(context.rstrip())
+        assert context_ids + continuation_ids == whole
 
 
 def test_one_token_requests_share_forward_passes_and_match_single_scoring(adapter: LLaDAEvalModel) -> None:
@@ -50,47 +70,158 @@ def test_one_token_requests_share_forward_passes_and_match_single_scoring(adapte
     requests = singles + [Request(("The fox", " jumps over the lazy dog"))]  # several tokens: Monte Carlo
     together = adapter.loglikelihood(requests)
     for request, (score, greedy) in zip(singles, together):
-        context, continuation = adapter._encode_pair(*request.args)
-        (alone, alone_greedy), = adapter._score_single_tokens([(context, continuation)])
+        (alone, alone_greedy), = adapter._score_single_tokens([adapter._encode_pair(*request.args)])
         assert score == pytest.approx(alone, rel=1e-5, abs=1e-5) and greedy == alone_greedy
     assert together[-1][0] < 0
 
 
 def test_multi_token_requests_share_passes_without_changing_scores(checkpoint_dir: Path) -> None:
-    """Packing several requests' Monte-Carlo samples into one pass (mc_batch_size 4 x mc_num) gives the
-    scores and greedy flags of one request per pass: the same masks, fewer forward passes."""
-    requests = [Request(pair) for pair in (("The fox", " jumps over the lazy dog"), ("A", " quick brown fox"),
-                                           ("Numbers: 1 2 3", " 4 5 6 7"), ("To be", ", or not to be"))]
-    one, packed = (LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=4, mc_batch_size=size, seed=7)
-                   for size in (4, 16))
+    """batch_size a multiple of mc_num packs requests into one pass; each request's masks come from
+    its own generator, so the scores are those of one request at a time."""
+    requests = [Request(pair, doc_id=i) for i, pair in enumerate((
+        ("The fox", " jumps over the lazy dog"), ("A", " quick brown fox"), ("Numbers: 1 2 3", " 4 5 6 7"),
+        ("To be", ", or not to be")))]
+    one, packed = (LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=4, batch_size=size, seed=7,
+                                  is_check_greedy=False) for size in (4, 16))
     calls = []
     packed.model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     alone = one.loglikelihood(requests)
     together = packed.loglikelihood(requests)
-    assert calls == [16, 4]  # one ELBO pass of 4 x 4 samples, one greedy pass of 4 rows
+    assert calls == [16]  # one ELBO pass of 4 requests x 4 samples
     for (score, greedy), (expected, expected_greedy) in zip(together, alone):
-        assert score == pytest.approx(expected, rel=1e-5, abs=1e-5) and greedy == expected_greedy
+        assert score == pytest.approx(expected, rel=1e-5, abs=1e-5) and greedy is expected_greedy is False
 
 
-def test_a_continuation_longer_than_max_length_is_named(checkpoint_dir: Path) -> None:
-    short = LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=4, max_length=4)
-    with pytest.raises(ValueError, match="request 1: .* max_length=4"):
-        short.loglikelihood([Request(("A", " b")), Request(("A", " the quick brown fox jumps over"))])
+def official_suffix_greedy(model, prefix: list[int], target: list[int], cfg: float) -> bool:
+    """The official wrapper's suffix_greedy_prediction, transcribed for one request (no padding)."""
+    mask_id = model.config.mask_token_id
+    seq = torch.full((1, len(prefix) + len(target)), mask_id)
+    seq[0, :len(prefix)] = torch.tensor(prefix)
+    prompt_index = torch.arange(seq.shape[1]) < len(prefix)
+    for _ in range(len(target)):
+        mask_index = seq == mask_id
+        batch = seq
+        if cfg > 0:
+            un_batch = seq.clone()
+            un_batch[0, prompt_index] = mask_id
+            batch = torch.cat([seq, un_batch])
+        with torch.no_grad():
+            logits = model(batch).logits
+        if cfg > 0:
+            logits, un_logits = torch.chunk(logits, 2, dim=0)
+            logits = un_logits + (cfg + 1) * (logits - un_logits)
+        logits = logits[mask_index]
+        x0 = torch.argmax(logits, dim=-1)
+        p = torch.softmax(logits.to(torch.float32), dim=-1)
+        confidence = torch.gather(p, dim=-1, index=x0[:, None]).squeeze(-1)
+        _, index = torch.sort(confidence, descending=True)
+        x0[index[1:]] = mask_id
+        seq[mask_index] = x0.clone()
+    return bool(torch.all(torch.tensor(target) == seq[0, len(prefix):]))
 
 
-def test_rolling_scores_sum_windows_and_generation_cuts_at_stops(adapter: LLaDAEvalModel) -> None:
-    (score,) = adapter.loglikelihood_rolling([Request(("The fox jumps over the lazy dog.",))])
+@pytest.mark.parametrize("cfg", [0.0, 0.5])
+def test_is_greedy_is_the_official_suffix_greedy_prediction_on_the_demo_model(demo: LLaDAEvalModel,
+                                                                              cfg: float) -> None:
+    """Batched, left-padded suffix_greedy equals the official one-request loop, on targets that are
+    greedy by construction, on those with one token changed, and on real continuations."""
+    model, tokenizer = demo.model, demo.tokenizer
+    contexts = ["The king", "To be, or not to be,", "Define the word \"ocean\".", "What is 3 + 4?", "O Romeo,"]
+    pairs = []
+    for length, text in zip((2, 3, 4, 5, 6), contexts):
+        context = tokenizer.encode(text)
+        decoded = generate(model, torch.tensor([context]), steps=length, gen_length=length, block_length=length,
+                           cfg_scale=cfg)[0, len(context):].tolist()  # one token per step: greedy by construction
+        changed = decoded[:-1] + [(decoded[-1] + 1) % model.config.vocab_size]
+        pairs += [(context, decoded), (context, changed)]
+    pairs += [demo._encode_pair(c, t) for c, t in (("The king", " is dead"), ("To be", ", or not to be"))]
+    official = [official_suffix_greedy(model, list(c), list(t), cfg) for c, t in pairs]
+    assert suffix_greedy(model, pairs, cfg_scale=cfg) == official
+    assert official[0:10:2] == [True] * 5  # the constructed targets are greedy
+    if cfg == 0:
+        scores = LLaDAEvalModel((model, tokenizer), mc_num=2, batch_size=2).loglikelihood(
+            [Request((tokenizer.decode(c), tokenizer.decode(t))) for c, t in pairs[-2:]])
+        assert [greedy for _, greedy in scores] == official[-2:]
+
+
+def test_unknown_and_misspelt_model_args_fail_loudly(checkpoint_dir: Path) -> None:
+    for bad in ({"mc_nun": 4}, {"remasking_": "random"}, {"gen_lenght": 64}):
+        with pytest.raises(ValueError, match=f"unknown llada model arg {next(iter(bad))}.*valid: pretrained"):
+            LLaDAEvalModel(str(checkpoint_dir), device="cpu", **bad)
+    with pytest.raises(ValueError, match="remasking .sometimes."):
+        LLaDAEvalModel(str(checkpoint_dir), device="cpu", remasking="sometimes")
+    with pytest.raises(ValueError, match="batch_size=3 .* must divide mc_num=8"):
+        LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, batch_size=3)
+    with pytest.raises(ValueError, match="mask_id=126336 differs"):
+        LLaDAEvalModel(str(checkpoint_dir), device="cpu", mask_id=126336)
+    with pytest.raises(ValueError, match="pretrained=CHECKPOINT_DIR"):
+        LLaDAEvalModel(device="cpu")
+    with pytest.raises(ValueError, match="policy='threshold' needs sampler=engine"):
+        LLaDAEvalModel(str(checkpoint_dir), device="cpu", policy="threshold")
+    with pytest.raises(ValueError, match="dtype"):
+        LLaDAEvalModel(str(checkpoint_dir), dtype="int3")
+
+
+def test_the_official_model_arg_names_are_accepted(checkpoint_dir: Path) -> None:
+    """eval_llada.py's args as its README passes them (model_path, cfg, is_check_greedy, mc_num, steps,
+    gen_length, block_length, remasking) set what they say, and every generation setting is an arg."""
+    model = LLaDAEvalModel(model_path=str(checkpoint_dir), device="cpu", cfg=0.5, is_check_greedy=False, mc_num=4,
+                           batch_size="2", steps=8, gen_length=8, block_length=4, remasking="random",
+                           logits_eos_inf="true", confidence_eos_eot_inf=True, early_stop=False)
+    settings = model.settings
+    assert (model.cfg_scale, settings.cfg_scale, model.is_check_greedy, model.mc_num, model.batch_size) == \
+           (0.5, 0.5, False, 4, 2)
+    assert (settings.steps, settings.gen_length, settings.block_length, settings.remasking) == (8, 8, 4, "random")
+    assert settings.logits_eos_inf and settings.confidence_eos_eot_inf and not settings.early_stop
+    assert model.sampler == "reference" and model.gen_batch_size == 1
+    defaults = LLaDAEvalModel(str(checkpoint_dir), device="cpu")
+    assert (defaults.settings.gen_length, defaults.settings.steps, defaults.settings.block_length) == (1024,) * 3
+    assert defaults.is_check_greedy and defaults.mc_num == 128
+
+
+def test_generation_is_the_reference_sampler_cleaned_as_officially(adapter: LLaDAEvalModel) -> None:
+    """The default sampler decodes the whole answer (gen_length tokens, steps, blocks) like the official
+    generate, then cuts at stop sequences and drops special tokens."""
+    model, tokenizer = adapter.model, adapter.tokenizer
+    prompt = tokenizer.encode("The fox")
+    answer = generate(model, torch.tensor([prompt]), steps=8, gen_length=8, block_length=4)[0, len(prompt):]
+    text = tokenizer.decode(answer.tolist(), skip_special_tokens=False)
+    (output,) = adapter.generate_until([Request(("The fox", {"until": []}))])
+    assert output == tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True)
+    stop = output[1:3] if len(output) > 3 else None
+    if stop:
+        (cut,) = adapter.generate_until([Request(("The fox", {"until": [stop]}))])
+        assert cut == output.split(stop)[0]
+
+
+def test_gen_length_that_leaves_no_room_is_an_error(checkpoint_dir: Path) -> None:
+    """gen_length >= max_length used to keep the whole prompt through a [-0:] slice."""
+    model = LLaDAEvalModel(str(checkpoint_dir), device="cpu", max_length=16, gen_length=16, block_length=16, steps=16)
+    with pytest.raises(ValueError, match="gen_length=16 leaves no room for a prompt within max_length=16"):
+        model.generate_until([Request(("Hello", {"until": []}))])
+    short = LLaDAEvalModel(str(checkpoint_dir), device="cpu", max_length=12, gen_length=8, block_length=4, steps=8,
+                           sampler="engine", policy="fixed", cache="none")
+    seen = []
+    original = short.engine.generate
+    short.engine.generate = lambda prompts, *a: seen.append(prompts) or original(prompts, *a)
+    short.generate_until([Request(("The quick brown fox jumps over the lazy dog", {"until": []}))])
+    assert len(seen[0][0]) == 4  # the prompt's last max_length - gen_length tokens
+
+
+def test_engine_generation_and_rolling_scores(checkpoint_dir: Path) -> None:
+    model = LLaDAEvalModel(str(checkpoint_dir), device="cpu", sampler="engine", policy="threshold", cache="dual",
+                           gen_length=8, block_length=4, mc_num=4, batch_size=4)
+    outputs = model.generate_until([Request(("Hello", {"until": ["\n"]})), Request(("The fox", {"until": []}))])
+    assert len(outputs) == 2 and "\n" not in outputs[0]
+    (score,) = model.loglikelihood_rolling([Request(("The fox jumps over the lazy dog.",))])
     assert score < 0
-    outputs = adapter.generate_until([Request(("Hello", {"until": ["\n"], "max_gen_toks": 6})),
-                                      Request(("The fox", {"until": [], "max_gen_toks": 3}))])
-    assert len(outputs) == 2 and all("\n" not in o for o in outputs[:1])
-    assert _cut("12 apples\nand more", ["\n", "and"]) == "12 apples"
 
 
 def test_lm_eval_runs_the_shipped_tasks_offline(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     results = simple_evaluate(model="llada", model_args={"pretrained": str(checkpoint_dir), "device": "cpu",
-                                                         "mc_num": 4, "gen_length": 8, "block_length": 4},
+                                                         "mc_num": 4, "gen_length": 8, "block_length": 4,
+                                                         "steps": 8},
                               tasks=["llada_arithmetic_mc", "llada_arithmetic", "llada_word_reversal_mc",
                                      "llada_word_reversal", "llada_counting_ppl"],
                               task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=4)["results"]
@@ -115,12 +246,21 @@ def test_generated_task_data_is_right_and_deterministic() -> None:
     assert [int(n) for n in first] == list(range(int(first[0]), int(first[0]) + len(first)))
 
 
-def test_llada_eval_is_lm_evals_command_line(checkpoint_dir: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llada_eval_keeps_the_shipped_tasks_next_to_a_users_include_path(checkpoint_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "data.jsonl").write_text('{"question": "1 + 1 =", "choices": [" 2", " 3"], "label": 0}\n'
+                                         '{"question": "2 + 2 =", "choices": [" 5", " 4"], "label": 1}\n')
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text(
+        f"task: my_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: label\n"
+        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n")
     out = tmp_path / "results"
-    assert main(["eval", "--model", "llada", "--model_args", f"pretrained={checkpoint_dir},mc_num=2", "--device", "cpu",
-                 "--tasks", "llada_arithmetic_mc", "--limit", "2", "--output_path", str(out)]) == 0
-    assert list(out.rglob("results_*.json"))
-    with pytest.raises(ValueError, match="dtype"):
-        LLaDAEvalModel(str(checkpoint_dir), dtype="int3")
+    assert main(["eval", "--model", "llada", "--model_args", f"pretrained={checkpoint_dir},mc_num=2", "--device",
+                 "cpu", "--tasks", "llada_arithmetic_mc,my_sums", "--limit", "2", "--include_path", str(tasks),
+                 "--output_path", str(out)]) == 0
+    (results,) = out.rglob("results_*.json")
+    assert {"llada_arithmetic_mc", "my_sums"} <= set(results.read_text() and __import__("json").loads(
+        results.read_text())["results"])

@@ -29,6 +29,7 @@ from llada.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, re
 from llada.decoding import POLICIES
 from llada.engine import CACHE_MODES, Engine, GenerationSettings
 from llada.generation import SAMPLERS, Sampler, answer_ids
+from llada.generation_options import setting_names, settings_from_options
 from llada.likelihood import log_likelihood
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
@@ -448,16 +449,20 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default 0 = off)")
     parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
+    parser.add_argument("--logits-eos-inf", action="store_true",
+                        help="never propose the end-of-text token (the official setting for some benchmarks)")
+    parser.add_argument("--confidence-eos-eot-inf", action="store_true",
+                        help="never commit end-of-text/end-of-turn tokens by confidence (the official setting "
+                             "for some benchmarks)")
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
-    """GenerationSettings from the sampling flags; --steps alone selects the fixed policy."""
-    policy = args.policy or ("fixed" if args.steps is not None or args.sampler == "reference" else "threshold")
-    return GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, policy=policy,
-                              steps=args.steps, threshold=args.threshold, factor=args.factor, cache=args.cache,
-                              refresh_every=args.refresh_every, keep_prompt=args.keep_prompt,
-                              reuse_decided=args.reuse_decided, temperature=args.temperature,
-                              cfg_scale=args.cfg_scale, remasking=args.remasking, early_stop=not args.no_early_stop)
+    """GenerationSettings from the sampling flags (one flag per setting, through the shared mapping);
+    --steps alone selects the fixed policy."""
+    options = {name: getattr(args, name) for name in setting_names() if hasattr(args, name)}
+    options["policy"] = args.policy or ("fixed" if args.steps is not None or args.sampler == "reference" else "threshold")
+    options["early_stop"] = not args.no_early_stop
+    return settings_from_options(options)
 
 
 def _add_serving(parser: argparse.ArgumentParser) -> None:
@@ -712,11 +717,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         _check_generate_options(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    sampling = {}
-    if args.command in ("generate", "chat"):
-        sampling = {"model": args.model, "settings": settings_from_args(args), "sampler": args.sampler,
-                    "device": args.device, "dtype": args.dtype, "seed": args.seed, "compile": args.compile}
     try:
+        sampling = {}
+        if args.command in ("generate", "chat"):
+            sampling = {"model": args.model, "settings": settings_from_args(args), "sampler": args.sampler,
+                        "device": args.device, "dtype": args.dtype, "seed": args.seed, "compile": args.compile}
         if args.command == "generate" and args.input:
             run_generate_file(input=args.input, output=args.output, batch_size=GENERATE_BATCH_SIZE if args.batch_size is None else args.batch_size,
                               chat=not args.no_chat, **sampling)

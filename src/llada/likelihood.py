@@ -92,8 +92,51 @@ def padded_logits(model: LLaDAModel, rows: Sequence[Sequence[int]]) -> torch.Ten
 
 
 @torch.no_grad()
+def suffix_greedy(model: LLaDAModel, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], cfg_scale: float = 0.0,
+                  mask_id: int | None = None) -> list[bool]:
+    """Whether each continuation is what greedy decoding of it produces, as the official lm-eval
+    wrapper defines ``is_greedy`` (``suffix_greedy_prediction``): the continuation starts fully
+    masked; each step predicts every masked position (argmax, with guidance when ``cfg_scale`` > 0)
+    and commits only the single most confident prediction (its float32 softmax probability); after
+    as many steps as the continuation has tokens, the decoded suffix must equal it.
+
+    Rows of different lengths share each forward pass, left-padded with the padding hidden from
+    attention (each row's logits are those of the row run alone); a row leaves once decoded.
+    """
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    rows = [list(context) + [mask_id] * len(continuation) for context, continuation in pairs]
+    contexts = [len(context) for context, _ in pairs]
+    active = [i for i, (_, continuation) in enumerate(pairs) if continuation]
+    while active:
+        conditional = [rows[i] for i in active]
+        if cfg_scale > 0:  # the unconditional input hides the whole context (the official get_logits)
+            unconditional = [[mask_id] * contexts[i] + rows[i][contexts[i]:] for i in active]
+            both = padded_logits(model, conditional + unconditional)
+            logits, un_logits = both[:len(active)], both[len(active):]
+            logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+        else:
+            logits = padded_logits(model, conditional)
+        width = logits.shape[1]
+        still = []
+        for slot, i in enumerate(active):
+            row = torch.tensor(rows[i], device=logits.device)
+            masked = (row == mask_id).nonzero().squeeze(1)  # positions in the row
+            masked = masked[masked >= contexts[i]]
+            scores = logits[slot, width - len(rows[i]) + masked]  # (M, V)
+            proposal = scores.argmax(-1)
+            confidence = torch.softmax(scores.float(), dim=-1).gather(1, proposal[:, None]).squeeze(1)
+            best = int(confidence.argmax())
+            rows[i][int(masked[best])] = int(proposal[best])
+            if len(masked) > 1:
+                still.append(i)
+        active = still
+    return [rows[i][contexts[i]:] == list(continuation) for i, (_, continuation) in enumerate(pairs)]
+
+
+@torch.no_grad()
 def packed_elbo_samples(model: LLaDAModel, items: Sequence[tuple[torch.Tensor, torch.Tensor]], num_samples: int,
-                        mask_id: int | None = None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                        mask_id: int | None = None,
+                        generator: torch.Generator | Sequence[torch.Generator] | None = None) -> list[torch.Tensor]:
     """ELBO samples of several (prompt, answer) items in one forward pass: ``num_samples`` stratified
     samples per item (one for a one-token answer, whose single sample is exact).
 
@@ -103,10 +146,15 @@ def packed_elbo_samples(model: LLaDAModel, items: Sequence[tuple[torch.Tensor, t
     those of ``log_likelihood(..., mc_num=num_samples, batch_size=num_samples)`` called on each item
     in turn, up to the rounding of a differently shaped forward pass (1e-11 relative in float64,
     ~1e-4 in bf16): packing changes the cost, not the estimator. (No guidance: it needs a second pass.)
+    ``generator`` may be one generator per item, so that an item's samples do not depend on the
+    items packed with it.
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] * len(items)
+    if len(generators) != len(items):
+        raise ValueError(f"{len(generators)} generators for {len(items)} items")
     drawn, rows = [], []
-    for prompt, answer in items:
+    for (prompt, answer), generator in zip(items, generators):
         prompt, answer = prompt.to(model.device), answer.to(model.device)
         if answer.numel() == 1:
             counts = torch.ones(1, dtype=torch.long, device=model.device)
