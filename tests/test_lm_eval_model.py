@@ -160,6 +160,8 @@ def test_unknown_and_misspelt_model_args_fail_loudly(checkpoint_dir: Path) -> No
         LLaDAEvalModel(str(checkpoint_dir), device="cpu", policy="threshold")
     with pytest.raises(ValueError, match="dtype"):
         LLaDAEvalModel(str(checkpoint_dir), dtype="int3")
+    with pytest.raises(ValueError, match="batch_size is set by lm-eval's --batch_size flag"):
+        LLaDAEvalModel.create_from_arg_string(f"pretrained={checkpoint_dir},batch_size=4", {"batch_size": 1})
 
 
 def test_the_official_model_arg_names_are_accepted(checkpoint_dir: Path) -> None:
@@ -264,3 +266,40 @@ def test_llada_eval_keeps_the_shipped_tasks_next_to_a_users_include_path(checkpo
     (results,) = out.rglob("results_*.json")
     assert {"llada_arithmetic_mc", "my_sums"} <= set(results.read_text() and __import__("json").loads(
         results.read_text())["results"])
+
+
+def _run_eval(checkpoint_dir: Path, out: Path, processes: int) -> dict:
+    """``llada.lm_eval_model`` over the shipped tasks in ``processes`` processes (torchrun, gloo); the
+    per-sample responses and metrics written by the first process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes > 1 else [sys.executable]
+    command = launcher + ["-m", "llada.lm_eval_model", "--model", "llada", "--model_args",
+                          f"pretrained={checkpoint_dir},mc_num=4,gen_length=8,block_length=4,steps=8,seed=3",
+                          "--batch_size", "4", "--device", "cpu", "--tasks",
+                          "llada_arithmetic_mc,llada_arithmetic,llada_counting_ppl", "--limit", "5",
+                          "--output_path", str(out), "--log_samples"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = {}
+    for path in out.rglob("samples_*.jsonl"):
+        task = path.name.split("samples_")[1].rsplit("_", 1)[0]
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            samples[(task, record["doc_id"])] = (record["resps"], record["filtered_resps"])
+    (results,) = out.rglob("results_*.json")
+    return {"samples": samples, "results": json.loads(results.read_text())["results"]}
+
+
+def test_two_processes_give_the_results_of_one(checkpoint_dir: Path, tmp_path: Path) -> None:
+    """Data-parallel evaluation (2 CPU processes over gloo) merges to exactly the one-process results:
+    every request's Monte-Carlo masks come from its own seed, whichever process scores it."""
+    one = _run_eval(checkpoint_dir, tmp_path / "one", 1)
+    two = _run_eval(checkpoint_dir, tmp_path / "two", 2)
+    assert len(one["samples"]) == 15 and one["samples"] == two["samples"]
+    assert one["results"] == two["results"]

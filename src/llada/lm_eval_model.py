@@ -131,6 +131,20 @@ class LLaDAEvalModel(LM):
 
     # --- set-up -----------------------------------------------------------------------------------
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> LLaDAEvalModel:
+        """lm-eval's constructor path, refusing a model arg that is one of lm-eval's own flags (it
+        would otherwise fail with "got multiple values for keyword argument")."""
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        for key in set(arg_dict) & set(extra):
+            raise ValueError(f"{key} is set by lm-eval's --{key} flag (as with the official wrapper); "
+                             f"remove it from --model_args")
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LLaDAEvalModel:
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
     def _init_processes(self) -> None:
         """Join the process group torchrun/accelerate set up (``WORLD_SIZE`` > 1). lm-eval itself is
         told there is one process (every process builds every request); requests are shared out here."""
