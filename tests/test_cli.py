@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada.cli import answer_text, load, main, run_chat, run_generate
+from llada.answer_text import answer_text
+from llada.cli import load, main, run_chat, run_generate
 from llada.engine import GenerationSettings
 from llada.model import LLaDAModel
 from llada.quantize import Fp8Linear, Int8Linear

@@ -22,6 +22,17 @@ from llada.tokenizer import Tokenizer
 FinishReason = Literal["stop", "length"]
 
 
+def answer_text(tokenizer: Tokenizer, answer_ids: Sequence[int]) -> str:
+    """A finished answer's text: decoded up to (not including) the first EOS or end-of-turn token."""
+    stops = {tokenizer.ids.eos, tokenizer.ids.eot}
+    kept = []
+    for token in answer_ids:
+        if token in stops:
+            break
+        kept.append(token)
+    return tokenizer.decode([t for t in kept if t != tokenizer.ids.mask], skip_special_tokens=True)
+
+
 class AnswerText:
     """The text of one answer as its canvas fills in; ``update`` returns what may be sent now."""
 

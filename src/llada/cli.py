@@ -22,7 +22,7 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
-from llada.answer_text import AnswerText
+from llada.answer_text import AnswerText, answer_text
 from llada.checkpoint import CheckpointError, read_config, save_model, weight_files
 from llada.config import PRESETS, preset
 from llada.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
@@ -86,17 +86,6 @@ def load(model_dir: str, device: str, dtype: str) -> tuple[LLaDAModel, Tokenizer
     if quantize:
         quantize(model)
     return model, Tokenizer.from_pretrained(model_dir)
-
-
-def answer_text(tokenizer: Tokenizer, answer_ids: Sequence[int]) -> str:
-    """Decoded answer up to (not including) the first EOS or end-of-turn token."""
-    stops = {tokenizer.ids.eos, tokenizer.ids.eot}
-    kept = []
-    for token in answer_ids:
-        if token in stops:
-            break
-        kept.append(token)
-    return tokenizer.decode([t for t in kept if t != tokenizer.ids.mask], skip_special_tokens=True)
 
 
 def _atomic_text_writer(path: Path) -> tuple[TextIO, Callable[[], None]]:
@@ -675,8 +664,8 @@ def _run_humaneval(argv: list[str]) -> int:
             net, tokenizer = load(args.model, args.device, args.dtype)
             summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit,
                                batch_size=args.batch_size, chat=args.chat, limits=limits, isolation=isolation,
-                               compile=args.compile, seed=args.seed, problems_path=args.problems,
-                               workers=args.workers)
+                               sampler=args.sampler, compile=args.compile, seed=args.seed,
+                               problems_path=args.problems, workers=args.workers)
             records = summary.pop("records")
             output = Path(args.output) if args.output else None
         if output is not None:
@@ -687,6 +676,70 @@ def _run_humaneval(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
+    return 0
+
+
+def _run_recipe(argv: list[str]) -> int:
+    """``llada eval recipe NAME``: one of the paper's evaluations with the official settings, offline."""
+    from llada.eval_recipes import RECIPES, RecipeError, humaneval_arguments, lm_eval_arguments, recipe, \
+        with_overrides, write_offline_tasks
+
+    parser = argparse.ArgumentParser(
+        prog="llada eval recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one of the paper's evaluations with the official settings (`llada eval recipes` lists "
+                    "them), reading the dataset from local files.",
+        epilog="examples:\n  llada eval recipe gsm8k-base --model LLaDA-8B-Base --data-dir ~/data --device cuda\n"
+               "  llada eval recipe mmlu-base --model LLaDA-8B-Base --data-dir ~/data --limit 20\n"
+               "  llada eval recipe humaneval-instruct --model LLaDA-8B-Instruct\n"
+               "layout: DATA_DIR/<folder>/<split>.jsonl|.json|.parquet (MMLU: DATA_DIR/mmlu/<subject>/...); "
+               "see docs/evaluation.md")
+    parser.add_argument("name", choices=sorted(RECIPES), metavar="NAME", help="the recipe")
+    parser.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--data-dir", help="folder with the datasets' local copies (HumanEval: optional)")
+    parser.add_argument("--limit", type=int, help="first N items per task only (a smoke test, not a result)")
+    parser.add_argument("--model-args", help="extra or overriding llada model args, e.g. sampler=engine,seed=1")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--output-path", help="where lm-eval writes results (and samples with --log-samples)")
+    parser.add_argument("--log-samples", action="store_true", help="also write every item's prompt and answer")
+    parser.add_argument("--unsafe-no-isolation", action="store_true",
+                        help="HumanEval: run model-written code without bubblewrap (see llada eval humaneval)")
+    args = parser.parse_args(argv)
+    try:
+        chosen = with_overrides(recipe(args.name), args.model_args)
+        if chosen.task == "humaneval":
+            rest = humaneval_arguments(chosen, args.model, args.data_dir) + ["--device", args.device]
+            rest += ["--limit", str(args.limit)] if args.limit else []
+            rest += ["--unsafe-no-isolation"] if args.unsafe_no_isolation else []
+            rest += ["--output", str(Path(args.output_path) / "samples.jsonl")] if args.output_path else []
+            print("llada eval humaneval " + " ".join(rest), file=sys.stderr)
+            return _run_humaneval(rest)
+        if args.data_dir is None:
+            raise RecipeError(f"{chosen.name} reads {chosen.task}'s data from local files: pass --data-dir")
+        from llada.lm_eval_model import main as evaluate
+
+        with tempfile.TemporaryDirectory(prefix="llada-offline-tasks-") as tasks:
+            write_offline_tasks([chosen.task], args.data_dir, tasks, chosen.data, chosen.per_task_folders,
+                                chosen.num_fewshot)
+            device = str(resolve_device(args.device))
+            rest = lm_eval_arguments(chosen, args.model, tasks, args.limit) + ["--device", device]
+            rest += ["--output_path", args.output_path] if args.output_path else []
+            rest += ["--log_samples"] if args.log_samples else []
+            print("llada eval " + " ".join(rest), file=sys.stderr)
+            return evaluate(rest)
+    except (RecipeError, CliError, ValueError, OSError) as error:
+        print(f"llada eval recipe: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _print_recipes() -> int:
+    from llada.eval_recipes import RECIPES
+
+    for item in RECIPES.values():
+        settings = ", ".join(f"{key}={value}" for key, value in item.model_args.items())
+        shots = "" if item.num_fewshot is None else f", {item.num_fewshot}-shot"
+        chat = ", chat template" if item.chat else ""
+        print(f"{item.name:24} {item.checkpoint:18} {item.task}{shots}{chat}; {settings}"
+              + (f"; batch_size={item.batch_size}" if item.batch_size else "") + f"\n{'':24} reported: {item.reported}")
     return 0
 
 
@@ -704,6 +757,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "humaneval"]:
         return _run_humaneval(argv[2:])
+    if argv[:2] == ["eval", "recipe"]:
+        return _run_recipe(argv[2:])
+    if argv[:2] == ["eval", "recipes"]:
+        return _print_recipes()
     if argv[:1] == ["eval"]:  # everything after "eval" belongs to lm-eval's own command line
         try:
             from llada.lm_eval_model import main as evaluate

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from llada.batch_run import left_pad
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
 from llada.sampling import generate
@@ -26,6 +27,22 @@ def reference_settings_error(settings: GenerationSettings) -> str | None:
         return (f"the reference sampler commits a fixed number of tokens per step: policy {settings.policy!r} "
                 "needs the engine (or use policy 'fixed')")
     return None
+
+
+@torch.no_grad()
+def reference_answers(model: LLaDAModel, prompts: list[list[int]], settings: GenerationSettings,
+                      generator: torch.Generator | None = None) -> list[list[int]]:
+    """Each prompt's whole answer (``gen_length`` ids) from the reference sampler, the prompts
+    left-padded into one batch with the padding hidden from attention."""
+    if (problem := reference_settings_error(settings)) is not None:
+        raise ValueError(problem)
+    ids, keep = left_pad(prompts, model.config.mask_token_id)
+    out = generate(model, ids.to(model.device), attention_mask=keep.to(model.device), steps=settings.total_steps,
+                   gen_length=settings.gen_length, block_length=settings.block_length,
+                   temperature=settings.temperature, cfg_scale=settings.cfg_scale, remasking=settings.remasking,
+                   logits_eos_inf=settings.logits_eos_inf, confidence_eos_eot_inf=settings.confidence_eos_eot_inf,
+                   generator=generator)
+    return out[:, ids.shape[1]:].tolist()
 
 
 def answer_ids(model: LLaDAModel, prompt_ids: list[int], settings: GenerationSettings, sampler: Sampler = "engine",

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from llada.answer_text import answer_text
 from llada.code_extraction import chat_solution, truncate_completion
 from llada.code_grading import Verdict, run_check
 from llada.engine import Engine, GenerationSettings
+from llada.generation import Sampler, reference_answers
 from llada.model import LLaDAModel
 from llada.sandbox import Isolation, IsolationUnavailable, SandboxLimits, isolation_problem
 from llada.tokenizer import Tokenizer
@@ -144,10 +146,12 @@ def require_isolation(isolation: Isolation) -> None:
 
 
 def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dict], settings: GenerationSettings,
-                     *, chat: bool = False, batch_size: int = 16, compile: bool = False, seed: int = 0) -> list[dict]:
-    """One sample per problem: ``task_id``, ``completion`` (the answer text: a body, or a chat answer)
-    and ``steps``. With ``chat`` the problem is asked through the chat template."""
-    engine = Engine(model, compile=compile)
+                     *, chat: bool = False, batch_size: int = 16, sampler: Sampler = "engine", compile: bool = False,
+                     seed: int = 0) -> list[dict]:
+    """One sample per problem: ``task_id`` and ``completion`` (the answer text up to its first
+    end-of-text token: a body, or a chat answer). With ``chat`` the problem is asked through the
+    chat template; ``sampler="reference"`` decodes with the official algorithm."""
+    engine = Engine(model, compile=compile) if sampler == "engine" else None
     generator = torch.Generator(device=model.device).manual_seed(seed)
     if chat:
         prompts = [tokenizer.encode_chat([{"role": "user", "content": CHAT_QUESTION.format(prompt=p["prompt"])}])
@@ -157,27 +161,29 @@ def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dic
     samples = []
     with tqdm(total=len(problems), desc="humaneval", unit="problem") as bar:
         for start in range(0, len(problems), batch_size):
-            results = engine.generate(prompts[start:start + batch_size], settings, generator)
-            for problem, result in zip(problems[start:start + batch_size], results):
-                samples.append({"task_id": problem["task_id"],
-                                "completion": tokenizer.decode(result.tokens, skip_special_tokens=True),
-                                "steps": result.steps})
+            chunk = prompts[start:start + batch_size]
+            if engine is not None:
+                answers = [result.answer.tolist() for result in engine.generate(chunk, settings, generator)]
+            else:
+                answers = reference_answers(model, chunk, settings, generator)
+            for problem, answer in zip(problems[start:start + batch_size], answers):
+                samples.append({"task_id": problem["task_id"], "completion": answer_text(tokenizer, answer)})
                 bar.update(1)
     return samples
 
 
 def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettings, limit: int | None = None,
              batch_size: int = 16, chat: bool = False, limits: SandboxLimits = SandboxLimits(),
-             isolation: Isolation = "bubblewrap", compile: bool = False, seed: int = 0,
+             isolation: Isolation = "bubblewrap", sampler: Sampler = "engine", compile: bool = False, seed: int = 0,
              problems_path: str | Path | None = None, workers: int = 4) -> dict:
     """Generate a sample per problem, grade it, and return the summary (pass@1 with its standard
-    error) with ``records`` (task id, completion, steps, passed, result)."""
+    error) with ``records`` (task id, completion, passed, result)."""
     require_isolation(isolation)
     problems = list(load_problems(problems_path).values())[:limit]
     if not problems:
         raise ValueError("no problems to evaluate (limit must be >= 1)")
     samples = generate_samples(model, tokenizer, problems, settings, chat=chat, batch_size=batch_size,
-                               compile=compile, seed=seed)
+                               sampler=sampler, compile=compile, seed=seed)
     records = grade(samples, {p["task_id"]: p for p in problems}, chat=chat, limits=limits, isolation=isolation,
                     workers=workers)
     return {**summarize(records, ks=(1,)), "records": records}

@@ -52,10 +52,10 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from llada.engine import Engine
+from llada.generation import reference_answers
 from llada.generation_options import convert, setting_names, settings_from_options
 from llada.likelihood import log_likelihood, packed_elbo_samples, padded_logits, suffix_greedy
 from llada.model import LLaDAModel
-from llada.sampling import generate
 from llada.tokenizer import Tokenizer
 
 # eval_llada.py's generation defaults: one block of 1024 tokens, decoded in 1024 steps.
@@ -351,19 +351,9 @@ class LLaDAEvalModel(LM):
 
     def _answers(self, prompts: list[list[int]], generator: torch.Generator) -> list[list[int]]:
         """Each prompt's whole answer (``gen_length`` ids) from the chosen sampler."""
-        settings = self.settings
         if self.engine is not None:
-            return [result.answer.tolist() for result in self.engine.generate(prompts, settings, generator)]
-        from llada.batch_run import left_pad
-
-        ids, keep = left_pad(prompts, self.model.config.mask_token_id)
-        out = generate(self.model, ids.to(self.model.device), attention_mask=keep.to(self.model.device),
-                       steps=settings.total_steps, gen_length=settings.gen_length,
-                       block_length=settings.block_length, temperature=settings.temperature,
-                       cfg_scale=settings.cfg_scale, remasking=settings.remasking,
-                       logits_eos_inf=settings.logits_eos_inf,
-                       confidence_eos_eot_inf=settings.confidence_eos_eot_inf, generator=generator)
-        return out[:, ids.shape[1]:].tolist()
+            return [result.answer.tolist() for result in self.engine.generate(prompts, self.settings, generator)]
+        return reference_answers(self.model, prompts, self.settings, generator)
 
     def _clean(self, answer: list[int], stops: list[str]) -> str:
         """As officially: decode with special tokens, cut at each stop sequence, drop special tokens."""

@@ -1,0 +1,142 @@
+"""The paper's evaluation recipes run end to end offline, on small local fixtures in the datasets' real
+formats (JSON lines and Hub-style Parquet), with the demo model; and the offline task overrides keep
+lm-eval's own prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'llada[eval]')")
+pyarrow = pytest.importorskip("pyarrow")
+import pyarrow.parquet as pq  # noqa: E402
+
+from llada.cli import DEMO_MODEL, main  # noqa: E402
+from llada.eval_recipes import RECIPES, RecipeError, leaf_tasks, write_offline_tasks  # noqa: E402
+from llada.sandbox import isolation_problem  # noqa: E402
+
+SHORT = "gen_length=16,steps=16,block_length=16"  # the demo model's answers are short; the rest as the recipe
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pyarrow.Table.from_pylist(rows), path)
+
+
+def gsm8k_rows(count: int) -> list[dict]:
+    return [{"question": f"Ann has {n} apples and buys {n + 2} more. How many apples does she have?",
+             "answer": f"She has {n} + {n + 2} = {2 * n + 2} apples.\n#### {2 * n + 2}"} for n in range(count)]
+
+
+def mmlu_rows(subject: str, count: int) -> list[dict]:
+    return [{"question": f"Which number is the largest ({subject}, {n})?", "subject": subject,
+             "choices": [str(n), str(n + 3), str(n + 1), str(n + 2)], "answer": 1} for n in range(count)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local copies in the layout --data-dir expects, each dataset in a format users have it in."""
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl(root / "gsm8k" / "train.jsonl", gsm8k_rows(6))
+    write_jsonl(root / "gsm8k" / "test.jsonl", gsm8k_rows(3))
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+    for task in leaf_tasks("mmlu", index):  # Hub layout: one folder per subject, parquet shards
+        subject = task.removeprefix("mmlu_")
+        write_parquet(root / "mmlu" / subject / "dev-00000-of-00001.parquet", mmlu_rows(subject, 5))
+        write_parquet(root / "mmlu" / subject / "test-00000-of-00001.parquet", mmlu_rows(subject, 1))
+    endings = ["puts the pan on the stove.", "sings to the pan.", "throws the stove away.", "eats the pan."]
+    write_jsonl(root / "hellaswag" / "validation.jsonl", [
+        {"ind": n, "activity_label": "Cooking", "ctx_a": "A man holds a pan.", "ctx_b": "he", "ctx": "A man holds a "
+         "pan. he", "endings": endings, "source_id": f"local~{n}", "split": "val", "split_type": "indomain",
+         "label": "0"} for n in range(2)])
+    write_parquet(root / "arc_challenge" / "test-00000-of-00001.parquet", [
+        {"id": f"local_{n}", "question": "Which of these is a liquid at room temperature?",
+         "choices": {"text": ["iron", "water", "salt", "wood"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"}
+        for n in range(2)])
+    write_jsonl(root / "piqa" / "validation.jsonl", [
+        {"goal": "Dry wet hands.", "sol1": "Rub them with a towel.", "sol2": "Rub them with water.", "label": 0}
+        for _ in range(2)])
+    write_jsonl(root / "humaneval" / "HumanEval.jsonl", [
+        {"task_id": "Local/0", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "entry_point": "add",
+         "canonical_solution": "    return a + b\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}])
+    return root
+
+
+def run_recipe(name: str, data_dir: Path, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / name
+    assert main(["eval", "recipe", name, "--model", str(DEMO_MODEL), "--data-dir", str(data_dir), "--device", "cpu",
+                 "--limit", "2", "--output-path", str(out), "--log-samples", *extra]) == 0
+    (results,) = out.rglob("results_*.json")
+    return json.loads(results.read_text())
+
+
+@pytest.mark.parametrize("name, task, metric", [
+    ("arc_challenge-base", "arc_challenge", "acc,none"),
+    ("hellaswag-base", "hellaswag", "acc,none"),
+    ("piqa-base", "piqa", "acc,none"),
+])
+def test_likelihood_recipes_run_offline(name: str, task: str, metric: str, data_dir: Path, tmp_path: Path) -> None:
+    report = run_recipe(name, data_dir, tmp_path, "--model-args", "mc_num=8")
+    result = report["results"][task]
+    assert 0.0 <= result[metric] <= 1.0 and f"{metric.split(',')[0]}_stderr,none" in result
+    assert report["n-samples"][task]["effective"] == 2
+    assert "cfg=0.5" in report["config"]["model_args"] or report["config"]["model_args"].get("cfg") == 0.5
+
+
+def test_mmlu_recipe_reads_one_parquet_folder_per_subject(data_dir: Path, tmp_path: Path) -> None:
+    report = run_recipe("mmlu-base", data_dir, tmp_path, "--limit", "1")
+    assert report["n-samples"]["mmlu_anatomy"]["effective"] == 1
+    assert len([task for task in report["n-samples"] if task.startswith("mmlu_")]) == 57
+    assert 0.0 <= report["results"]["mmlu"]["acc,none"] <= 1.0
+    (samples,) = (tmp_path / "mmlu-base").rglob("samples_mmlu_anatomy_*.jsonl")
+    prompt = json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.count("Answer:") == 6  # 5 shots from the local dev split, then the question
+
+
+def test_gsm8k_recipe_generates_with_local_few_shot_examples(data_dir: Path, tmp_path: Path) -> None:
+    report = run_recipe("gsm8k-base", data_dir, tmp_path, "--model-args", SHORT)
+    assert 0.0 <= report["results"]["gsm8k"]["exact_match,strict-match"] <= 1.0
+    (samples,) = (tmp_path / "gsm8k-base").rglob("samples_gsm8k_*.jsonl")
+    prompt = json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.count("Question:") == 6 and "####" in prompt
+
+
+@pytest.mark.skipif(isolation_problem() is not None, reason=f"bubblewrap isolation unavailable: {isolation_problem()}")
+def test_humaneval_recipe_reads_local_problems(data_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["eval", "recipe", "humaneval-base", "--model", str(DEMO_MODEL), "--data-dir", str(data_dir),
+                 "--device", "cpu", "--output-path", str(tmp_path), "--model-args", SHORT]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["problems"] == 1 and "pass@1_stderr" in summary
+    (record,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert record["task_id"] == "Local/0" and isinstance(record["passed"], bool)
+    assert main(["eval", "recipe", "humaneval-base", "--model", str(DEMO_MODEL), "--model-args", "mc_num=4"]) == 2
+    assert "takes only" in capsys.readouterr().err
+
+
+def test_missing_data_is_named(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="no local file for the 'test' split .*gsm8k/test.jsonl"):
+        (tmp_path / "empty" / "gsm8k").mkdir(parents=True)
+        write_offline_tasks(["gsm8k"], tmp_path / "empty", tmp_path / "tasks", "gsm8k")
+    write_jsonl(tmp_path / "noshots" / "gsm8k" / "test.jsonl", gsm8k_rows(1))
+    with pytest.raises(RecipeError, match="'train' split .*5 few-shot examples"):
+        write_offline_tasks(["gsm8k"], tmp_path / "noshots", tmp_path / "tasks", "gsm8k", num_fewshot=5)
+    assert write_offline_tasks(["gsm8k"], tmp_path / "noshots", tmp_path / "tasks", "gsm8k", num_fewshot=0) == ["gsm8k"]
+    with pytest.raises(RecipeError, match="no data folder"):
+        write_offline_tasks(["mmlu"], tmp_path / "nothing", tmp_path / "tasks", "mmlu", per_task_folders=True)
+
+
+def test_every_recipe_names_a_known_task_and_its_source() -> None:
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+    for recipe in RECIPES.values():
+        assert recipe.reported and (recipe.task == "humaneval" or recipe.task in index)
