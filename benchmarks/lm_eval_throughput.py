@@ -5,8 +5,8 @@ Runs the three request types lm-evaluation-harness sends, built from the demo da
 
 - ``loglikelihood`` with multi-token continuations (Monte-Carlo ELBO, ``--mc-num`` samples each);
 - ``loglikelihood`` with one-token continuations (multiple-choice letters: exact, many per pass);
-- ``generate_until`` (the engine; random weights never reach the confidence threshold, so this is
-  the one-token-per-step worst case).
+- ``generate_until`` (``sampler=engine`` with the threshold policy; random weights never reach the
+  confidence threshold, so this is the one-token-per-step worst case).
 
     PYTHONPATH=src python benchmarks/lm_eval_throughput.py --preset 8b \
         --out benchmarks/results/eval/lm_eval_throughput_h100_8b.json
@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=512, help="one-token loglikelihood requests")
     parser.add_argument("--generate", type=int, default=64, help="generate_until requests")
     parser.add_argument("--mc-num", type=int, default=128)
-    parser.add_argument("--mc-batch-size", type=int, default=32)
+    parser.add_argument("--mc-batch-size", type=int, default=32,
+                        help="Monte-Carlo samples per forward pass (the model's batch_size, lm-eval's --batch_size)")
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated together")
@@ -69,8 +70,9 @@ def main() -> None:
 
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     model = random_model(args.preset, tokenizer)
-    lm = LLaDAEvalModel((model, tokenizer), mc_num=args.mc_num, mc_batch_size=args.mc_batch_size,
-                        batch_size=args.batch_size, gen_length=args.gen_length, block_length=args.block_length,
+    lm = LLaDAEvalModel((model, tokenizer), mc_num=args.mc_num, batch_size=args.mc_batch_size,
+                        gen_batch_size=args.batch_size, sampler="engine", policy="threshold", cache="dual",
+                        gen_length=args.gen_length, block_length=args.block_length, is_check_greedy=False,
                         compile=args.compile)
     contexts = passages(Path(args.text), max(args.multi, args.single, args.generate), args.context_words)
     continuations = passages(Path(args.text), args.multi, 8, seed=1)

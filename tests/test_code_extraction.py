@@ -12,7 +12,7 @@ PROMPT = 'from typing import List\n\n\ndef total(values: List[int]) -> int:\n   
 
 def run(program: str, call: str):
     namespace: dict = {}
-    exec(program, namespace)  # trusted test inputs only
+    exec(program, namespace)  # noqa: S102 (the test's own programs)
     return eval(call, namespace)
 
 

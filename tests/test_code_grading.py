@@ -45,8 +45,8 @@ def test_wrong_solutions_fail_with_a_reason() -> None:
 
 EARLY_EXITS = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "exit()", "quit()", "raise SystemExit",
                "raise SystemExit(0)", "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
-               "import threading, os, time\nthreading.Thread(target=lambda: (time.sleep(0.05), os._exit(0))).start()\n"
-               "time.sleep(5)"]
+               ("import threading, os, time\nthreading.Thread(target=lambda: (time.sleep(0.05), os._exit(0))).start()\n"
+                "time.sleep(5)")]
 
 
 @pytest.mark.parametrize("exit_code", EARLY_EXITS)

@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'llada[eval]')")
 pyarrow = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow.parquet as pq
 
-from llada.cli import DEMO_MODEL, main  # noqa: E402
-from llada.eval_recipes import RECIPES, RecipeError, leaf_tasks, write_offline_tasks  # noqa: E402
-from llada.sandbox import isolation_problem  # noqa: E402
+from llada.cli import DEMO_MODEL, main
+from llada.eval_recipes import RECIPES, RecipeError, leaf_tasks, write_offline_tasks
+from llada.sandbox import isolation_problem
 
 SHORT = "gen_length=16,steps=16,block_length=16"  # the demo model's answers are short; the rest as the recipe
 

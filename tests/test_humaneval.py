@@ -76,7 +76,7 @@ def test_bad_samples_files_are_named(tmp_path: Path, capsys) -> None:
 
 
 def test_refuses_unisolated_code_unless_the_risk_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
-    import llada.humaneval as humaneval
+    from llada import humaneval
 
     monkeypatch.setattr(humaneval, "isolation_problem", lambda: "bwrap is not installed")
     samples = tmp_path / "samples.jsonl"

@@ -284,7 +284,7 @@ def _run_eval(checkpoint_dir: Path, out: Path, processes: int) -> dict:
                           "llada_arithmetic_mc,llada_arithmetic,llada_counting_ppl", "--limit", "5",
                           "--output_path", str(out), "--log_samples"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     samples = {}
     for path in out.rglob("samples_*.jsonl"):

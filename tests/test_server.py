@@ -357,6 +357,16 @@ def test_a_server_keeping_prompts_serves_exact_mode_requests(model_and_tokenizer
     prefix.validate()
 
 
+def test_requests_set_the_official_end_of_text_options(model_and_tokenizer) -> None:
+    config = ServerConfig(model_name="tiny", api_key=None, settings=SETTINGS)
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    default = parse_job("chat", body, model_and_tokenizer[1], config, 4096).settings
+    assert not default.logits_eos_inf and not default.confidence_eos_eot_inf
+    both = parse_job("chat", {**body, "logits_eos_inf": True, "confidence_eos_eot_inf": True},
+                     model_and_tokenizer[1], config, 4096).settings
+    assert both.logits_eos_inf and both.confidence_eos_eot_inf
+
+
 def test_models_health_and_metrics(served, client) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
@@ -466,6 +476,7 @@ CHAT = {"model": "tiny", "messages": MESSAGES, "max_tokens": 16}
     ("/v1/chat/completions", {**CHAT, "policy": "greedy"}, 400, "policy", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "remasking": "never"}, 400, "remasking", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "cache": 1}, 400, "cache", "invalid_type"),
+    ("/v1/chat/completions", {**CHAT, "logits_eos_inf": "true"}, 400, "logits_eos_inf", "invalid_type"),
     ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("/v1/chat/completions", {**CHAT, "denoising": True}, 400, "denoising", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "n": 2}, 400, "n", "unsupported_value"),

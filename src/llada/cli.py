@@ -681,8 +681,15 @@ def _run_humaneval(argv: list[str]) -> int:
 
 def _run_recipe(argv: list[str]) -> int:
     """``llada eval recipe NAME``: one of the paper's evaluations with the official settings, offline."""
-    from llada.eval_recipes import RECIPES, RecipeError, humaneval_arguments, lm_eval_arguments, recipe, \
-        with_overrides, write_offline_tasks
+    from llada.eval_recipes import (
+        RECIPES,
+        RecipeError,
+        humaneval_arguments,
+        lm_eval_arguments,
+        recipe,
+        with_overrides,
+        write_offline_tasks,
+    )
 
     parser = argparse.ArgumentParser(
         prog="llada eval recipe", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -27,7 +27,7 @@ class Verdict:
     result: str
 
 
-def run_check(solution: str, tests: str, entry_point: str, limits: SandboxLimits = SandboxLimits(),
+def run_check(solution: str, tests: str, entry_point: str, limits: SandboxLimits | None = None,
               isolation: Isolation = "bubblewrap") -> Verdict:
     """Run ``solution``, then ``tests``, then ``check(<entry_point>)`` in a sandbox.
 
@@ -35,9 +35,10 @@ def run_check(solution: str, tests: str, entry_point: str, limits: SandboxLimits
         solution: Python source that defines ``entry_point`` (e.g. a HumanEval prompt + completion).
         tests: Python source that defines ``check(candidate)``.
         entry_point: name of the function under test.
-        limits: the sandbox's limits (wall clock, CPU, memory, processes, output).
+        limits: the sandbox's limits (wall clock, CPU, memory, processes, output); default ``SandboxLimits()``.
         isolation: "bubblewrap" (default), or "none" to run unisolated (the caller accepts the risk).
     """
+    limits = limits or SandboxLimits()
     if not entry_point.isidentifier():
         raise ValueError(f"entry point must be a Python identifier, got {entry_point!r}")
     secret = secrets.token_hex(16).encode()  # 32 bytes, what the runner reads

@@ -29,9 +29,8 @@ def convert(name: str, value: Any, kind: Any) -> Any:
     float, str, a Literal or an Optional of these), raising ValueError that names ``name``."""
     origin, arguments = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in _NONE):
-            if type(None) in arguments:
-                return None
+        if type(None) in arguments and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
+            return None
         (inner,) = [argument for argument in arguments if argument is not type(None)]
         return convert(name, value, inner)
     if origin is typing.Literal:

@@ -65,7 +65,7 @@ def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
+                raise ValueError(f"{path}, line {number}: expected a JSON object")  # noqa: TRY004 (bad input, not a bug)
             yield number, record
 
 
@@ -77,7 +77,7 @@ def solution_program(problem: dict, completion: str, chat: bool) -> str:
 
 
 def grade(samples: list[dict], problems: dict[str, dict], *, chat: bool = False,
-          limits: SandboxLimits = SandboxLimits(), isolation: Isolation = "bubblewrap",
+          limits: SandboxLimits | None = None, isolation: Isolation = "bubblewrap",
           workers: int = 4) -> list[dict]:
     """Each sample (``task_id``, ``completion``) with ``passed`` and ``result`` added, in order;
     ``workers`` sandboxes run at once."""
@@ -85,7 +85,7 @@ def grade(samples: list[dict], problems: dict[str, dict], *, chat: bool = False,
         if sample.get("task_id") not in problems:
             raise ValueError(f"sample {number}: unknown task_id {sample.get('task_id')!r}")
         if not isinstance(sample.get("completion"), str):
-            raise ValueError(f"sample {number} ({sample['task_id']}): 'completion' must be a string")
+            raise ValueError(f"sample {number} ({sample['task_id']}): 'completion' must be a string")  # noqa: TRY004
 
     def one(sample: dict) -> Verdict:
         problem = problems[sample["task_id"]]
@@ -173,7 +173,7 @@ def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dic
 
 
 def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettings, limit: int | None = None,
-             batch_size: int = 16, chat: bool = False, limits: SandboxLimits = SandboxLimits(),
+             batch_size: int = 16, chat: bool = False, limits: SandboxLimits | None = None,
              isolation: Isolation = "bubblewrap", sampler: Sampler = "engine", compile: bool = False, seed: int = 0,
              problems_path: str | Path | None = None, workers: int = 4) -> dict:
     """Generate a sample per problem, grade it, and return the summary (pass@1 with its standard

@@ -154,13 +154,14 @@ def packed_elbo_samples(model: LLaDAModel, items: Sequence[tuple[torch.Tensor, t
     if len(generators) != len(items):
         raise ValueError(f"{len(generators)} generators for {len(items)} items")
     drawn, rows = [], []
-    for (prompt, answer), generator in zip(items, generators):
+    for (prompt, answer), item_generator in zip(items, generators):
         prompt, answer = prompt.to(model.device), answer.to(model.device)
         if answer.numel() == 1:
             counts = torch.ones(1, dtype=torch.long, device=model.device)
         else:
-            counts = stratified_mask_counts(num_samples, answer.numel(), device=model.device, generator=generator)
-        targets, masked, noisy = _masked_answers(answer, counts, mask_id, generator)
+            counts = stratified_mask_counts(num_samples, answer.numel(), device=model.device,
+                                            generator=item_generator)
+        targets, masked, noisy = _masked_answers(answer, counts, mask_id, item_generator)
         drawn.append((targets, masked, counts))
         rows += torch.cat([prompt[None, :].expand(counts.numel(), -1), noisy], dim=1).tolist()
     logits = padded_logits(model, rows)

@@ -28,6 +28,7 @@ program can then read and write whatever the caller can, and reach the network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
@@ -221,8 +222,8 @@ def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b
             Path(path).write_text(text, encoding="utf-8")
             os.chmod(path, 0o644)
         outputs = {name: os.path.join(host_dir, name) for name in ("stdout", "stderr", "channel")}
-        handles = {name: open(path, "wb") for name, path in outputs.items()}
-        try:
+        with contextlib.ExitStack() as opened:  # the child keeps its copies; ours close once it started
+            handles = {name: opened.enter_context(open(path, "wb")) for name, path in outputs.items()}
             channel_fd = handles["channel"].fileno()
             if isolation == "bubblewrap":
                 prefix, files_path, cwd = bubblewrap_command(files_dir, limits, os.geteuid() == 0), SANDBOX_FILES, None
@@ -232,9 +233,6 @@ def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b
             environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=handles["stdout"], stderr=handles["stderr"],
                                        pass_fds=(channel_fd,), cwd=cwd, env=environment, start_new_session=True)
-        finally:
-            for handle in handles.values():
-                handle.close()
         timed_out = False
         try:
             try:

@@ -333,7 +333,9 @@ def _settings(fields: _Fields, kind: Kind, config: ServerConfig) -> tuple[Genera
         factor=fields.number("factor", 0.0, block_length + 1.0, base.factor, low_open=True),
         cfg_scale=fields.number("cfg_scale", 0.0, 100.0, base.cfg_scale),
         remasking=fields.choice("remasking", REMASKING_CHOICES, base.remasking),
-        cache=fields.choice("cache", CACHE_MODES, base.cache))
+        cache=fields.choice("cache", CACHE_MODES, base.cache),
+        logits_eos_inf=fields.boolean("logits_eos_inf", base.logits_eos_inf),
+        confidence_eos_eot_inf=fields.boolean("confidence_eos_eot_inf", base.confidence_eos_eot_inf))
     # The server's keep_prompt and reuse_decided refine the cached modes (reuse_decided the dual cache
     # only); a request for another mode drops them.
     settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and settings.cache != "none",
