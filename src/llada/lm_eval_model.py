@@ -154,6 +154,8 @@ class LLaDAEvalModel(LM):
 
             if not dist.is_initialized():
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
+                if backend == "nccl":  # NCCL's collectives run on the current device: one GPU per process
+                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 dist.init_process_group(backend=backend)
                 atexit.register(dist.destroy_process_group)
             self.dp_rank, self.dp_world = dist.get_rank(), dist.get_world_size()
