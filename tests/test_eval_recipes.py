@@ -40,6 +40,13 @@ def mmlu_rows(subject: str, count: int) -> list[dict]:
              "choices": [str(n), str(n + 3), str(n + 1), str(n + 2)], "answer": 1} for n in range(count)]
 
 
+def mbpp_row(task_id: int) -> dict:
+    return {"task_id": task_id, "text": f"Write a function to add {task_id} to a number.",
+            "code": f"def add_{task_id}(x):\r\n    return x + {task_id}",
+            "test_list": [f"assert add_{task_id}({n}) == {n + task_id}" for n in range(3)],
+            "test_setup_code": "", "challenge_test_list": []}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Local copies in the layout --data-dir expects, each dataset in a format users have it in."""
@@ -65,6 +72,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_jsonl(root / "piqa" / "validation.jsonl", [
         {"goal": "Dry wet hands.", "sol1": "Rub them with a towel.", "sol2": "Rub them with water.", "label": 0}
         for _ in range(2)])
+    write_parquet(root / "mbpp" / "prompt-00000-of-00001.parquet", [mbpp_row(n) for n in range(1, 5)])
+    write_parquet(root / "mbpp" / "test-00000-of-00001.parquet", [mbpp_row(n) for n in (11, 12)])
     write_jsonl(root / "humaneval" / "HumanEval.jsonl", [
         {"task_id": "Local/0", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "entry_point": "add",
          "canonical_solution": "    return a + b\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}])
@@ -120,6 +129,31 @@ def test_humaneval_recipe_reads_local_problems(data_dir: Path, tmp_path: Path, c
     assert record["task_id"] == "Local/0" and isinstance(record["passed"], bool)
     assert main(["eval", "recipe", "humaneval-base", "--model", str(DEMO_MODEL), "--model-args", "mc_num=4"]) == 2
     assert "takes only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(isolation_problem() is not None, reason=f"bubblewrap isolation unavailable: {isolation_problem()}")
+def test_mbpp_recipe_prompts_with_the_papers_three_shots_and_grades_in_the_sandbox(data_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    report = run_recipe("mbpp-base", data_dir, tmp_path, "--model-args", SHORT)
+    assert report["results"]["llada_mbpp"]["pass_at_1,none"] == 0.0  # the demo model never saw code
+    (samples,) = (tmp_path / "mbpp-base").rglob("samples_llada_mbpp_*.jsonl")
+    prompt = json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.count("[BEGIN]") == 4 and prompt.count("[DONE]") == 3
+    assert "add 2 to" in prompt and "add 4 to" in prompt and "add 1 to" not in prompt  # task ids 2, 3, 4
+
+
+@pytest.mark.skipif(isolation_problem() is not None, reason=f"bubblewrap isolation unavailable: {isolation_problem()}")
+def test_mbpp_grading() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src" / "llada" / "eval_tasks"))
+    from mbpp import process_results
+
+    doc = mbpp_row(11)
+    assert process_results(doc, ["def add_11(x):\n    return x + 11\n[DONE]"]) == {"pass_at_1": 1.0}
+    assert process_results(doc, ["```python\ndef add_11(x):\n    return x + 11\n```"]) == {"pass_at_1": 1.0}
+    assert process_results(doc, ["def add_11(x):\n    return x\n"]) == {"pass_at_1": 0.0}
+    assert process_results(doc, ["import sys\nsys.exit(0)\n"]) == {"pass_at_1": 0.0}
 
 
 def test_missing_data_is_named(data_dir: Path, tmp_path: Path) -> None:

@@ -709,8 +709,10 @@ def _run_recipe(argv: list[str]) -> int:
     parser.add_argument("--output-path", help="where lm-eval writes results (and samples with --log-samples)")
     parser.add_argument("--log-samples", action="store_true", help="also write every item's prompt and answer")
     parser.add_argument("--unsafe-no-isolation", action="store_true",
-                        help="HumanEval: run model-written code without bubblewrap (see llada eval humaneval)")
+                        help="HumanEval, MBPP: run model-written code without bubblewrap (see llada eval humaneval)")
     args = parser.parse_args(argv)
+    if args.unsafe_no_isolation:  # read by eval_tasks/mbpp.py inside lm-eval
+        os.environ["LLADA_UNSAFE_NO_ISOLATION"] = "1"
     try:
         chosen = with_overrides(recipe(args.name), args.model_args)
         if chosen.task == "humaneval":

@@ -2,7 +2,8 @@
 
 Importing this module registers the model under the name ``llada``; ``llada eval`` (or
 ``python -m llada.lm_eval_model``) imports it and runs lm-eval's command line with the shipped
-offline tasks (``eval_tasks/``) on the include path next to any of the user's own, so that
+offline tasks (``eval_tasks/``) on the include path next to any of the user's own (which win on a
+clash of names), so that
 
     llada eval --model llada --model_args pretrained=CKPT,mc_num=128,cfg=0.5 --tasks arc_challenge --batch_size 8
 
@@ -384,7 +385,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """lm-eval's command line with the ``llada`` model registered and the shipped tasks on the
-    include path, after any the user gives (``llada eval ...``)."""
+    include path, before any the user gives (``llada eval ...``)."""
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
@@ -396,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "include_path"):
         given = args.include_path
         paths = [] if not given else ([given] if isinstance(given, str) else list(given))
-        args.include_path = [*paths, str(TASKS_DIR)]
+        args.include_path = [str(TASKS_DIR), *paths]  # later folders win: a user's task replaces a shipped one
     cli.execute(args)
     return 0
 

@@ -1,0 +1,56 @@
+"""MBPP for lm-eval, graded in this project's sandbox (``llada_mbpp.yaml``).
+
+lm-eval's own MBPP task loads a Hub-hosted metric when imported and so cannot run offline; this task
+keeps the MBPP paper's prompt (the task, its three tests, ``[BEGIN]``, the code, ``[DONE]``) and its
+three few-shot examples (task ids 2, 3 and 4 of the ``prompt`` split), and grades each answer with
+:func:`llada.code_grading.run_check` under bubblewrap. Set ``LLADA_UNSAFE_NO_ISOLATION=1`` to grade
+without isolation where bubblewrap cannot run (the code can then touch your files and network).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import datasets
+
+from llada.code_extraction import code_blocks
+from llada.code_grading import run_check
+from llada.sandbox import IsolationUnavailable, isolation_problem
+
+FEW_SHOT_IDS = (2, 3, 4)
+FIRST_TEST_ID = 11  # task ids 1-10 are the prompt split; the test split is 11-510
+
+
+def process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Keep the test problems and, of the prompt split, the three few-shot examples (marked so that
+    their target is the code rather than the tests)."""
+    kept = dataset.filter(lambda doc: doc["task_id"] >= FIRST_TEST_ID or doc["task_id"] in FEW_SHOT_IDS)
+    return kept.map(lambda doc: {"is_fewshot": doc["task_id"] < FIRST_TEST_ID})
+
+
+def entry_point(tests: list[str]) -> str:
+    """The function the tests call: the first call's name in the first assert."""
+    for node in ast.walk(ast.parse(tests[0])):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            return node.func.id
+    raise ValueError(f"no function call in the test {tests[0]!r}")
+
+
+def answer_code(response: str) -> str:
+    """The code of an answer: inside its first Python code block if it has one, without ``[BEGIN]``."""
+    text = response.split("[DONE]")[0].replace("[BEGIN]", "")
+    blocks = code_blocks(text) if "```" in text else [text]
+    return blocks[0] if blocks else text
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """pass@1 of the answer: its code, then the problem's setup code and tests, in the sandbox."""
+    isolation = "none" if os.environ.get("LLADA_UNSAFE_NO_ISOLATION") == "1" else "bubblewrap"
+    if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
+        raise IsolationUnavailable(f"MBPP grading needs bubblewrap isolation: {problem}; set "
+                                   "LLADA_UNSAFE_NO_ISOLATION=1 to run model-written code unisolated")
+    body = "".join(f"    {test}\n" for test in doc["test_list"])
+    tests = (doc.get("test_setup_code") or "") + "\n\ndef check(candidate):\n" + body
+    verdict = run_check(answer_code(results[0]), tests, entry_point(doc["test_list"]), isolation=isolation)
+    return {"pass_at_1": float(verdict.passed)}
