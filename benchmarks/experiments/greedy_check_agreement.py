@@ -22,8 +22,7 @@ from llada.likelihood import suffix_greedy
 from llada.lm_eval_model import LLaDAEvalModel
 from llada.sampling import generate
 
-WORDS = ("The king is dead . To be or not to be that is the question Define the word ocean What is 3 + 4 ? "
-         "O Romeo wherefore art thou").split()
+WORDS = ["The", "king", "is", "dead", ".", "To", "be", "or", "not", "to", "be", "that", "is", "the", "question", "Define", "the", "word", "ocean", "What", "is", "3", "+", "4", "?", "O", "Romeo", "wherefore", "art", "thou"]
 
 
 def main() -> None:
