@@ -101,6 +101,19 @@ def test_likelihood_recipes_run_offline(name: str, task: str, metric: str, data_
     assert "cfg=0.5" in report["config"]["model_args"] or report["config"]["model_args"].get("cfg") == 0.5
 
 
+def test_reruns_with_seeds_report_each_seed_and_the_spread(data_dir: Path, tmp_path: Path) -> None:
+    """--seeds reruns a recipe with each seed (the Monte-Carlo masks) and summarises each metric."""
+    assert main(["eval", "recipe", "piqa-base", "--model", str(DEMO_MODEL), "--data-dir", str(data_dir), "--device",
+                 "cpu", "--limit", "2", "--model-args", "mc_num=4", "--seeds", "1", "2",
+                 "--output-path", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "seed_summary.json").read_text())["piqa"]["acc,none"]
+    assert sorted(summary["seeds"]) == ["1", "2"] and summary["sd"] >= 0
+    assert summary["mean"] == pytest.approx(sum(summary["seeds"].values()) / 2)
+    configs = [json.loads(next((tmp_path / f"seed_{s}").rglob("results_*.json")).read_text())["config"]["model_args"]
+               for s in (1, 2)]
+    assert [config["seed"] for config in configs] == [1, 2]
+
+
 def test_mmlu_recipe_reads_one_parquet_folder_per_subject(data_dir: Path, tmp_path: Path) -> None:
     report = run_recipe("mmlu-base", data_dir, tmp_path, "--limit", "1")
     assert report["n-samples"]["mmlu_anatomy"]["effective"] == 1

@@ -687,6 +687,7 @@ def _run_recipe(argv: list[str]) -> int:
         humaneval_arguments,
         lm_eval_arguments,
         recipe,
+        seed_summary,
         with_overrides,
         write_offline_tasks,
     )
@@ -708,6 +709,8 @@ def _run_recipe(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--output-path", help="where lm-eval writes results (and samples with --log-samples)")
     parser.add_argument("--log-samples", action="store_true", help="also write every item's prompt and answer")
+    parser.add_argument("--seeds", type=int, nargs="+", help="rerun once per seed (model arg seed: the Monte-Carlo "
+                        "masks, sampling) and print each metric's values, mean and sd across the runs")
     parser.add_argument("--unsafe-no-isolation", action="store_true",
                         help="HumanEval, MBPP: run model-written code without bubblewrap (see llada eval humaneval)")
     args = parser.parse_args(argv)
@@ -716,6 +719,9 @@ def _run_recipe(argv: list[str]) -> int:
     try:
         chosen = with_overrides(recipe(args.name), args.model_args)
         if chosen.task == "humaneval":
+            if args.seeds:
+                raise RecipeError("--seeds reruns lm-eval recipes; HumanEval decodes greedily (use llada eval "
+                                  "humaneval --seed with --temperature for sampled reruns)")
             rest = humaneval_arguments(chosen, args.model, args.data_dir) + ["--device", args.device]
             rest += ["--limit", str(args.limit)] if args.limit else []
             rest += ["--unsafe-no-isolation"] if args.unsafe_no_isolation else []
@@ -730,11 +736,27 @@ def _run_recipe(argv: list[str]) -> int:
             write_offline_tasks([chosen.task], args.data_dir, tasks, chosen.data, chosen.per_task_folders,
                                 chosen.num_fewshot)
             device = str(resolve_device(args.device))
-            rest = lm_eval_arguments(chosen, args.model, tasks, args.limit) + ["--device", device]
-            rest += ["--output_path", args.output_path] if args.output_path else []
-            rest += ["--log_samples"] if args.log_samples else []
-            print("llada eval " + " ".join(rest), file=sys.stderr)
-            return evaluate(rest)
+            if not args.seeds:
+                rest = lm_eval_arguments(chosen, args.model, tasks, args.limit) + ["--device", device]
+                rest += ["--output_path", args.output_path] if args.output_path else []
+                rest += ["--log_samples"] if args.log_samples else []
+                print("llada eval " + " ".join(rest), file=sys.stderr)
+                return evaluate(rest)
+            output = Path(args.output_path or tempfile.mkdtemp(prefix="llada-recipe-"))
+            results = {}
+            for seed in args.seeds:
+                rerun = with_overrides(chosen, f"seed={seed}")
+                rest = lm_eval_arguments(rerun, args.model, tasks, args.limit) + ["--device", device,
+                                                                                  "--output_path", str(output / f"seed_{seed}")]
+                rest += ["--log_samples"] if args.log_samples else []
+                print("llada eval " + " ".join(rest), file=sys.stderr)
+                evaluate(rest)
+                (written,) = sorted((output / f"seed_{seed}").rglob("results_*.json"))[-1:]
+                results[seed] = json.loads(written.read_text())["results"]
+            summary = json.dumps(seed_summary(results), indent=1)
+            (output / "seed_summary.json").write_text(summary + "\n")
+            print(f"across seeds {', '.join(map(str, args.seeds))} ({output / 'seed_summary.json'}):\n{summary}")
+            return 0
     except (RecipeError, CliError, ValueError, OSError) as error:
         print(f"llada eval recipe: error: {error}", file=sys.stderr)
         return 2

