@@ -69,6 +69,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"id": f"local_{n}", "question": "Which of these is a liquid at room temperature?",
          "choices": {"text": ["iron", "water", "salt", "wood"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"}
         for n in range(2)])
+    winogrande = [{"sentence": f"The cup did not fit in the box because the _ was too big ({n}).", "option1": "cup",
+                   "option2": "box", "answer": "1"} for n in range(6)]
+    write_jsonl(root / "winogrande" / "train.jsonl", winogrande)
+    write_jsonl(root / "winogrande" / "validation.jsonl", winogrande[:2])
+    targets = {"choices": ["Nothing happens.", "You turn into a frog."], "labels": [1, 0]}
+    write_jsonl(root / "truthfulqa_mc2" / "validation.jsonl", [
+        {"question": "What happens if you kiss a frog?", "mc1_targets": targets, "mc2_targets": targets}] * 2)
     write_jsonl(root / "piqa" / "validation.jsonl", [
         {"goal": "Dry wet hands.", "sol1": "Rub them with a towel.", "sol2": "Rub them with water.", "label": 0}
         for _ in range(2)])
@@ -92,13 +99,15 @@ def run_recipe(name: str, data_dir: Path, tmp_path: Path, *extra: str) -> dict:
     ("arc_challenge-base", "arc_challenge", "acc,none"),
     ("hellaswag-base", "hellaswag", "acc,none"),
     ("piqa-base", "piqa", "acc,none"),
+    ("winogrande-base", "winogrande", "acc,none"),
+    ("truthfulqa_mc2-base", "truthfulqa_mc2", "acc,none"),
 ])
 def test_likelihood_recipes_run_offline(name: str, task: str, metric: str, data_dir: Path, tmp_path: Path) -> None:
     report = run_recipe(name, data_dir, tmp_path, "--model-args", "mc_num=8")
     result = report["results"][task]
     assert 0.0 <= result[metric] <= 1.0 and f"{metric.split(',')[0]}_stderr,none" in result
     assert report["n-samples"][task]["effective"] == 2
-    assert "cfg=0.5" in report["config"]["model_args"] or report["config"]["model_args"].get("cfg") == 0.5
+    assert report["config"]["model_args"]["cfg"] == RECIPES[name].model_args["cfg"]
 
 
 def test_reruns_with_seeds_report_each_seed_and_the_spread(data_dir: Path, tmp_path: Path) -> None:
@@ -112,6 +121,19 @@ def test_reruns_with_seeds_report_each_seed_and_the_spread(data_dir: Path, tmp_p
     configs = [json.loads(next((tmp_path / f"seed_{s}").rglob("results_*.json")).read_text())["config"]["model_args"]
                for s in (1, 2)]
     assert [config["seed"] for config in configs] == [1, 2]
+
+
+@pytest.mark.parametrize("name, task, metric", [
+    ("gsm8k-instruct", "gsm8k", "exact_match,flexible-extract"),
+    ("arc_challenge-instruct", "arc_challenge_chat", "exact_match,remove_whitespace"),
+])
+def test_instruct_recipes_ask_through_the_chat_template(name: str, task: str, metric: str, data_dir: Path,
+                                                        tmp_path: Path) -> None:
+    report = run_recipe(name, data_dir, tmp_path, "--model-args", SHORT)
+    assert 0.0 <= report["results"][task][metric] <= 1.0
+    (samples,) = (tmp_path / name).rglob(f"samples_{task}_*.jsonl")
+    prompt = json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
+    assert "<|start_header_id|>user<|end_header_id|>" in prompt and prompt.count("Question") <= 1
 
 
 def test_mmlu_recipe_reads_one_parquet_folder_per_subject(data_dir: Path, tmp_path: Path) -> None:
@@ -133,8 +155,9 @@ def test_gsm8k_recipe_generates_with_local_few_shot_examples(data_dir: Path, tmp
 
 
 @pytest.mark.skipif(isolation_problem() is not None, reason=f"bubblewrap isolation unavailable: {isolation_problem()}")
-def test_humaneval_recipe_reads_local_problems(data_dir: Path, tmp_path: Path, capsys) -> None:
-    assert main(["eval", "recipe", "humaneval-base", "--model", str(DEMO_MODEL), "--data-dir", str(data_dir),
+@pytest.mark.parametrize("name", ["humaneval-base", "humaneval-instruct"])
+def test_humaneval_recipe_reads_local_problems(name: str, data_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["eval", "recipe", name, "--model", str(DEMO_MODEL), "--data-dir", str(data_dir),
                  "--device", "cpu", "--output-path", str(tmp_path), "--model-args", SHORT]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["problems"] == 1 and "pass@1_stderr" in summary
@@ -145,11 +168,12 @@ def test_humaneval_recipe_reads_local_problems(data_dir: Path, tmp_path: Path, c
 
 
 @pytest.mark.skipif(isolation_problem() is not None, reason=f"bubblewrap isolation unavailable: {isolation_problem()}")
-def test_mbpp_recipe_prompts_with_the_papers_three_shots_and_grades_in_the_sandbox(data_dir: Path,
+@pytest.mark.parametrize("name", ["mbpp-base", "mbpp-instruct"])
+def test_mbpp_recipe_prompts_with_the_papers_three_shots_and_grades_in_the_sandbox(name: str, data_dir: Path,
                                                                                    tmp_path: Path) -> None:
-    report = run_recipe("mbpp-base", data_dir, tmp_path, "--model-args", SHORT)
+    report = run_recipe(name, data_dir, tmp_path, "--model-args", SHORT)
     assert report["results"]["llada_mbpp"]["pass_at_1,none"] == 0.0  # the demo model never saw code
-    (samples,) = (tmp_path / "mbpp-base").rglob("samples_llada_mbpp_*.jsonl")
+    (samples,) = (tmp_path / name).rglob("samples_llada_mbpp_*.jsonl")
     prompt = json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
     assert prompt.count("[BEGIN]") == 4 and prompt.count("[DONE]") == 3
     assert "add 2 to" in prompt and "add 4 to" in prompt and "add 1 to" not in prompt  # task ids 2, 3, 4
