@@ -601,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     plotter.add_argument("--title")
 
     commands.add_parser("eval", help="Run lm-evaluation-harness with the llada model and the shipped tasks "
-                        "(all further arguments go to lm-eval; see `llada eval --help`); `llada eval humaneval` "
-                        "runs HumanEval with sandboxed tests.", add_help=False)
+                        "(all further arguments go to lm-eval; see `llada eval --help`); `llada eval recipes` lists "
+                        "the paper's benchmarks with their official settings, `llada eval recipe NAME` runs one from "
+                        "local data, `llada eval humaneval` runs HumanEval with sandboxed tests.", add_help=False)
 
     tokenizer = commands.add_parser("tokenizer", help="Train tokenizers.")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
