@@ -148,7 +148,7 @@ def test_unknown_and_misspelt_model_args_fail_loudly(checkpoint_dir: Path) -> No
     for bad in ({"mc_nun": 4}, {"remasking_": "random"}, {"gen_lenght": 64}):
         with pytest.raises(ValueError, match=f"unknown llada model arg {next(iter(bad))}.*valid: pretrained"):
             LLaDAEvalModel(str(checkpoint_dir), device="cpu", **bad)
-    with pytest.raises(ValueError, match="remasking .sometimes."):
+    with pytest.raises(ValueError, match="remasking must be one of low_confidence, random; got 'sometimes'"):
         LLaDAEvalModel(str(checkpoint_dir), device="cpu", remasking="sometimes")
     with pytest.raises(ValueError, match="batch_size=3 .* must divide mc_num=8"):
         LLaDAEvalModel(str(checkpoint_dir), device="cpu", mc_num=8, batch_size=3)

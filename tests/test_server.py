@@ -357,6 +357,17 @@ def test_a_server_keeping_prompts_serves_exact_mode_requests(model_and_tokenizer
     prefix.validate()
 
 
+def test_every_generation_setting_has_a_rule_for_requests() -> None:
+    """A setting added to GenerationSettings must be placed: settable per request (typed from the
+    dataclass), one of the canvas settings checked together, or the server's own."""
+    from llada.generation_options import setting_names
+    from llada.server.schemas import _REQUEST_SETTINGS
+
+    canvas = {"gen_length", "block_length", "steps", "policy", "factor"}
+    server_wide = {"keep_prompt", "reuse_decided", "refresh_every", "early_stop"}
+    assert set(_REQUEST_SETTINGS) | canvas | server_wide == set(setting_names())
+
+
 def test_requests_set_the_official_end_of_text_options(model_and_tokenizer) -> None:
     config = ServerConfig(model_name="tiny", api_key=None, settings=SETTINGS)
     body = {"messages": [{"role": "user", "content": "Hi"}]}

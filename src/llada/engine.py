@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from llada.decoding import POLICIES, Policy
 from llada.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
 from llada.model import LLaDAModel
-from llada.sampling import REMASKING_CHOICES
+from llada.sampling import REMASKING_CHOICES, Remasking
 
 if TYPE_CHECKING:
     from llada.batch_run import BatchRun
@@ -73,7 +73,7 @@ class GenerationSettings:
     reuse_decided: bool = False
     temperature: float = 0.0
     cfg_scale: float = 0.0
-    remasking: str = "low_confidence"
+    remasking: Remasking = "low_confidence"
     early_stop: bool = True  # stop a row once its answer up to an end-of-text token is decided
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False

@@ -24,6 +24,11 @@ def setting_names() -> tuple[str, ...]:
     return tuple(field.name for field in dataclasses.fields(GenerationSettings))
 
 
+def setting_types() -> dict[str, Any]:
+    """Each setting's type (bool, int, float, a Literal of its choices, or an Optional of these)."""
+    return typing.get_type_hints(GenerationSettings)
+
+
 def convert(name: str, value: Any, kind: Any) -> Any:
     """``value`` (a string from a command line, or already parsed) as the type ``kind`` (bool, int,
     float, str, a Literal or an Optional of these), raising ValueError that names ``name``."""
@@ -71,7 +76,7 @@ def settings_from_options(options: Mapping[str, Any], base: GenerationSettings |
             that do not go together (``GenerationSettings.validate``).
     """
     base = base or GenerationSettings()
-    hints = typing.get_type_hints(GenerationSettings)
+    hints = setting_types()
     unknown = sorted(set(options) - set(hints))
     if unknown:
         raise ValueError(f"unknown generation setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "

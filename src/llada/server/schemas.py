@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from llada.decoding import POLICIES
-from llada.engine import CACHE_MODES, GenerationSettings
-from llada.sampling import REMASKING_CHOICES
+from llada.engine import GenerationSettings
+from llada.generation_options import setting_types
 from llada.server.config import ServerConfig
 from llada.server.errors import APIError, model_not_found
 from llada.tokenizer import Message, Tokenizer, TokenizerError
@@ -72,6 +73,13 @@ MAX_STOP = 4  # stop strings per request, as the OpenAI API
 MAX_STOP_CHARS = 256  # characters per stop string: each step compares every stop's prefixes with the text's end
 MAX_CHARS_PER_TOKEN = 16  # prompts longer than max_prompt_tokens * this are refused before tokenizing
 _MAX_TEMPERATURE = 2.0  # as the OpenAI API
+# Settings a request may set besides the canvas ones (max_tokens, block_length, steps, policy, factor,
+# checked together in _settings), with the bounds of numeric ones. Their types and choices come from
+# GenerationSettings itself; a new per-request setting is one line here. The others (keep_prompt,
+# reuse_decided, refresh_every, early_stop) are the server's, from its command line.
+_REQUEST_SETTINGS: dict[str, tuple[float, float] | None] = {
+    "temperature": (0.0, _MAX_TEMPERATURE), "threshold": (0.0, 1.0), "cfg_scale": (0.0, 100.0),
+    "remasking": None, "cache": None, "logits_eos_inf": None, "confidence_eos_eot_inf": None}
 
 
 @dataclass
@@ -144,6 +152,17 @@ class _Fields:
         if value not in choices:
             raise APIError(400, f"{name} must be one of {', '.join(choices)}; got {value!r}", name, "invalid_value")
         return value
+
+    def setting(self, name: str, kind: Any, default: Any, bounds: tuple[float, float] | None) -> Any:
+        """A generation setting of type ``kind`` (from ``GenerationSettings``): a JSON boolean, one of a
+        Literal's choices, or a number within ``bounds``."""
+        if kind is bool:
+            return self.boolean(name, default)
+        if typing.get_origin(kind) is Literal:
+            return self.choice(name, typing.get_args(kind), default)
+        if kind is float and bounds is not None:
+            return self.number(name, bounds[0], bounds[1], default)
+        raise TypeError(f"no request rule for the setting {name} of type {kind!r}")
 
     def finish(self, kind: Kind) -> None:
         """Check the OpenAI fields accepted at their neutral values, then refuse whatever is left (unknown)."""
@@ -325,17 +344,13 @@ def _settings(fields: _Fields, kind: Kind, config: ServerConfig) -> tuple[Genera
             raise APIError(400, f"steps must be a multiple of the number of blocks ({blocks}) between {blocks} and "
                            f"the canvas length {gen_length} (max_tokens rounded up to block_length), got {total}",
                            "steps", "invalid_value")
+    types = setting_types()
     settings = dataclasses.replace(
         base, gen_length=gen_length, block_length=block_length, policy=policy, steps=steps,
-        temperature=fields.number("temperature", 0.0, _MAX_TEMPERATURE, base.temperature),
-        threshold=fields.number("threshold", 0.0, 1.0, base.threshold),
         # beyond block_length + 1 every confidence passes the factor rule: the whole block at once
         factor=fields.number("factor", 0.0, block_length + 1.0, base.factor, low_open=True),
-        cfg_scale=fields.number("cfg_scale", 0.0, 100.0, base.cfg_scale),
-        remasking=fields.choice("remasking", REMASKING_CHOICES, base.remasking),
-        cache=fields.choice("cache", CACHE_MODES, base.cache),
-        logits_eos_inf=fields.boolean("logits_eos_inf", base.logits_eos_inf),
-        confidence_eos_eot_inf=fields.boolean("confidence_eos_eot_inf", base.confidence_eos_eot_inf))
+        **{name: fields.setting(name, types[name], getattr(base, name), bounds)
+           for name, bounds in _REQUEST_SETTINGS.items()})
     # The server's keep_prompt and reuse_decided refine the cached modes (reuse_decided the dual cache
     # only); a request for another mode drops them.
     settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and settings.cache != "none",
