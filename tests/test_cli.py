@@ -259,3 +259,17 @@ def test_generate_refuses_a_batch_size_below_one(checkpoint_dir: Path, tmp_path:
     prompts.write_text('{"prompt": "x"}\n')
     assert main(["generate", "--model", str(checkpoint_dir), "--input", str(prompts), "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_every_generation_setting_has_a_flag() -> None:
+    """settings_from_args reads GenerationSettings' fields by name: each needs its flag (early_stop is
+    --no-early-stop), else a new setting would silently keep its default on the command line."""
+    from llada.cli import build_parser, settings_from_args
+    from llada.generation_options import setting_names
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--logits-eos-inf", "--remasking", "random",
+                                      "--refresh-every", "2", "--no-early-stop"])
+    assert set(setting_names()) - {"early_stop"} <= set(vars(args))
+    settings = settings_from_args(args)
+    assert settings.logits_eos_inf and settings.remasking == "random" and settings.refresh_every == 2
+    assert not settings.early_stop and not settings.confidence_eos_eot_inf
