@@ -1,5 +1,6 @@
 """The grader: every canonical HumanEval solution passes (completion and chat form), and no solution
-passes by ending early, forging the verdict, or tampering with what the tests use."""
+passes by ending early, forging the verdict, or tampering with what the tests use; the solution runs
+apart from the tests, so it may use the whole standard library."""
 
 from __future__ import annotations
 
@@ -38,15 +39,14 @@ def test_all_canonical_solutions_pass_in_both_forms() -> None:
         assert len(records) == 164 and failed == []
 
 
-def test_wrong_solutions_fail_with_a_reason() -> None:
-    verdict = run_check(FIRST["prompt"] + "    return None\n", FIRST["test"], FIRST["entry_point"])
-    assert not verdict.passed and verdict.result == "failed: AssertionError"
-
-
 EARLY_EXITS = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "exit()", "quit()", "raise SystemExit",
                "raise SystemExit(0)", "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
                ("import threading, os, time\nthreading.Thread(target=lambda: (time.sleep(0.05), os._exit(0))).start()\n"
                 "time.sleep(5)")]
+
+
+def check(problem: dict, solution: str, limits: SandboxLimits | None = None):
+    return run_check(problem["prompt"], solution, problem["test"], problem["entry_point"], limits)
 
 
 @pytest.mark.parametrize("exit_code", EARLY_EXITS)
@@ -57,71 +57,85 @@ def test_ending_before_the_tests_finish_never_passes(exit_code: str, where: str)
         solution = FIRST["prompt"] + "    return False\n\n" + exit_code + "\n"
     else:
         solution = FIRST["prompt"] + "".join("    " + line + "\n" for line in exit_code.splitlines())
-    verdict = run_check(solution, FIRST["test"], FIRST["entry_point"], SandboxLimits(timeout=10))
+    verdict = check(FIRST, solution, SandboxLimits(timeout=10))
     assert not verdict.passed, verdict
 
 
+# Attacks on the verdict by a wrong solution. The first ones broke the earlier single-process design
+# (a secret in the tests' process, guarded by audit hooks); the judge's process now runs no solution code.
 FORGERIES = {
-    "guess on every descriptor": "import os, secrets\nfor fd in range(3, 64):\n    try:\n"
-                                 "        os.write(fd, secrets.token_hex(16).encode())\n    except OSError:\n        pass",
-    "channel from argv": "import os, sys\nos.write(int(sys.argv[4]), b'0' * 32)\nos._exit(0)",
-    "frames": "import sys\nsecret = sys._getframe(1).f_locals['secret']\n"
-              "os = __import__('os')\nos.write(int(sys.argv[4]), secret)\nos._exit(0)",
-    "inspect": "import inspect, os, sys\nframe = inspect.currentframe().f_back\n"
-               "os.write(int(sys.argv[4]), frame.f_locals['secret'])\nos._exit(0)",
-    "traceback frames": "import os, sys\ntry:\n    raise ValueError\nexcept ValueError as e:\n"
-                        "    frame = e.__traceback__.tb_frame.f_back\n"
-                        "os.write(int(sys.argv[4]), frame.f_locals['secret'])\nos._exit(0)",
-    "garbage collector": "import gc, os, sys\nfor o in gc.get_objects():\n"
-                         "    if isinstance(o, dict) and isinstance(o.get('secret'), bytes):\n"
-                         "        os.write(int(sys.argv[4]), o['secret'])\nos._exit(0)",
-    "tracing": "import sys, os\ndef spy(frame, event, arg):\n"
-               "    if 'secret' in frame.f_locals:\n        os.write(int(sys.argv[4]), frame.f_locals['secret'])\n"
-               "        os._exit(0)\n    return spy\nsys.settrace(spy)",
-    "ctypes": "import ctypes",
-    "a new interpreter": "import os\nos.execv('/bin/sh', ['sh', '-c', 'exit 0'])",
-    "subprocess": "import subprocess\nsubprocess.run(['true'])",
-    "another audit hook": "import sys\nsys.addaudithook(lambda *a: None)",
-    "hand-made code": "(lambda: 0).__code__.replace(co_consts=(None,))",
-    "replace exec": "import builtins\nbuiltins.exec = lambda *a, **k: None",
-    "replace compile": "import builtins\nbuiltins.compile = lambda *a, **k: compile('def check(c): pass', 't', 'exec')",
-    "own check": "def check(candidate):\n    pass",
+    "write 'passed' on every descriptor": "import os\nfor fd in range(3, 256):\n    try:\n"
+                                          "        os.write(fd, b'passed')\n    except OSError:\n        pass\nos._exit(0)",
+    "walk every frame from a signal handler": (
+        "import os, signal\ndef spy(number, frame):\n    while frame is not None:\n"
+        "        for value in list(frame.f_locals.values()) + list(frame.f_globals.values()):\n"
+        "            if isinstance(value, int) and 2 < value < 256:\n                try:\n"
+        "                    os.write(value, b'passed')\n                except OSError:\n                    pass\n"
+        "        frame = frame.f_back\nsignal.signal(signal.SIGUSR1, spy)\nsignal.raise_signal(signal.SIGUSR1)"),
+    "patch the runner's module": "import sys\nrunner = sys.modules['__main__']\n"
+                                 "runner.judge = runner.serve = lambda *a, **k: None",
+    "ctypes": "import ctypes\nctypes.CDLL(None).write(3, b'passed', 6)",
+    "an object equal to everything": "class Anything:\n    def __eq__(self, other):\n        return True\n"
+                                     "    __hash__ = object.__hash__\n"
+                                     "has_close_elements = lambda *args: Anything()",
+    "a repr that is code": "class Sneaky:\n    def __repr__(self):\n        return '__import__(\"os\").getpid()'\n"
+                           "has_close_elements = lambda *args: Sneaky()",
+    "a child that outlives the answer": "import os, time\nif os.fork() == 0:\n    time.sleep(1)\n"
+                                        "    for fd in range(3, 64):\n        try:\n            os.write(fd, b'passed')\n"
+                                        "        except OSError:\n            pass\n    os._exit(0)",
 }
 
 
 @pytest.mark.parametrize("attack", FORGERIES, ids=list(FORGERIES))
 def test_a_wrong_solution_cannot_forge_a_pass(attack: str) -> None:
     solution = FIRST["prompt"] + "    return None\n\n" + FORGERIES[attack] + "\n"
-    verdict = run_check(solution, FIRST["test"], FIRST["entry_point"], SandboxLimits(timeout=10))
+    verdict = check(FIRST, solution, SandboxLimits(timeout=10))
     assert not verdict.passed, verdict
 
 
-def test_the_tests_see_the_builtins_as_they_were() -> None:
-    """Patching a builtin the tests use (abs in truncate_number's tests) does not make a wrong answer pass."""
-    wrong = TRUNCATE["prompt"] + "    return 0.0\n\nimport builtins\nbuiltins.abs = lambda value: 0\n"
-    assert not run_check(wrong, TRUNCATE["test"], TRUNCATE["entry_point"]).passed
-    right = TRUNCATE["prompt"] + TRUNCATE["canonical_solution"] + "\nimport builtins\nbuiltins.abs = lambda v: 0\n"
-    assert run_check(right, TRUNCATE["test"], TRUNCATE["entry_point"]).passed
+def test_what_the_solution_defines_never_reaches_the_tests() -> None:
+    """Names shadowing builtins or the prompt's helpers, and patched modules, stay in the solution's
+    process: the tests use their own (truncate_number's use abs; find_zero's use the prompt's poly)."""
+    wrong = TRUNCATE["prompt"] + "    return 0.5\n\nabs = lambda value: 0\nimport builtins\nbuiltins.abs = abs\n"
+    assert not check(TRUNCATE, wrong).passed
+    right = TRUNCATE["prompt"] + TRUNCATE["canonical_solution"] + "\nabs = lambda value: 0\n"
+    assert check(TRUNCATE, right).passed
+    zero = PROBLEMS["HumanEval/32"]
+    assert not check(zero, zero["prompt"] + "    return 0.0\n\npoly = lambda xs, x: 0\n"
+                     "import math\nmath.fabs = lambda value: 0\n").passed
 
 
-def test_stdlib_that_names_modules_through_frames_still_works() -> None:
-    """namedtuple, Enum and TypeVar ask for their caller's frame and cope with the refusal."""
-    solution = ("from collections import namedtuple\nfrom enum import Enum\nfrom typing import TypeVar\n"
-                "Point = namedtuple('Point', 'x y')\nColour = Enum('Colour', 'red green')\nT = TypeVar('T')\n"
+def test_the_standard_library_works_in_the_solution() -> None:
+    """The solution's process has no guard: modules that read frames, start processes or build code
+    objects on import work (asyncio, traceback, subprocess, types.coroutine, namedtuple, enum)."""
+    solution = ("import asyncio, subprocess, traceback, types\nfrom collections import namedtuple\n"
+                "from enum import Enum\nPoint = namedtuple('Point', 'x y')\nColour = Enum('Colour', 'red green')\n"
+                "@types.coroutine\ndef nothing():\n    yield\n"
+                "try:\n    1 / 0\nexcept ZeroDivisionError:\n    TRACE = traceback.format_exc()\n"
                 + FIRST["prompt"] + FIRST["canonical_solution"])
-    assert run_check(solution, FIRST["test"], FIRST["entry_point"]).passed
+    assert check(FIRST, solution).passed
 
 
 def test_tests_without_check_are_an_error_not_a_pass() -> None:
-    verdict = run_check(FIRST["prompt"] + FIRST["canonical_solution"] + "\ndef check(c):\n    pass\n",
+    verdict = run_check(FIRST["prompt"], FIRST["prompt"] + FIRST["canonical_solution"] + "\ndef check(c):\n    pass\n",
                         "x = 1\n", FIRST["entry_point"])
     assert not verdict.passed and "no check function" in verdict.result
 
 
+def test_failures_are_named() -> None:
+    assert check(FIRST, FIRST["prompt"] + "    return None\n").result == "failed: AssertionError"
+    raised = check(FIRST, FIRST["prompt"] + "    raise ValueError('no idea')\n").result
+    assert raised == "failed: SolutionError: has_close_elements raised ValueError: no idea"
+    broken = check(FIRST, FIRST["prompt"] + "    return (\n").result
+    assert broken.startswith("failed: SyntaxError")
+    odd = check(FIRST, FIRST["prompt"] + "    return object()\n").result
+    assert "not a plain literal" in odd
+
+
 def test_output_and_time_limits_are_failures() -> None:
     flood = FIRST["prompt"] + "    while True:\n        print('x' * 65536)\n"
-    verdict = run_check(flood, FIRST["test"], FIRST["entry_point"], SandboxLimits(timeout=10, output_kb=64))
+    verdict = check(FIRST, flood, SandboxLimits(timeout=10, output_kb=64))
     # Python ignores SIGXFSZ: the write past the limit fails with EFBIG instead of killing the program.
     assert not verdict.passed and "File too large" in verdict.result
     slow = FIRST["prompt"] + "    import time\n    time.sleep(30)\n"
-    assert run_check(slow, FIRST["test"], FIRST["entry_point"], SandboxLimits(timeout=1)).result == "timed out"
+    assert check(FIRST, slow, SandboxLimits(timeout=1)).result == "timed out"

