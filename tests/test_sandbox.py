@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from llada.sandbox import IsolationUnavailable, SandboxLimits, isolation_problem, python_command, run_sandboxed
+from llada.sandbox import (
+    OPEN_FILES,
+    IsolationUnavailable,
+    SandboxLimits,
+    isolation_problem,
+    python_command,
+    run_sandboxed,
+)
+from llada.sandbox_cgroup import cgroup_problem
 
 needs_isolation = pytest.mark.skipif(isolation_problem() is not None,
                                      reason=f"bubblewrap isolation unavailable here: {isolation_problem()}")
@@ -189,6 +197,38 @@ def test_resource_limits(program: str, check) -> None:
     result = run_python(program, limits=limits)
     assert check(result), (result.returncode, result.stderr[-300:])
     assert time.time() - started < 15
+
+
+@needs_isolation
+@pytest.mark.skipif(cgroup_problem() is not None, reason=f"no cgroup for a run here: {cgroup_problem()}")
+def test_one_memory_bound_for_the_whole_run() -> None:
+    """Four processes of 300 MB each are within the per-process limit but not the run's (512 MB): some
+    are killed; and the run's cgroup is gone afterwards."""
+    program = ("import os\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+               "        data = bytearray(300 * 2**20)\n        for k in range(0, len(data), 4096):\n"
+               "            data[k] = 1\n        os._exit(0)\n    kids.append(pid)\n"
+               "print(sum(os.waitpid(pid, 0)[1] != 0 for pid in kids))\n")
+    before = set(Path("/sys/fs/cgroup").rglob("llada-sandbox-*"))
+    result = run_python(program, limits=SandboxLimits(timeout=30, memory_mb=1024, total_memory_mb=512))
+    assert int(result.stdout) >= 1, result.stderr
+    assert set(Path("/sys/fs/cgroup").rglob("llada-sandbox-*")) == before
+
+
+@needs_isolation
+def test_memory_in_memfds_is_bounded() -> None:
+    """memfd pages count against no per-process limit; open files (and each file's size) bound them."""
+    program = ("import os\nfds = []\ntry:\n    while len(fds) < 2000:\n"
+               "        fd = os.memfd_create('x')\n        os.write(fd, b'x' * 2**20)\n        fds.append(fd)\n"
+               "except OSError as error:\n    pass\nprint(len(fds))\n")
+    result = run_python(program, limits=SandboxLimits(timeout=30))
+    assert 0 < int(result.stdout) <= OPEN_FILES, result.stderr
+
+
+@needs_isolation
+def test_a_program_that_never_reads_its_input_still_times_out() -> None:
+    started = time.time()
+    result = run_python("import time\ntime.sleep(60)\n", limits=SandboxLimits(timeout=2), stdin=b"x" * 2**20)
+    assert result.timed_out and time.time() - started < 10
 
 
 def test_refuses_without_isolation_unless_asked(monkeypatch) -> None:

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from llada.sandbox_cgroup import RunCgroup, cgroup_problem
+
 Isolation = Literal["bubblewrap", "none"]
 
 # Where the run's files appear inside the sandbox (read-only) and its writable working directory.
@@ -64,9 +66,10 @@ class SandboxLimits:
     processes: int = 32     # processes (and threads) the run may have at once
     output_kb: int = 1024   # size of stdout, of stderr and of every file the program writes
     tmp_mb: int = 64        # size of the private writable /tmp
+    total_memory_mb: int = 1024  # memory of the whole run, all its processes, tmpfs and memfds (a cgroup)
 
     def validate(self) -> None:
-        for name in ("timeout", "cpu_seconds", "memory_mb", "processes", "output_kb", "tmp_mb"):
+        for name in ("timeout", "cpu_seconds", "memory_mb", "processes", "output_kb", "tmp_mb", "total_memory_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"sandbox limit {name} must be positive, got {getattr(self, name)}")
 
@@ -221,6 +224,16 @@ class SandboxProcess:
         for name in files:
             if "/" in name or name.startswith("."):
                 raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+        self._cgroup = RunCgroup(limits.total_memory_mb, limits.processes) if cgroup_problem() is None else None
+        try:
+            self._start(command, files, stdin, pass_fds, isolation)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, command: list[str], files: dict[str, str], stdin: bytes, pass_fds: tuple[int, ...],
+               isolation: Isolation) -> None:
+        limits = self.limits
         self._folder = tempfile.TemporaryDirectory(prefix="llada-sandbox-")
         host_dir = self._folder.name
         os.chmod(host_dir, 0o755)
@@ -239,6 +252,8 @@ class SandboxProcess:
             else:
                 prefix, files_path, cwd = _unisolated_command(limits), files_dir, files_dir
             argv = prefix + [part.format(channel_fd=channel_fd, files=files_path) for part in command]
+            if self._cgroup is not None:
+                argv = self._cgroup.join_prefix() + argv
             environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=handles["stdout"],
                                             stderr=handles["stderr"], pass_fds=(channel_fd, *pass_fds), cwd=cwd,
@@ -278,8 +293,14 @@ class SandboxProcess:
                                stdout=_read_bounded(self._outputs["stdout"], limit).decode("utf-8", "replace"),
                                stderr=_read_bounded(self._outputs["stderr"], limit).decode("utf-8", "replace"),
                                timed_out=timed_out, channel=_read_bounded(self._outputs["channel"], 4096))
-        self._folder.cleanup()
+        self._release()
         return result
+
+    def _release(self) -> None:
+        if self._cgroup is not None:
+            self._cgroup.remove()
+        if hasattr(self, "_folder"):
+            self._folder.cleanup()
 
 
 def run_sandboxed(command: list[str], files: dict[str, str], *, stdin: bytes = b"",
