@@ -73,3 +73,38 @@ def test_prompt_helpers_remain_when_the_answer_does_not_restate_them() -> None:
     program = chat_solution(prompt, answer, "quadruple")
     ast.parse(program)
     assert run(program, "quadruple(3)") == 12
+
+
+def test_blocks_inside_a_markdown_list_and_crlf_answers() -> None:
+    listed = ("1. Import and define:\n\n   ```python\n   def total(values):\n       return sum(values) + 1\n"
+              "   ```\n2. Done.")
+    assert run(chat_solution(PROMPT, listed, "total"), "total([1])") == 2
+    crlf = ("Usage:\r\n```python\r\nprint(total([1]))\r\n```\r\nCode:\r\n```python\r\ndef total(values):\r\n"
+            "    return sum(values) * 3\r\n```\r\n")
+    assert run(chat_solution(PROMPT, crlf, "total"), "total([1])") == 3
+
+
+def test_a_restated_signature_is_skipped_and_the_last_version_wins() -> None:
+    stub_first = ('```python\ndef total(values):\n    """Sum."""\n    pass\n```\nNow the body:\n'
+                  "```python\ndef total(values):\n    return sum(values) - 1\n```")
+    assert run(chat_solution(PROMPT, stub_first, "total"), "total([5])") == 4
+    revised = ("```python\ndef total(values):\n    return 0\n```\nOops, corrected version:\n"
+               "```python\ndef total(values):\n    return sum(values)\n```")
+    assert run(chat_solution(PROMPT, revised, "total"), "total([5, 6])") == 11
+
+
+def test_prose_before_fenceless_code_and_future_imports() -> None:
+    prose = "Sure, here it is.\nfrom __future__ import annotations\nimport math\n\ndef total(values):\n" \
+            "    return math.prod(values)\n"
+    assert run(chat_solution(PROMPT, prose, "total"), "total([2, 3])") == 6
+
+
+def test_guarded_helpers_and_recursion_limits_stay_and_test_code_goes() -> None:
+    answer = ("```python\nimport sys\nimport pytest\nsys.setrecursionlimit(10000)\ntry:\n    from math import prod\n"
+              "except ImportError:\n    prod = None\nif True:\n    def helper(values):\n        return prod(values)\n\n"
+              "def total(values):\n    return helper(values)\n\ndef test_total():\n    assert total([2]) == 2\n\n"
+              "class TestTotal:\n    pass\n\nif __name__ == '__main__':\n    pytest.main()\n```")
+    code = extract_chat_code(answer, "total")
+    assert "pytest" not in code and "test_total" not in code and "TestTotal" not in code
+    assert "setrecursionlimit" in code
+    assert run(PROMPT + "\n" + code, "total([2, 5])") == 10
