@@ -16,9 +16,10 @@ Python: each run gets
   (``RLIMIT_NPROC`` does not bind root); otherwise bubblewrap's user namespace maps the caller's own
   unprivileged uid;
 - resource limits set with ``prlimit`` before bubblewrap starts, inherited by every process of the
-  run: CPU seconds, address space, number of processes, size of any file written (stdout and stderr
-  are files, so their size is bounded too) and no core dumps; a wall-clock timeout over the whole
-  run; a clean environment.
+  run: CPU seconds, address space, number of processes, open files, size of any file written
+  (stdout and stderr are files, so their size is bounded too) and no core dumps; where the host
+  allows it, a cgroup of its own bounding the memory and processes of the whole run
+  (:mod:`llada.sandbox_cgroup`); a wall-clock timeout over the whole run; a clean environment.
 
 Where bubblewrap (or, as root, ``setpriv``) is missing or cannot create namespaces,
 :func:`isolation_problem` says why and :func:`run_sandboxed` refuses to run untrusted code unless
