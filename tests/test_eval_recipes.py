@@ -191,6 +191,12 @@ def test_mbpp_grading() -> None:
     assert process_results(doc, ["```python\ndef add_11(x):\n    return x + 11\n```"]) == {"pass_at_1": 1.0}
     assert process_results(doc, ["def add_11(x):\n    return x\n"]) == {"pass_at_1": 0.0}
     assert process_results(doc, ["import sys\nsys.exit(0)\n"]) == {"pass_at_1": 0.0}
+    # The function under test is the first called name that is neither a builtin nor the setup's own.
+    wrapped = {**doc, "test_list": [f"assert set(add_11({n})) == set([{n + 11}])" for n in range(3)]}
+    assert process_results(wrapped, ["def add_11(x):\n    return [x + 11]\n"]) == {"pass_at_1": 1.0}
+    rounded = {**doc, "test_list": [f"assert round(add_11({n}), 2) == {n + 11}" for n in range(3)],
+               "test_setup_code": "def helper():\n    return 0\n"}
+    assert process_results(rounded, ["def add_11(x):\n    return x + 11.001\n"]) == {"pass_at_1": 1.0}
 
 
 def test_missing_data_is_named(data_dir: Path, tmp_path: Path) -> None:

@@ -104,6 +104,22 @@ def receive(fd: int) -> str | None:
     return body.decode("utf-8", "surrogatepass")
 
 
+def plain(value):
+    """``value`` as builtin types (a Counter as a dict, a namedtuple as a tuple, an IntEnum as an
+    int), so that its ``repr`` is a literal; other types are left for the judge to refuse."""
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):
+        return value
+    for kind in (bool, int, float, complex, str, bytes):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, dict):
+        return {plain(key): plain(item) for key, item in value.items()}
+    for kind in (list, tuple, set, frozenset):
+        if isinstance(value, kind):
+            return kind(plain(item) for item in value)
+    return value
+
+
 def serve(solution_path: str, entry_point: str, requests: int, replies: int) -> None:
     """The solution's process: define the solution, then answer calls until the judge is done."""
     with open(solution_path, encoding="utf-8") as handle:
@@ -114,7 +130,7 @@ def serve(solution_path: str, entry_point: str, requests: int, replies: int) -> 
     while (message := receive(requests)) is not None:
         args, kwargs = parse_literal(message)
         try:
-            reply = "ok " + repr(function(*args, **kwargs))
+            reply = "ok " + repr(plain(function(*args, **kwargs)))
         except Exception as error:  # noqa: BLE001 (whatever it raises, the judge reports as its failure)
             reply = f"raised {type(error).__name__}: {error}"[:2000]
         send(replies, reply)
@@ -157,6 +173,8 @@ def judge(context_path: str, tests_path: str, entry_point: str, requests: int, r
 
 
 if __name__ == "__main__":
+    if hasattr(sys, "set_int_max_str_digits"):  # Python >= 3.10.7 limits int <-> str conversions
+        sys.set_int_max_str_digits(0)  # integers of any size cross the pipe as literals
     role, arguments = sys.argv[1], sys.argv[2:]
     if role == "solution":
         serve(arguments[0], arguments[1], int(arguments[2]), int(arguments[3]))

@@ -10,6 +10,7 @@ without isolation where bubblewrap cannot run (the code can then touch your file
 from __future__ import annotations
 
 import ast
+import builtins
 import os
 
 import datasets
@@ -29,12 +30,17 @@ def process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     return kept.map(lambda doc: {"is_fewshot": doc["task_id"] < FIRST_TEST_ID})
 
 
-def entry_point(tests: list[str]) -> str:
-    """The function the tests call: the first call's name in the first assert."""
-    for node in ast.walk(ast.parse(tests[0])):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            return node.func.id
-    raise ValueError(f"no function call in the test {tests[0]!r}")
+def entry_point(tests: list[str], setup: str = "") -> str:
+    """The function the tests call: the first name called in them that is neither a builtin
+    (``set(f(x))``, ``round(f(x), 2)``) nor defined by the setup code."""
+    defined = {node.name for node in ast.walk(ast.parse(setup)) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for test in tests:
+        calls = [node for node in ast.walk(ast.parse(test)) if isinstance(node, ast.Call)]
+        for call in sorted(calls, key=lambda node: (node.lineno, node.col_offset)):
+            name = call.func.id if isinstance(call.func, ast.Name) else None
+            if name and name not in vars(builtins) and name not in defined:
+                return name
+    raise ValueError(f"the tests call no function of the solution: {tests[0]!r}")
 
 
 def answer_code(response: str) -> str:
@@ -51,6 +57,7 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
         raise IsolationUnavailable(f"MBPP grading needs bubblewrap isolation: {problem}; set "
                                    "LLADA_UNSAFE_NO_ISOLATION=1 to run model-written code unisolated")
     tests = "def check(candidate):\n" + "".join(f"    {test}\n" for test in doc["test_list"])
-    verdict = run_check(doc.get("test_setup_code") or "", answer_code(results[0]), tests,
-                        entry_point(doc["test_list"]), isolation=isolation)
+    setup = doc.get("test_setup_code") or ""
+    verdict = run_check(setup, answer_code(results[0]), tests, entry_point(doc["test_list"], setup),
+                        isolation=isolation)
     return {"pass_at_1": float(verdict.passed)}
