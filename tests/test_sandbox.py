@@ -4,6 +4,7 @@ out, and each must be stopped by the isolation and limits themselves, with the h
 from __future__ import annotations
 
 import os
+import platform
 import secrets
 import socket
 import subprocess
@@ -229,6 +230,17 @@ def test_a_program_that_never_reads_its_input_still_times_out() -> None:
     started = time.time()
     result = run_python("import time\ntime.sleep(60)\n", limits=SandboxLimits(timeout=2), stdin=b"x" * 2**20)
     assert result.timed_out and time.time() - started < 10
+
+
+@needs_isolation
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="no keyring filter for this machine")
+def test_kernel_keyrings_are_out_of_reach() -> None:
+    """Keys would outlive the run in the kernel, per uid: add_key and keyctl fail with EPERM."""
+    numbers = {"x86_64": (248, 250), "aarch64": (217, 219)}[platform.machine()]
+    result = run_python(f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                        f"print(libc.syscall({numbers[0]}, b'user', b'k', b'v', 1, -3), ctypes.get_errno())\n"
+                        f"print(libc.syscall({numbers[1]}, 0, -3, 0, 0, 0), ctypes.get_errno())\n")
+    assert result.stdout.split() == ["-1", "1", "-1", "1"], result.stdout + result.stderr
 
 
 def test_refuses_without_isolation_unless_asked(monkeypatch) -> None:

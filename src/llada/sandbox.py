@@ -19,7 +19,9 @@ Python: each run gets
   run: CPU seconds, address space, number of processes, open files, size of any file written
   (stdout and stderr are files, so their size is bounded too) and no core dumps; where the host
   allows it, a cgroup of its own bounding the memory and processes of the whole run
-  (:mod:`llada.sandbox_cgroup`); a wall-clock timeout over the whole run; a clean environment.
+  (:mod:`llada.sandbox_cgroup`); a wall-clock timeout over the whole run; a clean environment;
+- a seccomp filter refusing the kernel keyring calls, whose state would outlive the run
+  (:mod:`llada.sandbox_seccomp`).
 
 Where bubblewrap (or, as root, ``setpriv``) is missing or cannot create namespaces,
 :func:`isolation_problem` says why and :func:`run_sandboxed` refuses to run untrusted code unless
@@ -39,11 +41,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from llada.sandbox_cgroup import RunCgroup, cgroup_problem
+from llada.sandbox_seccomp import keyring_filter
 
 Isolation = Literal["bubblewrap", "none"]
 
@@ -123,8 +127,10 @@ def _mkdirs(args: list[str], path: str, made: set[str]) -> None:
             args += ["--perms", "0755", "--dir", current]
 
 
-def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool) -> list[str]:
-    """The ``prlimit … bwrap …`` prefix that runs a command isolated, with ``files_dir`` at /sandbox."""
+def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool, seccomp_fd: int | None = None) -> list[str]:
+    """The ``prlimit … bwrap …`` prefix that runs a command isolated, with ``files_dir`` at /sandbox
+    and, given ``seccomp_fd`` (a readable descriptor of :func:`keyring_filter`'s program), the
+    kernel keyring calls refused."""
     bwrap, prlimit = shutil.which("bwrap"), shutil.which("prlimit")
     if bwrap is None or prlimit is None:
         raise IsolationUnavailable("bubblewrap (bwrap) and prlimit are needed")
@@ -135,6 +141,8 @@ def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool) -> 
                "--die-with-parent", "--new-session", "--clearenv",
                "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", SANDBOX_TMP,
                "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+    if seccomp_fd is not None:
+        command += ["--seccomp", str(seccomp_fd)]
     if not as_root:  # an unprivileged caller: bubblewrap's user namespace, the caller's own uid outside
         command += ["--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns"]
     made: set[str] = set()
@@ -168,15 +176,29 @@ def _unisolated_command(limits: SandboxLimits) -> list[str]:
             f"--fsize={output}", f"--nofile={OPEN_FILES}", "--core=0", "--"]
 
 
+@contextlib.contextmanager
+def _seccomp_file(folder: str) -> Iterator[BinaryIO | None]:
+    """The keyring filter in a file of ``folder``, open for reading (None where no filter is known)."""
+    program = keyring_filter()
+    if program is None:
+        yield None
+        return
+    path = os.path.join(folder, ".seccomp")
+    Path(path).write_bytes(program)
+    with open(path, "rb") as handle:
+        yield handle
+
+
 @functools.cache
 def isolation_problem() -> str | None:
     """Why bubblewrap isolation cannot be used here, or None when it works (checked once, by
     running ``true`` in a sandbox)."""
     try:
-        with tempfile.TemporaryDirectory() as files:
+        with tempfile.TemporaryDirectory() as files, _seccomp_file(files) as seccomp:
             os.chmod(files, 0o755)
-            command = bubblewrap_command(files, SandboxLimits(), os.geteuid() == 0) + ["/bin/true"]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+            fds = () if seccomp is None else (seccomp.fileno(),)
+            command = bubblewrap_command(files, SandboxLimits(), os.geteuid() == 0, *fds) + ["/bin/true"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False, pass_fds=fds)
     except IsolationUnavailable as error:
         return str(error)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -249,7 +271,11 @@ class SandboxProcess:
             handles = {name: opened.enter_context(open(path, "wb")) for name, path in self._outputs.items()}
             channel_fd = handles["channel"].fileno()
             if isolation == "bubblewrap":
-                prefix, files_path, cwd = bubblewrap_command(files_dir, limits, os.geteuid() == 0), SANDBOX_FILES, None
+                seccomp = opened.enter_context(_seccomp_file(host_dir))
+                seccomp_fd = None if seccomp is None else seccomp.fileno()
+                pass_fds = pass_fds if seccomp_fd is None else (*pass_fds, seccomp_fd)
+                prefix = bubblewrap_command(files_dir, limits, os.geteuid() == 0, seccomp_fd)
+                files_path, cwd = SANDBOX_FILES, None
             else:
                 prefix, files_path, cwd = _unisolated_command(limits), files_dir, files_dir
             argv = prefix + [part.format(channel_fd=channel_fd, files=files_path) for part in command]
