@@ -76,9 +76,9 @@ def test_bad_samples_files_are_named(tmp_path: Path, capsys) -> None:
 
 
 def test_refuses_unisolated_code_unless_the_risk_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
-    from llada import humaneval
+    from llada import sandbox
 
-    monkeypatch.setattr(humaneval, "isolation_problem", lambda: "bwrap is not installed")
+    monkeypatch.setattr(sandbox, "isolation_problem", lambda: "bwrap is not installed")
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n"}) + "\n")
     assert main(["eval", "humaneval", "--samples", str(samples)]) == 2

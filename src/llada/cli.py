@@ -620,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_humaneval(argv: list[str]) -> int:
     """``llada eval humaneval``: its own flags (the rest of ``llada eval`` belongs to lm-eval)."""
-    from llada.humaneval import evaluate, grade, load_problems, read_samples, require_isolation, summarize
-    from llada.sandbox import IsolationUnavailable, SandboxLimits
+    from llada.humaneval import evaluate, grade, load_problems, read_samples, summarize
+    from llada.sandbox import IsolationUnavailable, SandboxLimits, require_isolation
 
     parser = argparse.ArgumentParser(
         prog="llada eval humaneval", formatter_class=argparse.RawDescriptionHelpFormatter,

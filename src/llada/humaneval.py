@@ -28,7 +28,7 @@ from llada.code_grading import Verdict, run_check
 from llada.engine import Engine, GenerationSettings
 from llada.generation import Sampler, reference_answers
 from llada.model import LLaDAModel
-from llada.sandbox import Isolation, IsolationUnavailable, SandboxLimits, isolation_problem
+from llada.sandbox import Isolation, SandboxLimits, require_isolation
 from llada.tokenizer import Tokenizer
 
 CHAT_QUESTION = "Complete the following Python function.\n\n```python\n{prompt}```"
@@ -130,7 +130,7 @@ def summarize(records: list[dict], ks: Iterable[int] = (1, 10, 100)) -> dict:
     for record in records:
         outcomes[record["task_id"]].append(bool(record["passed"]))
     fewest = min(len(values) for values in outcomes.values())
-    summary: dict = {"problems": len(outcomes), "samples": len(records), "passed": sum(map(bool, (r["passed"] for r in records)))}
+    summary: dict = {"problems": len(outcomes), "samples": len(records), "passed": sum(bool(r["passed"]) for r in records)}
     for k in ks:
         if k > fewest:
             continue
@@ -148,15 +148,6 @@ def read_samples(path: str | Path) -> list[dict]:
     if not samples:
         raise ValueError(f"{path} holds no samples")
     return samples
-
-
-def require_isolation(isolation: Isolation) -> None:
-    """Refuse before any work is done when untrusted code could not be isolated."""
-    if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
-        raise IsolationUnavailable(f"cannot isolate model-written code: {problem}. Install bubblewrap "
-                                   "(apt-get install bubblewrap), or pass --unsafe-no-isolation to run it "
-                                   "with only resource limits (it can then read and write your files and "
-                                   "reach the network)")
 
 
 def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dict], settings: GenerationSettings,

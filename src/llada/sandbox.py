@@ -208,6 +208,17 @@ def isolation_problem() -> str | None:
     return None
 
 
+def require_isolation(isolation: Isolation) -> None:
+    """Refuse, naming why and the way out, when ``isolation`` asks for bubblewrap and it cannot run."""
+    if isolation not in ("bubblewrap", "none"):
+        raise ValueError(f"isolation must be 'bubblewrap' or 'none', got {isolation!r}")
+    if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
+        raise IsolationUnavailable(f"cannot isolate model-written code: {problem}. Install bubblewrap (apt-get "
+                                   "install bubblewrap), or accept running it with resource limits only, where it "
+                                   "can read and write your files and reach the network: --unsafe-no-isolation on "
+                                   "the command line, isolation='none' in Python")
+
+
 def python_command() -> list[str]:
     """The command that runs the standard library's Python inside the sandbox (isolated mode: no
     user site, no environment variables read, no site-packages)."""
@@ -238,12 +249,7 @@ class SandboxProcess:
                  isolation: Isolation = "bubblewrap") -> None:
         self.limits = limits = limits or SandboxLimits()
         limits.validate()
-        if isolation not in ("bubblewrap", "none"):
-            raise ValueError(f"isolation must be 'bubblewrap' or 'none', got {isolation!r}")
-        if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
-            raise IsolationUnavailable(f"cannot isolate untrusted code: {problem}. Install bubblewrap "
-                                       "(apt-get install bubblewrap), or accept running it unisolated "
-                                       "(isolation='none', --unsafe-no-isolation)")
+        require_isolation(isolation)
         for name in files:
             if "/" in name or name.startswith("."):
                 raise ValueError(f"sandbox file names must be plain names, got {name!r}")

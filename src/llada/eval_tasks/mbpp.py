@@ -17,7 +17,7 @@ import datasets
 
 from llada.code_extraction import code_blocks
 from llada.code_grading import run_check
-from llada.sandbox import IsolationUnavailable, isolation_problem
+from llada.sandbox import IsolationUnavailable, require_isolation
 
 FEW_SHOT_IDS = (2, 3, 4)
 FIRST_TEST_ID = 11  # task ids 1-10 are the prompt split; the test split is 11-510
@@ -53,9 +53,10 @@ def answer_code(response: str) -> str:
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """pass@1 of the answer: its code, then the problem's setup code and tests, in the sandbox."""
     isolation = "none" if os.environ.get("LLADA_UNSAFE_NO_ISOLATION") == "1" else "bubblewrap"
-    if isolation == "bubblewrap" and (problem := isolation_problem()) is not None:
-        raise IsolationUnavailable(f"MBPP grading needs bubblewrap isolation: {problem}; set "
-                                   "LLADA_UNSAFE_NO_ISOLATION=1 to run model-written code unisolated")
+    try:
+        require_isolation(isolation)
+    except IsolationUnavailable as error:  # inside lm-eval the way out is an environment variable
+        raise IsolationUnavailable(f"{error} (in lm-eval: LLADA_UNSAFE_NO_ISOLATION=1)") from None
     tests = "def check(candidate):\n" + "".join(f"    {test}\n" for test in doc["test_list"])
     setup = doc.get("test_setup_code") or ""
     verdict = run_check(setup, answer_code(results[0]), tests, entry_point(doc["test_list"], setup),
