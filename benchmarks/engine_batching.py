@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from engine_quality import device_name, prompts, synchronize
 
-from llada.cli import DEMO_MODEL
 from llada.engine import Engine, GenerationSettings
+from llada.loading import DEMO_MODEL
 from llada.model import LLaDAModel
 from llada.scheduler import Scheduler
 from llada.tokenizer import Tokenizer

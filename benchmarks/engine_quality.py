@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from llada.cli import DEMO_MODEL, answer_text
+from llada.answer_text import answer_text
 from llada.engine import Engine, GenerationSettings
+from llada.loading import DEMO_MODEL
 from llada.model import LLaDAModel
 from llada.quantize import QUANTIZERS
 from llada.sampling import generate

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from llada.answer_text import answer_text
 from llada.ar_sampling import generate_autoregressive
-from llada.cli import answer_text
 from llada.engine import Engine, GenerationSettings
 from llada.model import LLaDAModel
 from llada.text_metrics import word_f1

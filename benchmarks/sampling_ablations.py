@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from llada.cli import DEMO_MODEL, answer_text
+from llada.answer_text import answer_text
 from llada.engine import Engine, GenerationSettings
+from llada.loading import DEMO_MODEL
 from llada.model import LLaDAModel
 from llada.text_metrics import word_f1
 from llada.tokenizer import Tokenizer

@@ -170,7 +170,7 @@ def build_model(args: argparse.Namespace) -> tuple[LLaDAModel, Tokenizer, str]:
 
         model = random_model(args.init_preset, tokenizer)
         return model, tokenizer, f"random-{args.init_preset}"
-    from llada.cli import load
+    from llada.loading import load
 
     model, _ = load(args.model, args.device, args.dtype)
     return model, tokenizer, Path(args.model).resolve().name

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from llada.answer_text import answer_text
-from llada.cli import load, main, run_chat, run_generate
+from llada.cli import main, run_chat, run_generate
 from llada.engine import GenerationSettings
+from llada.loading import load
 from llada.model import LLaDAModel
 from llada.quantize import Fp8Linear, Int8Linear
 from llada.tokenizer import Tokenizer
@@ -189,7 +190,7 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
 
 def test_shipped_demo_model_is_the_default(capsys: pytest.CaptureFixture) -> None:
     """generate without --model uses models/demo, which loads and answers in the official layout."""
-    from llada.cli import DEMO_MODEL
+    from llada.loading import DEMO_MODEL
 
     assert DEMO_MODEL.is_dir() and (DEMO_MODEL / "model.safetensors.index.json").is_file()
     assert main(["generate", "--prompt", "Define the word \"king\".", *SMALL]) == 0

@@ -13,8 +13,9 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (p
 pyarrow = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq
 
-from llada.cli import DEMO_MODEL, main
+from llada.cli import main
 from llada.eval_recipes import RECIPES, RecipeError, leaf_tasks, write_offline_tasks
+from llada.loading import DEMO_MODEL
 from llada.sandbox import isolation_problem
 
 SHORT = "gen_length=16,steps=16,block_length=16"  # the demo model's answers are short; the rest as the recipe

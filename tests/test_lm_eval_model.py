@@ -15,9 +15,10 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not in
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from llada.cli import DEMO_MODEL, main
+from llada.cli import main
 from llada.likelihood import suffix_greedy
 from llada.lm_eval_model import TASKS_DIR, LLaDAEvalModel
+from llada.loading import DEMO_MODEL
 from llada.sampling import generate
 
 

@@ -31,22 +31,16 @@ from llada.engine import CACHE_MODES, Engine, GenerationSettings
 from llada.generation import SAMPLERS, Sampler, answer_ids
 from llada.generation_options import setting_names, settings_from_options
 from llada.likelihood import log_likelihood
+from llada.loading import DEMO_MODEL, load, resolve_device, resolve_dtype
 from llada.model import LLaDAModel
 from llada.packing import tokenize_corpus
 from llada.plot import plot_runs
-from llada.quantize import QUANTIZERS
 from llada.sampling import REMASKING_CHOICES
 from llada.server.config import ServerConfig
 from llada.sft_data import build_sft_data
 from llada.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 from llada.train import CHECKPOINTS, TrainingError, train
 from llada.train_config import load_config
-
-# The demo checkpoint shipped in the repository (found when llada runs from a checkout or editable install).
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 class CliError(ValueError):
@@ -55,38 +49,6 @@ class CliError(ValueError):
 
 
 # --- shared helpers ----------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as error:
-        raise CliError(f"unknown --device {name!r}: {error}") from error
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` is bf16 on GPU and float32 on CPU (bf16 matmuls are slow on most CPUs)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "stored":
-        return None
-    if name not in DTYPES:
-        raise CliError(f"unknown --dtype {name!r}; choose one of auto, stored, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def load(model_dir: str, device: str, dtype: str) -> tuple[LLaDAModel, Tokenizer]:
-    """The model and tokenizer of a checkpoint, on ``device`` in ``dtype``; ``int8`` / ``fp8`` load as
-    ``auto`` and then quantize the block weights (for inference: such a model cannot be saved)."""
-    target = resolve_device(device)
-    quantize = QUANTIZERS.get(dtype)
-    model = LLaDAModel.from_pretrained(model_dir, dtype=resolve_dtype("auto" if quantize else dtype, target),
-                                       device=target)
-    if quantize:
-        quantize(model)
-    return model, Tokenizer.from_pretrained(model_dir)
-
 
 def _atomic_text_writer(path: Path) -> tuple[TextIO, Callable[[], None]]:
     """A file handle writing to a temporary file and a function that renames it into place."""

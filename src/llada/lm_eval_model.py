@@ -56,6 +56,7 @@ from llada.engine import Engine
 from llada.generation import reference_answers
 from llada.generation_options import convert, setting_names, settings_from_options
 from llada.likelihood import log_likelihood, packed_elbo_samples, padded_logits, suffix_greedy
+from llada.loading import load
 from llada.model import LLaDAModel
 from llada.tokenizer import Tokenizer
 
@@ -172,9 +173,7 @@ class LLaDAEvalModel(LM):
             model, tokenizer = source
             return model, tokenizer, "in-memory"
         if self.dp_world > 1 and torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process
-        from llada.cli import load  # the command line's loading rules (device, dtype, quantization)
-
+            device = "cuda"  # one GPU per process: this process's (LOCAL_RANK), not lm-eval's default cuda:0
         model, tokenizer = load(str(source), device or "auto", dtype)
         return model, tokenizer, str(source)
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from llada.ar_sampling import generate_autoregressive
 from llada.checkpoint import load_model, read_state_dict, save_state_dict
 from llada.config import preset
+from llada.loading import resolve_device
 from llada.losses import Loss, answer_positions, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
 from llada.model import LLaDAModel
 from llada.packing import PackedDataset
@@ -112,16 +113,6 @@ class StepResult:
 def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
     """The randomness (t, masks, truncation) of one micro-batch: a pure function of seed and position."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is this process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
