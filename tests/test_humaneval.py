@@ -69,7 +69,7 @@ def test_bad_samples_files_are_named(tmp_path: Path, capsys) -> None:
     samples = tmp_path / "bad.jsonl"
     samples.write_text('{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n{not json\n')
     assert main(["eval", "humaneval", "--samples", str(samples), "--unsafe-no-isolation"]) == 2
-    assert "line 2" in capsys.readouterr().err
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     samples.write_text('{"task_id": "HumanEval/999", "completion": ""}\n')
     assert main(["eval", "humaneval", "--samples", str(samples), "--unsafe-no-isolation"]) == 2
     assert "HumanEval/999" in capsys.readouterr().err

@@ -9,6 +9,7 @@ handed to the caller, who counts and reports it. Tokenization happens elsewhere.
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -60,11 +61,14 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line of a JSONL file; ValueError naming file:line otherwise."""
+    """(line number, value) for each non-blank line of a JSONL file (gzipped when named ``.gz``);
+    ValueError naming file:line otherwise."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text: {error}") from error
     for number, line in enumerate(lines, start=1):

@@ -11,8 +11,6 @@ code is extracted (:mod:`llada.code_extraction`).
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from llada.answer_text import answer_text
 from llada.code_extraction import chat_solution, truncate_completion
 from llada.code_grading import Verdict, run_check
+from llada.corpus import iter_jsonl
 from llada.engine import Engine, GenerationSettings
 from llada.generation import Sampler, reference_answers
 from llada.model import LLaDAModel
@@ -48,7 +47,7 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict]:
     for number, record in _read_jsonl(path):
         missing = [key for key in ("task_id", "prompt", "test", "entry_point") if key not in record]
         if missing:
-            raise ValueError(f"{path}, line {number}: a problem needs {', '.join(missing)}")
+            raise ValueError(f"{path}:{number}: a problem needs {', '.join(missing)}")
         problems[record["task_id"]] = record
     if not problems:
         raise ValueError(f"{path} holds no problems")
@@ -56,18 +55,11 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict]:
 
 
 def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")  # noqa: TRY004 (bad input, not a bug)
-            yield number, record
+    """(line, object) for each line of a JSONL(.gz) file; ValueError naming file:line otherwise."""
+    for number, record in iter_jsonl(Path(path)):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")  # noqa: TRY004 (bad input, not a bug)
+        yield number, record
 
 
 def judge_context(problem: dict) -> str:
