@@ -30,10 +30,13 @@ def reference_settings_error(settings: GenerationSettings) -> str | None:
 
 
 @torch.no_grad()
-def reference_answers(model: LLaDAModel, prompts: list[list[int]], settings: GenerationSettings,
-                      generator: torch.Generator | None = None) -> list[list[int]]:
-    """Each prompt's whole answer (``gen_length`` ids) from the reference sampler, the prompts
-    left-padded into one batch with the padding hidden from attention."""
+def batch_answers(model: LLaDAModel, prompts: list[list[int]], settings: GenerationSettings, engine: Engine | None,
+                  generator: torch.Generator | None = None) -> list[list[int]]:
+    """Each prompt's whole answer (``gen_length`` ids; after an engine's early stop, its tail is
+    end-of-text): from ``engine`` in one batch, or, without one, from the reference sampler with
+    the prompts left-padded into one batch, the padding hidden from attention."""
+    if engine is not None:
+        return [result.answer.tolist() for result in engine.generate(prompts, settings, generator)]
     if (problem := reference_settings_error(settings)) is not None:
         raise ValueError(problem)
     ids, keep = left_pad(prompts, model.config.mask_token_id)

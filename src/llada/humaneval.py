@@ -25,7 +25,7 @@ from llada.code_extraction import chat_solution, truncate_completion
 from llada.code_grading import Verdict, run_check
 from llada.corpus import iter_jsonl
 from llada.engine import Engine, GenerationSettings
-from llada.generation import Sampler, reference_answers
+from llada.generation import Sampler, batch_answers
 from llada.model import LLaDAModel
 from llada.sandbox import Isolation, SandboxLimits, require_isolation
 from llada.tokenizer import Tokenizer
@@ -158,11 +158,7 @@ def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dic
     samples = []
     with tqdm(total=len(problems), desc="humaneval", unit="problem") as bar:
         for start in range(0, len(problems), batch_size):
-            chunk = prompts[start:start + batch_size]
-            if engine is not None:
-                answers = [result.answer.tolist() for result in engine.generate(chunk, settings, generator)]
-            else:
-                answers = reference_answers(model, chunk, settings, generator)
+            answers = batch_answers(model, prompts[start:start + batch_size], settings, engine, generator)
             for problem, answer in zip(problems[start:start + batch_size], answers):
                 samples.append({"task_id": problem["task_id"], "completion": answer_text(tokenizer, answer)})
                 bar.update(1)

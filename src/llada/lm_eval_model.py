@@ -53,7 +53,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from llada.engine import Engine
-from llada.generation import reference_answers
+from llada.generation import batch_answers
 from llada.generation_options import convert, setting_names, settings_from_options
 from llada.likelihood import log_likelihood, packed_elbo_samples, padded_logits, suffix_greedy
 from llada.loading import load
@@ -343,19 +343,13 @@ class LLaDAEvalModel(LM):
                 ids = self.tokenizer.encode(request.args[0])
                 prompts.append(ids[max(0, len(ids) - room):])  # a prompt too long loses its beginning
             # Greedy decoding is the same in any batch; sampling draws from the first request's generator.
-            answers = self._answers(prompts, self._generator(seeds[start]))
+            answers = batch_answers(self.model, prompts, self.settings, self.engine, self._generator(seeds[start]))
             for request, answer in zip(chunk, answers):
                 until = (request.args[1] or {}).get("until") or []
                 outputs.append(self._clean(answer, [until] if isinstance(until, str) else list(until)))
             bar.update(len(chunk))
         bar.close()
         return outputs
-
-    def _answers(self, prompts: list[list[int]], generator: torch.Generator) -> list[list[int]]:
-        """Each prompt's whole answer (``gen_length`` ids) from the chosen sampler."""
-        if self.engine is not None:
-            return [result.answer.tolist() for result in self.engine.generate(prompts, self.settings, generator)]
-        return reference_answers(self.model, prompts, self.settings, generator)
 
     def _clean(self, answer: list[int], stops: list[str]) -> str:
         """As officially: decode with special tokens, cut at each stop sequence, drop special tokens."""
