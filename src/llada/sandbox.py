@@ -36,6 +36,7 @@ import functools
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,16 +132,15 @@ def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool, sec
     """The ``prlimit … bwrap …`` prefix that runs a command isolated, with ``files_dir`` at /sandbox
     and, given ``seccomp_fd`` (a readable descriptor of :func:`keyring_filter`'s program), the
     kernel keyring calls refused."""
-    bwrap, prlimit = shutil.which("bwrap"), shutil.which("prlimit")
-    if bwrap is None or prlimit is None:
-        raise IsolationUnavailable("bubblewrap (bwrap) and prlimit are needed")
-    memory, output = limits.memory_mb * 2**20, limits.output_kb * 1024
-    command = [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={memory}",
-               f"--nproc={limits.processes}", f"--fsize={output}", f"--nofile={OPEN_FILES}", "--core=0", "--", bwrap,
-               "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-               "--die-with-parent", "--new-session", "--clearenv",
-               "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", SANDBOX_TMP,
-               "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise IsolationUnavailable("bubblewrap (bwrap) is needed")
+    # The process limit is set here only (unisolated runs never had it: root is exempt from it).
+    command = _prlimit_command(limits, f"--nproc={limits.processes}") + [
+        bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--die-with-parent", "--new-session", "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", SANDBOX_TMP,
+        "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
     if seccomp_fd is not None:
         command += ["--seccomp", str(seccomp_fd)]
     if not as_root:  # an unprivileged caller: bubblewrap's user namespace, the caller's own uid outside
@@ -167,13 +167,14 @@ def bubblewrap_command(files_dir: str, limits: SandboxLimits, as_root: bool, sec
     return command
 
 
-def _unisolated_command(limits: SandboxLimits) -> list[str]:
+def _prlimit_command(limits: SandboxLimits, *more: str) -> list[str]:
+    """The ``prlimit … --`` prefix setting ``limits`` (and ``more`` of prlimit's options) for every
+    process the command starts."""
     prlimit = shutil.which("prlimit")
     if prlimit is None:
-        raise IsolationUnavailable("prlimit (util-linux) is needed even without isolation")
-    memory, output = limits.memory_mb * 2**20, limits.output_kb * 1024
-    return [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={memory}",
-            f"--fsize={output}", f"--nofile={OPEN_FILES}", "--core=0", "--"]
+        raise IsolationUnavailable("prlimit (util-linux) is needed")
+    return [prlimit, f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={limits.memory_mb * 2**20}",
+            f"--fsize={limits.output_kb * 1024}", f"--nofile={OPEN_FILES}", "--core=0", *more, "--"]
 
 
 @contextlib.contextmanager
@@ -254,6 +255,7 @@ class SandboxProcess:
             if "/" in name or name.startswith("."):
                 raise ValueError(f"sandbox file names must be plain names, got {name!r}")
         self._cgroup = RunCgroup(limits.total_memory_mb, limits.processes) if cgroup_problem() is None else None
+        self._folder: tempfile.TemporaryDirectory | None = None
         try:
             self._start(command, files, stdin, pass_fds, isolation)
         except BaseException:
@@ -283,7 +285,7 @@ class SandboxProcess:
                 prefix = bubblewrap_command(files_dir, limits, os.geteuid() == 0, seccomp_fd)
                 files_path, cwd = SANDBOX_FILES, None
             else:
-                prefix, files_path, cwd = _unisolated_command(limits), files_dir, files_dir
+                prefix, files_path, cwd = _prlimit_command(limits), files_dir, files_dir
             argv = prefix + [part.format(channel_fd=channel_fd, files=files_path) for part in command]
             if self._cgroup is not None:
                 argv = self._cgroup.join_prefix() + argv
@@ -306,7 +308,7 @@ class SandboxProcess:
         """Kill the run: its process group (bubblewrap's sandbox then dies with its parent, taking its
         whole PID namespace along)."""
         try:
-            os.killpg(self.process.pid, 9)
+            os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -332,7 +334,7 @@ class SandboxProcess:
     def _release(self) -> None:
         if self._cgroup is not None:
             self._cgroup.remove()
-        if hasattr(self, "_folder"):
+        if self._folder is not None:
             self._folder.cleanup()
 
 
