@@ -24,7 +24,7 @@ import os
 import sys
 
 MAX_MESSAGE = 64 * 2**20  # bytes of one call's arguments or result
-_NAMES = {"inf": float("inf"), "nan": float("nan"), "True": True, "False": False, "None": None}
+_NAMES = {"inf": float("inf"), "nan": float("nan")}  # in float reprs; True, False and None are constants
 
 
 class SolutionError(Exception):

@@ -646,6 +646,7 @@ def _run_recipe(argv: list[str]) -> int:
     """``llada eval recipe NAME``: one of the paper's evaluations with the official settings, offline."""
     from llada.eval_recipes import (
         RECIPES,
+        Recipe,
         RecipeError,
         humaneval_arguments,
         lm_eval_arguments,
@@ -699,22 +700,21 @@ def _run_recipe(argv: list[str]) -> int:
             write_offline_tasks([chosen.task], args.data_dir, tasks, chosen.data, chosen.per_task_folders,
                                 chosen.num_fewshot)
             device = str(resolve_device(args.device))
-            if not args.seeds:
-                rest = lm_eval_arguments(chosen, args.model, tasks, args.limit) + ["--device", device]
-                rest += ["--output_path", args.output_path] if args.output_path else []
+
+            def run(item: Recipe, output_path: str | None) -> int:
+                rest = lm_eval_arguments(item, args.model, tasks, args.limit) + ["--device", device]
+                rest += ["--output_path", output_path] if output_path else []
                 rest += ["--log_samples"] if args.log_samples else []
                 print("llada eval " + " ".join(rest), file=sys.stderr)
                 return evaluate(rest)
+
+            if not args.seeds:
+                return run(chosen, args.output_path)
             output = Path(args.output_path or tempfile.mkdtemp(prefix="llada-recipe-"))
             results = {}
             for seed in args.seeds:
-                rerun = with_overrides(chosen, f"seed={seed}")
-                rest = lm_eval_arguments(rerun, args.model, tasks, args.limit) + ["--device", device,
-                                                                                  "--output_path", str(output / f"seed_{seed}")]
-                rest += ["--log_samples"] if args.log_samples else []
-                print("llada eval " + " ".join(rest), file=sys.stderr)
-                evaluate(rest)
-                (written,) = sorted((output / f"seed_{seed}").rglob("results_*.json"))[-1:]
+                run(with_overrides(chosen, f"seed={seed}"), str(output / f"seed_{seed}"))
+                written = max((output / f"seed_{seed}").rglob("results_*.json"))  # named by time: the newest
                 results[seed] = json.loads(written.read_text())["results"]
             summary = json.dumps(seed_summary(results), indent=1)
             (output / "seed_summary.json").write_text(summary + "\n")
