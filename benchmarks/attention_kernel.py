@@ -1,4 +1,4 @@
-"""The block-step attention kernel (``llada.block_attention``) alone, at the 8B model's layer shape.
+"""The block-step attention kernel (``llada.model.block_attention``) alone, at the 8B model's layer shape.
 
 One layer's attention of a block of 32 queries (32 heads of 128) over a cache of ``T`` keys plus
 their own fresh keys, bf16, for several batch sizes and cache lengths: the kernel against the
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from llada import block_attention
-from llada.kv_cache import _attend_cache_and_fresh
+from llada.model import block_attention
+from llada.model.kv_cache import _attend_cache_and_fresh
 
 HEADS, QUERIES, DIM = 32, 32, 128
 

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from llada import block_attention
-from llada.config import preset
-from llada.engine import Engine, GenerationSettings
-from llada.model import LLaDAModel
-from llada.quantize import QUANTIZERS
-from llada.sampling import generate
-from llada.scheduler import Scheduler
-from llada.tokenizer import Tokenizer
+from llada.model import block_attention
+from llada.model.config import preset
+from llada.engine.engine import Engine, GenerationSettings
+from llada.model.transformer import LLaDAModel
+from llada.model.quantize import QUANTIZERS
+from llada.diffusion.sampling import generate
+from llada.engine.scheduler import Scheduler
+from llada.model.tokenizer import Tokenizer
 
 
 def random_model(name: str, tokenizer: Tokenizer | None = None) -> LLaDAModel:
@@ -122,7 +122,7 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
         if quantize and name.endswith(quantize):  # last: quantizing changes the model in place
             QUANTIZERS[quantize](model)
             results[f"{quantize}_weights_GB"] = sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9
-        # "tensor_attention": block steps attend with tensor operations, not llada.block_attention's kernel.
+        # "tensor_attention": block steps attend with tensor operations, not llada.model.block_attention's kernel.
         block_attention.ENABLED = not name.endswith("_tensor_attention")
         engine = Engine(model, **kwargs)
         run = engine.start(prompt, variant_settings)

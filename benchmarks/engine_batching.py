@@ -8,7 +8,7 @@ arithmetic and definition prompts of ``engine_quality.py``), in consecutive batc
 after a warm-up pass over all of them (CUDA graphs captured, block steps compiled). Reported per
 batch size: answer tokens/s (up to each answer's first end-of-text token, wall-clock), the speed-up
 over batch 1, and the share of answers identical to batch 1's (a row's result must not depend on
-its batch). Each batch size also runs through the step-level scheduler (``llada.scheduler``) with
+its batch). Each batch size also runs through the step-level scheduler (``llada.engine.scheduler``) with
 that many rows: continuous batching, where a finished row's slot takes the next waiting prompt at
 once instead of idling until the slowest row of its batch is done, as a server would run. Timings
 are the median of ``--repeats`` passes (a pass over the demo prompts takes well under a second).
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from engine_quality import device_name, prompts, synchronize
 
-from llada.engine import Engine, GenerationSettings
-from llada.loading import DEMO_MODEL
-from llada.model import LLaDAModel
-from llada.scheduler import Scheduler
-from llada.tokenizer import Tokenizer
+from llada.engine.engine import Engine, GenerationSettings
+from llada.model.loading import DEMO_MODEL
+from llada.model.transformer import LLaDAModel
+from llada.engine.scheduler import Scheduler
+from llada.model.tokenizer import Tokenizer
 
 
 def decode_all(engine: Engine, ids: list[list[int]], settings: GenerationSettings, batch: int) -> list[list[int]]:

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from llada.answer_text import answer_text
-from llada.engine import Engine, GenerationSettings
-from llada.loading import DEMO_MODEL
-from llada.model import LLaDAModel
-from llada.quantize import QUANTIZERS
-from llada.sampling import generate
-from llada.tokenizer import Tokenizer
+from llada.engine.answer_text import answer_text
+from llada.engine.engine import Engine, GenerationSettings
+from llada.model.loading import DEMO_MODEL
+from llada.model.transformer import LLaDAModel
+from llada.model.quantize import QUANTIZERS
+from llada.diffusion.sampling import generate
+from llada.model.tokenizer import Tokenizer
 
 WORDS = ["king", "house", "water", "light", "sword", "love", "night", "river", "friend", "bread", "horse", "storm",
          "crown", "heart", "garden", "winter"]
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=8)
     parser.add_argument("--quantize", choices=sorted(QUANTIZERS),
-                        help="quantize the block weights after the reference answers (llada.quantize)")
+                        help="quantize the block weights after the reference answers (llada.model.quantize)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: CUDA graphs for the engine's steps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the engine's block steps")

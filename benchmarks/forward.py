@@ -18,9 +18,9 @@ from functools import partial
 
 import torch
 
-from llada.config import preset
-from llada.model import LLaDAModel
-from llada.parallelize import compile_model
+from llada.model.config import preset
+from llada.model.transformer import LLaDAModel
+from llada.training.parallelize import compile_model
 
 SHAPES = [(1, 32), (1, 768), (1, 2048), (8, 32), (8, 768), (8, 2048)]  # (batch, length)
 

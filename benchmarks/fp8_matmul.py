@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llada.quantize import FP8_MAX, Fp8Linear
+from llada.model.quantize import FP8_MAX, Fp8Linear
 
 SHAPES = {"qkv (fused)": (4096, 12288), "attn_out": (4096, 4096), "gate_up (fused)": (4096, 24576),
           "ff_out": (12288, 4096)}

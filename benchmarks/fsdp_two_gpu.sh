@@ -7,7 +7,7 @@ OUT=${OUT:-out}; RUNS=${RUNS:-/tmp/fsdp-runs}; RECIPE=configs/bench_1b_synthetic
 mkdir -p "$OUT" "$RUNS"
 run() {  # name, processes, extra overrides...
   local name=$1 procs=$2; shift 2
-  timeout 170 python -m torch.distributed.run --nproc-per-node "$procs" -m llada.cli train "$RECIPE" \
+  timeout 170 python -m torch.distributed.run --nproc-per-node "$procs" -m llada.cli.main train "$RECIPE" \
     --set out_dir="$RUNS/$name" "$@" >> "$OUT/logs.txt" 2>&1
   echo "$name ($procs GPU) exit $?" | tee -a "$OUT/logs.txt"
   cp "$RUNS/$name/metrics.jsonl" "$OUT/$name.jsonl" 2>/dev/null

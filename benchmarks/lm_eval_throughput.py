@@ -1,4 +1,4 @@
-"""Requests per second of the lm-eval model class (``llada.lm_eval_model``), by request type.
+"""Requests per second of the lm-eval model class (``llada.evaluation.lm_eval_model``), by request type.
 
 Runs the three request types lm-evaluation-harness sends, built from the demo data's text, through
 ``LLaDAEvalModel`` exactly as lm-eval would call it, on a random-weight model of a preset's shape:
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
-from llada.lm_eval_model import LLaDAEvalModel
-from llada.tokenizer import Tokenizer
+from llada.evaluation.lm_eval_model import LLaDAEvalModel
+from llada.model.tokenizer import Tokenizer
 
 
 def passages(path: Path, count: int, words: int, seed: int = 0) -> list[str]:

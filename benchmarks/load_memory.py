@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from llada.checkpoint import save_model
-from llada.config import preset
-from llada.model import LLaDAModel
+from llada.model.checkpoint import save_model
+from llada.model.config import preset
+from llada.model.transformer import LLaDAModel
 
 
 def rss_anon_bytes() -> int:
@@ -55,7 +55,7 @@ def load_in_this_process(method: str, directory: str, device: str) -> dict:
     else:
         from safetensors.torch import load_file
 
-        from llada.checkpoint import from_official, read_config
+        from llada.model.checkpoint import from_official, read_config
 
         config = read_config(directory)
         torch.set_default_dtype(torch.bfloat16)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from llada.answer_text import answer_text
-from llada.engine import Engine, GenerationSettings
-from llada.loading import DEMO_MODEL
-from llada.model import LLaDAModel
-from llada.text_metrics import word_f1
-from llada.tokenizer import Tokenizer
+from llada.engine.answer_text import answer_text
+from llada.engine.engine import Engine, GenerationSettings
+from llada.model.loading import DEMO_MODEL
+from llada.model.transformer import LLaDAModel
+from llada.evaluation.text_metrics import word_f1
+from llada.model.tokenizer import Tokenizer
 
 # (label, steps, block_length, remasking, cfg_scale) for answers of 32 tokens; the first is the baseline.
 SETTINGS = [

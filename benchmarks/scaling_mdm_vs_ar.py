@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from llada.likelihood import log_likelihood
-from llada.model import LLaDAModel
-from llada.tokenizer import Tokenizer
-from llada.train import Trainer
-from llada.train_config import load_config
+from llada.diffusion.likelihood import log_likelihood
+from llada.model.transformer import LLaDAModel
+from llada.model.tokenizer import Tokenizer
+from llada.training.trainer import Trainer
+from llada.training.config import load_config
 
 # Changes to the demo preset (d_model 384, 6 layers, 6 heads, MLP 1024): about 0.4x, 1x and 2.4x
 # its non-embedding parameters.

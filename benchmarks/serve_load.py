@@ -36,9 +36,9 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from llada.engine import GenerationSettings
-from llada.model import LLaDAModel
-from llada.tokenizer import Tokenizer
+from llada.engine.engine import GenerationSettings
+from llada.model.transformer import LLaDAModel
+from llada.model.tokenizer import Tokenizer
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # The demo model's task kinds (definitions, verse continuation, arithmetic): varied prompt lengths.
@@ -170,7 +170,7 @@ def build_model(args: argparse.Namespace) -> tuple[LLaDAModel, Tokenizer, str]:
 
         model = random_model(args.init_preset, tokenizer)
         return model, tokenizer, f"random-{args.init_preset}"
-    from llada.loading import load
+    from llada.model.loading import load
 
     model, _ = load(args.model, args.device, args.dtype)
     return model, tokenizer, Path(args.model).resolve().name

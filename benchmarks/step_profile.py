@@ -23,8 +23,8 @@ import torch
 from engine import random_model
 from torch.profiler import ProfilerActivity, profile
 
-from llada.engine import Engine, GenerationSettings
-from llada.quantize import QUANTIZERS
+from llada.engine.engine import Engine, GenerationSettings
+from llada.model.quantize import QUANTIZERS
 
 GROUPS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "scaled_mm", "splitk")),
           ("attention", ("flash", "attention", "fmha")),

@@ -1,7 +1,7 @@
 """Training throughput and MFU of the real Trainer on one GPU: ~1B-parameter LLaDA, sequence length 2048, bf16.
 
 Builds a throwaway tokenizer and a packed dataset of random token ids (the model sees the official
-126,464-token vocabulary), then runs ``llada.train.Trainer`` eager and compiled for a few steps each
+126,464-token vocabulary), then runs ``llada.training.trainer.Trainer`` eager and compiled for a few steps each
 and reports tokens/s and MFU (model FLOPs utilisation, 6·N + attention FLOPs per token against the
 card's dense bf16 peak) over the steps after warm-up.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llada.packing import FORMAT, INDEX_FILE
-from llada.tokenizer import train_tokenizer
-from llada.train import Trainer
-from llada.train_config import load_config
+from llada.training.packing import FORMAT, INDEX_FILE
+from llada.model.tokenizer import train_tokenizer
+from llada.training.trainer import Trainer
+from llada.training.config import load_config
 
 VOCAB = 126464
 

@@ -153,9 +153,9 @@ def main() -> None:
     print(f"{len(texts)} works, {len(pairs)} glosses, {len(samples)} instruction samples "
           f"({test_count} held out) -> {args.out}")
     if args.tokenizer_vocab:
-        from llada.cli import run_tokenizer_train
-        from llada.packing import tokenize_corpus
-        from llada.sft_data import build_sft_data
+        from llada.cli.main import run_tokenizer_train
+        from llada.training.packing import tokenize_corpus
+        from llada.training.sft_data import build_sft_data
 
         run_tokenizer_train([str(corpus / "*.txt")], str(args.out / "tokenizer"), args.tokenizer_vocab)
         summary = tokenize_corpus([str(corpus / "*.txt")], args.out / "pretrain", args.out / "tokenizer")

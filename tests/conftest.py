@@ -9,14 +9,14 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Triton kernels (llada.block_attention) run in Triton's interpreter where there is no GPU
-    # (tests/test_block_attention.py). It must be on before Triton is first imported, which PyTorch
+    # Triton kernels (llada.model.block_attention) run in Triton's interpreter where there is no GPU
+    # (tests/model/test_block_attention.py). It must be on before Triton is first imported, which PyTorch
     # modules that llada loads do.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from llada.config import preset
-from llada.model import LLaDAModel
-from llada.tokenizer import Tokenizer, train_tokenizer
+from llada.model.config import preset
+from llada.model.transformer import LLaDAModel
+from llada.model.tokenizer import Tokenizer, train_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

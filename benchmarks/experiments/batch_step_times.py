@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from engine_quality import device_name, prompts, synchronize
 
-from llada.engine import Engine, GenerationSettings
-from llada.loading import DEMO_MODEL
-from llada.model import LLaDAModel
-from llada.tokenizer import Tokenizer
+from llada.engine.engine import Engine, GenerationSettings
+from llada.model.loading import DEMO_MODEL
+from llada.model.transformer import LLaDAModel
+from llada.model.tokenizer import Tokenizer
 
 
 def timed_pass(engine: Engine, ids: list[list[int]], settings: GenerationSettings, batch: int) -> list[dict]:

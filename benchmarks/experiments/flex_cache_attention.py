@@ -16,7 +16,7 @@ import torch
 from engine import random_model, step_part
 from torch.nn.attention.flex_attention import flex_attention
 
-from llada import kv_cache
+from llada.model import kv_cache
 
 ENGINE_ATTENTION = kv_cache._attend_cache_and_fresh
 

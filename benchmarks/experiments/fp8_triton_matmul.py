@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from fp8_matmul import SHAPES, graph_time_us, quantize_rows, write_results  # benchmarks/ on the path
 
-from llada.quantize import Fp8Linear
+from llada.model.quantize import Fp8Linear
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Builds continuations that are greedy by construction (the reference sampler decoding a masked suffix
 one token per step, most confident first: exactly the official ``suffix_greedy_prediction``), then
-asks the official check (``llada.likelihood.suffix_greedy``) and the one-pass approximation
+asks the official check (``llada.diffusion.likelihood.suffix_greedy``) and the one-pass approximation
 (``greedy_check=one_pass``: every continuation token the argmax of one forward pass) about them.
 
     PYTHONPATH=src python benchmarks/experiments/greedy_check_agreement.py --model models/demo \
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from llada.likelihood import suffix_greedy
-from llada.lm_eval_model import LLaDAEvalModel
-from llada.sampling import generate
+from llada.diffusion.likelihood import suffix_greedy
+from llada.evaluation.lm_eval_model import LLaDAEvalModel
+from llada.diffusion.sampling import generate
 
 WORDS = ["The", "king", "is", "dead", ".", "To", "be", "or", "not", "to", "be", "that", "is", "the", "question", "Define", "the", "word", "ocean", "What", "is", "3", "+", "4", "?", "O", "Romeo", "wherefore", "art", "thou"]
 

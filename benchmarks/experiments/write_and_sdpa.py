@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from engine import random_model
 from skinny_matmul import graph_ms
 
-from llada import kv_cache
-from llada.kv_cache import KVCache, fuse_projections
+from llada.model import kv_cache
+from llada.model.kv_cache import KVCache, fuse_projections
 
 
 def write_forward(model, input_ids, positions, cache, key_bias, logits_index, write, fused):

@@ -1,5 +1,5 @@
 """``python -m llada`` runs the command line."""
 
-from llada.cli import main
+from llada.cli.main import main
 
 raise SystemExit(main())

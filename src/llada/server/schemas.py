@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from llada.decoding import POLICIES
-from llada.engine import GenerationSettings
-from llada.generation_options import setting_types
+from llada.engine.decoding import POLICIES
+from llada.engine.engine import GenerationSettings
+from llada.engine.options import setting_types
 from llada.server.config import ServerConfig
 from llada.server.errors import APIError, model_not_found
-from llada.tokenizer import Message, Tokenizer, TokenizerError
+from llada.model.tokenizer import Message, Tokenizer, TokenizerError
 
 Kind = Literal["chat", "completion"]
 

@@ -26,8 +26,8 @@ from typing import Literal
 
 import torch
 
-from llada.engine import GenerationSettings
-from llada.scheduler import Request, RequestUpdate, Scheduler, SchedulerFull
+from llada.engine.engine import GenerationSettings
+from llada.engine.scheduler import Request, RequestUpdate, Scheduler, SchedulerFull
 from llada.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,312 @@
+"""Key/value caches for the bidirectional mask predictor, and the forward pass that reads and fills them.
+
+A diffusion LM attends in both directions, so a position's keys and values change whenever any
+token changes: a cache is an *approximation* that is refreshed (recomputed by a full forward pass)
+at chosen times. Between refreshes, a forward pass over a few query positions (the block being
+decoded, or the block and everything after it) recomputes only their keys and values, writes them
+into the cache, and attends to the whole cached sequence. A refresh is the same call with every
+position as a query, and then equals the plain forward pass exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llada.model import block_attention
+from llada.model.transformer import Block, LLaDAModel
+
+
+@dataclass
+class KVCache:
+    """Keys and values of a batch of sequences for every layer, in one tensor ``entries``
+    (2, n_layers, B, K, T, D): keys then values. ``keys[i]`` and ``values[i]`` are its (B, K, T, D)
+    views per layer. One tensor lets work over all layers at once (storing a sparse step's entries,
+    copying rows between caches) run as one kernel instead of one per layer and kind."""
+
+    entries: torch.Tensor
+    # The memory pool of the CUDA graphs an engine captured over this cache: it lives and dies with
+    # them (a pool whose graphs were all freed must not be captured into again).
+    graph_pool: tuple[int, int] | None = None
+    # The decoding state of the batch holding this cache (tokens, undecided flags, block offsets),
+    # by name, shape and dtype: step graphs captured over the cache read and write these very
+    # tensors, so that a later batch of the same shape replays them without capturing again.
+    state: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    keys: list[torch.Tensor] = field(init=False)
+    values: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.entries.dim() != 6 or self.entries.shape[0] != 2:
+            raise ValueError(f"cache entries must be (2, n_layers, B, K, T, D), got {tuple(self.entries.shape)}")
+        # Compiled passes see the layers' views with this tensor as their base: its constant
+        # dimensions must not share symbols with an equal batch size (a recompile at the next one).
+        for dim in (0, 1, 3, 5):
+            torch._dynamo.mark_static(self.entries, dim)
+        # Indexed one by one: the views of ``unbind`` may not be written in place under autograd.
+        layers = range(self.entries.shape[1])
+        self.keys = [self.entries[0, layer] for layer in layers]
+        self.values = [self.entries[1, layer] for layer in layers]
+
+    @classmethod
+    def allocate(cls, model: LLaDAModel, batch: int, length: int, zeroed: bool = True) -> KVCache:
+        """A cache for ``batch`` sequences of ``length``; ``zeroed=False`` leaves the memory as it is,
+        for a cache whose every entry is written before it is read (a refresh's)."""
+        config = model.config
+        shape = (2, config.n_layers, batch, config.n_kv_heads, length, config.head_dim)
+        make = torch.zeros if zeroed else torch.empty
+        return cls(make(shape, dtype=model.dtype, device=model.device))
+
+    def state_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The cache's state tensor ``name`` of this shape and dtype (uninitialised when new)."""
+        key = (name, tuple(shape), dtype)
+        if key not in self.state:
+            self.state[key] = torch.empty(shape, dtype=dtype, device=self.entries.device)
+        return self.state[key]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def copy_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Fill this cache with ``source``'s rows ``rows`` (in that order), in place."""
+        _check_rows(self, source, rows)  # ``out=`` would resize, moving the memory graphs point at
+        torch.index_select(source.entries, 2, rows, out=self.entries)
+
+    def write_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Write every row of ``source`` into this cache's rows ``rows`` (the inverse of ``copy_rows``)."""
+        _check_rows(source, self, rows)
+        self.entries.index_copy_(2, rows, source.entries)
+
+
+def _check_rows(part: KVCache, whole: KVCache, rows: torch.Tensor) -> None:
+    """Refuse ``part`` as the rows ``rows`` of ``whole`` unless it has exactly their shape."""
+    expected = (*whole.entries.shape[:2], len(rows), *whole.entries.shape[3:])
+    if part.entries.shape != expected:
+        raise ValueError(f"cache of shape {tuple(part.entries.shape)} cannot take {len(rows)} rows of "
+                         f"{tuple(whole.entries.shape)}")
+
+
+@torch.no_grad()  # a cache is inference state: its in-place writes (into views of one tensor) carry no gradient
+def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
+                   write: bool = True, fused: bool = False, query_mask: torch.Tensor | None = None,
+                   return_entries: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Run ``input_ids`` at ``positions`` against the cache.
+
+    Args:
+        model: the mask predictor (its weights; its ``forward`` is not used).
+        input_ids: (B, Q) the tokens now at the query positions.
+        positions: (B, Q) their positions in the sequence (0 ≤ position < cache length).
+        cache: keys/values of the whole sequence, (B, K, T, D) per layer.
+        key_bias: optional (B, 1, 1, T) additive bias over keys (``model.attention_bias`` of the
+            padding mask).
+        logits_index: optional (B, N) query columns to compute logits for (the positions being
+            decoded); None computes them for all Q. A tensor rather than a slice so that every
+            call of one shape is the same graph (CUDA graphs replay it for any block).
+        write: store the queries' fresh keys/values into the cache (a refresh). With False the
+            cache is only read: the queries attend to its entries at every *other* position and to
+            their own fresh keys/values. Block steps use this: the block is recomputed at every
+            step anyway, and not writing saves a copy of the cache per layer under ``torch.compile``.
+        fused: use the fused projection matrices (``fuse_projections``), which round differently
+            from the model's own matmuls; off, the pass is the model's own arithmetic.
+        query_mask: optional (B, Q) bool, the real queries; the others pad a row to Q: their
+            positions keep their cached keys/values (seen by every query, never overwritten) and
+            their outputs mean nothing. Padding a row with positions it does not need therefore
+            changes nothing for its real queries.
+        return_entries: also return the queries' entries to store, (2, n_layers, B, K, Q, D) like
+            ``KVCache.entries`` (padding queries carry their positions' cached entries), for the
+            caller to store after a read-only pass with ``store_entries`` (a store inside a
+            compiled pass copies the cache; one outside it is one kernel for all layers).
+    Returns:
+        (B, N, V) logits in the model's dtype (N = Q without ``logits_index``); with
+        ``return_entries``, (logits, entries).
+    """
+    if input_ids.shape != positions.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal (B, Q)")
+    if input_ids.shape[0] != cache.batch:
+        raise ValueError(f"batch of {input_ids.shape[0]} rows does not match the cache's {cache.batch}")
+    angles = model.rope[:, positions]  # (2, B, Q, D)
+    cos, sin = angles[0][:, None], angles[1][:, None]  # (B, 1, Q, D), broadcast over heads
+    lowest = torch.finfo(model.dtype).min
+    fresh_bias = None
+    if not write:
+        stale = torch.zeros(input_ids.shape[0], cache.length, dtype=torch.bool, device=input_ids.device)
+        own = True if query_mask is None else query_mask
+        stale = stale.scatter_(1, positions, own)[:, None, None, :]  # (B, 1, 1, T): the real queries' own entries
+        key_bias = (torch.zeros_like(stale, dtype=model.dtype) if key_bias is None else key_bias).masked_fill(stale, lowest)
+        if query_mask is not None:  # padding queries' fresh keys hidden: their cached ones stand
+            fresh_bias = torch.zeros(query_mask.shape, dtype=model.dtype, device=query_mask.device).masked_fill(
+                ~query_mask, lowest)[:, None, None, :]  # (B, 1, 1, Q)
+    stored_keys, stored_values = [], []
+    x = model.wte(input_ids)  # (B, Q, E)
+    for layer, block in enumerate(model.blocks):
+        q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin, fused)
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
+        if return_entries:
+            stored_keys.append(_entries_to_store(cache.keys[layer], index, k, query_mask))
+            stored_values.append(_entries_to_store(cache.values[layer], index, v, query_mask))
+        if write:
+            keys = store_queries(cache.keys[layer], index, k, query_mask)
+            values = store_queries(cache.values[layer], index, v, query_mask)
+            x = x + block.attend(q, keys, values, key_bias)
+        else:
+            out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v, fresh_bias)
+            x = x + block.attn_out(out)
+        x = x + _mlp(block, block.ff_norm(x), fused)
+    if logits_index is not None:
+        x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
+    logits = F.linear(model.ln_f(x), model.output_weight())
+    if return_entries:
+        return logits, torch.stack([torch.stack(stored_keys), torch.stack(stored_values)])
+    return logits
+
+
+def _entries_to_store(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
+                      query_mask: torch.Tensor | None) -> torch.Tensor:
+    """The fresh keys (or values) (B, K, Q, D) of the real queries, and the cached ones of padding
+    queries (``query_mask`` False) at their positions (``index``, expanded to (B, K, Q, D)) in a
+    layer's cache (B, K, T, D)."""
+    if query_mask is None:
+        return fresh
+    return torch.where(query_mask[:, None, :, None], fresh, cache.gather(2, index))
+
+
+def store_entries(cache: KVCache, positions: torch.Tensor, entries: torch.Tensor) -> None:
+    """Write ``entries`` (2, n_layers, B, K, Q, D), from ``cached_forward(return_entries=True)``, into
+    the cache at ``positions`` (B, Q), every layer's keys and values in one scatter."""
+    two, layers, _, heads, _, dim = entries.shape
+    index = positions[None, None, :, None, :, None].expand(two, layers, -1, heads, -1, dim)
+    cache.entries.scatter_(4, index, entries)
+
+
+def store_queries(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
+                  query_mask: torch.Tensor | None) -> torch.Tensor:
+    """Write the real queries' fresh keys (or values) (B, K, Q, D) into a layer's cache (B, K, T, D)
+    at ``index`` (their positions, expanded to (B, K, Q, D)), in place; padding queries (``query_mask``
+    False) write their positions' cached entries back unchanged."""
+    return cache.scatter_(2, index, _entries_to_store(cache, index, fresh, query_mask))
+
+
+def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, fresh_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of q (B, H, Q, D) over two key sets at once — the cache (B, K, T, D) under
+    ``bias`` and the fresh k/v (B, K, Q, D), under ``fresh_bias`` (B, 1, 1, Q) if given — without
+    concatenating them (which would copy the cache).
+
+    Scores in (at least) float32; query heads are grouped per key/value head (GQA) by a reshape, not a copy.
+    Returns (B, Q, H·D). On a GPU in bf16/fp16 one fused kernel computes the same (``llada.model.block_attention``).
+    """
+    if block_attention.available(q, cache_k):
+        return block_attention.block_attention(q, cache_k, cache_v, bias, k, v, fresh_bias)
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)  # (B, K, G·Q, D)
+    scale = dim ** -0.5
+    compute = torch.promote_types(q.dtype, torch.float32)
+    cached = (grouped @ cache_k.transpose(-1, -2)).to(compute) * scale + bias.to(compute)  # (B, K, G·Q, T)
+    fresh = (grouped @ k.transpose(-1, -2)).to(compute) * scale  # (B, K, G·Q, Q)
+    if fresh_bias is not None:
+        fresh = fresh + fresh_bias.to(compute)
+    peak = torch.maximum(cached.amax(-1, keepdim=True), fresh.amax(-1, keepdim=True))
+    cached, fresh = (cached - peak).exp(), (fresh - peak).exp()
+    total = cached.sum(-1, keepdim=True) + fresh.sum(-1, keepdim=True)
+    out = (cached.to(q.dtype) @ cache_v + fresh.to(q.dtype) @ v).to(compute) / total  # (B, K, G·Q, D)
+    return out.to(q.dtype).reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+# --- fused projections --------------------------------------------------------------------------
+
+def fuse_projections(model: LLaDAModel) -> bool:
+    """Store each block's q/k/v weights as one matrix, and its gate/up weights as another, in place.
+
+    The layers' own weights become row slices (views) of the fused matrices, so the model keeps its
+    parameters, memory and bit-identical plain forward pass, while ``cached_forward`` runs one
+    matmul where it ran three (or two): fewer, larger kernels for the launch-bound block steps.
+    Quantized layers that can be stacked (fp8: ``Fp8Linear.stacked``) are fused the same way; for
+    others (int8) it returns False, changing nothing. Moving or reloading the model's weights
+    afterwards breaks the views; ``projections_fused_in`` tells whether they still hold.
+    """
+    projections = [(block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj) for block in model.blocks]
+    layers = [layer for group in projections for layer in group]
+    stackable = len({type(layer) for layer in layers}) == 1 and hasattr(type(layers[0]), "stacked")
+    if not (stackable or all(isinstance(layer, nn.Linear) for layer in layers)):
+        return False
+    unfused = [block for block in model.blocks if not projections_fused_in(block)]
+    with torch.no_grad():
+        for block in unfused:
+            # Plain attributes, not registered submodules or buffers: the model's state dict,
+            # parameters and module tree stay as they were.
+            object.__setattr__(block, "fused_qkv", _fuse(block.q_proj, block.k_proj, block.v_proj))
+            object.__setattr__(block, "fused_gate_up", _fuse(block.ff_proj, block.up_proj))
+    if unfused:
+        bump_weights_version(model)
+    return True
+
+
+def bump_weights_version(model: LLaDAModel) -> None:
+    """Record that ``model``'s weight tensors were replaced: engines made before then refuse to run
+    (their CUDA graphs read the old tensors' memory)."""
+    model.weights_version = getattr(model, "weights_version", 0) + 1
+
+
+def unfuse_projections(model: LLaDAModel) -> None:
+    """Forget the fused matrices (the layers keep their weights): for changes that replace the layers."""
+    for block in model.blocks:
+        for name in ("fused_qkv", "fused_gate_up"):
+            block.__dict__.pop(name, None)
+
+
+def projections_fused_in(block: Block) -> bool:
+    """Whether ``block`` has fused matrices that its layers' weights are still views of."""
+    qkv, gate_up = getattr(block, "fused_qkv", None), getattr(block, "fused_gate_up", None)
+    if qkv is None or gate_up is None:
+        return False
+    qkv, gate_up = (fused if isinstance(fused, torch.Tensor) else fused.weight for fused in (qkv, gate_up))
+    q, k, v = (block.q_proj.weight, block.k_proj.weight, block.v_proj.weight)
+    gate, up = block.ff_proj.weight, block.up_proj.weight
+    return (q.data_ptr() == qkv.data_ptr() and k.data_ptr() == qkv[q.shape[0]:].data_ptr()
+            and v.data_ptr() == qkv[q.shape[0] + k.shape[0]:].data_ptr()
+            and gate.data_ptr() == gate_up.data_ptr() and up.data_ptr() == gate_up[gate.shape[0]:].data_ptr())
+
+
+def _fuse(*layers: nn.Module) -> torch.Tensor | nn.Module:
+    """The stacked weight matrix of ``nn.Linear`` layers, or the stacked layer of quantized ones."""
+    if hasattr(type(layers[0]), "stacked"):
+        return type(layers[0]).stacked(list(layers))
+    fused = torch.cat([layer.weight.detach() for layer in layers])
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
+def _apply(fused: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, fused) if isinstance(fused, torch.Tensor) else fused(x)
+
+
+def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_fused: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Block.project_qkv``, through the fused matrix when asked for and there is one."""
+    fused = getattr(block, "fused_qkv", None) if use_fused else None
+    if fused is None:
+        return block.project_qkv(x, cos, sin)
+    kv_width = block.n_kv_heads * block.head_dim
+    q, k, v = _apply(fused, x).split([block.n_heads * block.head_dim, kv_width, kv_width], dim=-1)
+    return block.split_heads(q, k, v, cos, sin)
+
+
+def _mlp(block: Block, x: torch.Tensor, use_fused: bool) -> torch.Tensor:
+    """``Block.mlp``, through the fused gate/up matrix when asked for and there is one."""
+    fused = getattr(block, "fused_gate_up", None) if use_fused else None
+    if fused is None:
+        return block.mlp(x)
+    return block.gated_out(*_apply(fused, x).chunk(2, dim=-1))

@@ -1,0 +1,195 @@
+"""Supervised fine-tuning data: chat JSONL -> (prompt, answer) token pairs on disk -> padded batches.
+
+Input lines look like ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}``.
+Each assistant turn becomes one sample (paper, Appendix B.1): the prompt is the chat template applied
+to everything before it (with the assistant header opened), the answer is the rest of the rendered
+conversation up to that turn's end-of-turn token. In batches the answers are padded with EOS, and the
+padding counts as answer: the model learns to fill the remaining length with EOS, which is how it
+decides where its answers stop.
+
+On disk: ``tokens.bin`` (all samples' ids back to back), ``samples.npy`` (offset, prompt length,
+total length per sample) and ``index.json`` with the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llada.training.corpus import CorpusError, CorpusIssue, OnError, expand_inputs
+from llada.training.packing import token_dtype
+from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
+
+FORMAT = "llada-sft"
+INDEX_FILE = "index.json"
+TOKENS_FILE = "tokens.bin"
+SAMPLES_FILE = "samples.npy"
+
+
+@dataclass
+class SFTSummary:
+    dialogues: int = 0
+    samples: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    skipped: int = 0  # malformed lines (only with on_error="skip")
+
+
+def encode_pair(tokenizer: Tokenizer, history: Sequence[Message], reply: Message) -> tuple[list[int], list[int]]:
+    """Prompt and answer ids of one assistant turn, split where the rendered conversation diverges.
+
+    Rendering the conversation with and without the reply and taking the difference works for any
+    chat template, so the answer carries exactly the template's end-of-turn tokens.
+    """
+    prompt_text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template([*history, reply], add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise TokenizerError("the chat template renders the reply without the generation prompt before it; "
+                             "cannot split prompt and answer")
+    prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+    answer = tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
+    return prompt, answer
+
+
+def _messages(line: str, field: str) -> list[Message]:
+    value = json.loads(line)
+    messages = value.get(field) if isinstance(value, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"no non-empty list field {field!r}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            problem = f"message {i} needs string 'role' and 'content'"
+            raise ValueError(problem)  # noqa: TRY004 - bad data, not a bad call
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message to learn from")
+    return messages
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return "not valid UTF-8"
+    if isinstance(error, json.JSONDecodeError):
+        return f"invalid JSON ({error.msg})"
+    return str(error)
+
+
+def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir: str | Path, max_length: int = 4096,
+                   overlong: Literal["drop", "truncate"] = "drop", on_error: OnError = "fail",
+                   messages_field: str = "messages", progress: bool = True) -> SFTSummary:
+    """Turn chat JSONL files into an SFT directory.
+
+    Args:
+        inputs: JSONL files or glob patterns.
+        output_dir: target directory (its three files are replaced atomically).
+        tokenizer_dir: directory with the tokenizer files and chat template.
+        max_length: longest prompt + answer in tokens.
+        overlong: ``drop`` longer samples, or ``truncate`` their answers (a prompt that alone reaches
+            ``max_length`` is always dropped); both are counted.
+        on_error: ``fail`` on the first malformed line, or ``skip`` it (counted, and logged by line).
+        messages_field: the field holding the message list.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    summary = SFTSummary()
+    issues: list[CorpusIssue] = []
+    tokens: list[int] = []
+    samples: list[tuple[int, int, int]] = []
+    for path in expand_inputs(inputs):
+        lines = path.read_bytes().split(b"\n")
+        for number, raw in enumerate(tqdm(lines, desc=path.name, unit="line", disable=not progress), start=1):
+            if not raw.strip():
+                continue
+            try:
+                messages = _messages(raw.decode("utf-8"), messages_field)
+                pairs = [encode_pair(tokenizer, history, reply) for history, reply in dialogue_to_pairs(messages)]
+            except (UnicodeDecodeError, ValueError) as error:  # JSON, field and template errors are ValueErrors
+                issue = CorpusIssue(str(path), number, _describe(error))
+                if on_error == "fail":
+                    raise CorpusError(f"{issue} (use --on-error skip to skip such lines)") from error
+                issues.append(issue)
+                summary.skipped += 1
+                continue
+            summary.dialogues += 1
+            for prompt, answer in pairs:
+                if len(prompt) + len(answer) > max_length:
+                    if overlong == "drop" or len(prompt) >= max_length:
+                        summary.dropped_overlong += 1
+                        continue
+                    answer = answer[:max_length - len(prompt)]
+                    summary.truncated += 1
+                samples.append((len(tokens), len(prompt), len(prompt) + len(answer)))
+                tokens.extend(prompt + answer)
+    summary.samples, summary.tokens = len(samples), len(tokens)
+    _write(Path(output_dir), tokenizer, tokens, samples, summary, issues)
+    return summary
+
+
+def _write(output: Path, tokenizer: Tokenizer, tokens: list[int], samples: list[tuple[int, int, int]],
+           summary: SFTSummary, issues: list[CorpusIssue]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    suffix = f".tmp-{os.getpid()}"
+    arrays = {TOKENS_FILE: np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
+              SAMPLES_FILE: np.asarray(samples, dtype=np.int64).reshape(-1, 3)}
+    for name, array in arrays.items():
+        with open(output / (name + suffix), "wb") as file:
+            if name.endswith(".npy"):
+                np.save(file, array)
+            else:
+                array.tofile(file)
+    index = {"format": FORMAT, "version": 1, "dtype": arrays[TOKENS_FILE].dtype.name, "eos_id": tokenizer.ids.eos,
+             "vocab_size": tokenizer.vocab_size, **asdict(summary), "issues": [str(i) for i in issues[:100]]}
+    (output / (INDEX_FILE + suffix)).write_text(json.dumps(index, indent=2) + "\n")
+    for name in (TOKENS_FILE, SAMPLES_FILE, INDEX_FILE):  # the index last: it marks the set complete
+        os.replace(output / (name + suffix), output / name)
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """(ids, prompt_length) per sample of an SFT directory; ``collate_sft`` pads them into batches."""
+
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        index_path = directory / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} is missing: run `llada data sft` first")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"{index_path} is not a {FORMAT} index")
+        self.eos_id = self.index["eos_id"]
+        self.samples = np.load(directory / SAMPLES_FILE)
+        self.tokens = np.memmap(directory / TOKENS_FILE, dtype=np.dtype(self.index["dtype"]), mode="r") \
+            if self.index["tokens"] else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        offset, prompt_length, length = (int(v) for v in self.samples[item])
+        return torch.from_numpy(self.tokens[offset:offset + length].astype(np.int64)), prompt_length
+
+
+def collate_sft(batch: Sequence[tuple[torch.Tensor, int]], eos_id: int,
+                pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad samples with EOS to the longest (or ``pad_to``): (B, L) ids and (B,) prompt lengths.
+
+    The EOS padding belongs to the answer (it is masked and trained on, as in the paper).
+    """
+    length = max(len(ids) for ids, _ in batch)
+    if pad_to is not None:
+        if pad_to < length:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest sample ({length})")
+        length = pad_to
+    input_ids = torch.full((len(batch), length), eos_id, dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        input_ids[row, :len(ids)] = ids
+    return input_ids, torch.tensor([prompt for _, prompt in batch], dtype=torch.long)

@@ -1,0 +1,530 @@
+"""The training loop: pretraining, SFT and the autoregressive baseline from one recipe.
+
+What it guarantees:
+- Exact resume: the masks of step s come from a generator seeded by (seed, s), the data order from
+  per-epoch permutations of the seed, and a checkpoint stores the model, the optimiser, the step and
+  the data position, so a resumed run reproduces the losses of an uninterrupted one bit for bit (CPU).
+- Checkpoints are atomic (written beside, then renamed), the last ``keep_last`` are kept, and each holds
+  the model in the official checkpoint layout, so it can be used or exported as is.
+- A non-finite or spiking loss skips the step; ``max_bad_steps`` in a row roll the model and optimiser
+  back to the last checkpoint and lower the learning rate (the paper met this once, at 1.2T tokens).
+- SIGTERM saves a checkpoint at the end of the current step, then exits.
+- Under ``torchrun`` the model is sharded with FSDP2 and each process takes its slice of every global
+  batch; the masks of a sample depend on its place in the global batch, not on the number of
+  processes, so N processes train like one (up to float summation order). Checkpoints hold full,
+  unsharded states, so a run can resume on any number of processes.
+
+Metrics go to ``metrics.jsonl`` (and TensorBoard with ``tensorboard: true``); with ``sample_every``,
+generations from fixed prompts go to ``samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
+
+from llada.diffusion.ar_sampling import generate_autoregressive
+from llada.model.checkpoint import load_model, read_state_dict, save_state_dict
+from llada.model.config import preset
+from llada.model.loading import resolve_device
+from llada.diffusion.losses import Loss, answer_positions, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
+from llada.model.transformer import LLaDAModel
+from llada.training.packing import PackedDataset
+from llada.training.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
+from llada.diffusion.sampling import generate
+from llada.training.schedule import lr_multiplier
+from llada.training.sft_data import SFTDataset, collate_sft
+from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
+from llada.training.config import TrainConfig, config_to_dict
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer.pt"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. rollback needed but no checkpoint exists)."""
+
+
+class EpochBatches:
+    """Index batches in a fresh seeded permutation each epoch; the position is resumable state."""
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int) -> None:
+        if len(indices) < batch_size:
+            raise ValueError(f"the training split has {len(indices)} samples, fewer than batch_size {batch_size}")
+        self.indices, self.batch_size, self.seed = indices, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+
+    def next(self) -> list[int]:
+        if self.position + self.batch_size > len(self._order):  # drop the ragged tail of an epoch
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation()
+        batch = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The randomness (t, masks, truncation) of one micro-batch: a pure function of seed and position."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class Trainer:
+    """Runs a TrainConfig; ``run()`` trains to ``config.steps``, resuming from ``out_dir`` if it has checkpoints."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.sharded = config.fsdp if config.fsdp is not None else self.world > 1
+        if self.world > 1 and not self.sharded:
+            raise ValueError("several processes need fsdp (leave it unset or set fsdp=true)")
+        if self.sharded and not dist.is_initialized():
+            self._init_process_group()
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.micro_batch_size = config.micro_batch_size or config.batch_size // self.world
+        if config.batch_size % (self.world * self.micro_batch_size):
+            raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of processes ({self.world}) x "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        self.out_dir = Path(config.out_dir)
+        self.tokenizer_dir = Path(config.model.tokenizer or config.model.init_from or "")
+        self.tokenizer = self._load_tokenizer()
+        self.model = self._build_model()
+        self.dataset, self.collate = self._load_data()
+        eval_count = int(len(self.dataset) * config.data.eval_fraction)
+        split = len(self.dataset) - eval_count
+        self.eval_indices = list(range(split, len(self.dataset)))
+        self.batches = EpochBatches(list(range(split)), config.batch_size, config.seed)
+        self.forward_model = self._parallelize()
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+        self.lr_scale = 1.0
+        self.loss_mean: float | None = None  # running mean of accepted losses, for spike detection
+        self.bad_steps = 0
+        self.stop_requested = False
+        self.writer = self._tensorboard() if config.tensorboard and self.rank == 0 else None
+
+    def _init_process_group(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
+                             ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, default)  # a single process started without torchrun
+        if self.device.type == "cuda":
+            dist.init_process_group("nccl", device_id=self.device)
+        else:
+            dist.init_process_group("gloo")
+
+    def _parallelize(self) -> torch.nn.Module:
+        """Shard and/or compile the model; returns what the loss functions should call."""
+        if self.sharded:
+            if self.config.compile:  # per block, before sharding (whole-model compile and FSDP hooks do not mix)
+                for block in self.model.blocks:
+                    block.compile(dynamic=None)
+            use_bf16 = self.device.type == "cuda" and self.config.dtype == "bfloat16"
+            apply_fsdp(self.model, init_device_mesh(self.device.type, (self.world,)),
+                       param_dtype=torch.bfloat16 if use_bf16 else None)
+            return self.model
+        return compile_model(self.model, dynamic=None, fullgraph=False) if self.config.compile else self.model
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from error
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    # --- construction ------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> Tokenizer:
+        if not str(self.tokenizer_dir) or not (self.tokenizer_dir / "tokenizer.json").is_file():
+            raise ValueError("training needs a tokenizer: set model.tokenizer (or model.init_from) to a directory "
+                             "with tokenizer.json")
+        return Tokenizer.from_pretrained(self.tokenizer_dir)
+
+    def _build_model(self) -> LLaDAModel:
+        ids = self.tokenizer.ids
+        if self.config.model.init_from:
+            model = load_model(self.config.model.init_from, dtype=torch.float32, device=self.device)
+        else:
+            torch.manual_seed(self.config.seed)
+            architecture = preset(self.config.model.preset, **{
+                "vocab_size": self.tokenizer.vocab_size, "embedding_size": self.tokenizer.vocab_size,
+                "mask_token_id": ids.mask, "eos_token_id": ids.eos, "pad_token_id": ids.pad, "eot_token_id": ids.eot,
+                **self.config.model.overrides})
+            with torch.device(self.device):
+                model = LLaDAModel(architecture)
+        if model.config.mask_token_id != ids.mask or model.config.eos_token_id != ids.eos:
+            raise ValueError(f"model and tokenizer disagree on special ids (mask {model.config.mask_token_id} vs "
+                             f"{ids.mask}, EOS {model.config.eos_token_id} vs {ids.eos})")
+        if self.config.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return model.train()
+
+    def _load_data(self) -> tuple[torch.utils.data.Dataset, Callable[[list], dict[str, torch.Tensor]]]:
+        path = self.config.data.path
+        if self.config.objective in ("sft", "autoregressive_sft"):
+            dataset = SFTDataset(path)
+            eos = self.tokenizer.ids.eos
+
+            def collate(samples: list) -> dict[str, torch.Tensor]:
+                ids, prompt_lengths = collate_sft(samples, eos)
+                return {"input_ids": ids, "prompt_lengths": prompt_lengths}
+        else:
+            dataset = PackedDataset(path, self.config.data.seq_len)
+
+            def collate(samples: list) -> dict[str, torch.Tensor]:
+                return {"input_ids": torch.stack(samples)}
+        if dataset.index["vocab_size"] > self.model.config.embedding_size:
+            raise ValueError(f"{path} holds ids up to {dataset.index['vocab_size'] - 1}, but the model's embedding "
+                             f"has {self.model.config.embedding_size} rows (set model.overrides.vocab_size)")
+        if dataset.index["eos_id"] != self.tokenizer.ids.eos:
+            raise ValueError(f"{path} was made with another tokenizer (EOS {dataset.index['eos_id']}, "
+                             f"tokenizer's {self.tokenizer.ids.eos})")
+        return dataset, collate
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            (decay if param.dim() == 2 and not name.startswith("wte") else no_decay).append(param)
+        optim = self.config.optim
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                 fused=self.device.type == "cuda")
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.config.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Loss:
+        ids = batch["input_ids"].to(self.device)
+        mask_id, eps = self.model.config.mask_token_id, self.config.mask_eps
+        with self._autocast():
+            if self.config.objective == "sft":
+                return sft_loss(self.forward_model, ids, batch["prompt_lengths"], mask_id, eps=eps, generator=generator)
+            if self.config.objective == "autoregressive":
+                return autoregressive_loss(self.forward_model, ids)
+            if self.config.objective == "autoregressive_sft":
+                answer = answer_positions(ids, batch["prompt_lengths"])
+                return autoregressive_loss(self.forward_model, ids, loss_mask=answer)
+            if self.model.training:
+                ids = random_truncation(ids, self.config.data.random_length_probability, generator=generator)
+            return pretrain_loss(self.forward_model, ids, mask_id, eps=eps, generator=generator)
+
+    def _micro_batches(self, indices: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(indices), self.micro_batch_size):
+            yield self.collate([self.dataset[i] for i in indices[start:start + self.micro_batch_size]])
+
+    def train_step(self) -> StepResult:
+        """One optimiser step over ``batch_size`` sequences (this process's share, with accumulation)."""
+        indices = self.batches.next()
+        share = len(indices) // self.world
+        indices = indices[self.rank * share:(self.rank + 1) * share]
+        accumulation = math.ceil(len(indices) / self.micro_batch_size)
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro, batch in enumerate(self._micro_batches(indices)):
+            # Randomness by the micro-batch's place in the global batch: the same for any process count.
+            generator = step_generator(self.config.seed, self.step, self.rank * accumulation + micro, self.device)
+            loss = self._loss(batch, generator)
+            (loss.value / accumulation).backward()
+            total += loss.value.detach() / accumulation
+            tokens += loss.n_tokens
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        clip = self.config.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        loss_value = float(total)
+        tokens *= self.world
+        if self._is_bad(loss_value, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_value, grad_norm, tokens, skipped=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.current_lr()
+        self.optimizer.step()
+        self.loss_mean = loss_value if self.loss_mean is None else 0.95 * self.loss_mean + 0.05 * loss_value
+        return StepResult(loss_value, grad_norm, tokens, skipped=False)
+
+    def current_lr(self) -> float:
+        optim = self.config.optim
+        return optim.lr * self.lr_scale * lr_multiplier(self.step, self.config.steps, optim.schedule, optim.warmup_steps,
+                                                        optim.decay_fraction, optim.min_lr_ratio)
+
+    def _is_bad(self, loss: float, grad_norm: float) -> bool:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return True
+        factor = self.config.spike_factor
+        return bool(factor and self.loss_mean is not None and self.step > self.config.optim.warmup_steps
+                    and loss > factor * self.loss_mean)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean objective on the held-out split with fixed randomness (comparable between evaluations).
+
+        For the diffusion objectives this is the masked-diffusion bound on the negative log-likelihood,
+        in nats per token.
+        """
+        if not self.eval_indices:
+            return None
+        self.model.eval()
+        values = []
+        size = self.micro_batch_size
+        count = len(self.eval_indices)
+        for number in range(self.config.eval_batches):
+            indices = [self.eval_indices[(number * size + k) % count] for k in range(min(size, count))]
+            batch = self.collate([self.dataset[i] for i in indices])
+            generator = torch.Generator(device=self.device).manual_seed(10_007 + number)
+            values.append(self._loss(batch, generator).value.item())
+        self.model.train()
+        return sum(values) / len(values)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_dirs(self) -> list[Path]:
+        root = self.out_dir / CHECKPOINTS
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file())
+
+    def save_checkpoint(self) -> Path:
+        """Write model (official layout), tokenizer and trainer state to checkpoints/step-N, atomically.
+
+        The states are gathered unsharded to process 0, which writes them; the others wait.
+        """
+        root = self.out_dir / CHECKPOINTS
+        target = root / f"step-{self.step:08d}"
+        model_state = get_model_state_dict(self.model, options=FULL_STATE)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = root / f".{target.name}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            try:
+                extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
+                save_state_dict(model_state, self.model.config, staging / "model", extra_files=extras)
+                state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
+                         "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
+                torch.save(state, staging / TRAINER_STATE)
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            for old in self.checkpoint_dirs()[:-self.config.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return target
+
+    def load_checkpoint(self, directory: Path, restore_data: bool = True) -> None:
+        """Load a checkpoint written by any number of processes into this (possibly sharded) run."""
+        weights = read_state_dict(directory / "model", dtype=torch.float32, device="cpu")
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.step, self.lr_scale, self.loss_mean = state["step"], state["lr_scale"], state["loss_mean"]
+        if restore_data:
+            self.batches.load_state_dict(state["data"])
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def rollback(self) -> None:
+        """Back to the last checkpoint with a lower learning rate; the data stream moves on past the bad batches."""
+        checkpoints = self.checkpoint_dirs()
+        if not checkpoints:
+            raise TrainingError(f"{self.bad_steps} bad steps in a row and no checkpoint to roll back to; "
+                                f"lower optim.lr or save checkpoints more often (save_every)")
+        lr_scale = self.lr_scale * self.config.rollback_lr_factor
+        self.load_checkpoint(checkpoints[-1], restore_data=False)
+        self.lr_scale = lr_scale
+        logger.warning("rolled back to %s; learning rate scaled by %.3g", checkpoints[-1].name, self.lr_scale)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with (self.out_dir / METRICS_FILE).open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            self.writer.flush()
+
+    @torch.no_grad()
+    def sample(self) -> list[dict]:
+        """Greedy generations from ``sample_prompts`` (the reference sampler, or left to right for the
+        autoregressive objectives), appended to samples.jsonl."""
+        self.model.eval()
+        ids = self.tokenizer.ids
+        length = self.config.sample_length
+        rows = []
+        for prompt in self.config.sample_prompts:
+            chat = self.config.objective in ("sft", "autoregressive_sft")
+            tokens = (self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+                      if chat else self.tokenizer.encode(prompt, add_special_tokens=False))
+            with self._autocast():
+                if self.config.objective.startswith("autoregressive"):
+                    answer = generate_autoregressive(self.model, tokens, length, stop_ids=(ids.eos, ids.eot))
+                else:
+                    out = generate(self.model, torch.tensor([tokens], device=self.device), steps=length,
+                                   gen_length=length, block_length=length, mask_id=ids.mask, eos_id=ids.eos,
+                                   eot_id=ids.eot)
+                    answer = out[0, len(tokens):].tolist()
+            stops = [i for i, t in enumerate(answer) if t in (ids.eos, ids.eot)]
+            rows.append({"step": self.step, "prompt": prompt,
+                         "text": self.tokenizer.decode(answer[:stops[0]] if stops else answer, skip_special_tokens=True)})
+        self.model.train()
+        if self.rank == 0:
+            with (self.out_dir / SAMPLES_FILE).open("a") as file:
+                file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            for row in rows:
+                logger.info("sample at step %d: %r -> %r", row["step"], row["prompt"], row["text"])
+        return rows
+
+    def _peak_flops(self) -> float | None:
+        if self.config.peak_tflops:
+            return self.config.peak_tflops * 1e12
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+        return None
+
+    def run(self) -> list[dict]:
+        """Train to ``config.steps``; returns the per-step records also written to metrics.jsonl."""
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        self._barrier()
+        if checkpoints := self.checkpoint_dirs():
+            self.load_checkpoint(checkpoints[-1])
+            logger.info("resumed from %s", checkpoints[-1])
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        records = []
+        peak = self._peak_flops()
+        flops_per_token = self.model.config.flops_per_token(self.config.data.seq_len, training=True)
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
+        try:
+            while self.step < self.config.steps:
+                start = time.perf_counter()
+                result = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds = time.perf_counter() - start
+                record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
+                          "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
+                          "skipped": result.skipped}
+                if peak:  # per device: all processes' tokens over all devices' peak
+                    record["mfu"] = flops_per_token * result.tokens / seconds / (peak * self.world)
+                if result.skipped:
+                    self.bad_steps += 1
+                    logger.warning("step %d skipped: loss %.4g, grad norm %.4g", self.step + 1, result.loss,
+                                   result.grad_norm)
+                    if self.bad_steps >= self.config.max_bad_steps:
+                        self.bad_steps = 0
+                        self.rollback()
+                        record["rollback"] = True
+                    self._log(record)
+                    records.append(record)
+                    continue
+                self.bad_steps = 0
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}")
+                if self.config.eval_every and self.step % self.config.eval_every == 0:
+                    record["eval_loss"] = self.evaluate()
+                    if record["eval_loss"] is not None and not self.config.objective.endswith("sft"):
+                        # exp of the per-token bound: an upper bound on perplexity (exact for autoregressive)
+                        record["eval_perplexity_bound"] = math.exp(min(record["eval_loss"], 50.0))
+                if self.config.sample_every and self.step % self.config.sample_every == 0:
+                    self.sample()
+                records.append(record)
+                if self.step % self.config.log_every == 0 or "eval_loss" in record or self.step == self.config.steps:
+                    self._log(record)
+                self._agree_on_stop()
+                if self.stop_requested or self.step == self.config.steps or \
+                        (self.config.save_every and self.step % self.config.save_every == 0):
+                    self.save_checkpoint()
+                if self.stop_requested:
+                    logger.warning("SIGTERM: saved a checkpoint at step %d and stopped", self.step)
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+            if self.writer is not None:
+                self.writer.close()
+        return records
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
+
+    def _agree_on_stop(self) -> None:
+        """Stop everywhere if any process got SIGTERM, so that all of them save the same step."""
+        if self.world > 1:
+            flag = torch.tensor(float(self.stop_requested), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop_requested = bool(flag.item())
+
+
+def train(config: TrainConfig) -> list[dict]:
+    """Build a Trainer for ``config`` and run it."""
+    return Trainer(config).run()
