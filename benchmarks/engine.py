@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
+from llada.diffusion.sampling import generate
+from llada.engine.engine import Engine, GenerationSettings
+from llada.engine.scheduler import Scheduler
 from llada.model import block_attention
 from llada.model.config import preset
-from llada.engine.engine import Engine, GenerationSettings
-from llada.model.transformer import LLaDAModel
 from llada.model.quantize import QUANTIZERS
-from llada.diffusion.sampling import generate
-from llada.engine.scheduler import Scheduler
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 
 def random_model(name: str, tokenizer: Tokenizer | None = None) -> LLaDAModel:

@@ -30,10 +30,10 @@ import torch
 from engine_quality import device_name, prompts, synchronize
 
 from llada.engine.engine import Engine, GenerationSettings
-from llada.model.loading import DEMO_MODEL
-from llada.model.transformer import LLaDAModel
 from llada.engine.scheduler import Scheduler
+from llada.model.loading import DEMO_MODEL
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 
 def decode_all(engine: Engine, ids: list[list[int]], settings: GenerationSettings, batch: int) -> list[list[int]]:

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+from llada.diffusion.sampling import generate
 from llada.engine.answer_text import answer_text
 from llada.engine.engine import Engine, GenerationSettings
 from llada.model.loading import DEMO_MODEL
-from llada.model.transformer import LLaDAModel
 from llada.model.quantize import QUANTIZERS
-from llada.diffusion.sampling import generate
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 WORDS = ["king", "house", "water", "light", "sword", "love", "night", "river", "friend", "bread", "horse", "storm",
          "crown", "heart", "garden", "winter"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llada.training.packing import FORMAT, INDEX_FILE
 from llada.model.tokenizer import train_tokenizer
+from llada.training.packing import FORMAT, INDEX_FILE
 
 VOCAB = 126464
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llada.diffusion.sampling import generate
 from llada.model.checkpoint import save_model
 from llada.model.config import preset
 from llada.model.transformer import LLaDAModel
-from llada.diffusion.sampling import generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GRID = [  # (steps, gen_length, block_length, temperature, cfg_scale, remasking, left-padded prompts)

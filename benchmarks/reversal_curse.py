@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from llada.engine.answer_text import answer_text
 from llada.diffusion.ar_sampling import generate_autoregressive
+from llada.engine.answer_text import answer_text
 from llada.engine.engine import Engine, GenerationSettings
-from llada.model.transformer import LLaDAModel
 from llada.evaluation.text_metrics import word_f1
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 KINDS = ("next", "previous")
 

@@ -25,10 +25,10 @@ import torch
 
 from llada.engine.answer_text import answer_text
 from llada.engine.engine import Engine, GenerationSettings
-from llada.model.loading import DEMO_MODEL
-from llada.model.transformer import LLaDAModel
 from llada.evaluation.text_metrics import word_f1
+from llada.model.loading import DEMO_MODEL
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 # (label, steps, block_length, remasking, cfg_scale) for answers of 32 tokens; the first is the baseline.
 SETTINGS = [

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from llada.diffusion.likelihood import log_likelihood
-from llada.model.transformer import LLaDAModel
 from llada.model.tokenizer import Tokenizer
-from llada.training.trainer import Trainer
+from llada.model.transformer import LLaDAModel
 from llada.training.config import load_config
+from llada.training.trainer import Trainer
 
 # Changes to the demo preset (d_model 384, 6 layers, 6 heads, MLP 1024): about 0.4x, 1x and 2.4x
 # its non-embedding parameters.

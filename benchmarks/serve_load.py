@@ -37,8 +37,8 @@ import httpx
 import torch
 
 from llada.engine.engine import GenerationSettings
-from llada.model.transformer import LLaDAModel
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # The demo model's task kinds (definitions, verse continuation, arithmetic): varied prompt lengths.

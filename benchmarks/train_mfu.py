@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llada.training.packing import FORMAT, INDEX_FILE
 from llada.model.tokenizer import train_tokenizer
-from llada.training.trainer import Trainer
 from llada.training.config import load_config
+from llada.training.packing import FORMAT, INDEX_FILE
+from llada.training.trainer import Trainer
 
 VOCAB = 126464
 

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llada.model.config import preset
-from llada.model.transformer import LLaDAModel
 from llada.model.tokenizer import Tokenizer, train_tokenizer
+from llada.model.transformer import LLaDAModel
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

@@ -12,12 +12,12 @@ import pytest
 import torch
 from test_engine import answers, left_padded, model, prompts
 
-from llada.model import block_attention
+from llada.diffusion.sampling import generate
 from llada.engine.engine import Engine, GenerationSettings
+from llada.engine.scheduler import Scheduler
+from llada.model import block_attention
 from llada.model.kv_cache import KVCache, _attend_cache_and_fresh, cached_forward
 from llada.model.quantize import FP8_MAX, Fp8Linear
-from llada.diffusion.sampling import generate
-from llada.engine.scheduler import Scheduler
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

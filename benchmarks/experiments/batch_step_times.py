@@ -20,8 +20,8 @@ from engine_quality import device_name, prompts, synchronize
 
 from llada.engine.engine import Engine, GenerationSettings
 from llada.model.loading import DEMO_MODEL
-from llada.model.transformer import LLaDAModel
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 
 def timed_pass(engine: Engine, ids: list[list[int]], settings: GenerationSettings, batch: int) -> list[dict]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from llada.diffusion.likelihood import suffix_greedy
-from llada.evaluation.lm_eval_model import LLaDAEvalModel
 from llada.diffusion.sampling import generate
+from llada.evaluation.lm_eval_model import LLaDAEvalModel
 
 WORDS = ["The", "king", "is", "dead", ".", "To", "be", "or", "not", "to", "be", "that", "is", "the", "question", "Define", "the", "word", "ocean", "What", "is", "3", "+", "4", "?", "O", "Romeo", "wherefore", "art", "thou"]
 

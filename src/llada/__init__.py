@@ -1,10 +1,10 @@
 """llada: Large Language Diffusion Models (LLaDA) in PyTorch — model, checkpoints, sampling, fast generation, likelihood, training."""
 
-from llada.model.config import PRESETS, ModelConfig, preset
-from llada.engine.engine import Engine, Generation, GenerationSettings
 from llada.diffusion.likelihood import LikelihoodEstimate, log_likelihood
-from llada.model.transformer import LLaDAModel, ModelOutput
 from llada.diffusion.sampling import generate
+from llada.engine.engine import Engine, Generation, GenerationSettings
+from llada.model.config import PRESETS, ModelConfig, preset
+from llada.model.transformer import LLaDAModel, ModelOutput
 
 __all__ = ["PRESETS", "Engine", "Generation", "GenerationSettings", "LLaDAModel", "LikelihoodEstimate",
            "ModelConfig", "ModelOutput", "generate", "log_likelihood", "preset"]

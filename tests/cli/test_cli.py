@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada.engine.answer_text import answer_text
 from llada.cli.main import main, run_chat, run_generate
+from llada.engine.answer_text import answer_text
 from llada.engine.engine import GenerationSettings
 from llada.model.loading import load
-from llada.model.transformer import LLaDAModel
 from llada.model.quantize import Fp8Linear, Int8Linear
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 SMALL = ["--steps", "4", "--gen-length", "8", "--block-length", "4", "--device", "cpu"]
 SETTINGS = GenerationSettings(gen_length=8, block_length=4, policy="fixed", steps=4)

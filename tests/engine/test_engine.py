@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from llada.diffusion.sampling import generate
 from llada.engine.batch import BatchRun, _decided_through_end
 from llada.engine.decoding import select
 from llada.engine.engine import Engine, GenerationSettings
 from llada.model.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in, store_entries
-from llada.model.transformer import attention_bias
 from llada.model.quantize import Fp8Linear, quantize_fp8, quantize_int8
-from llada.diffusion.sampling import generate
+from llada.model.transformer import attention_bias
 
 END = 7  # EOS of the test models (a token id their weights emit now and then)
 

@@ -17,9 +17,9 @@ from lm_eval.tasks import TaskManager
 
 from llada.cli.main import main
 from llada.diffusion.likelihood import suffix_greedy
+from llada.diffusion.sampling import generate
 from llada.evaluation.lm_eval_model import TASKS_DIR, LLaDAEvalModel
 from llada.model.loading import DEMO_MODEL
-from llada.diffusion.sampling import generate
 
 
 @dataclass

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from llada.cli.main import main
 from llada.evaluation.recipes import RECIPES, RecipeError, leaf_tasks, write_offline_tasks
-from llada.model.loading import DEMO_MODEL
 from llada.evaluation.sandbox.process import isolation_problem
+from llada.model.loading import DEMO_MODEL
 
 SHORT = "gen_length=16,steps=16,block_length=16"  # the demo model's answers are short; the rest as the recipe
 

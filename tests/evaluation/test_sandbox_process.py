@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from llada.evaluation.sandbox.cgroup import cgroup_problem
 from llada.evaluation.sandbox.process import (
     OPEN_FILES,
     IsolationUnavailable,
@@ -23,7 +24,6 @@ from llada.evaluation.sandbox.process import (
     python_command,
     run_sandboxed,
 )
-from llada.evaluation.sandbox.cgroup import cgroup_problem
 
 needs_isolation = pytest.mark.skipif(isolation_problem() is not None,
                                      reason=f"bubblewrap isolation unavailable here: {isolation_problem()}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_engine import model, prompts
 
-from llada.model.checkpoint import CheckpointError
 from llada.engine.engine import Engine, GenerationSettings
+from llada.model.checkpoint import CheckpointError
 from llada.model.quantize import (
     BLOCK_PROJECTIONS,
     FP8_MAX,

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from llada.engine.engine import Engine, GenerationSettings
 from llada.engine.generation import answer_ids
+from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.server.app import create_app
 from llada.server.background import BackgroundServer, serve_in_background
@@ -31,7 +32,6 @@ from llada.server.completions import TokenPieces
 from llada.server.config import ServerConfig
 from llada.server.runner import SHUTDOWN_GRACE_S, uvicorn_server
 from llada.server.schemas import MAX_CHARS_PER_TOKEN, MAX_STOP_CHARS, parse_job
-from llada.model.tokenizer import Tokenizer
 
 SETTINGS = GenerationSettings(gen_length=16, block_length=8)  # the server's defaults in these tests
 MESSAGES = [{"role": "user", "content": "To be, or not to be"}]

@@ -51,11 +51,11 @@ def chromium_path() -> str | None:
 @pytest.fixture(scope="module")
 def server_url(checkpoint_dir: Path) -> Iterator[str]:
     """The real server with the tiny checkpoint and an API key, on a free loopback port."""
+    from llada.model.tokenizer import Tokenizer
     from llada.model.transformer import LLaDAModel
     from llada.server.app import create_app
     from llada.server.background import serve_in_background
     from llada.server.config import ServerConfig
-    from llada.model.tokenizer import Tokenizer
 
     config = ServerConfig(model_name="tiny", api_key=API_KEY, max_gen_length=512)
     app = create_app(config, LLaDAModel.from_pretrained(checkpoint_dir), Tokenizer.from_pretrained(checkpoint_dir))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import CORPUS
 
+from llada.model.tokenizer import Tokenizer
 from llada.training.corpus import CorpusError
 from llada.training.packing import PackedDataset, token_dtype, tokenize_corpus
-from llada.model.tokenizer import Tokenizer
 
 
 @pytest.fixture()

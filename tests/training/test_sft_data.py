@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llada.model.tokenizer import Tokenizer
 from llada.training.corpus import CorpusError
 from llada.training.sft_data import SFTDataset, build_sft_data, collate_sft, encode_pair
-from llada.model.tokenizer import Tokenizer
 
 DIALOGUE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
             {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},

@@ -17,12 +17,12 @@ from conftest import CORPUS
 import llada.training.trainer as train_module
 from llada.cli.main import main
 from llada.diffusion.losses import Loss
+from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
+from llada.training.config import load_config
 from llada.training.packing import tokenize_corpus
 from llada.training.sft_data import build_sft_data
-from llada.model.tokenizer import Tokenizer
 from llada.training.trainer import Trainer
-from llada.training.config import load_config
 
 
 @pytest.fixture(scope="module")

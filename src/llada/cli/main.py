@@ -22,25 +22,25 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
+from llada.diffusion.likelihood import log_likelihood
+from llada.diffusion.sampling import REMASKING_CHOICES
 from llada.engine.answer_text import AnswerText, answer_text
-from llada.model.checkpoint import CheckpointError, read_config, save_model, weight_files
-from llada.model.config import PRESETS, preset
-from llada.training.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
 from llada.engine.decoding import POLICIES
 from llada.engine.engine import CACHE_MODES, Engine, GenerationSettings
 from llada.engine.generation import SAMPLERS, Sampler, answer_ids
 from llada.engine.options import setting_names, settings_from_options
-from llada.diffusion.likelihood import log_likelihood
+from llada.model.checkpoint import CheckpointError, read_config, save_model, weight_files
+from llada.model.config import PRESETS, preset
 from llada.model.loading import DEMO_MODEL, load, resolve_device, resolve_dtype
+from llada.model.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 from llada.model.transformer import LLaDAModel
+from llada.server.config import ServerConfig
+from llada.training.config import load_config
+from llada.training.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
 from llada.training.packing import tokenize_corpus
 from llada.training.plot import plot_runs
-from llada.diffusion.sampling import REMASKING_CHOICES
-from llada.server.config import ServerConfig
 from llada.training.sft_data import build_sft_data
-from llada.model.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 from llada.training.trainer import CHECKPOINTS, TrainingError, train
-from llada.training.config import load_config
 
 
 class CliError(ValueError):

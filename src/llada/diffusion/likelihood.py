@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llada.engine.batch import left_pad
 from llada.diffusion.masking import mask_exact_count, stratified_mask_counts
+from llada.engine.batch import left_pad
 from llada.model.transformer import LLaDAModel
 
 

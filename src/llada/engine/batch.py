@@ -27,11 +27,11 @@ from dataclasses import replace
 
 import torch
 
+from llada.diffusion.sampling import num_transfer_tokens
 from llada.engine.decoding import propose, select
 from llada.engine.engine import Engine, Generation, GenerationSettings, StepUpdate
 from llada.model.kv_cache import KVCache, store_entries
 from llada.model.transformer import attention_bias
-from llada.diffusion.sampling import num_transfer_tokens
 
 # Refreshes of some rows of a batch of at most this many matmul FLOPs (after padding) are captured as
 # CUDA graphs; larger ones run uncaptured at their own size. 2 TFLOP take about 3 ms on an H100,

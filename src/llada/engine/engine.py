@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.decoding import POLICIES, Policy
 from llada.model.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
 from llada.model.transformer import LLaDAModel
-from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 
 if TYPE_CHECKING:
     from llada.engine.batch import BatchRun

@@ -12,10 +12,10 @@ from typing import Literal
 
 import torch
 
+from llada.diffusion.sampling import generate
 from llada.engine.batch import left_pad
 from llada.engine.engine import Engine, GenerationSettings
 from llada.model.transformer import LLaDAModel
-from llada.diffusion.sampling import generate
 
 Sampler = Literal["engine", "reference"]
 SAMPLERS: tuple[str, ...] = ("engine", "reference")

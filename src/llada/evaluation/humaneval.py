@@ -21,14 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from llada.engine.answer_text import answer_text
-from llada.evaluation.code_extraction import chat_solution, truncate_completion
-from llada.evaluation.code_grading import Verdict, run_check
-from llada.training.corpus import iter_jsonl
 from llada.engine.engine import Engine, GenerationSettings
 from llada.engine.generation import Sampler, batch_answers
-from llada.model.transformer import LLaDAModel
+from llada.evaluation.code_extraction import chat_solution, truncate_completion
+from llada.evaluation.code_grading import Verdict, run_check
 from llada.evaluation.sandbox.process import Isolation, SandboxLimits, require_isolation
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
+from llada.training.corpus import iter_jsonl
 
 CHAT_QUESTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 

@@ -52,13 +52,13 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from llada.diffusion.likelihood import log_likelihood, packed_elbo_samples, padded_logits, suffix_greedy
 from llada.engine.engine import Engine
 from llada.engine.generation import batch_answers
 from llada.engine.options import convert, setting_names, settings_from_options
-from llada.diffusion.likelihood import log_likelihood, packed_elbo_samples, padded_logits, suffix_greedy
 from llada.model.loading import load
-from llada.model.transformer import LLaDAModel
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 # eval_llada.py's generation defaults: one block of 1024 tokens, decoded in 1024 steps.
 OFFICIAL_GENERATION = {"gen_length": 1024, "block_length": 1024, "steps": 1024, "policy": "fixed"}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from llada.model.transformer import LLaDAModel
 from llada.model.quantize import QUANTIZERS
 from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 
 # The demo checkpoint shipped in the repository (found when llada runs from a checkout or editable install).
 DEMO_MODEL = Path(__file__).resolve().parents[3] / "models" / "demo"

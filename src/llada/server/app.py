@@ -28,15 +28,15 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llada.engine.engine import Engine
-from llada.model.transformer import LLaDAModel
 from llada.engine.scheduler import Scheduler
+from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 from llada.server.completions import Answering, TokenPieces, complete, start, stream
 from llada.server.config import ServerConfig
 from llada.server.errors import APIError, install_error_handlers, model_not_found, retry_after
 from llada.server.metrics import Metrics
 from llada.server.schemas import Kind, parse_job
 from llada.server.worker import Worker
-from llada.model.tokenizer import Tokenizer
 
 STATIC_DIR = Path(__file__).parent / "static"
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")

@@ -25,11 +25,11 @@ import torch
 
 from llada.engine.answer_text import AnswerText
 from llada.engine.scheduler import RequestUpdate, SchedulerFull
+from llada.model.tokenizer import Tokenizer
 from llada.server.errors import APIError
 from llada.server.metrics import Metrics
 from llada.server.schemas import Job
 from llada.server.worker import Draining, EndReason, Ticket, Worker, WorkerFailure
-from llada.model.tokenizer import Tokenizer
 
 DISCONNECT_POLL_S = 0.5  # how often a request checks whether its client is still there
 DONE = "data: [DONE]\n\n"

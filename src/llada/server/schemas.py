@@ -27,9 +27,9 @@ from typing import Any, Literal
 from llada.engine.decoding import POLICIES
 from llada.engine.engine import GenerationSettings
 from llada.engine.options import setting_types
+from llada.model.tokenizer import Message, Tokenizer, TokenizerError
 from llada.server.config import ServerConfig
 from llada.server.errors import APIError, model_not_found
-from llada.model.tokenizer import Message, Tokenizer, TokenizerError
 
 Kind = Literal["chat", "completion"]
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llada.training.corpus import CorpusIssue, OnError, expand_inputs, read_documents
 from llada.model.tokenizer import TOKENIZER_FILE, Tokenizer
+from llada.training.corpus import CorpusIssue, OnError, expand_inputs, read_documents
 
 logger = logging.getLogger(__name__)
 

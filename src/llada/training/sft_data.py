@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
 from llada.training.corpus import CorpusError, CorpusIssue, OnError, expand_inputs
 from llada.training.packing import token_dtype
-from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
 
 FORMAT = "llada-sft"
 INDEX_FILE = "index.json"

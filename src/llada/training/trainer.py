@@ -46,18 +46,25 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from llada.diffusion.ar_sampling import generate_autoregressive
+from llada.diffusion.losses import (
+    Loss,
+    answer_positions,
+    autoregressive_loss,
+    pretrain_loss,
+    random_truncation,
+    sft_loss,
+)
+from llada.diffusion.sampling import generate
 from llada.model.checkpoint import load_model, read_state_dict, save_state_dict
 from llada.model.config import preset
 from llada.model.loading import resolve_device
-from llada.diffusion.losses import Loss, answer_positions, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
+from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
 from llada.model.transformer import LLaDAModel
+from llada.training.config import TrainConfig, config_to_dict
 from llada.training.packing import PackedDataset
 from llada.training.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
-from llada.diffusion.sampling import generate
 from llada.training.schedule import lr_multiplier
 from llada.training.sft_data import SFTDataset, collate_sft
-from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
-from llada.training.config import TrainConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
 
