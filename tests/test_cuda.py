@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from test_engine import answers, left_padded, model, prompts
+from engine_support import answers, left_padded, model, prompts
 
 from llada.diffusion.sampling import generate
 from llada.engine.engine import Engine, GenerationSettings

@@ -18,7 +18,8 @@ from engine import random_model
 from skinny_matmul import graph_ms
 
 from llada.model import kv_cache
-from llada.model.kv_cache import KVCache, fuse_projections
+from llada.model.fusion import fuse_projections
+from llada.model.kv_cache import KVCache
 
 
 def write_forward(model, input_ids, positions, cache, key_bias, logits_index, write, fused):
@@ -28,11 +29,13 @@ def write_forward(model, input_ids, positions, cache, key_bias, logits_index, wr
     x = model.wte(input_ids)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
     for layer, block in enumerate(model.blocks):
-        q, k, v = kv_cache._project_qkv(block, block.attn_norm(x), cos, sin, fused)
-        cache.keys[layer][rows, :, positions] = k.transpose(1, 2)
-        cache.values[layer][rows, :, positions] = v.transpose(1, 2)
-        x = x + block.attend(q, cache.keys[layer], cache.values[layer], key_bias)
-        x = x + kv_cache._mlp(block, block.ff_norm(x), fused)
+
+        def attention(q, k, v, layer=layer, block=block):
+            cache.keys[layer][rows, :, positions] = k.transpose(1, 2)
+            cache.values[layer][rows, :, positions] = v.transpose(1, 2)
+            return block.sdpa(q, cache.keys[layer], cache.values[layer], key_bias)
+
+        x = block.run(x, cos, sin, attention, fused)
     x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))
     return F.linear(model.ln_f(x), model.output_weight())
 

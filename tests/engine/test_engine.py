@@ -6,56 +6,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
+from engine_support import answers, graph_engine_on_the_cpu, left_padded, model, prompts
 
 from llada.diffusion.sampling import generate
 from llada.engine.batch import BatchRun, _decided_through_end
 from llada.engine.decoding import select
 from llada.engine.engine import Engine, GenerationSettings
-from llada.model.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in, store_entries
+from llada.model.fusion import fuse_projections, projections_fused_in
+from llada.model.kv_cache import KVCache, cached_forward, store_entries
 from llada.model.quantize import Fp8Linear, quantize_fp8, quantize_int8
 from llada.model.transformer import attention_bias
-
-END = 7  # EOS of the test models (a token id their weights emit now and then)
-
-
-def model(n_layers: int = 2, **overrides):
-    """A tiny model whose greedy answers vary (init_std 0.3; the default one predicts one token everywhere).
-
-    Its [MASK] logit is 0, below the largest of the 511 others for all practical inputs: the
-    reference sampler would commit a predicted [MASK] (and re-mask it) where the engine never
-    proposes one, so exact-equality tests need a model that does not predict it.
-    """
-    net = tiny_model(init_std=0.3, n_layers=n_layers, eos_token_id=overrides.pop("eos", END), eot_token_id=8,
-                     **overrides)
-    with torch.no_grad():
-        net.ff_out.weight[net.config.mask_token_id] = 0.0
-    return net
-
-
-def prompts(lengths=(5, 5, 5), seed=0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 400, (n,), generator=generator).tolist() for n in lengths]
-
-
-def graph_engine_on_the_cpu(net, **options) -> Engine:
-    """An engine that takes the graph engines' paths (whole captured steps, padded refreshes of some
-    rows) while its replays run plainly on the CPU."""
-    engine = Engine(net, **options)
-    engine.cuda_graphs = True
-    engine.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
-    return engine
-
-
-def answers(results) -> torch.Tensor:
-    return torch.stack([r.answer for r in results])
-
-
-def left_padded(rows: list[list[int]], pad: int = END) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -632,16 +592,16 @@ def test_fp8_models_are_fused_into_stacked_fp8_layers() -> None:
 def test_fused_matrices_serve_every_pass_but_the_exact_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The exact mode's passes keep the model's own matmuls, so that it stays the reference's
     arithmetic; the cached modes' refreshes and block steps take the fused matrices."""
-    from llada.model import kv_cache
+    from llada.model.transformer import Block
 
     calls: list[tuple[int, bool]] = []
-    original = kv_cache._project_qkv
+    original = Block.project_qkv
 
-    def spy(block, x, cos, sin, use_fused):
-        calls.append((x.shape[1], use_fused))
-        return original(block, x, cos, sin, use_fused)
+    def spy(block, x, cos, sin, fused=False):
+        calls.append((x.shape[1], fused))
+        return original(block, x, cos, sin, fused)
 
-    monkeypatch.setattr(kv_cache, "_project_qkv", spy)
+    monkeypatch.setattr(Block, "project_qkv", spy)
     engine = Engine(model(), fuse=True)
     settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=16, cache="none",
                                   early_stop=False)

@@ -6,7 +6,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from test_engine import graph_engine_on_the_cpu, model, prompts
+from engine_support import graph_engine_on_the_cpu, model, prompts
 
 from llada.engine.engine import Engine, GenerationSettings
 from llada.engine.scheduler import Request, Scheduler, SchedulerFull

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import model, prompts
+from engine_support import model, prompts
 
 from llada.engine.engine import Engine, GenerationSettings
 from llada.model.checkpoint import CheckpointError

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.decoding import POLICIES, Policy
-from llada.model.kv_cache import KVCache, cached_forward, fuse_projections, projections_fused_in
+from llada.model.fusion import fuse_projections, projections_fused_in
+from llada.model.kv_cache import KVCache, cached_forward
 from llada.model.transformer import LLaDAModel
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class Engine:
                 model's own eager arithmetic so as to equal the reference sampler bit for bit.
             max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a
                 later batch of the same shape starts without capturing again).
-            fuse: run q/k/v and gate/up as one matmul each (``kv_cache.fuse_projections``: the
+            fuse: run q/k/v and gate/up as one matmul each (``fusion.fuse_projections``: the
                 model's weights become views of fused matrices, in place; default: on CUDA devices).
                 The model must not be moved or reloaded while the engine is in use. The exact mode
                 keeps the model's own matmuls (it stays bit-identical to the reference); every

@@ -10,14 +10,15 @@ position as a query, and then equals the plain forward pass exactly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from llada.model import block_attention
-from llada.model.transformer import Block, LLaDAModel
+from llada.model.transformer import LLaDAModel
 
 
 @dataclass
@@ -114,7 +115,7 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
             cache is only read: the queries attend to its entries at every *other* position and to
             their own fresh keys/values. Block steps use this: the block is recomputed at every
             step anyway, and not writing saves a copy of the cache per layer under ``torch.compile``.
-        fused: use the fused projection matrices (``fuse_projections``), which round differently
+        fused: use the fused projection matrices (``fusion.fuse_projections``), which round differently
             from the model's own matmuls; off, the pass is the model's own arithmetic.
         query_mask: optional (B, Q) bool, the real queries; the others pad a row to Q: their
             positions keep their cached keys/values (seen by every query, never overwritten) and
@@ -147,25 +148,35 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
     stored_keys, stored_values = [], []
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
-        q, k, v = _project_qkv(block, block.attn_norm(x), cos, sin, fused)
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
-        if return_entries:
-            stored_keys.append(_entries_to_store(cache.keys[layer], index, k, query_mask))
-            stored_values.append(_entries_to_store(cache.values[layer], index, v, query_mask))
-        if write:
-            keys = store_queries(cache.keys[layer], index, k, query_mask)
-            values = store_queries(cache.values[layer], index, v, query_mask)
-            x = x + block.attend(q, keys, values, key_bias)
-        else:
-            out = _attend_cache_and_fresh(q, cache.keys[layer], cache.values[layer], key_bias, k, v, fresh_bias)
-            x = x + block.attn_out(out)
-        x = x + _mlp(block, block.ff_norm(x), fused)
+        attention = functools.partial(_attend_layer, keys=cache.keys[layer], values=cache.values[layer],
+                                      sdpa=block.sdpa, positions=positions, key_bias=key_bias, write=write,
+                                      query_mask=query_mask, fresh_bias=fresh_bias,
+                                      stored=(stored_keys, stored_values) if return_entries else None)
+        x = block.run(x, cos, sin, attention, fused)
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
     logits = F.linear(model.ln_f(x), model.output_weight())
     if return_entries:
         return logits, torch.stack([torch.stack(stored_keys), torch.stack(stored_values)])
     return logits
+
+
+def _attend_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor,
+                  sdpa: Callable[..., torch.Tensor], positions: torch.Tensor, key_bias: torch.Tensor | None, write: bool,
+                  query_mask: torch.Tensor | None, fresh_bias: torch.Tensor | None,
+                  stored: tuple[list[torch.Tensor], list[torch.Tensor]] | None) -> torch.Tensor:
+    """One layer's attention in ``cached_forward`` (the ``attention`` of ``Block.run``): the queries'
+    fresh keys/values ``k``, ``v`` (B, K, Q, D) stored into the layer's cache ``keys``, ``values``
+    (B, K, T, D) and attended through it (``write``), or attended beside it; with ``stored``, the
+    entries to store later are appended to its two lists."""
+    index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
+    if stored is not None:
+        stored[0].append(_entries_to_store(keys, index, k, query_mask))
+        stored[1].append(_entries_to_store(values, index, v, query_mask))
+    if write:
+        return sdpa(q, store_queries(keys, index, k, query_mask), store_queries(values, index, v, query_mask),
+                    key_bias)
+    return _attend_cache_and_fresh(q, keys, values, key_bias, k, v, fresh_bias)
 
 
 def _entries_to_store(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,
@@ -219,94 +230,3 @@ def _attend_cache_and_fresh(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     total = cached.sum(-1, keepdim=True) + fresh.sum(-1, keepdim=True)
     out = (cached.to(q.dtype) @ cache_v + fresh.to(q.dtype) @ v).to(compute) / total  # (B, K, G·Q, D)
     return out.to(q.dtype).reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
-
-
-# --- fused projections --------------------------------------------------------------------------
-
-def fuse_projections(model: LLaDAModel) -> bool:
-    """Store each block's q/k/v weights as one matrix, and its gate/up weights as another, in place.
-
-    The layers' own weights become row slices (views) of the fused matrices, so the model keeps its
-    parameters, memory and bit-identical plain forward pass, while ``cached_forward`` runs one
-    matmul where it ran three (or two): fewer, larger kernels for the launch-bound block steps.
-    Quantized layers that can be stacked (fp8: ``Fp8Linear.stacked``) are fused the same way; for
-    others (int8) it returns False, changing nothing. Moving or reloading the model's weights
-    afterwards breaks the views; ``projections_fused_in`` tells whether they still hold.
-    """
-    projections = [(block.q_proj, block.k_proj, block.v_proj, block.ff_proj, block.up_proj) for block in model.blocks]
-    layers = [layer for group in projections for layer in group]
-    stackable = len({type(layer) for layer in layers}) == 1 and hasattr(type(layers[0]), "stacked")
-    if not (stackable or all(isinstance(layer, nn.Linear) for layer in layers)):
-        return False
-    unfused = [block for block in model.blocks if not projections_fused_in(block)]
-    with torch.no_grad():
-        for block in unfused:
-            # Plain attributes, not registered submodules or buffers: the model's state dict,
-            # parameters and module tree stay as they were.
-            object.__setattr__(block, "fused_qkv", _fuse(block.q_proj, block.k_proj, block.v_proj))
-            object.__setattr__(block, "fused_gate_up", _fuse(block.ff_proj, block.up_proj))
-    if unfused:
-        bump_weights_version(model)
-    return True
-
-
-def bump_weights_version(model: LLaDAModel) -> None:
-    """Record that ``model``'s weight tensors were replaced: engines made before then refuse to run
-    (their CUDA graphs read the old tensors' memory)."""
-    model.weights_version = getattr(model, "weights_version", 0) + 1
-
-
-def unfuse_projections(model: LLaDAModel) -> None:
-    """Forget the fused matrices (the layers keep their weights): for changes that replace the layers."""
-    for block in model.blocks:
-        for name in ("fused_qkv", "fused_gate_up"):
-            block.__dict__.pop(name, None)
-
-
-def projections_fused_in(block: Block) -> bool:
-    """Whether ``block`` has fused matrices that its layers' weights are still views of."""
-    qkv, gate_up = getattr(block, "fused_qkv", None), getattr(block, "fused_gate_up", None)
-    if qkv is None or gate_up is None:
-        return False
-    qkv, gate_up = (fused if isinstance(fused, torch.Tensor) else fused.weight for fused in (qkv, gate_up))
-    q, k, v = (block.q_proj.weight, block.k_proj.weight, block.v_proj.weight)
-    gate, up = block.ff_proj.weight, block.up_proj.weight
-    return (q.data_ptr() == qkv.data_ptr() and k.data_ptr() == qkv[q.shape[0]:].data_ptr()
-            and v.data_ptr() == qkv[q.shape[0] + k.shape[0]:].data_ptr()
-            and gate.data_ptr() == gate_up.data_ptr() and up.data_ptr() == gate_up[gate.shape[0]:].data_ptr())
-
-
-def _fuse(*layers: nn.Module) -> torch.Tensor | nn.Module:
-    """The stacked weight matrix of ``nn.Linear`` layers, or the stacked layer of quantized ones."""
-    if hasattr(type(layers[0]), "stacked"):
-        return type(layers[0]).stacked(list(layers))
-    fused = torch.cat([layer.weight.detach() for layer in layers])
-    start = 0
-    for layer in layers:
-        rows = layer.weight.shape[0]
-        layer.weight.data = fused[start:start + rows]
-        start += rows
-    return fused
-
-
-def _apply(fused: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, fused) if isinstance(fused, torch.Tensor) else fused(x)
-
-
-def _project_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_fused: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Block.project_qkv``, through the fused matrix when asked for and there is one."""
-    fused = getattr(block, "fused_qkv", None) if use_fused else None
-    if fused is None:
-        return block.project_qkv(x, cos, sin)
-    kv_width = block.n_kv_heads * block.head_dim
-    q, k, v = _apply(fused, x).split([block.n_heads * block.head_dim, kv_width, kv_width], dim=-1)
-    return block.split_heads(q, k, v, cos, sin)
-
-
-def _mlp(block: Block, x: torch.Tensor, use_fused: bool) -> torch.Tensor:
-    """``Block.mlp``, through the fused gate/up matrix when asked for and there is one."""
-    fused = getattr(block, "fused_gate_up", None) if use_fused else None
-    if fused is None:
-        return block.mlp(x)
-    return block.gated_out(*_apply(fused, x).chunk(2, dim=-1))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llada.model.kv_cache import bump_weights_version, unfuse_projections
+from llada.model.fusion import bump_weights_version, unfuse_projections
 from llada.model.transformer import LLaDAModel
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448, the largest e4m3 value

@@ -13,6 +13,8 @@ heads, D head dimension (E / H), F SwiGLU width, V embedding rows (vocabulary).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,10 @@ class ModelOutput:
 
     logits: torch.Tensor | None = None  # (B, L, V)
     weighted_nll: torch.Tensor | None = None  # scalar
+
+
+# Attention over keys and values: (q (B, H, L, D), k, v (B, K, T, D)) -> (B, L, H·D).
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -99,45 +105,59 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False)
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, L, D) and keys/values (B, K, L, D), with RoPE applied at the given angles."""
-        return self.split_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
+        """Queries (B, H, L, D) and keys/values (B, K, L, D), with RoPE applied at the given angles.
 
-    def split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projected (B, L, ·) queries/keys/values into heads, RoPE on queries and keys (also for
-        projections computed elsewhere, e.g. one fused matmul)."""
+        ``fused``: one matmul through the stacked q/k/v matrix that ``fusion.fuse_projections`` left
+        on the block (it rounds differently from three), when there is one.
+        """
+        stacked = getattr(self, "fused_qkv", None) if fused else None
+        if stacked is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = _linear(stacked, x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
         batch, length, _ = q.shape
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-               causal: bool = False) -> torch.Tensor:
-        """Attention output projected back to (B, Lq, E); keys may be longer than queries (caches)."""
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+             causal: bool = False) -> torch.Tensor:
+        """Attention of queries (B, H, Lq, D) over keys/values (B, K, Lk, D), heads joined: (B, Lq, H·D)."""
         batch, _, length, _ = q.shape
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
                                              enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, Lq, D)
-        return self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
-    def attention(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None,
-                  causal: bool) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, rope[0], rope[1])
-        return self.attend(q, k, v, attn_mask, causal)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gated_out(self.ff_proj(x), self.up_proj(x))  # (B, L, E)
-
-    def gated_out(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """SwiGLU's second half, from gate and up projections computed here or elsewhere (fused)."""
+    def mlp(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """SwiGLU (B, L, E) -> (B, L, E); ``fused``: gate and up as one matmul, as in ``project_qkv``."""
+        stacked = getattr(self, "fused_gate_up", None) if fused else None
+        gate, up = (self.ff_proj(x), self.up_proj(x)) if stacked is None else _linear(stacked, x).chunk(2, dim=-1)
         return self.ff_out(F.silu(gate) * up)
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention,
+            fused: bool = False) -> torch.Tensor:
+        """The block with the attention over keys and values left to ``attention`` (q, k, v) -> (B, L, H·D).
+
+        The plain forward pass gives it SDPA over the same positions; the cached forward pass
+        (``kv_cache.cached_forward``) attention over a cache. Both run this one definition of the
+        block, so a change to the block changes both.
+        """
+        q, k, v = self.project_qkv(self.attn_norm(x), cos, sin, fused)
+        x = x + self.attn_out(attention(q, k, v))  # (B, L, E)
+        return x + self.mlp(self.ff_norm(x), fused)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attn_mask: torch.Tensor | None,
                 causal: bool) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), rope, attn_mask, causal)
-        return x + self.mlp(self.ff_norm(x))
+        return self.run(x, rope[0], rope[1], functools.partial(self.sdpa, attn_mask=attn_mask, causal=causal))
+
+
+def _linear(stacked: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through a stacked weight matrix, or through a stacked quantized layer."""
+    return F.linear(x, stacked) if isinstance(stacked, torch.Tensor) else stacked(x)
 
 
 def attention_bias(attention_mask: torch.Tensor | None, length: int, causal: bool, dtype: torch.dtype,
