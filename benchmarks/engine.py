@@ -134,7 +134,7 @@ def step_part(model: LLaDAModel, prompt_length: int, gen_length: int, block: int
         tokens = run.x[:, start:start + block]
         positions = torch.arange(start, start + block, device="cuda").expand(batch, -1)
         index = torch.arange(block, device="cuda").expand(batch, -1)
-        forward_ms = timed(partial(engine.forward, cache, tokens, positions, index, None, write=not engine.compiled), 20)
+        forward_ms = timed(partial(engine.runtime.forward, cache, tokens, positions, index, None, write=not engine.runtime.compiled), 20)
         results[f"{name}_step_ms"] = step_ms
         results[f"{name}_forward_ms"] = forward_ms
         run.cancel()

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from llada.engine.engine import GenerationSettings
+from llada.engine.settings import GenerationSettings
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 

@@ -34,8 +34,8 @@ def graph_engine_on_the_cpu(net, **options) -> Engine:
     """An engine that takes the graph engines' paths (whole captured steps, padded refreshes of some
     rows) while its replays run plainly on the CPU."""
     engine = Engine(net, **options)
-    engine.cuda_graphs = True
-    engine.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
+    engine.runtime.cuda_graphs = True
+    engine.runtime.replay = lambda key, cache, function, inputs, state=(), graph=True: function(*state, *inputs)
     return engine
 
 

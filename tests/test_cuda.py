@@ -35,7 +35,7 @@ def test_fused_engine_exact_mode_equals_the_reference_sampler_in_bf16() -> None:
     settings = GenerationSettings(gen_length=16, block_length=8, steps=16, policy="fixed", cache="none",
                                   early_stop=False)
     engine = Engine(net)
-    assert engine.fused and engine.cuda_graphs
+    assert engine.runtime.fused and engine.runtime.cuda_graphs
     ids, mask = left_padded(rows)
     reference = generate(net, ids.cuda(), attention_mask=mask.cuda(), gen_length=16, block_length=8, steps=16)
     assert torch.equal(answers(engine.generate(rows, settings)).cuda(), reference[:, ids.shape[1]:])
@@ -74,10 +74,10 @@ def test_whole_block_steps_captured_as_graphs_equal_plain_calls_and_serve_later_
     plain = Engine(net, compile=compile, cuda_graphs=False).generate(rows, settings)
     engine = Engine(net, compile=compile, max_pooled_caches=8)
     assert [r.tokens for r in engine.generate(rows, settings)] == [r.tokens for r in plain]
-    captured = dict(engine._graphs)
+    captured = dict(engine.runtime._graphs)
     assert any(key[0] in ("block step", "sparse block step") for key in captured)
     assert [r.tokens for r in engine.generate(rows, settings)] == [r.tokens for r in plain]
-    assert engine._graphs == captured
+    assert engine.runtime._graphs == captured
     sampled = Engine(net, compile=compile, capture_sampling=False).generate(rows, settings)  # forward pass alone captured
     assert [r.tokens for r in sampled] == [r.tokens for r in plain]
 
@@ -120,7 +120,7 @@ def test_rows_joining_a_batch_refresh_through_padded_graphs_as_plain_calls(setti
 
     graphed = Engine(net, max_pooled_caches=16)  # keeps every cache's graphs for the check below
     assert decode(graphed) == decode(Engine(net, cuda_graphs=False))
-    assert {key[-3] for key in graphed._graphs if key[0] == "refresh rows"} >= {4}
+    assert {key[-3] for key in graphed.runtime._graphs if key[0] == "refresh rows"} >= {4}
 
 
 def test_batches_of_other_layouts_on_one_pooled_cache_keep_their_own_graphs() -> None:
@@ -139,7 +139,7 @@ def test_batches_of_other_layouts_on_one_pooled_cache_keep_their_own_graphs() ->
     for _ in range(2):
         for (rows, settings), tokens in zip(batches, expected, strict=True):
             assert [r.tokens for r in engine.generate(rows, settings)] == tokens
-        captured.append(dict(engine._graphs))
+        captured.append(dict(engine.runtime._graphs))
     assert captured[0] == captured[1]  # the second round captured nothing
     assert len({id(entry.cache) for entry in captured[0].values()}) == 1  # one cache served both layouts
     assert len({key[4] for key in captured[0] if key[0] == "block step"}) == 2  # a block step per prompt length

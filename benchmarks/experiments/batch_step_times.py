@@ -36,12 +36,12 @@ def timed_pass(engine: Engine, ids: list[list[int]], settings: GenerationSetting
         while not run.done:
             live = run._live()
             refreshed = sum(run.row_block_step[r] == 0 for r in live)
-            graphs = len(engine._graphs)
+            graphs = len(engine.runtime._graphs)
             begin = time.perf_counter()
             run.advance()
             synchronize(engine.device.type)
             rows.append({"batch": number, "what": "step", "rows": int(run.x.shape[0]) if not run.done else None,
-                         "live": len(live), "refreshed": refreshed, "captured": len(engine._graphs) - graphs,
+                         "live": len(live), "refreshed": refreshed, "captured": len(engine.runtime._graphs) - graphs,
                          "ms": (time.perf_counter() - begin) * 1e3})
     return rows
 

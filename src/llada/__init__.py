@@ -2,7 +2,8 @@
 
 from llada.diffusion.likelihood import LikelihoodEstimate, log_likelihood
 from llada.diffusion.sampling import generate
-from llada.engine.engine import Engine, Generation, GenerationSettings
+from llada.engine.engine import Engine
+from llada.engine.settings import Generation, GenerationSettings
 from llada.model.config import PRESETS, ModelConfig, preset
 from llada.model.transformer import LLaDAModel, ModelOutput
 

@@ -13,7 +13,7 @@ import torch
 
 from llada.cli.main import main, run_chat, run_generate
 from llada.engine.answer_text import answer_text
-from llada.engine.engine import GenerationSettings
+from llada.engine.settings import GenerationSettings
 from llada.model.loading import load
 from llada.model.quantize import Fp8Linear, Int8Linear
 from llada.model.tokenizer import Tokenizer

@@ -9,9 +9,12 @@ import torch
 from engine_support import answers, graph_engine_on_the_cpu, left_padded, model, prompts
 
 from llada.diffusion.sampling import generate
-from llada.engine.batch import BatchRun, _decided_through_end
+from llada.engine.batch import BatchRun
+from llada.engine.commits import decided_through_end
 from llada.engine.decoding import select
 from llada.engine.engine import Engine, GenerationSettings
+from llada.engine.passes import Passes
+from llada.engine.runtime import Runtime
 from llada.model.fusion import fuse_projections, projections_fused_in
 from llada.model.kv_cache import KVCache, cached_forward, store_entries
 from llada.model.quantize import Fp8Linear, quantize_fp8, quantize_int8
@@ -96,7 +99,7 @@ def test_compiled_refreshes_do_not_recompile_per_batch_size() -> None:
     PyTorch's duck sizing, as with separate tensors per layer.)"""
     from torch._dynamo.testing import CompileCounter
 
-    from llada.engine.engine import _refresh_pass
+    from llada.engine.runtime import _refresh_pass
     net = model(n_kv_heads=4)  # two layers, four key/value heads
     counter = CompileCounter()
     refresh = torch.compile(_refresh_pass, dynamic=True, fullgraph=True, backend=counter)
@@ -145,7 +148,7 @@ def test_caches_are_exact_for_a_one_layer_model(cache: str, cfg_scale: float, re
             "cfg_scale": cfg_scale}
     exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
     engine = Engine(net)
-    engine.compiled = read_only  # the compiled engine's read-only block steps, without compiling on the CPU
+    engine.runtime.compiled = read_only  # the compiled engine's read-only block steps, without compiling on the CPU
     cached = engine.generate(rows, GenerationSettings(cache=cache, keep_prompt=keep_prompt, refresh_every=3, **base))
     assert torch.equal(answers(cached), answers(exact))
     if cache == "dual":  # the prefix cache keeps rows in step: a row may wait for the other
@@ -166,7 +169,7 @@ def test_reusing_decided_positions_is_exact_for_a_one_layer_model(policy: str, r
             "cfg_scale": cfg_scale}
     exact = Engine(net).generate(rows, GenerationSettings(cache="none", **base))
     engine = Engine(net)
-    engine.compiled = read_only  # read-only steps storing the queries afterwards, without compiling on the CPU
+    engine.runtime.compiled = read_only  # read-only steps storing the queries afterwards, without compiling on the CPU
     queries = record_query_lengths(monkeypatch)
     reused = engine.generate(rows, GenerationSettings(cache="dual", reuse_decided=True, **base))
     assert torch.equal(answers(reused), answers(exact))
@@ -185,7 +188,7 @@ def test_reusing_decided_positions_keeps_each_rows_single_prompt_answer(read_onl
     settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3,
                                   reuse_decided=True)
     engine = Engine(net)
-    engine.compiled = read_only
+    engine.runtime.compiled = read_only
     alone = [engine.generate([row], settings)[0] for row in rows]
     together = engine.generate(rows, settings)
     assert [r.tokens for r in together] == [r.tokens for r in alone]
@@ -207,8 +210,8 @@ def test_reuse_decided_with_sampling_apart_from_the_pass_matches_whole_steps(ove
     whole = Engine(net).generate(rows, settings, generator=torch.Generator().manual_seed(0))
     apart = graph_engine_on_the_cpu(net, capture_sampling=False)
     keys = []
-    forward = apart.replay
-    apart.replay = lambda key, *args, **kwargs: keys.append(key[0]) or forward(key, *args, **kwargs)
+    forward = apart.runtime.replay
+    apart.runtime.replay = lambda key, *args, **kwargs: keys.append(key[0]) or forward(key, *args, **kwargs)
     assert [r.tokens for r in apart.generate(rows, settings, generator=torch.Generator().manual_seed(0))] == \
         [r.tokens for r in whole]
     assert "sparse block pass" in keys and "sparse block step" not in keys
@@ -316,13 +319,13 @@ def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bo
 def record_query_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of query positions of every forward pass any engine runs from now on."""
     queries: list[int] = []
-    original = Engine.plain_forward
+    original = Runtime.plain_forward
 
     def spy(self, cache, tokens, *args, **kwargs):
         queries.append(tokens.shape[1])
         return original(self, cache, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "plain_forward", spy)
+    monkeypatch.setattr(Runtime, "plain_forward", spy)
     return queries
 
 
@@ -346,14 +349,14 @@ def test_per_row_refreshes_write_every_entry_of_their_scratch_cache(overrides: d
     engine = Engine(model())
     alone = [engine.generate([row], settings)[0].tokens for row in rows]
     scratch: list[int] = []
-    refresh_some = BatchRun._refresh_some
+    refresh_some = Passes.refresh_some
 
-    def counting(self, rows, positions, answer_only):
+    def counting(self, tensors, rows, positions, answer_only):
         scratch.append(len(rows))
-        return refresh_some(self, rows, positions, answer_only)
+        return refresh_some(self, tensors, rows, positions, answer_only)
 
     monkeypatch.setattr(KVCache, "allocate", classmethod(poisoned))
-    monkeypatch.setattr(BatchRun, "_refresh_some", counting)
+    monkeypatch.setattr(Passes, "refresh_some", counting)
     assert [r.tokens for r in engine.generate(rows, settings)] == alone
     assert scratch  # some rows did refresh on their own
 
@@ -461,9 +464,9 @@ def test_complete_answers_against_their_definition() -> None:
     undecided = torch.rand(400, 7, generator=generator) < 0.3
     expected = [any(answer[b, i] in (4, 5) and not undecided[b, i] and not undecided[b, :i].any() for i in range(7))
                 for b in range(400)]
-    assert _decided_through_end(answer, undecided, (4, 5)).tolist() == expected
+    assert decided_through_end(answer, undecided, (4, 5)).tolist() == expected
     assert 40 < sum(expected) < 360  # both outcomes well represented
-    assert _decided_through_end(answer, undecided, (4,)).tolist() == [
+    assert decided_through_end(answer, undecided, (4,)).tolist() == [
         any(answer[b, i] == 4 and not undecided[b, :i + 1].any() for i in range(7)) for b in range(400)]
 
 
@@ -517,7 +520,7 @@ def test_compiled_block_steps_match_plain_ones(reuse_decided: bool) -> None:
     settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.3,
                                   reuse_decided=reuse_decided)
     plain = Engine(net)
-    plain.compiled = True  # the read-only block steps, uncompiled
+    plain.runtime.compiled = True  # the read-only block steps, uncompiled
     compiled = Engine(net, compile=True)
     assert [r.tokens for r in compiled.generate(rows, settings)] == [r.tokens for r in plain.generate(rows, settings)]
 
@@ -544,7 +547,7 @@ def test_fused_projections_keep_the_model_and_match_unfused_steps() -> None:
                            fused=True)
     torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
     engine = Engine(net, fuse=True)
-    assert engine.fused
+    assert engine.runtime.fused
     for mode, reference in zip(("none", "dual"), expected):
         assert torch.equal(answers(engine.generate(prompts((4, 6)), replace(settings, cache=mode))), answers(reference))
     net.float()  # new weight tensors: the fused matrices no longer back them
@@ -554,7 +557,7 @@ def test_fused_projections_keep_the_model_and_match_unfused_steps() -> None:
 
 def test_int8_models_are_not_fused() -> None:
     net = quantize_int8(model())
-    assert not fuse_projections(net) and not Engine(net, fuse=True).fused
+    assert not fuse_projections(net) and not Engine(net, fuse=True).runtime.fused
     fused = model()
     assert fuse_projections(fused)
     quantize_int8(fused)  # quantizing after an engine fused the model: the quantized layers are used
@@ -579,7 +582,7 @@ def test_fp8_models_are_fused_into_stacked_fp8_layers() -> None:
     expected = answers(Engine(net, fuse=False).generate(prompts((4, 6)), settings))
     engine = Engine(net, fuse=True)
     block = net.blocks[0]
-    assert engine.fused and isinstance(block.fused_qkv, Fp8Linear) and projections_fused_in(block)
+    assert engine.runtime.fused and isinstance(block.fused_qkv, Fp8Linear) and projections_fused_in(block)
     assert block.k_proj.weight.data_ptr() == block.fused_qkv.weight[block.q_proj.weight.shape[0]:].data_ptr()
     assert block.up_proj.scales.data_ptr() == block.fused_gate_up.scales[:, block.ff_proj.weight.shape[0]:].data_ptr()
     assert list(net.state_dict()) == names and [name for name, _ in net.named_modules()] == modules
@@ -630,9 +633,9 @@ def test_a_stream_left_early_gives_its_cache_back() -> None:
     engine = Engine(model())
     updates = engine.stream(prompts((4,)), GenerationSettings(gen_length=16, block_length=8))
     next(updates)
-    assert not engine._free_caches
+    assert not engine.runtime._free_caches
     updates.close()
-    assert len(engine._free_caches) == 1
+    assert len(engine.runtime._free_caches) == 1
 
 
 def test_block_steps_of_any_threshold_or_factor_share_their_graph_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -641,13 +644,13 @@ def test_block_steps_of_any_threshold_or_factor_share_their_graph_keys(monkeypat
     block step never reads, does not split the keys either. Early stop does: the step itself tells
     which answers are complete."""
     keys: list[tuple] = []
-    original = Engine.replay
+    original = Runtime.replay
 
     def spy(self, key, *args, **kwargs):
         keys.append(key)
         return original(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "replay", spy)
+    monkeypatch.setattr(Runtime, "replay", spy)
     engine = Engine(model())
     rows = prompts((5,))  # one row: the batch never shrinks onto another cache
     seen = []

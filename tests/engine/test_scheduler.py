@@ -106,13 +106,13 @@ def test_cancel_and_limits() -> None:
 def _count_forward_rows(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every forward pass the engine runs (the cost a cancelled row should stop adding)."""
     rows: list[int] = []
-    forward = engine.plain_forward
+    forward = engine.runtime.plain_forward
 
     def counting(cache, tokens, *args, **kwargs):
         rows.append(tokens.shape[0])
         return forward(cache, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "plain_forward", counting)
+    monkeypatch.setattr(engine.runtime, "plain_forward", counting)
     return rows
 
 
@@ -229,33 +229,33 @@ def test_graph_engines_pad_refreshes_of_some_rows_to_a_power_of_two(
     pass padded with copies of the first row; passes over ``CAPTURED_REFRESH_FLOPS`` run uncaptured at
     their own size. Either way each row gets its single-prompt answer (a graph engine simulated on the
     CPU: its replays run plainly)."""
-    from llada.engine import batch as batch_run
+    from llada.engine import passes as batch_passes
 
     net = model()
     rows = prompts((3, 4, 2, 5, 4, 3), seed=8)
     expected = [Engine(net).generate([row], settings)[0].tokens for row in rows]
     engine = graph_engine_on_the_cpu(net)
     passes: list[tuple[int, bool]] = []  # (rows in the pass, captured) of every refresh of some rows
-    plain_replay = engine.replay
+    plain_replay = engine.runtime.replay
 
     def replay(key, cache, function, inputs, state=(), graph=True):
         if key[0] == "refresh rows":
             passes.append((len(inputs[0]), graph))
         return plain_replay(key, cache, function, inputs, state, graph)
 
-    engine.replay = replay
+    engine.runtime.replay = replay
     # The small limit: three rows of the 22 positions (prompt room 6, answer 16) fit, the four that
     # three joining rows are padded to do not.
-    monkeypatch.setattr(batch_run, "CAPTURED_REFRESH_FLOPS", 3 * 22 * net.config.flops_per_token(22) if small_limit
-                        else batch_run.CAPTURED_REFRESH_FLOPS)
+    monkeypatch.setattr(batch_passes, "CAPTURED_REFRESH_FLOPS", 3 * 22 * net.config.flops_per_token(22) if small_limit
+                        else batch_passes.CAPTURED_REFRESH_FLOPS)
     sizes: list[tuple[int, int | None]] = []  # (rows refreshed, rows of the captured pass or None)
-    captured_rows = batch_run.BatchRun._captured_refresh_rows
+    captured_rows = batch_passes.Passes.captured_refresh_rows
 
-    def recording(self, rows, queries):
-        sizes.append((rows, captured_rows(self, rows, queries)))
+    def recording(self, rows, queries, batch):
+        sizes.append((rows, captured_rows(self, rows, queries, batch)))
         return sizes[-1][1]
 
-    monkeypatch.setattr(batch_run.BatchRun, "_captured_refresh_rows", recording)
+    monkeypatch.setattr(batch_passes.Passes, "captured_refresh_rows", recording)
     run = engine.start(rows[:1], settings, prompt_room=6)
     run.advance()
     run.add(rows[1:4])  # three rows join a batch grown to four: a pass of three rows, padded to four

@@ -26,9 +26,10 @@ from llada.diffusion.likelihood import log_likelihood
 from llada.diffusion.sampling import REMASKING_CHOICES
 from llada.engine.answer_text import AnswerText, answer_text
 from llada.engine.decoding import POLICIES
-from llada.engine.engine import CACHE_MODES, Engine, GenerationSettings
+from llada.engine.engine import Engine
 from llada.engine.generation import SAMPLERS, Sampler, answer_ids
 from llada.engine.options import setting_names, settings_from_options
+from llada.engine.settings import CACHE_MODES, GenerationSettings
 from llada.model.checkpoint import CheckpointError, read_config, save_model, weight_files
 from llada.model.config import PRESETS, preset
 from llada.model.loading import DEMO_MODEL, load, resolve_device, resolve_dtype

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llada.diffusion.masking import mask_exact_count, stratified_mask_counts
-from llada.engine.batch import left_pad
-from llada.model.transformer import LLaDAModel
+from llada.model.transformer import LLaDAModel, left_pad
 
 
 @dataclass

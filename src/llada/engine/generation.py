@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 
 from llada.diffusion.sampling import generate
-from llada.engine.batch import left_pad
-from llada.engine.engine import Engine, GenerationSettings
-from llada.model.transformer import LLaDAModel
+from llada.engine.engine import Engine
+from llada.engine.settings import GenerationSettings
+from llada.model.transformer import LLaDAModel, left_pad
 
 Sampler = Literal["engine", "reference"]
 SAMPLERS: tuple[str, ...] = ("engine", "reference")

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from llada.engine.batch import BatchRun
-from llada.engine.engine import Engine, Generation, GenerationSettings
+from llada.engine.engine import Engine
+from llada.engine.settings import Generation, GenerationSettings
 
 
 class SchedulerFull(RuntimeError):

@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llada.engine.answer_text import answer_text
-from llada.engine.engine import Engine, GenerationSettings
+from llada.engine.engine import Engine
 from llada.engine.generation import Sampler, batch_answers
+from llada.engine.settings import GenerationSettings
 from llada.evaluation.code_extraction import chat_solution, truncate_completion
 from llada.evaluation.code_grading import Verdict, run_check
 from llada.evaluation.sandbox.process import Isolation, SandboxLimits, require_isolation

@@ -14,7 +14,7 @@ heads, D head dimension (E / H), F SwiGLU width, V embedding rows (vocabulary).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +174,29 @@ def attention_bias(attention_mask: torch.Tensor | None, length: int, causal: boo
     if causal:
         keep = keep & torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (B, 1, L, L)
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int,
+             width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded ids and the (B, P) bool mask of real tokens; P is at least ``width``."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts must be (batch, length), got shape {tuple(prompts.shape)}")
+        if prompts.shape[1] >= width:
+            return prompts.long().cpu(), torch.ones(prompts.shape, dtype=torch.bool)
+        prompts = prompts.tolist()
+    rows = [list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(width, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = True
+    return ids, mask
 
 
 class LLaDAModel(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from llada.engine.engine import GenerationSettings
+from llada.engine.settings import GenerationSettings
 
 API_KEY_ENV = "LLADA_API_KEY"
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from llada.engine.decoding import POLICIES
-from llada.engine.engine import GenerationSettings
 from llada.engine.options import setting_types
+from llada.engine.settings import GenerationSettings
 from llada.model.tokenizer import Message, Tokenizer, TokenizerError
 from llada.server.config import ServerConfig
 from llada.server.errors import APIError, model_not_found

@@ -26,8 +26,8 @@ from typing import Literal
 
 import torch
 
-from llada.engine.engine import GenerationSettings
 from llada.engine.scheduler import Request, RequestUpdate, Scheduler, SchedulerFull
+from llada.engine.settings import GenerationSettings
 from llada.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,213 @@
+"""The engine's runtime, below every batch: the model with its fused projections, the pool of KV
+caches, the forward pass as the engine runs it (eager or compiled, fused or the model's own
+arithmetic), and CUDA-graph capture and replay.
+
+On CUDA each forward pass of a given shape is captured once as a CUDA graph (optionally of a
+``torch.compile``d function) and replayed; a batch (``batch.BatchRun``) also captures whole greedy
+block steps, forward pass and commits, through ``Runtime.replay`` over its cache's state tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llada.model.fusion import fuse_projections, projections_fused_in
+from llada.model.kv_cache import KVCache, cached_forward
+from llada.model.transformer import LLaDAModel
+
+
+def _refresh_pass(model: LLaDAModel, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  key_bias: torch.Tensor | None, logits_index: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``cached_forward`` writing the cache (a refresh), as a function of its own to compile apart."""
+    return cached_forward(model, tokens, positions, cache, key_bias, logits_index, True, fused)
+
+
+@dataclass
+class _Graph:
+    """One captured pass: its copied inputs, the state tensors it works on in place, its output, and
+    the CUDA graph that fills it."""
+
+    cache: KVCache  # held, so that the memory the graph writes into stays allocated
+    inputs: list[torch.Tensor | None]
+    state_pointers: list[int]
+    output: Any = None
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class Runtime:
+    """One model's caches, compiled passes and captured graphs; the ``Engine`` holds one, its batches share it."""
+
+    def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
+                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True) -> None:
+        """Arguments as ``Engine``'s:
+
+        Args:
+            model: the mask predictor, in eval mode, on its device and dtype.
+            cuda_graphs: capture each forward shape as a CUDA graph (default: on CUDA devices).
+            compile: ``torch.compile`` the forward passes (fuses norms, RoPE and SwiGLU; the first
+                call of each shape compiles for some seconds, up to a minute at the 8B shape): block
+                steps, and refreshes except in the exact mode (``cache="none"``), which keeps the
+                model's own eager arithmetic so as to equal the reference sampler bit for bit.
+            max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a
+                later batch of the same shape starts without capturing again).
+            fuse: run q/k/v and gate/up as one matmul each (``fusion.fuse_projections``: the
+                model's weights become views of fused matrices, in place; default: on CUDA devices).
+                The model must not be moved or reloaded while the engine is in use. The exact mode
+                keeps the model's own matmuls (it stays bit-identical to the reference); every
+                other pass uses the fused ones.
+            capture_sampling: with CUDA graphs, capture greedy block steps whole — the forward pass and
+                the choice and commit of tokens — as one graph, so that the host launches one graph
+                per step instead of a dozen small kernels after it. False captures the forward pass only.
+        """
+        self.model = model.eval()
+        self.device = model.device
+        self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
+        self.weights_version = getattr(model, "weights_version", 0)  # see check_weights
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        # Block steps (read-only, a few shapes) compile with static shapes first (dynamic=None: a
+        # second cache length recompiles once, with symbolic lengths); refreshes, whose number of
+        # rows and queries varies (rows joining, answer-only refreshes), compile once with symbolic
+        # shapes, as a function of their own so that they keep their own recompile budget.
+        self.compiled = compile
+        self.capture_sampling = capture_sampling
+        self.step_fn: Callable[..., torch.Tensor] = (
+            torch.compile(cached_forward, dynamic=None, fullgraph=True) if compile else cached_forward)
+        self.refresh_fn: Callable[..., torch.Tensor] = (
+            torch.compile(_refresh_pass, dynamic=True, fullgraph=True) if compile else _refresh_pass)
+        self.max_pooled_caches = max_pooled_caches
+        self._free_caches: list[KVCache] = []  # oldest first
+        self._graphs: dict[tuple, _Graph] = {}
+        config = model.config
+        self.mask_id = config.mask_token_id
+        self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
+        if self.mask_id is None:
+            raise ValueError("the model config has no mask_token_id")
+
+    def release_memory(self) -> None:
+        """Drop pooled caches and captured graphs (they are rebuilt on demand)."""
+        self._free_caches = []
+        for entry in self._graphs.values():
+            entry.cache.graph_pool = None  # its graphs are gone: never capture into that pool again
+        self._graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def check_weights(self, replay: bool) -> None:
+        """Refuse to run on weights other than those this engine was made for: fused or quantized
+        since (the version counter; cheap enough for every replay), or moved or reloaded under the
+        fused matrices (every block checked, before a capture or a plain pass)."""
+        if getattr(self.model, "weights_version", 0) != self.weights_version:
+            raise RuntimeError("the model's weights were replaced (fused by another engine, or quantized) after this "
+                               "engine was made; make a new Engine for the model as it is now")
+        if self.fused and not replay and not all(projections_fused_in(block) for block in self.model.blocks):
+            raise RuntimeError("the model's weights were moved or reloaded after the engine fused them; "
+                               "make a new Engine for the model as it is now")
+
+    def acquire_cache(self, rows: int, length: int) -> KVCache:
+        """A cache of this shape: a pooled one (its captured graphs still valid) or a new one."""
+        for index, cache in enumerate(self._free_caches):
+            if (cache.batch, cache.length) == (rows, length):
+                return self._free_caches.pop(index)
+        return KVCache.allocate(self.model, rows, length)
+
+    def release_cache(self, cache: KVCache) -> None:
+        """Return a cache to the pool; beyond ``max_pooled_caches`` the oldest is freed with its graphs."""
+        self._free_caches.append(cache)
+        while len(self._free_caches) > self.max_pooled_caches:
+            evicted = self._free_caches.pop(0)
+            for key in [k for k, entry in self._graphs.items() if entry.cache is evicted]:
+                del self._graphs[key]
+            evicted.graph_pool = None
+
+    @torch.no_grad()
+    def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
+                key_bias: torch.Tensor | None, write: bool = True, exact: bool = False) -> torch.Tensor:
+        """``plain_forward`` through a CUDA graph captured for this cache and these shapes.
+
+        The returned logits live in the graph's output buffer: read them before the next call.
+        """
+        def run(tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
+                key_bias: torch.Tensor | None) -> torch.Tensor:
+            return self.plain_forward(cache, tokens, positions, logits_index, key_bias, write, exact)
+
+        key = ("forward", id(cache), tokens.shape, positions.shape, logits_index.shape,
+               None if key_bias is None else key_bias.shape, write, exact)
+        return self.replay(key, cache, run, [tokens, positions, logits_index, key_bias])
+
+    def plain_forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
+                      key_bias: torch.Tensor | None, write: bool, exact: bool = False,
+                      query_mask: torch.Tensor | None = None, return_entries: bool = False) -> Any:
+        """``cached_forward`` as the engine runs it.
+
+        ``exact``: the model's own arithmetic, eagerly (the exact mode, which equals the reference
+        sampler bit for bit). Otherwise fused matmuls, and on compiling engines the compiled
+        functions: read-only block steps (``write=False``) or refreshes writing the cache.
+        ``query_mask`` and ``return_entries`` as in ``cached_forward`` (block steps only).
+        """
+        if exact or not self.compiled:
+            return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
+                                  self.fused and not exact, query_mask, return_entries)
+        if write:
+            return self.refresh_fn(self.model, tokens, positions, cache, key_bias, logits_index, self.fused)
+        return self.step_fn(self.model, tokens, positions, cache, key_bias, logits_index, False, self.fused,
+                            query_mask, return_entries)
+
+    def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
+               state: Sequence[torch.Tensor] = (), graph: bool = True) -> Any:
+        """``function(*state, *inputs)``, through a CUDA graph captured once per ``key`` on graph engines.
+
+        ``key`` must name everything the function bakes in (shapes, settings, host numbers). ``inputs``
+        are copied into the graph's own tensors at every call; ``state`` tensors are read and written
+        in place, so they must be the same tensors at every call of a key (a cache's state tensors).
+        The output lives in the graph's buffers: read it before the next call. ``graph=False`` calls
+        the function plainly (a pass not worth capturing).
+        """
+        captured = self.cuda_graphs and graph
+        self.check_weights(replay=captured)
+        if not captured:
+            return function(*state, *inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            self.check_weights(replay=False)  # every block, before the weights are baked into a graph
+            entry = self._capture(cache, function, inputs, state)
+            self._graphs[key] = entry
+        if entry.state_pointers != [tensor.data_ptr() for tensor in state]:
+            raise RuntimeError("a captured step was replayed on other state tensors than it was captured on")
+        for static, value in zip(entry.inputs, inputs, strict=True):
+            if static is not None:
+                static.copy_(value)
+        entry.graph.replay()
+        return entry.output
+
+    def _capture(self, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
+                 state: Sequence[torch.Tensor]) -> _Graph:
+        entry = _Graph(cache=cache, inputs=[None if a is None else a.clone() for a in inputs],
+                       state_pointers=[tensor.data_ptr() for tensor in state])
+        # Warm-up on a side stream (compiles, picks kernels), on copies of the state so that it changes
+        # nothing; it writes the cache, as the replay below does again with the same tokens.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # twice: the second call must find everything compiled
+                function(*[tensor.clone() for tensor in state], *entry.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        entry.graph = torch.cuda.CUDAGraph()
+        # thread_local: a server captures on its worker thread while other threads (the web server's,
+        # the garbage collector's) may free or copy CUDA memory; the default "global" mode would let
+        # their calls abort this capture.
+        if cache.graph_pool is None:
+            cache.graph_pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.graph(entry.graph, pool=cache.graph_pool, capture_error_mode="thread_local"):
+                entry.output = function(*state, *entry.inputs)
+        except BaseException:
+            if not any(other.cache is cache for other in self._graphs.values()):
+                cache.graph_pool = None  # a failed capture leaves its pool's count unreliable
+            raise
+        return entry
