@@ -36,12 +36,12 @@ from llada.model.loading import DEMO_MODEL, load, resolve_device, resolve_dtype
 from llada.model.tokenizer import TOKENIZER_FILES, Message, Tokenizer, TokenizerError, train_tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.server.config import ServerConfig
-from llada.training.config import load_config
+from llada.training.config import CHECKPOINTS, load_config
 from llada.training.corpus import CorpusError, CorpusIssue, expand_inputs, iter_jsonl, read_documents
 from llada.training.packing import tokenize_corpus
 from llada.training.plot import plot_runs
 from llada.training.sft_data import build_sft_data
-from llada.training.trainer import CHECKPOINTS, TrainingError, train
+from llada.training.trainer import TrainingError, train
 
 
 class CliError(ValueError):

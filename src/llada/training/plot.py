@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from llada.training.config import METRICS_FILE
 from llada.training.corpus import iter_jsonl
-from llada.training.trainer import METRICS_FILE
 
 
 def read_metrics(source: str | Path) -> list[dict]:

@@ -20,6 +20,7 @@ generations from fixed prompts go to ``samples.jsonl``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -46,32 +47,21 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from llada.diffusion.ar_sampling import generate_autoregressive
-from llada.diffusion.losses import (
-    Loss,
-    answer_positions,
-    autoregressive_loss,
-    pretrain_loss,
-    random_truncation,
-    sft_loss,
-)
+from llada.diffusion.losses import Loss
 from llada.diffusion.sampling import generate
 from llada.model.checkpoint import load_model, read_state_dict, save_state_dict
 from llada.model.config import preset
 from llada.model.loading import resolve_device
 from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
 from llada.model.transformer import LLaDAModel
-from llada.training.config import TrainConfig, config_to_dict
-from llada.training.packing import PackedDataset
+from llada.training.config import CHECKPOINTS, METRICS_FILE, SAMPLES_FILE, TrainConfig, config_to_dict
+from llada.training.objectives import OBJECTIVES, Batch, LossSettings
 from llada.training.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
 from llada.training.schedule import lr_multiplier
-from llada.training.sft_data import SFTDataset, collate_sft
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
@@ -131,6 +121,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         config.validate()
         self.config = config
+        self.objective = OBJECTIVES[config.objective]
         self.device = resolve_device(config.device)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.sharded = config.fsdp if config.fsdp is not None else self.world > 1
@@ -218,20 +209,10 @@ class Trainer:
             apply_activation_checkpointing(model)
         return model.train()
 
-    def _load_data(self) -> tuple[torch.utils.data.Dataset, Callable[[list], dict[str, torch.Tensor]]]:
+    def _load_data(self) -> tuple[torch.utils.data.Dataset, Callable[[list], Batch]]:
         path = self.config.data.path
-        if self.config.objective in ("sft", "autoregressive_sft"):
-            dataset = SFTDataset(path)
-            eos = self.tokenizer.ids.eos
-
-            def collate(samples: list) -> dict[str, torch.Tensor]:
-                ids, prompt_lengths = collate_sft(samples, eos)
-                return {"input_ids": ids, "prompt_lengths": prompt_lengths}
-        else:
-            dataset = PackedDataset(path, self.config.data.seq_len)
-
-            def collate(samples: list) -> dict[str, torch.Tensor]:
-                return {"input_ids": torch.stack(samples)}
+        dataset = self.objective.dataset(path, self.config.data.seq_len)
+        collate = functools.partial(self.objective.collate, eos_id=self.tokenizer.ids.eos)
         if dataset.index["vocab_size"] > self.model.config.embedding_size:
             raise ValueError(f"{path} holds ids up to {dataset.index['vocab_size'] - 1}, but the model's embedding "
                              f"has {self.model.config.embedding_size} rows (set model.overrides.vocab_size)")
@@ -255,20 +236,13 @@ class Trainer:
         enabled = self.device.type == "cuda" and self.config.dtype == "bfloat16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Loss:
-        ids = batch["input_ids"].to(self.device)
-        mask_id, eps = self.model.config.mask_token_id, self.config.mask_eps
+    def _loss(self, batch: Batch, generator: torch.Generator) -> Loss:
+        settings = LossSettings(mask_id=self.model.config.mask_token_id, eps=self.config.mask_eps,
+                                random_length_probability=self.config.data.random_length_probability,
+                                training=self.model.training)
         with self._autocast():
-            if self.config.objective == "sft":
-                return sft_loss(self.forward_model, ids, batch["prompt_lengths"], mask_id, eps=eps, generator=generator)
-            if self.config.objective == "autoregressive":
-                return autoregressive_loss(self.forward_model, ids)
-            if self.config.objective == "autoregressive_sft":
-                answer = answer_positions(ids, batch["prompt_lengths"])
-                return autoregressive_loss(self.forward_model, ids, loss_mask=answer)
-            if self.model.training:
-                ids = random_truncation(ids, self.config.data.random_length_probability, generator=generator)
-            return pretrain_loss(self.forward_model, ids, mask_id, eps=eps, generator=generator)
+            return self.objective.loss(self.forward_model, {**batch, "input_ids": batch["input_ids"].to(self.device)},
+                                       settings, generator)
 
     def _micro_batches(self, indices: list[int]) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(indices), self.micro_batch_size):
@@ -425,11 +399,11 @@ class Trainer:
         length = self.config.sample_length
         rows = []
         for prompt in self.config.sample_prompts:
-            chat = self.config.objective in ("sft", "autoregressive_sft")
+            chat = self.objective.chat
             tokens = (self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
                       if chat else self.tokenizer.encode(prompt, add_special_tokens=False))
             with self._autocast():
-                if self.config.objective.startswith("autoregressive"):
+                if self.objective.causal:
                     answer = generate_autoregressive(self.model, tokens, length, stop_ids=(ids.eos, ids.eot))
                 else:
                     out = generate(self.model, torch.tensor([tokens], device=self.device), steps=length,
@@ -499,7 +473,7 @@ class Trainer:
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
                     record["eval_loss"] = self.evaluate()
-                    if record["eval_loss"] is not None and not self.config.objective.endswith("sft"):
+                    if record["eval_loss"] is not None and self.objective.per_token_bound:
                         # exp of the per-token bound: an upper bound on perplexity (exact for autoregressive)
                         record["eval_perplexity_bound"] = math.exp(min(record["eval_loss"], 50.0))
                 if self.config.sample_every and self.step % self.config.sample_every == 0:

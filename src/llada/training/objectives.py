@@ -1,0 +1,108 @@
+"""Training objectives as a table: what data each one reads, how it batches it and what loss it takes.
+
+The trainer looks an objective up by name (``OBJECTIVES[config.objective]``) and never branches on
+names. A new objective (preference pairs, RL rollouts) is a new entry: its dataset reader, its
+collate function and its loss over the model the trainer runs (sharded or compiled), with the
+knobs of ``LossSettings``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llada.diffusion.losses import (
+    Loss,
+    answer_positions,
+    autoregressive_loss,
+    pretrain_loss,
+    random_truncation,
+    sft_loss,
+)
+from llada.training.packing import PackedDataset
+from llada.training.sft_data import SFTDataset, collate_sft
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The recipe's numbers a loss may read, and whether the model is training (or evaluated)."""
+
+    mask_id: int
+    eps: float  # the lowest masking probability t (t ~ U(eps, 1])
+    random_length_probability: float  # pretraining: the share of batches cut to a random length
+    training: bool
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective.
+
+    ``dataset(path, seq_len)`` reads the prepared data; ``collate(samples, eos_id)`` makes a batch of
+    tensors; ``loss(model, batch, settings, generator)`` is the scalar the trainer minimises (a
+    ``Loss``), with ``batch["input_ids"]`` already on the model's device.
+    """
+
+    dataset: Callable[[Path, int], torch.utils.data.Dataset]
+    collate: Callable[[list[Any], int], Batch]
+    loss: Callable[[torch.nn.Module, Batch, LossSettings, torch.Generator], Loss]
+    chat: bool  # samples are dialogues: sample prompts go through the chat template
+    causal: bool  # the autoregressive baseline: sampled left to right
+    per_token_bound: bool  # the evaluation loss bounds the NLL per token (so exp of it bounds perplexity)
+
+
+def _packed(path: Path, seq_len: int) -> PackedDataset:
+    return PackedDataset(path, seq_len)
+
+
+def _sft(path: Path, seq_len: int) -> SFTDataset:
+    return SFTDataset(path)
+
+
+def _stack(samples: list[torch.Tensor], eos_id: int) -> Batch:
+    return {"input_ids": torch.stack(samples)}
+
+
+def _pad_dialogues(samples: list[tuple[torch.Tensor, int]], eos_id: int) -> Batch:
+    ids, prompt_lengths = collate_sft(samples, eos_id)
+    return {"input_ids": ids, "prompt_lengths": prompt_lengths}
+
+
+def _pretrain(model: torch.nn.Module, batch: Batch, settings: LossSettings, generator: torch.Generator) -> Loss:
+    ids = batch["input_ids"]
+    if settings.training:  # the paper cuts 1% of training batches to a random length; evaluation never
+        ids = random_truncation(ids, settings.random_length_probability, generator=generator)
+    return pretrain_loss(model, ids, settings.mask_id, eps=settings.eps, generator=generator)
+
+
+def _sft_loss(model: torch.nn.Module, batch: Batch, settings: LossSettings, generator: torch.Generator) -> Loss:
+    return sft_loss(model, batch["input_ids"], batch["prompt_lengths"], settings.mask_id, eps=settings.eps,
+                    generator=generator)
+
+
+def _autoregressive(model: torch.nn.Module, batch: Batch, settings: LossSettings,
+                    generator: torch.Generator) -> Loss:
+    return autoregressive_loss(model, batch["input_ids"])
+
+
+def _autoregressive_sft(model: torch.nn.Module, batch: Batch, settings: LossSettings,
+                        generator: torch.Generator) -> Loss:
+    ids = batch["input_ids"]
+    return autoregressive_loss(model, ids, loss_mask=answer_positions(ids, batch["prompt_lengths"]))
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "pretrain": Objective(dataset=_packed, collate=_stack, loss=_pretrain, chat=False, causal=False,
+                          per_token_bound=True),
+    "sft": Objective(dataset=_sft, collate=_pad_dialogues, loss=_sft_loss, chat=True, causal=False,
+                     per_token_bound=False),
+    "autoregressive": Objective(dataset=_packed, collate=_stack, loss=_autoregressive, chat=False, causal=True,
+                                per_token_bound=True),
+    "autoregressive_sft": Objective(dataset=_sft, collate=_pad_dialogues, loss=_autoregressive_sft, chat=True,
+                                    causal=True, per_token_bound=False),
+}
