@@ -153,7 +153,7 @@ def main() -> None:
     print(f"{len(texts)} works, {len(pairs)} glosses, {len(samples)} instruction samples "
           f"({test_count} held out) -> {args.out}")
     if args.tokenizer_vocab:
-        from llada.cli.main import run_tokenizer_train
+        from llada.cli.training import run_tokenizer_train
         from llada.training.packing import tokenize_corpus
         from llada.training.sft_data import build_sft_data
 

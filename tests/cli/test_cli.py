@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada.cli.main import main, run_chat, run_generate
+from llada.cli.generation import run_chat, run_generate
+from llada.cli.main import main
 from llada.engine.answer_text import answer_text
 from llada.engine.settings import GenerationSettings
 from llada.model.loading import load
@@ -265,7 +266,8 @@ def test_generate_refuses_a_batch_size_below_one(checkpoint_dir: Path, tmp_path:
 def test_every_generation_setting_has_a_flag() -> None:
     """settings_from_args reads GenerationSettings' fields by name: each needs its flag (early_stop is
     --no-early-stop), else a new setting would silently keep its default on the command line."""
-    from llada.cli.main import build_parser, settings_from_args
+    from llada.cli.common import settings_from_args
+    from llada.cli.main import build_parser
     from llada.engine.options import setting_names
 
     args = build_parser().parse_args(["generate", "--prompt", "x", "--logits-eos-inf", "--remasking", "random",

@@ -1,0 +1,147 @@
+"""``llada info``, ``llada convert``, ``llada init`` and ``llada export``: checkpoints in the official layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from llada.cli.common import CliError, Command
+from llada.model.checkpoint import read_config, save_model, weight_files
+from llada.model.config import PRESETS, preset
+from llada.model.loading import resolve_dtype
+from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, train_tokenizer
+from llada.model.transformer import LLaDAModel
+from llada.training.config import CHECKPOINTS
+
+
+def run_info(model: str) -> dict:
+    """Describe a checkpoint directory or a preset name: config, size, memory, files."""
+    if model in PRESETS and not Path(model).exists():
+        config, files = preset(model), {}
+    else:
+        config = read_config(model)
+        files = {str(p.name) for p in weight_files(model).values()}
+    info = {"config": asdict(config), "parameters": config.num_parameters(),
+            "parameters_without_embedding": config.num_parameters(include_embedding=False),
+            "forward_gflops_per_token_at_2048": round(config.flops_per_token(2048) / 1e9, 3),
+            "weights_memory_gib": {name: round(config.memory_bytes(size) / 2**30, 3)
+                                   for name, size in (("bf16", 2), ("fp32", 4))}}
+    if files:
+        info["weight_files"] = sorted(files)
+        try:
+            tokenizer = Tokenizer.from_pretrained(model)
+            info["tokenizer"] = {"vocab_size": tokenizer.vocab_size, **asdict(tokenizer.ids),
+                                 "chat_template": tokenizer.chat_template is not None}
+        except TokenizerError as error:
+            info["tokenizer"] = f"unavailable: {error}"
+    return info
+
+
+def run_convert(source: str, destination: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> None:
+    """Re-save a checkpoint with another dtype and/or shard size; tokenizer files are copied along."""
+    target_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    model = LLaDAModel.from_pretrained(source, dtype=target_dtype)
+    extras = [Path(source) / name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    save_model(model, destination, max_shard_size=max_shard_size, extra_files=extras)
+
+
+def run_init(destination: str, preset_name: str = "tiny", tokenizer: str | None = None,
+             train_tokenizer_on: Sequence[str] = (), vocab_size: int | None = None, seed: int = 0,
+             dtype: str = "float32") -> None:
+    """Create a randomly initialised checkpoint (weights + tokenizer) in the official layout.
+
+    The tokenizer comes from an existing checkpoint (``tokenizer``) or is trained on text files; the
+    model's vocabulary and special ids follow it.
+    """
+    if tokenizer:
+        tok = Tokenizer.from_pretrained(tokenizer)
+    elif train_tokenizer_on:
+        texts = [Path(p).read_text(encoding="utf-8") for p in train_tokenizer_on]
+        tok = train_tokenizer(texts, vocab_size=vocab_size or PRESETS[preset_name].vocab_size)
+    else:
+        raise CliError("init needs a tokenizer: --tokenizer DIR or --train-tokenizer-on FILE...")
+    config = preset(preset_name, vocab_size=tok.vocab_size, embedding_size=tok.vocab_size, mask_token_id=tok.ids.mask,
+                    eos_token_id=tok.ids.eos, pad_token_id=tok.ids.pad, eot_token_id=tok.ids.eot)
+    torch.manual_seed(seed)
+    model = LLaDAModel(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        tok.save_pretrained(scratch)
+        save_model(model, destination, dtype=resolve_dtype(dtype, torch.device("cpu")),
+                   extra_files=[Path(scratch) / name for name in TOKENIZER_FILES])
+
+
+def run_export(run_dir: str, destination: str, step: int | None = None, dtype: str = "bf16",
+               max_shard_size: str = "5GB") -> Path:
+    """Export a training run's checkpoint (the latest, or ``step``) as a standalone official checkpoint."""
+    root = Path(run_dir) / CHECKPOINTS
+    candidates = sorted(root.glob("step-*")) if root.is_dir() else []
+    if step is not None:
+        candidates = [c for c in candidates if c.name == f"step-{step:08d}"]
+    if not candidates:
+        raise CliError(f"no checkpoint{'' if step is None else f' for step {step}'} under {root}")
+    run_convert(str(candidates[-1] / "model"), destination, dtype=dtype, max_shard_size=max_shard_size)
+    return candidates[-1]
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint directory or preset name (" + ", ".join(PRESETS) + ")")
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source")
+    parser.add_argument("destination")
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or stored (default bf16)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
+
+
+def _init_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("destination")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--tokenizer", help="take the tokenizer from this checkpoint directory")
+    parser.add_argument("--train-tokenizer-on", nargs="+", default=(), help="train a BPE tokenizer on these text files")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size when training a tokenizer")
+    parser.add_argument("--dtype", default="float32", help="stored dtype (default float32)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _init(args: argparse.Namespace) -> None:
+    run_init(args.destination, preset_name=args.preset, tokenizer=args.tokenizer,
+             train_tokenizer_on=args.train_tokenizer_on, vocab_size=args.vocab_size, seed=args.seed, dtype=args.dtype)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("destination")
+    parser.add_argument("--step", type=int, help="which step (default: the latest)")
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or stored (default bf16)")
+    parser.add_argument("--max-shard-size", default="5GB")
+
+
+def _export(args: argparse.Namespace) -> None:
+    used = run_export(args.run_dir, args.destination, step=args.step, dtype=args.dtype,
+                      max_shard_size=args.max_shard_size)
+    print(f"exported {used} -> {args.destination}")
+
+
+COMMANDS = [
+    Command("info", "Show a checkpoint's (or preset's) config, parameter count and memory needs.",
+            "examples:\n  llada info ckpt/\n  llada info 8b",
+            _info_arguments, lambda args: print(json.dumps(run_info(args.model), indent=2))),
+    Command("convert", "Re-save a checkpoint with another dtype or shard size.",
+            "example:\n  llada convert fp32-ckpt/ bf16-ckpt/ --dtype bf16 --max-shard-size 2GB",
+            _convert_arguments,
+            lambda args: run_convert(args.source, args.destination, dtype=args.dtype,
+                                     max_shard_size=args.max_shard_size)),
+    Command("init", "Create a randomly initialised checkpoint with a tokenizer (for tests and demos).",
+            "example:\n  llada init tiny-ckpt/ --preset tiny --train-tokenizer-on README.md --vocab-size 512",
+            _init_arguments, _init),
+    Command("export", "Export a training run's checkpoint in the official layout.",
+            "example:\n  llada export runs/demo checkpoints/demo --dtype bf16",
+            _export_arguments, _export),
+]
