@@ -665,3 +665,11 @@ def test_block_steps_of_any_threshold_or_factor_share_their_graph_keys(monkeypat
     assert len(seen[0]) == 1 and seen[0] == seen[1]
     assert len(seen[2]) == 1 and seen[2] == seen[3] and seen[0] != seen[2]  # another policy: another graph
     assert len(seen[4]) == 1 and seen[4] != seen[3]
+
+
+def test_every_cache_mode_has_its_behaviour() -> None:
+    """A cache mode is one Literal value and one entry of the behaviour table, nothing else."""
+    from llada.engine.settings import CACHE_BEHAVIOURS, CACHE_MODES
+
+    assert set(CACHE_BEHAVIOURS) == set(CACHE_MODES)
+    assert [name for name, mode in CACHE_BEHAVIOURS.items() if mode.exact] == ["none"]

@@ -5,18 +5,19 @@ sampling flags to ``GenerationSettings``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
+import types as types_module
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from llada.diffusion.sampling import REMASKING_CHOICES
-from llada.engine.decoding import POLICIES
 from llada.engine.generation import SAMPLERS
-from llada.engine.options import setting_names, settings_from_options
-from llada.engine.settings import CACHE_MODES, GenerationSettings
+from llada.engine.options import setting_names, setting_types, settings_from_options
+from llada.engine.settings import GenerationSettings
 from llada.model.loading import DEMO_MODEL
 
 
@@ -62,48 +63,43 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The model, the sampler, ``--compile``, and one flag per ``GenerationSettings`` field, made from the
+    field (name, type, default, help): a new setting is a new field, and its flag follows."""
     add_model(parser)
     parser.add_argument("--sampler", choices=SAMPLERS, default="engine",
                         help="engine (fast, default) or reference (the official algorithm, a full forward per step)")
-    parser.add_argument("--gen-length", type=int, default=128, help="answer length in tokens (default 128)")
-    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
-    parser.add_argument("--policy", choices=POLICIES,
-                        help="tokens committed per step: threshold (engine default), factor, or fixed "
-                             "(--steps in total; the reference sampler's rule)")
-    parser.add_argument("--steps", type=int, help="fixed policy: denoising steps in total (default: gen length)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="threshold policy: confidence τ (default 0.9)")
-    parser.add_argument("--factor", type=float, default=1.0, help="factor policy: f (default 1)")
-    parser.add_argument("--cache", choices=CACHE_MODES, default="dual",
-                        help="engine KV cache: dual (default), prefix, or none (exact: a full forward per step)")
-    parser.add_argument("--refresh-every", type=int, default=0,
-                        help="engine: also refresh the cache every N steps within a block (default 0: block starts)")
-    parser.add_argument("--keep-prompt", action="store_true",
-                        help="engine, prefix/dual cache: encode the prompt once; later refreshes recompute the "
-                             "answer only (faster refreshes, one more approximation; docs/engine.md)")
-    parser.add_argument("--reuse-decided", action="store_true",
-                        help="engine, dual cache: block steps recompute only undecided (and just decided) "
-                             "positions; fewer queries per step for large batches (an approximation; docs/engine.md)")
-    parser.add_argument("--no-early-stop", action="store_true",
-                        help="engine: decode every block even after the answer has ended")
     parser.add_argument("--compile", action="store_true",
                         help="engine: torch.compile the block steps and refreshes (GPU; the first call of a "
                              "shape compiles for tens of seconds)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default 0 = off)")
-    parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
-    parser.add_argument("--logits-eos-inf", action="store_true",
-                        help="never propose the end-of-text token (the official setting for some benchmarks)")
-    parser.add_argument("--confidence-eos-eot-inf", action="store_true",
-                        help="never commit end-of-text/end-of-turn tokens by confidence (the official setting "
-                             "for some benchmarks)")
+    types = setting_types()
+    for setting in dataclasses.fields(GenerationSettings):
+        name, kind, help_text = setting.name, types[setting.name], setting.metadata["help"]
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            if setting.default:
+                parser.add_argument("--no-" + flag[2:], dest=name, action="store_false",
+                                    help=setting.metadata["off"])
+            else:
+                parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        options: dict = {"help": help_text}
+        inner = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) in (typing.Union, types_module.UnionType):
+            options["type"] = inner[0]
+        else:
+            options["type"] = kind
+        # The policy's default depends on the other flags (settings_from_args); the rest are the dataclass's.
+        options["default"] = None if name == "policy" else setting.default
+        parser.add_argument(flag, **options)
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     """GenerationSettings from the sampling flags (one flag per setting, through the shared mapping);
-    --steps alone selects the fixed policy."""
+    --steps alone, or the reference sampler, selects the fixed policy."""
     options = {name: getattr(args, name) for name in setting_names() if hasattr(args, name)}
     options["policy"] = args.policy or ("fixed" if args.steps is not None or args.sampler == "reference" else "threshold")
-    options["early_stop"] = not args.no_early_stop
     return settings_from_options(options)
 
 

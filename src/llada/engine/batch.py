@@ -152,7 +152,7 @@ class BatchRun:
 
     def _query_start(self, live: list[int]) -> int | None:
         """Prefix cache: the first query position of a block step (the rows' common block); else None."""
-        if self.settings.cache != "prefix":
+        if not self.settings.cache_behaviour.shared_suffix:
             return None
         return self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
 
@@ -252,7 +252,7 @@ class BatchRun:
         batch = self.t.rows
         live = self._live()
         offsets = self._block_offsets()  # (B, L) answer positions
-        refresh = [r for r in live if settings.cache == "none" or self.row_block_step[r] == 0
+        refresh = [r for r in live if settings.cache_behaviour.exact or self.row_block_step[r] == 0
                    or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
         chosen, committed_at, progress = self._run_passes(live, refresh, offsets, self._counts(live))
         flags: list[list[int]] | None = None  # ``progress`` read back, when needed
@@ -280,7 +280,7 @@ class BatchRun:
             if flags is None:
                 flags = progress.tolist()  # the policy's one host synchronisation
             block_done = [r for r in live if not flags[0][r]]
-            if settings.cache == "prefix" and len(block_done) < len(live):
+            if settings.cache_behaviour.shared_suffix and len(block_done) < len(live):
                 # The prefix cache keeps rows in step: its query starts at one block for all rows,
                 # so a row that moved ahead would see its own blocks recomputed (batch-dependent).
                 block_done = []
@@ -365,7 +365,7 @@ class BatchRun:
         recomputed, changing their answers)."""
         return (not self.done and settings == self.settings and self.generator is None
                 and 0 < len(prompt) <= self.prompt_length
-                and (settings.cache != "prefix" or all(self.row_block[r] == 0 for r in self._live())))
+                and (not settings.cache_behaviour.shared_suffix or all(self.row_block[r] == 0 for r in self._live())))
 
     @torch.no_grad()
     def add(self, prompts: Sequence[Sequence[int]]) -> list[int]:

@@ -49,7 +49,7 @@ class Passes:
     @property
     def exact(self) -> bool:
         """The exact mode (``cache="none"``): the model's own arithmetic, eagerly."""
-        return self.settings.cache == "none"
+        return self.settings.cache_behaviour.exact
 
     def bias(self, key_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The model's key bias for ``key_mask`` (B, T), its rows doubled with guidance."""

@@ -4,8 +4,9 @@ scheduler, the server, the command line and evaluation depend on these and not o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -13,35 +14,73 @@ from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.decoding import POLICIES, Policy
 
 CacheMode = Literal["none", "prefix", "dual"]
-CACHE_MODES: tuple[str, ...] = ("none", "prefix", "dual")
+CACHE_MODES: tuple[str, ...] = typing.get_args(CacheMode)
+
+
+@dataclass(frozen=True)
+class CacheBehaviour:
+    """What a cache mode means for a batch's steps (``passes.py`` runs them)."""
+
+    # Refresh every step with the model's own arithmetic: token for token the reference sampler.
+    exact: bool
+    # Block steps query from the rows' earliest block to the end (only the prefix is cached), so rows
+    # move from block to block together and join only while all are in their first block.
+    shared_suffix: bool
+    # Block steps may query only the positions that changed (``reuse_decided``).
+    sparse: bool
+
+
+CACHE_BEHAVIOURS: dict[str, CacheBehaviour] = {
+    "none": CacheBehaviour(exact=True, shared_suffix=False, sparse=False),
+    "prefix": CacheBehaviour(exact=False, shared_suffix=True, sparse=False),  # Fast-dLLM's PrefixCache
+    "dual": CacheBehaviour(exact=False, shared_suffix=False, sparse=True),  # Fast-dLLM's DualCache
+}
+
+
+def _setting(default: Any, help: str, off: str | None = None) -> Any:
+    """A settings field with its default and the help its command-line flag shows (``off``: the help of
+    the ``--no-...`` flag of a setting that is on by default)."""
+    return field(default=default, metadata={"help": help, "off": off})
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """How to decode. Defaults: dual cache, confidence threshold 0.9, blocks of 32 (Fast-dLLM's)."""
 
-    gen_length: int = 128
-    block_length: int = 32
-    policy: Policy = "threshold"
-    steps: int | None = None  # fixed policy: total steps (None = gen_length, one token per step)
-    threshold: float = 0.9
-    factor: float = 1.0
-    cache: CacheMode = "dual"
-    refresh_every: int = 0  # also refresh the cache every N steps inside a block (0 = block starts only)
+    # Each field's help is the command line's (``cli.common.add_sampling`` makes one flag per field).
+    gen_length: int = _setting(128, "answer length in tokens (default 128)")
+    block_length: int = _setting(32, "semi-autoregressive block size (default 32)")
+    policy: Policy = _setting("threshold", "tokens committed per step: threshold (engine default), factor, or "
+                              "fixed (--steps in total; the reference sampler's rule)")
+    steps: int | None = _setting(None, "fixed policy: denoising steps in total (default: gen length, one token "
+                                 "per step)")
+    threshold: float = _setting(0.9, "threshold policy: confidence τ (default 0.9)")
+    factor: float = _setting(1.0, "factor policy: f (default 1)")
+    cache: CacheMode = _setting("dual", "engine KV cache: dual (default), prefix, or none (exact: a full forward "
+                                "per step)")
+    refresh_every: int = _setting(0, "engine: also refresh the cache every N steps within a block (default 0: "
+                                  "block starts only)")
     # Approximate modes: after a row's first refresh, later refreshes recompute the answer's keys/values
     # only and keep the prompt's from that first pass (the prompt is encoded once, as in an
     # autoregressive model): a refresh over gen_length positions instead of prompt + gen_length.
-    keep_prompt: bool = False
+    keep_prompt: bool = _setting(False, "engine, prefix/dual cache: encode the prompt once; later refreshes "
+                                 "recompute the answer only (faster refreshes, one more approximation; docs/engine.md)")
     # Dual cache: block steps recompute only the block's undecided positions and those decided since
     # their keys/values were last stored; the other decided positions are read from the cache (each is
     # computed once more after it is decided). Fewer queries per step: for large, compute-bound batches.
-    reuse_decided: bool = False
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    remasking: Remasking = "low_confidence"
-    early_stop: bool = True  # stop a row once its answer up to an end-of-text token is decided
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
+    reuse_decided: bool = _setting(False, "engine, dual cache: block steps recompute only undecided (and just "
+                                   "decided) positions; fewer queries per step for large batches (an "
+                                   "approximation; docs/engine.md)")
+    temperature: float = _setting(0.0, "0 = greedy (default)")
+    cfg_scale: float = _setting(0.0, "classifier-free guidance (default 0 = off)")
+    remasking: Remasking = _setting("low_confidence", "which proposals to commit first: low_confidence (the most "
+                                    "confident, default) or random")
+    early_stop: bool = _setting(True, "engine: stop a row once its answer up to an end-of-text token is decided",
+                                off="engine: decode every block even after the answer has ended")
+    logits_eos_inf: bool = _setting(False, "never propose the end-of-text token (the official setting for some "
+                                    "benchmarks)")
+    confidence_eos_eot_inf: bool = _setting(False, "never commit end-of-text/end-of-turn tokens by confidence "
+                                            "(the official setting for some benchmarks)")
 
     def validate(self, max_length: int | None = None, prompt_length: int = 0) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -67,10 +106,10 @@ class GenerationSettings:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.factor <= 0:
             raise ValueError(f"factor must be positive, got {self.factor}")
-        if self.reuse_decided and self.cache != "dual":
+        if self.reuse_decided and not self.cache_behaviour.sparse:
             raise ValueError(f"reuse_decided needs cache='dual' (got {self.cache!r}): the other modes recompute the "
                              "decided positions anyway")
-        if self.keep_prompt and self.cache == "none":
+        if self.keep_prompt and self.cache_behaviour.exact:
             raise ValueError("keep_prompt needs a cache (prefix or dual): cache='none' refreshes everything every step")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
@@ -81,6 +120,10 @@ class GenerationSettings:
         if max_length is not None and prompt_length + self.gen_length > max_length:
             raise ValueError(f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) exceeds the model's "
                              f"max_sequence_length {max_length}")
+
+    @property
+    def cache_behaviour(self) -> CacheBehaviour:
+        return CACHE_BEHAVIOURS[self.cache]
 
     @property
     def total_steps(self) -> int:

@@ -353,8 +353,8 @@ def _settings(fields: _Fields, kind: Kind, config: ServerConfig) -> tuple[Genera
            for name, bounds in _REQUEST_SETTINGS.items()})
     # The server's keep_prompt and reuse_decided refine the cached modes (reuse_decided the dual cache
     # only); a request for another mode drops them.
-    settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and settings.cache != "none",
-                                   reuse_decided=settings.reuse_decided and settings.cache == "dual")
+    settings = dataclasses.replace(settings, keep_prompt=settings.keep_prompt and not settings.cache_behaviour.exact,
+                                   reuse_decided=settings.reuse_decided and settings.cache_behaviour.sparse)
     return settings, max_tokens
 
 
