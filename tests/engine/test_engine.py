@@ -271,7 +271,7 @@ def test_fixed_schedules_predict_reuse_decided_query_widths_without_reading_them
 
     def counted_on_the_device(self, live: list[int]) -> list[int]:
         counts = (self.undecided | self.unwritten).gather(1, self._block_offsets()).sum(1).tolist()
-        return [counts[r] if r in live else self._needed[r] for r in range(len(counts))]
+        return [counts[r] if r in live else self.rows.needed[r] for r in range(len(counts))]
 
     monkeypatch.setattr(BatchRun, "_needed_by_schedule", counted_on_the_device)
     counted = decode()

@@ -163,11 +163,11 @@ def test_a_new_request_takes_a_cancelled_rows_slot(settings: GenerationSettings,
     scheduler.step()
     scheduler.step()
     run = scheduler.running[0].run
-    slot = run.row_ids.index(1)
+    slot = run.rows.ids.index(1)
     scheduler.cancel(requests[1])
     newcomer = scheduler.submit(rows[4], settings)
     scheduler.step()
-    assert len(scheduler.running) == 1 and run.x.shape[0] == 4 and run.row_ids[slot] == 4  # the freed slot
+    assert len(scheduler.running) == 1 and run.x.shape[0] == 4 and run.rows.ids[slot] == 4  # the freed slot
     scheduler.run_until_idle()
     assert max(forward_rows) == 4 * (2 if settings.cfg_scale else 1)  # the batch never grew
     finished: list[Request] = [requests[0], *requests[2:], newcomer]
@@ -318,7 +318,7 @@ def test_held_slots_are_let_go_once_no_request_waits_for_them() -> None:
     scheduler.step()
     if scheduler.running:
         run = scheduler.running[0].run
-        assert not run.hold_slots and run.x.shape[0] <= 2 * len(run._live())
+        assert not run.hold_slots and run.x.shape[0] <= 2 * len(run.rows.live())
     scheduler.run_until_idle()
     assert [r.result.tokens for r in running[:2]] == [engine.generate([row], settings)[0].tokens for row in rows[:2]]
 
@@ -350,14 +350,14 @@ def test_a_prefix_cache_batch_takes_no_new_row_once_its_rows_left_their_first_bl
     rows = prompts((3, 4), seed=5)
     run = engine.start(rows[:1], settings, prompt_room=6)
     assert run.can_add(rows[1], settings)  # every row still in its first block
-    while run.row_block[0] == 0:
+    while run.rows.block[0] == 0:
         run.advance()
     assert not run.can_add(rows[1], settings)
     with pytest.raises(ValueError, match="prefix-cache rows have left their first block"):
         run.add(rows[1:])
     scheduler = Scheduler(engine, prompt_bucket=8)
     requests = [scheduler.submit(rows[0], settings)]
-    while scheduler.running[0].run.row_block[0] == 0 if scheduler.running else not requests[0].done:
+    while scheduler.running[0].run.rows.block[0] == 0 if scheduler.running else not requests[0].done:
         scheduler.step()
     requests.append(scheduler.submit(rows[1], settings))
     scheduler.step()
@@ -392,7 +392,7 @@ def test_random_joins_and_drops_leave_every_answer_as_decoded_alone(settings: Ge
                 assert run.add(joining) == list(range(len(rows), len(rows) + len(joining)))
                 rows += joining
         elif action < 0.4:
-            live = [r for r in range(len(rows)) if not run.finished[r] and not run.dropped[r]]
+            live = [r for r in range(len(rows)) if not run.rows.finished[r] and not run.rows.dropped[r]]
             if live:
                 victim = rng.choice(live)
                 dropped.add(victim)

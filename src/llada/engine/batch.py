@@ -30,6 +30,7 @@ from llada.diffusion.sampling import num_transfer_tokens
 from llada.engine.commits import decided_through_end, needed
 from llada.engine.layout import BatchLayout, BatchTensors
 from llada.engine.passes import Passes
+from llada.engine.rows import Rows
 from llada.engine.runtime import Runtime
 from llada.engine.settings import Generation, GenerationSettings, StepUpdate
 from llada.model.transformer import left_pad
@@ -59,23 +60,10 @@ class BatchRun:
         x[:, :prompt_length] = prompt_ids.to(device)
         undecided = torch.ones(batch, settings.gen_length, dtype=torch.bool, device=device)
         unwritten = torch.zeros(batch, settings.gen_length, dtype=torch.bool, device=device)
-        # reuse_decided: per row (host) how many positions of its block the next step must query (the
-        # undecided ones and the unwritten ones).
-        self._needed = [settings.block_length] * batch
         key_mask = None
         if not bool(prompt_mask.all()):
             key_mask = torch.cat([prompt_mask, torch.ones(batch, settings.gen_length, dtype=torch.bool)], 1).to(device)
-        # Per current row (host lists): caller's row index (None: an empty slot), block, step within the
-        # block, still decoding.
-        self.row_ids: list[int | None] = list(range(batch))
-        self.row_block = [0] * batch
-        self.row_block_step = [0] * batch
-        self.active = [True] * batch
-        # Per caller row.
-        self.finished = [False] * batch
-        self.dropped = [False] * batch  # stopped before finishing (``drop``): no result
-        self.answers = torch.full((batch, settings.gen_length), runtime.mask_id, dtype=torch.long)
-        self.row_steps = [0] * batch
+        self.rows = Rows(batch, settings.gen_length, settings.block_length, runtime.mask_id)
         self.steps_per_block = settings.total_steps // self.num_blocks if settings.policy == "fixed" else None
         # The fixed schedule is the same for every row (each block starts fully masked): host integers.
         self.schedule = None if self.steps_per_block is None else num_transfer_tokens(
@@ -135,50 +123,46 @@ class BatchRun:
         first block on: an idle row left at an earlier block would index before its queries). Rebuilt
         only when a row changes block: a tensor from a host list is a blocking copy."""
         last = self.num_blocks - 1
-        blocks = tuple(min(b, last) if active else last for b, active in zip(self.row_block, self.active))
+        blocks = tuple(min(b, last) if active else last for b, active in zip(self.rows.block, self.rows.active))
         if blocks != self._offsets_of:
             self.t.offsets.copy_(torch.tensor(blocks)[:, None] * self.block_length + torch.arange(self.block_length))
             self._offsets_of = blocks
         return self.t.offsets
 
-    def _live(self) -> list[int]:
-        """The rows still decoding (the others are idle slots)."""
-        return [r for r in range(self.t.rows) if self.active[r]]
-
     def _keeps_prompt(self, row: int) -> bool:
         """Whether row ``row``'s refresh may skip its prompt (``keep_prompt``, and the prompt was encoded:
         every row's first step is a complete refresh)."""
-        return self.settings.keep_prompt and (self.row_block[row] > 0 or self.row_block_step[row] > 0)
+        return self.settings.keep_prompt and (self.rows.block[row] > 0 or self.rows.block_step[row] > 0)
 
     def _query_start(self, live: list[int]) -> int | None:
         """Prefix cache: the first query position of a block step (the rows' common block); else None."""
         if not self.settings.cache_behaviour.shared_suffix:
             return None
-        return self.prompt_length + min(self.row_block[r] for r in live) * self.block_length
+        return self.prompt_length + min(self.rows.block[r] for r in live) * self.block_length
 
     def _sparse_width(self, live: list[int]) -> int:
         """Queries per row of a ``reuse_decided`` step: the most any live row needs, rounded up to an
         eighth of the block (fewer shapes to capture)."""
         grain = max(1, self.block_length // 8)
-        need = max(self._needed[r] for r in live)
+        need = max(self.rows.needed[r] for r in live)
         return min(self.block_length, max(grain, -(-need // grain) * grain))
 
     def _needed_by_schedule(self, live: list[int]) -> list[int]:
         """``reuse_decided`` with the fixed policy: how many positions of each row's block the next step
-        must query (those undecided or unwritten), called before ``row_block_step`` counts this step.
+        must query (those undecided or unwritten), called before ``rows.block_step`` counts this step.
 
         Every step stores the keys/values of all the positions it had to query and marks the ones it
         commits as unwritten, so the next step needs exactly the positions that were undecided before
         this one — which the fixed schedule tells the host, sparing the step a read-back (the GPU runs
         on while the host prepares the next step)."""
-        return [self.block_length - sum(self.schedule[:self.row_block_step[r]]) if r in live else self._needed[r]
+        return [self.block_length - sum(self.schedule[:self.rows.block_step[r]]) if r in live else self.rows.needed[r]
                 for r in range(self.t.rows)]
 
     def _counts(self, live: list[int]) -> int | torch.Tensor:
         """Fixed policy: tokens each row commits this step (an int when all rows agree, as the reference)."""
         if self.schedule is None:
             return 1
-        counts = [self.schedule[min(self.row_block_step[r], len(self.schedule) - 1)] if r in live else 0
+        counts = [self.schedule[min(self.rows.block_step[r], len(self.schedule) - 1)] if r in live else 0
                   for r in range(self.t.rows)]
         live_counts = {counts[r] for r in live}  # idle rows have nothing undecided: any count does for them
         return live_counts.pop() if len(live_counts) == 1 else torch.tensor(counts, device=self.runtime.device)
@@ -248,34 +232,32 @@ class BatchRun:
     def _step(self, report: bool) -> StepUpdate | None:
         """One step; the ``StepUpdate`` only when ``report`` (it costs device-to-host copies)."""
         settings = self.settings
-        self._shrink_if_idle(self._live())  # rows left idle while their slots were held
+        self._shrink_if_idle(self.rows.live())  # rows left idle while their slots were held
         batch = self.t.rows
-        live = self._live()
+        live = self.rows.live()
         offsets = self._block_offsets()  # (B, L) answer positions
-        refresh = [r for r in live if settings.cache_behaviour.exact or self.row_block_step[r] == 0
-                   or (settings.refresh_every and self.row_block_step[r] % settings.refresh_every == 0)]
+        refresh = [r for r in live if settings.cache_behaviour.exact or self.rows.block_step[r] == 0
+                   or (settings.refresh_every and self.rows.block_step[r] % settings.refresh_every == 0)]
         chosen, committed_at, progress = self._run_passes(live, refresh, offsets, self._counts(live))
         flags: list[list[int]] | None = None  # ``progress`` read back, when needed
         if settings.reuse_decided and self.schedule is not None:
-            self._needed = self._needed_by_schedule(live)  # known on the host: no read-back
+            self.rows.needed = self._needed_by_schedule(live)  # known on the host: no read-back
         elif settings.reuse_decided:  # one read-back for the policy and for the next step's queries
             wanted = needed(self.t.undecided, self.t.unwritten, offsets).sum(1)
-            *flags, self._needed = torch.cat([progress.long(), wanted[None]]).tolist()
+            *flags, self.rows.needed = torch.cat([progress.long(), wanted[None]]).tolist()
         answer = self.t.x[:, self.prompt_length:]
         self.steps += 1
-        for r in live:
-            self.row_block_step[r] += 1
-            self.row_steps[self.row_ids[r]] += 1
+        self.rows.stepped(live)
         decided = None
         if report:
-            slots = [r for r in range(batch) if self.row_ids[r] is not None]
-            callers = [self.row_ids[r] for r in slots]
-            decided = torch.zeros(self.answers.shape, dtype=torch.bool)
+            slots = [r for r in range(batch) if self.rows.ids[r] is not None]
+            callers = [self.rows.ids[r] for r in slots]
+            decided = torch.zeros(self.rows.answers.shape, dtype=torch.bool)
             decided[callers] = torch.zeros(batch, self.gen_length, dtype=torch.bool).scatter_(
                 1, committed_at.cpu(), chosen.cpu())[slots]
-            self.answers[callers] = answer.cpu()[slots]
+            self.rows.answers[callers] = answer.cpu()[slots]
         if self.steps_per_block is not None:
-            block_done = [r for r in live if self.row_block_step[r] == self.steps_per_block]
+            block_done = [r for r in live if self.rows.block_step[r] == self.steps_per_block]
         else:
             if flags is None:
                 flags = progress.tolist()  # the policy's one host synchronisation
@@ -292,21 +274,16 @@ class BatchRun:
             self._finish_blocks(block_done, complete)
         if not report:
             return None
-        blocks_now = [self.num_blocks] * len(self.finished)
-        for r, caller in enumerate(self.row_ids):
-            if caller is not None and not self.finished[caller]:
-                blocks_now[caller] = self.row_block[r]
-        return StepUpdate(self.steps, blocks_now, self.answers.clone(), decided, list(self.finished))
+        return StepUpdate(self.steps, self.rows.blocks_now(self.num_blocks), self.rows.answers.clone(), decided,
+                          list(self.rows.finished))
 
     # --- finishing ---------------------------------------------------------------------------------------
 
     def _finish_blocks(self, rows: list[int], complete: list[bool]) -> None:
         """Move rows to their next block; rows at the last block's end, or (``early_stop``) whose
         answer is ``complete`` (per slot, from the step's ``progress``), finish."""
-        for r in rows:
-            self.row_block[r] += 1
-            self.row_block_step[r] = 0
-        done = [r for r in rows if self.row_block[r] == self.num_blocks or complete[r]]
+        self.rows.next_block(rows)
+        done = [r for r in rows if self.rows.block[r] == self.num_blocks or complete[r]]
         if not done:
             return
         # Finished rows: fill what is left with end-of-text, hand them back, and leave them idle
@@ -319,16 +296,12 @@ class BatchRun:
             answer.masked_fill_(self.undecided & finishing, self.runtime.end_ids[0])
         self.undecided.masked_fill_(finishing, False)
         self.unwritten.masked_fill_(finishing, False)
-        callers = [self.row_ids[r] for r in done]
-        self.answers[callers] = answer.cpu()[done]
-        for r, caller in zip(done, callers):
-            self.finished[caller] = True
-            self.active[r] = False
+        self.rows.finish(done, answer.cpu()[done])
         self._settle()
 
     def _settle(self) -> None:
         """After rows went idle: end the batch when none is decoding, else ``_shrink_if_idle``."""
-        live = self._live()
+        live = self.rows.live()
         if not live:
             self.done = True
             self._release()
@@ -346,11 +319,7 @@ class BatchRun:
         keep = torch.tensor(rows, device=self.runtime.device)
         old, model_rows = self.cache, self.layout.model_row_index(keep, self.t.rows)
         key_mask = None if self.t.key_mask is None else self.t.key_mask.index_select(0, keep)
-        self.row_ids = [self.row_ids[r] for r in rows]
-        self.row_block = [self.row_block[r] for r in rows]
-        self.row_block_step = [self.row_block_step[r] for r in rows]
-        self.active = [True] * len(rows)
-        self._needed = [self._needed[r] for r in rows]
+        self.rows.keep(rows)
         self._set_rows(self.x.index_select(0, keep), self.undecided.index_select(0, keep),
                        self.unwritten.index_select(0, keep), key_mask)
         self.cache.copy_rows(old, model_rows)
@@ -365,7 +334,7 @@ class BatchRun:
         recomputed, changing their answers)."""
         return (not self.done and settings == self.settings and self.generator is None
                 and 0 < len(prompt) <= self.prompt_length
-                and (not settings.cache_behaviour.shared_suffix or all(self.row_block[r] == 0 for r in self._live())))
+                and (not settings.cache_behaviour.shared_suffix or all(self.rows.block[r] == 0 for r in self.rows.live())))
 
     @torch.no_grad()
     def add(self, prompts: Sequence[Sequence[int]]) -> list[int]:
@@ -380,10 +349,10 @@ class BatchRun:
                 raise ValueError(f"a prompt of {len(prompt)} tokens cannot join this batch (prompt room "
                                  f"{self.prompt_length}; or the batch is done, or its prefix-cache rows have left "
                                  f"their first block)")
-        free = [r for r in range(self.x.shape[0]) if not self.active[r]]
+        free = self.rows.free()
         if len(free) < len(prompts):
             self._grow(self.x.shape[0] + len(prompts) - len(free))
-            free = [r for r in range(self.x.shape[0]) if not self.active[r]]
+            free = self.rows.free()
         device, count = self.runtime.device, len(prompts)
         padded, mask = left_pad(list(prompts), self.runtime.end_ids[0] if self.runtime.end_ids else 0,
                                  width=self.prompt_length)
@@ -402,15 +371,7 @@ class BatchRun:
             keep = torch.ones(count, self.length, dtype=torch.bool)
             keep[:, :self.prompt_length] = mask
             self.t.key_mask.index_copy_(0, index, keep.to(device))
-        callers = list(range(len(self.finished), len(self.finished) + count))
-        self.finished += [False] * count
-        self.row_steps += [0] * count
-        self.dropped += [False] * count
-        self.answers = torch.cat([self.answers, torch.full((count, self.gen_length), self.runtime.mask_id)])
-        for slot, caller in zip(slots, callers, strict=True):
-            self._needed[slot] = self.block_length
-            self.row_ids[slot], self.row_block[slot], self.row_block_step[slot] = caller, 0, 0
-            self.active[slot] = True
+        callers = self.rows.join(slots)
         self.t.key_bias = self.passes.bias(self.t.key_mask)
         return callers
 
@@ -422,14 +383,10 @@ class BatchRun:
         x = torch.cat([self.x, torch.full((extra, self.length), self.runtime.mask_id, device=device)])
         undecided = torch.cat([self.undecided, torch.zeros(extra, self.gen_length, dtype=torch.bool, device=device)])
         unwritten = torch.cat([self.unwritten, torch.zeros(extra, self.gen_length, dtype=torch.bool, device=device)])
-        self._needed += [self.block_length] * extra
         key_mask = self.t.key_mask
         if key_mask is not None:
             key_mask = torch.cat([key_mask, torch.ones(extra, self.length, dtype=torch.bool, device=device)])
-        self.row_ids += [None] * extra
-        self.row_block += [0] * extra
-        self.row_block_step += [0] * extra
-        self.active += [False] * extra
+        self.rows.grow(extra)
         old = self.cache
         self._set_rows(x, undecided, unwritten, key_mask)
         halves = 2 if self.guided else 1  # with guidance the unconditional rows follow the conditional ones
@@ -449,14 +406,11 @@ class BatchRun:
         gets no result (``result(row)`` raises). Dropping a finished or an already dropped row, or a
         row of a cancelled batch, changes nothing.
         """
-        if not 0 <= row < len(self.finished):
-            raise IndexError(f"row {row} is not in this batch (it has rows 0 to {len(self.finished) - 1})")
-        if self.finished[row] or self.dropped[row] or self.done:
+        if not 0 <= row < self.rows.callers:
+            raise IndexError(f"row {row} is not in this batch (it has rows 0 to {self.rows.callers - 1})")
+        if self.rows.finished[row] or self.rows.dropped[row] or self.done:
             return
-        self.dropped[row] = True
-        slot = self.row_ids.index(row)
-        self.row_ids[slot] = None  # an empty slot, as after ``_grow``
-        self.active[slot] = False
+        slot = self.rows.drop(row)  # an empty slot, as after ``_grow``
         self.undecided[slot] = False  # idle rows have nothing undecided: no step commits to them
         self.unwritten[slot] = False
         self._settle()
@@ -481,17 +435,10 @@ class BatchRun:
         Raises:
             RuntimeError: the row is still decoding, or it was dropped (it has no result).
         """
-        if self.dropped[row]:
-            raise RuntimeError(f"row {row} was dropped before it finished (BatchRun.drop): it has no result")
-        if not self.finished[row]:
-            raise RuntimeError(f"row {row} is still decoding")
-        ids = self.answers[row].tolist()
-        end = next((i for i, token in enumerate(ids) if token in self.runtime.end_ids), None)
-        return Generation(answer=self.answers[row].clone(), tokens=ids if end is None else ids[:end + 1],
-                          steps=self.row_steps[row], finish_reason="length" if end is None else "stop")
+        return self.rows.result(row, self.runtime.end_ids)
 
     def results(self) -> list[Generation]:
         """Every row's result, in the caller's order (once ``step()`` has returned None; none may be dropped)."""
         if not self.done:
             raise RuntimeError("the batch is still decoding; call step() until it returns None")
-        return [self.result(row) for row in range(len(self.finished))]
+        return [self.result(row) for row in range(self.rows.callers)]

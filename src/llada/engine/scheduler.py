@@ -156,7 +156,7 @@ class Scheduler:
                     request.updates.append(RequestUpdate(
                         step=update.step, answer=update.answer[row].tolist(),
                         decided=update.decided[row].nonzero().squeeze(1).tolist(), finished=update.finished[row]))
-                if running.run.finished[row]:
+                if running.run.rows.finished[row]:
                     request.result = running.run.result(row)
                     request.finished_at = time.monotonic()
                     finished.append(request)

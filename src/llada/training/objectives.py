@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from llada.diffusion.ar_sampling import generate_autoregressive
 from llada.diffusion.losses import (
     Loss,
     answer_positions,
@@ -23,6 +24,9 @@ from llada.diffusion.losses import (
     random_truncation,
     sft_loss,
 )
+from llada.diffusion.sampling import generate
+from llada.model.tokenizer import Tokenizer
+from llada.model.transformer import LLaDAModel
 from llada.training.packing import PackedDataset
 from llada.training.sft_data import SFTDataset, collate_sft
 
@@ -106,3 +110,21 @@ OBJECTIVES: dict[str, Objective] = {
     "autoregressive_sft": Objective(dataset=_sft, collate=_pad_dialogues, loss=_autoregressive_sft, chat=True,
                                     causal=True, per_token_bound=False),
 }
+
+
+@torch.no_grad()
+def greedy_text(model: LLaDAModel, tokenizer: Tokenizer, prompt: str, length: int, objective: Objective) -> str:
+    """A greedy answer of at most ``length`` tokens to ``prompt`` as the objective trains the model to
+    give it (the trainer's samples): through the chat template for dialogue objectives, decoded by the
+    reference sampler (one block, one token per step) or left to right for the causal ones."""
+    ids = tokenizer.ids
+    tokens = (tokenizer.encode_chat([{"role": "user", "content": prompt}]) if objective.chat
+              else tokenizer.encode(prompt, add_special_tokens=False))
+    if objective.causal:
+        answer = generate_autoregressive(model, tokens, length, stop_ids=(ids.eos, ids.eot))
+    else:
+        out = generate(model, torch.tensor([tokens], device=model.device), steps=length, gen_length=length,
+                       block_length=length, mask_id=ids.mask, eos_id=ids.eos, eot_id=ids.eot)
+        answer = out[0, len(tokens):].tolist()
+    stops = [i for i, token in enumerate(answer) if token in (ids.eos, ids.eot)]
+    return tokenizer.decode(answer[:stops[0]] if stops else answer, skip_special_tokens=True)

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -46,57 +45,26 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from llada.diffusion.ar_sampling import generate_autoregressive
 from llada.diffusion.losses import Loss
-from llada.diffusion.sampling import generate
-from llada.model.checkpoint import load_model, read_state_dict, save_state_dict
+from llada.model.checkpoint import load_model
 from llada.model.config import preset
 from llada.model.loading import resolve_device
 from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
 from llada.model.transformer import LLaDAModel
+from llada.training.batches import EpochBatches, step_generator
+from llada.training.checkpoints import checkpoint_dirs, read_checkpoint, write_checkpoint
 from llada.training.config import CHECKPOINTS, METRICS_FILE, SAMPLES_FILE, TrainConfig, config_to_dict
-from llada.training.objectives import OBJECTIVES, Batch, LossSettings
+from llada.training.objectives import OBJECTIVES, Batch, LossSettings, greedy_text
 from llada.training.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
 from llada.training.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer.pt"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. rollback needed but no checkpoint exists)."""
-
-
-class EpochBatches:
-    """Index batches in a fresh seeded permutation each epoch; the position is resumable state."""
-
-    def __init__(self, indices: list[int], batch_size: int, seed: int) -> None:
-        if len(indices) < batch_size:
-            raise ValueError(f"the training split has {len(indices)} samples, fewer than batch_size {batch_size}")
-        self.indices, self.batch_size, self.seed = indices, batch_size, seed
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
-
-    def next(self) -> list[int]:
-        if self.position + self.batch_size > len(self._order):  # drop the ragged tail of an epoch
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        batch = self._order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation()
 
 
 @dataclass
@@ -105,11 +73,6 @@ class StepResult:
     grad_norm: float
     tokens: int
     skipped: bool
-
-
-def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """The randomness (t, masks, truncation) of one micro-batch: a pure function of seed and position."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1_009 + micro)
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -316,46 +279,28 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def checkpoint_dirs(self) -> list[Path]:
-        root = self.out_dir / CHECKPOINTS
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file())
+        return checkpoint_dirs(self.out_dir)
 
     def save_checkpoint(self) -> Path:
         """Write model (official layout), tokenizer and trainer state to checkpoints/step-N, atomically.
 
         The states are gathered unsharded to process 0, which writes them; the others wait.
         """
-        root = self.out_dir / CHECKPOINTS
-        target = root / f"step-{self.step:08d}"
         model_state = get_model_state_dict(self.model, options=FULL_STATE)
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        target = self.out_dir / CHECKPOINTS / f"step-{self.step:08d}"
         if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            staging = root / f".{target.name}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            try:
-                extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
-                save_state_dict(model_state, self.model.config, staging / "model", extra_files=extras)
-                state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
-                         "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
-                torch.save(state, staging / TRAINER_STATE)
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            for old in self.checkpoint_dirs()[:-self.config.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
+                     "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
+            extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
+            write_checkpoint(target, model_state, self.model.config, state, extras, self.config.keep_last)
         self._barrier()
         return target
 
     def load_checkpoint(self, directory: Path, restore_data: bool = True) -> None:
         """Load a checkpoint written by any number of processes into this (possibly sharded) run."""
-        weights = read_state_dict(directory / "model", dtype=torch.float32, device="cpu")
+        weights, state = read_checkpoint(directory)
         set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
-        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.step, self.lr_scale, self.loss_mean = state["step"], state["lr_scale"], state["loss_mean"]
@@ -395,24 +340,11 @@ class Trainer:
         """Greedy generations from ``sample_prompts`` (the reference sampler, or left to right for the
         autoregressive objectives), appended to samples.jsonl."""
         self.model.eval()
-        ids = self.tokenizer.ids
-        length = self.config.sample_length
         rows = []
         for prompt in self.config.sample_prompts:
-            chat = self.objective.chat
-            tokens = (self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-                      if chat else self.tokenizer.encode(prompt, add_special_tokens=False))
             with self._autocast():
-                if self.objective.causal:
-                    answer = generate_autoregressive(self.model, tokens, length, stop_ids=(ids.eos, ids.eot))
-                else:
-                    out = generate(self.model, torch.tensor([tokens], device=self.device), steps=length,
-                                   gen_length=length, block_length=length, mask_id=ids.mask, eos_id=ids.eos,
-                                   eot_id=ids.eot)
-                    answer = out[0, len(tokens):].tolist()
-            stops = [i for i, t in enumerate(answer) if t in (ids.eos, ids.eot)]
-            rows.append({"step": self.step, "prompt": prompt,
-                         "text": self.tokenizer.decode(answer[:stops[0]] if stops else answer, skip_special_tokens=True)})
+                text = greedy_text(self.model, self.tokenizer, prompt, self.config.sample_length, self.objective)
+            rows.append({"step": self.step, "prompt": prompt, "text": text})
         self.model.train()
         if self.rank == 0:
             with (self.out_dir / SAMPLES_FILE).open("a") as file:

@@ -1,0 +1,52 @@
+"""A training run's checkpoints: ``OUT/checkpoints/step-N/`` holding the model in the official
+layout (with the tokenizer files) and the trainer's state, written atomically, the last few kept."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llada.model.checkpoint import read_state_dict, save_state_dict
+from llada.model.config import ModelConfig
+from llada.training.config import CHECKPOINTS
+
+TRAINER_STATE = "trainer.pt"
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (those with a trainer state), oldest first."""
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file())
+
+
+def write_checkpoint(target: Path, model_state: dict[str, torch.Tensor], config: ModelConfig,
+                     trainer_state: dict[str, Any], extra_files: list[Path], keep_last: int) -> None:
+    """Write ``target`` (``.../checkpoints/step-N``) beside it and rename it into place, so that a
+    crash leaves the previous checkpoints whole; then delete all but the last ``keep_last``."""
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{target.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        save_state_dict(model_state, config, staging / "model", extra_files=extra_files)
+        torch.save(trainer_state, staging / TRAINER_STATE)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(root.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's full (unsharded) float32 weights on the CPU, and its trainer state."""
+    weights = read_state_dict(directory / "model", dtype=torch.float32, device="cpu")
+    state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+    return weights, state
