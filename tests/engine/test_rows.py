@@ -1,0 +1,36 @@
+"""A batch's host bookkeeping against a plain model of it: slots and callers' rows through joins,
+growth, shrinking, drops and finishes, and the results read back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llada.engine.rows import Rows
+
+MASK, END = 99, 7
+
+
+def test_rows_follow_their_callers_through_slot_changes() -> None:
+    rows = Rows(batch=3, gen_length=4, block_length=2, mask_id=MASK)
+    assert rows.live() == [0, 1, 2] and rows.free() == [] and rows.callers == 3
+    rows.stepped([0, 1, 2])
+    rows.next_block([1])
+    rows.finish([1], torch.tensor([[5, END, MASK, MASK]]))
+    slot = rows.drop(2)
+    assert (slot, rows.ids, rows.live(), rows.free()) == (2, [0, 1, None], [0], [1, 2])
+    rows.grow(1)  # a fourth, empty slot
+    assert rows.ids == [0, 1, None, None] and rows.needed == [2, 2, 2, 2]
+    callers = rows.join([1, 2, 3])
+    assert callers == [3, 4, 5] and rows.ids == [0, 3, 4, 5] and rows.block == [0, 0, 0, 0]
+    rows.stepped([0, 1])
+    rows.keep([1, 0])  # shrink, in that order
+    assert rows.ids == [3, 0] and rows.block_step == [1, 2] and rows.active == [True, True]
+    assert rows.blocks_now(num_blocks=2) == [0, 2, 2, 0, 2, 2]  # finished and dropped rows count as done
+    result = rows.result(1, end_ids=(END,))
+    assert result.tokens == [5, END] and result.finish_reason == "stop" and result.steps == 1
+    with pytest.raises(RuntimeError, match="dropped"):
+        rows.result(2, end_ids=(END,))
+    with pytest.raises(RuntimeError, match="still decoding"):
+        rows.result(0, end_ids=(END,))
+    assert rows.steps == [2, 1, 1, 1, 0, 0]
