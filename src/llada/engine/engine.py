@@ -1,7 +1,8 @@
 """The fast generation engine: block-wise KV caching, parallel decoding policies, batching, CUDA graphs.
 
 The reference sampler (``sampling.generate``) runs the model over prompt + answer at every step.
-Here a step instead runs one of three forward passes, all through ``kv_cache.cached_forward``:
+Here a step instead runs one of three forward passes (``passes.py``), all through
+``kv_cache.cached_forward``:
 
 - *refresh*: every position is a query; fills the cache and equals the full forward pass exactly.
   It runs at the first step of each block (and every ``refresh_every`` steps within one). With
@@ -17,7 +18,7 @@ Here a step instead runs one of three forward passes, all through ``kv_cache.cac
 docs/engine.md for measured agreement and speed.
 
 Batches: prompts of different lengths are left-padded and their padding hidden from attention;
-every row decodes the same answer layout at its own pace (``batch_run.py``); rows that finish early
+every row decodes the same answer layout at its own pace (``batch.py``); rows that finish early
 (an end-of-text token with everything before it decided) stop decoding, and the batch shrinks to
 the rows still decoding once half of it is done.
 ``Engine.start`` returns a ``BatchRun`` whose ``step()`` advances one denoising step, so a server
@@ -25,8 +26,8 @@ can interleave many runs and let requests join and leave between steps (``schedu
 
 On CUDA each forward pass of a given shape is captured once as a CUDA graph (optionally of a
 ``torch.compile``d function) and replayed (refreshes of some rows of a batch only when short:
-``batch_run.CAPTURED_REFRESH_FLOPS``); a greedy block step is captured whole, forward pass and
-commits (``Engine.replay`` over the cache's state tensors), so that it costs one graph launch, with
+``passes.CAPTURED_REFRESH_FLOPS``); a greedy block step is captured whole, forward pass and
+commits (``Runtime.replay`` over the cache's state tensors), so that it costs one graph launch, with
 no host synchronisation except where the policy needs a count.
 """
 
