@@ -15,6 +15,7 @@ Policies:
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from llada.diffusion.sampling import add_gumbel_noise
 
 Policy = Literal["fixed", "threshold", "factor"]
-POLICIES: tuple[str, ...] = ("fixed", "threshold", "factor")
+POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
 
 def propose(logits: torch.Tensor, temperature: float, remasking: str, generator: torch.Generator | None = None,
