@@ -43,26 +43,7 @@ class Runtime:
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
                  max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True) -> None:
-        """Arguments as ``Engine``'s:
-
-        Args:
-            model: the mask predictor, in eval mode, on its device and dtype.
-            cuda_graphs: capture each forward shape as a CUDA graph (default: on CUDA devices).
-            compile: ``torch.compile`` the forward passes (fuses norms, RoPE and SwiGLU; the first
-                call of each shape compiles for some seconds, up to a minute at the 8B shape): block
-                steps, and refreshes except in the exact mode (``cache="none"``), which keeps the
-                model's own eager arithmetic so as to equal the reference sampler bit for bit.
-            max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a
-                later batch of the same shape starts without capturing again).
-            fuse: run q/k/v and gate/up as one matmul each (``fusion.fuse_projections``: the
-                model's weights become views of fused matrices, in place; default: on CUDA devices).
-                The model must not be moved or reloaded while the engine is in use. The exact mode
-                keeps the model's own matmuls (it stays bit-identical to the reference); every
-                other pass uses the fused ones.
-            capture_sampling: with CUDA graphs, capture greedy block steps whole — the forward pass and
-                the choice and commit of tokens — as one graph, so that the host launches one graph
-                per step instead of a dozen small kernels after it. False captures the forward pass only.
-        """
+        """The arguments are ``Engine``'s (``engine.Engine.__init__`` documents them)."""
         self.model = model.eval()
         self.device = model.device
         self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
