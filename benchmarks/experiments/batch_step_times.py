@@ -34,8 +34,8 @@ def timed_pass(engine: Engine, ids: list[list[int]], settings: GenerationSetting
         synchronize(engine.device.type)
         rows.append({"batch": number, "what": "start", "ms": (time.perf_counter() - begin) * 1e3})
         while not run.done:
-            live = run._live()
-            refreshed = sum(run.row_block_step[r] == 0 for r in live)
+            live = run.rows.live()
+            refreshed = sum(run.rows.block_step[r] == 0 for r in live)
             graphs = len(engine.runtime._graphs)
             begin = time.perf_counter()
             run.advance()
