@@ -1,0 +1,125 @@
+"""Preference optimization for masked diffusion models: DPO with ELBO log-likelihoods, and VRPO's
+variance reductions (LLaDA 1.5, Zhu et al. 2025).
+
+DPO needs log π(y | x) - log π_ref(y | x) for a chosen and a rejected answer. A diffusion model
+has no exact log-likelihood, so each is replaced by its ELBO B(y | x), estimated by Monte Carlo:
+mask exactly l ~ U{1..L} of the L answer tokens and score the masked ones weighted by L / l
+(``likelihood.py``'s estimator). The loss is
+
+    -log σ(β [(B̂_π(y_w) - B̂_ref(y_w)) - (B̂_π(y_l) - B̂_ref(y_l))]),
+
+and its noise comes from the four estimates. VRPO reduces it without bias, each way switchable:
+
+- *budget*: average ``budget`` draws per estimate instead of one;
+- *allocation*: spend the budget on distinct mask counts (timesteps), one mask each
+  (``masks_per_count=1``, the optimal allocation), rather than several masks of one count;
+- *antithetic sampling*: the policy and the reference score each answer on the same counts and
+  masks, so the noise they share cancels in B̂_π - B̂_ref.
+
+Plain ELBO-DPO is budget 1, independent draws for policy and reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llada.diffusion.masking import mask_exact_count, stratified_mask_counts
+
+
+@dataclass(frozen=True)
+class VarianceReduction:
+    """How the four ELBO estimates of a preference pair are drawn."""
+
+    budget: int = 8  # Monte-Carlo draws per ELBO estimate (n = counts × masks_per_count)
+    masks_per_count: int = 1  # masks drawn per mask count; 1 spends the budget on distinct counts
+    antithetic: bool = True  # policy and reference share counts and masks per answer
+
+    def validate(self) -> None:
+        if self.budget < 1 or self.masks_per_count < 1:
+            raise ValueError(f"budget and masks_per_count must be >= 1, got {self.budget} and {self.masks_per_count}")
+        if self.budget % self.masks_per_count:
+            raise ValueError(f"budget ({self.budget}) must be a multiple of masks_per_count ({self.masks_per_count})")
+
+
+PLAIN_DPO = VarianceReduction(budget=1, masks_per_count=1, antithetic=False)
+
+
+@dataclass(frozen=True)
+class ElboDraws:
+    """The randomness of one ELBO estimate of an answer of L tokens: n draws, each a count l of
+    masked tokens and which ones."""
+
+    counts: torch.Tensor  # (n,) long, each in {1..L}
+    masked: torch.Tensor  # (n, L) bool, exactly counts[i] True in row i
+
+
+def draw(length: int, reduction: VarianceReduction, generator: torch.Generator | None = None,
+         device: torch.device | str = "cpu") -> ElboDraws:
+    """``reduction.budget`` draws for an answer of ``length`` tokens: budget / masks_per_count mask
+    counts, stratified over {1..length} (each marginally uniform), each with masks_per_count masks."""
+    reduction.validate()
+    distinct = reduction.budget // reduction.masks_per_count
+    counts = stratified_mask_counts(distinct, length, device=device, generator=generator)
+    counts = counts.repeat_interleave(reduction.masks_per_count)  # (n,)
+    template = torch.zeros(counts.numel(), length, dtype=torch.long, device=device)
+    return ElboDraws(counts, mask_exact_count(template, counts, mask_id=0, generator=generator))
+
+
+def elbo_estimate(model: torch.nn.Module, prompt: torch.Tensor, answer: torch.Tensor, draws: ElboDraws,
+                  mask_id: int) -> torch.Tensor:
+    """The ELBO estimate of log p(answer | prompt) from ``draws``: the mean over draws of
+    (L / l) · Σ over the masked answer tokens of log p(token | masked sequence). A 0-d tensor that
+    carries gradients when the model does (one forward pass over n rows)."""
+    n, length = draws.masked.shape
+    if answer.numel() != length:
+        raise ValueError(f"draws are for answers of {length} tokens, the answer has {answer.numel()}")
+    answer = answer.to(draws.masked.device)
+    noisy = torch.where(draws.masked, torch.full_like(answer, mask_id)[None], answer[None])  # (n, L)
+    sequence = torch.cat([prompt.to(noisy.device)[None].expand(n, -1), noisy], dim=1)
+    logits = model(sequence).logits[:, prompt.numel():]  # (n, L, V)
+    log_probs = -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), answer.repeat(n),
+                                 reduction="none").view(n, length)
+    weights = length / draws.counts.to(log_probs.dtype)  # (n,)
+    return ((log_probs * draws.masked).sum(1) * weights).mean()
+
+
+@dataclass
+class PreferenceLoss:
+    """The DPO loss of a batch of pairs and what to log about it."""
+
+    value: torch.Tensor  # scalar: mean over pairs of -log σ(β · margin)
+    margins: torch.Tensor  # (B,) the estimated reward margins (B̂_π - B̂_ref)(y_w) - (B̂_π - B̂_ref)(y_l), detached
+    accuracy: float  # share of pairs whose margin is positive
+
+
+def reward_difference(policy: torch.nn.Module, reference: torch.nn.Module, prompt: torch.Tensor, answer: torch.Tensor,
+                      reduction: VarianceReduction, mask_id: int, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """B̂_π(answer) - B̂_ref(answer): the reference scored without gradients, on the policy's draws
+    when ``reduction.antithetic``, else on draws of its own."""
+    device = prompt.device
+    draws = draw(answer.numel(), reduction, generator, device)
+    mine = elbo_estimate(policy, prompt, answer, draws, mask_id)
+    with torch.no_grad():
+        theirs = draws if reduction.antithetic else draw(answer.numel(), reduction, generator, device)
+        base = elbo_estimate(reference, prompt, answer, theirs, mask_id)
+    return mine - base
+
+
+def preference_loss(policy: torch.nn.Module, reference: torch.nn.Module,
+                    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], beta: float,
+                    reduction: VarianceReduction, mask_id: int, generator: torch.Generator | None = None
+                    ) -> PreferenceLoss:
+    """DPO over ELBO estimates for ``pairs`` of (prompt, chosen answer, rejected answer) 1-D id tensors."""
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    margins = torch.stack([
+        reward_difference(policy, reference, prompt, chosen, reduction, mask_id, generator)
+        - reward_difference(policy, reference, prompt, rejected, reduction, mask_id, generator)
+        for prompt, chosen, rejected in pairs])
+    value = -F.logsigmoid(beta * margins).mean()
+    detached = margins.detach()
+    return PreferenceLoss(value, detached, float((detached > 0).float().mean()))
