@@ -17,12 +17,12 @@ import yaml
 
 from llada.training.schedule import ScheduleName
 
-# autoregressive_sft: the causal baseline fine-tuned on chat data, with loss on answer tokens only.
 # A run directory's layout: checkpoints/step-N/, and the records of every step and of the samples.
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
+# autoregressive_sft: the causal baseline fine-tuned on chat data, with loss on answer tokens only.
 Objective = Literal["pretrain", "sft", "autoregressive", "autoregressive_sft"]
 
 
