@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -49,3 +50,20 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenize
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@torch.no_grad()
+def exact_elbo(model: LLaDAModel, prompt: torch.Tensor, answer: torch.Tensor) -> float:
+    """The ELBO by enumeration: E_{l ~ U{1..T}} E_{S: |S| = l} [(T / l) Σ_{i∈S} log p(a_i | prompt, answer
+    with S masked)], over every subset S of the T answer positions (for tiny answers)."""
+    length = answer.numel()
+    total = 0.0
+    for size in range(1, length + 1):
+        subsets = list(itertools.combinations(range(length), size))
+        for subset in subsets:
+            noisy = answer.clone()
+            noisy[list(subset)] = model.config.mask_token_id
+            log_probs = model(torch.cat([prompt, noisy])[None]).logits[0, prompt.numel():].log_softmax(-1)
+            value = sum(log_probs[i, answer[i]].item() for i in subset)
+            total += (length / size) * value / len(subsets) / length
+    return total

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import exact_elbo, tiny_model
 
 from llada.diffusion.likelihood import log_likelihood, packed_elbo_samples
 
 MASK = 511
-
-
-@torch.no_grad()
-def exact_elbo(model, prompt: torch.Tensor, answer: torch.Tensor) -> float:
-    """E_{l ~ U{1..T}} E_{S: |S| = l} [(T / l) Σ_{i∈S} log p(a_i | prompt, answer with S masked)]."""
-    length = answer.numel()
-    total = 0.0
-    for size in range(1, length + 1):
-        subsets = list(itertools.combinations(range(length), size))
-        for subset in subsets:
-            noisy = answer.clone()
-            noisy[list(subset)] = MASK
-            log_probs = F.log_softmax(model(torch.cat([prompt, noisy])[None]).logits[0, prompt.numel():], dim=-1)
-            value = sum(log_probs[i, answer[i]].item() for i in subset)
-            total += (length / size) * value / len(subsets) / length
-    return total
 
 
 def test_estimate_agrees_with_exact_elbo() -> None:
