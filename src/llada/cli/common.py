@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import os
 import tempfile
-import types as types_module
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,9 +71,9 @@ def add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="engine: torch.compile the block steps and refreshes (GPU; the first call of a "
                              "shape compiles for tens of seconds)")
-    types = setting_types()
+    hints = setting_types()
     for setting in dataclasses.fields(GenerationSettings):
-        name, kind, help_text = setting.name, types[setting.name], setting.metadata["help"]
+        name, kind, help_text = setting.name, hints[setting.name], setting.metadata["help"]
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             if setting.default:
@@ -86,7 +86,7 @@ def add_sampling(parser: argparse.ArgumentParser) -> None:
         inner = [argument for argument in typing.get_args(kind) if argument is not type(None)]
         if typing.get_origin(kind) is typing.Literal:
             options["choices"] = typing.get_args(kind)
-        elif typing.get_origin(kind) in (typing.Union, types_module.UnionType):
+        elif typing.get_origin(kind) in (typing.Union, types.UnionType):
             options["type"] = inner[0]
         else:
             options["type"] = kind

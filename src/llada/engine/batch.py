@@ -33,6 +33,7 @@ from llada.engine.passes import Passes
 from llada.engine.rows import Rows
 from llada.engine.runtime import Runtime
 from llada.engine.settings import Generation, GenerationSettings, StepUpdate
+from llada.model.kv_cache import KVCache
 from llada.model.transformer import left_pad
 
 
@@ -83,7 +84,7 @@ class BatchRun:
     # --- the device tensors (None once the batch is done) -----------------------------------------------
 
     @property
-    def cache(self):
+    def cache(self) -> KVCache | None:
         return None if self.t is None else self.t.cache
 
     @property
