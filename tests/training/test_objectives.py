@@ -10,8 +10,12 @@ import torch
 from conftest import tiny_model
 
 from llada.diffusion.losses import answer_positions, autoregressive_loss, pretrain_loss, random_truncation, sft_loss
+from llada.diffusion.preference import PLAIN_DPO, VarianceReduction, preference_loss
 from llada.training.config import Objective
 from llada.training.objectives import OBJECTIVES, LossSettings
+from llada.training.preference_data import collate_preference
+
+PREFERENCE = ("dpo", "vrpo")
 
 
 def test_every_configurable_objective_has_an_entry() -> None:
@@ -19,7 +23,7 @@ def test_every_configurable_objective_has_an_entry() -> None:
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - set(PREFERENCE)))
 def test_table_losses_equal_the_loss_functions(name: str, training: bool) -> None:
     model = tiny_model()
     mask_id = model.config.mask_token_id
@@ -48,3 +52,30 @@ def test_table_losses_equal_the_loss_functions(name: str, training: bool) -> Non
         expected = autoregressive_loss(model, tokens, loss_mask=answer_positions(tokens, batch["prompt_lengths"]))
     assert torch.equal(got, expected.value)
     assert objective.causal == name.startswith("autoregressive")
+
+
+@pytest.mark.parametrize("name", PREFERENCE)
+def test_preference_entries_are_dpo_over_elbo_estimates(name: str) -> None:
+    """dpo is one independent draw per estimate; vrpo takes the recipe's reductions. Both read the
+    pairs back out of the padded batch, and refuse to run without a reference."""
+    policy, reference = tiny_model(), tiny_model(init_std=0.05)
+    mask_id = policy.config.mask_token_id
+    generator = torch.Generator().manual_seed(2)
+    triples = [tuple(torch.randint(0, 300, (n,), generator=generator) for n in lengths)
+               for lengths in ((4, 3, 5), (6, 2, 2))]
+    batch = OBJECTIVES[name].collate(triples, 7)
+    assert collate_preference(triples, 7)["input_ids"].shape == (2, 12)
+    assert batch["input_ids"][1, 10:].tolist() == [7, 7]  # padding, never scored
+    reduction = VarianceReduction(budget=4, masks_per_count=2, antithetic=True)
+    settings = LossSettings(mask_id=mask_id, eps=1e-3, random_length_probability=0.0, training=True,
+                            reference=reference, beta=0.3, reduction=reduction)
+    got = OBJECTIVES[name].loss(policy, batch, settings, torch.Generator().manual_seed(5))
+    expected = preference_loss(policy, reference, triples, 0.3, PLAIN_DPO if name == "dpo" else reduction, mask_id,
+                               torch.Generator().manual_seed(5))
+    assert torch.equal(got.value, expected.value)
+    assert got.metrics["reward_accuracy"] == expected.accuracy
+    assert got.metrics["reward_margin"] == pytest.approx(float(expected.margins.mean()))
+    assert OBJECTIVES[name].needs_reference and OBJECTIVES[name].chat
+    with pytest.raises(ValueError, match="reference"):
+        OBJECTIVES[name].loss(policy, batch, LossSettings(mask_id=mask_id, eps=1e-3, random_length_probability=0.0,
+                                                         training=True), torch.Generator())

@@ -242,14 +242,13 @@ def test_activation_checkpointing_changes_nothing_but_memory(workspace: Path, tm
 
 CHILD = """
 import sys, time
-import llada.training.checkpoints as checkpoints
 import llada.training.trainer as train
 from llada.training.config import load_config
-real = checkpoints.save_state_dict
+real = train.save_state_dict
 def slow(*args, **kwargs):
     real(*args, **kwargs)
     time.sleep(0.3)  # widen the window in which the parent kills us mid-checkpoint
-checkpoints.save_state_dict = slow
+train.save_state_dict = slow
 train.Trainer(load_config(None, sys.argv[1:])).run()
 """
 

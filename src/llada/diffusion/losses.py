@@ -8,7 +8,7 @@ in the trainer, not here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class Loss:
     value: torch.Tensor  # scalar, differentiable
     n_masked: torch.Tensor  # scalar: number of positions that contributed
     n_tokens: int  # positions in the batch (B·L after any truncation)
+    metrics: dict[str, float] = field(default_factory=dict)  # what else to log (a preference loss's accuracy)
 
 
 def _weighted_nll(model: MaskPredictor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

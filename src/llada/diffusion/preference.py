@@ -72,18 +72,23 @@ def elbo_estimate(model: torch.nn.Module, prompt: torch.Tensor, answer: torch.Te
                   mask_id: int) -> torch.Tensor:
     """The ELBO estimate of log p(answer | prompt) from ``draws``: the mean over draws of
     (L / l) · Σ over the masked answer tokens of log p(token | masked sequence). A 0-d tensor that
-    carries gradients when the model does (one forward pass over n rows)."""
+    carries gradients when the model does.
+
+    One forward pass over n rows, scored through the model's ``targets=`` path, so that only the
+    masked positions go through the output projection (no (n, L, V) logits: at LLaDA's 126k-token
+    vocabulary they would dwarf the rest of a preference step's memory).
+    """
     n, length = draws.masked.shape
     if answer.numel() != length:
         raise ValueError(f"draws are for answers of {length} tokens, the answer has {answer.numel()}")
     answer = answer.to(draws.masked.device)
+    prompt = prompt.to(draws.masked.device)
     noisy = torch.where(draws.masked, torch.full_like(answer, mask_id)[None], answer[None])  # (n, L)
-    sequence = torch.cat([prompt.to(noisy.device)[None].expand(n, -1), noisy], dim=1)
-    logits = model(sequence).logits[:, prompt.numel():]  # (n, L, V)
-    log_probs = -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), answer.repeat(n),
-                                 reduction="none").view(n, length)
-    weights = length / draws.counts.to(log_probs.dtype)  # (n,)
-    return ((log_probs * draws.masked).sum(1) * weights).mean()
+    sequence = torch.cat([prompt[None].expand(n, -1), noisy], dim=1)  # (n, P + L)
+    targets = torch.cat([prompt, answer])[None].expand(n, -1)
+    weights = draws.masked.double() * (length / draws.counts.double())[:, None] / n  # (n, L)
+    weights = torch.cat([weights.new_zeros(n, prompt.numel()), weights], dim=1)
+    return -model(sequence, targets=targets, target_weights=weights).weighted_nll
 
 
 @dataclass

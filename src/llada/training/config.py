@@ -22,8 +22,12 @@ CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
-# autoregressive_sft: the causal baseline fine-tuned on chat data, with loss on answer tokens only.
-Objective = Literal["pretrain", "sft", "autoregressive", "autoregressive_sft"]
+# autoregressive_sft: the causal baseline fine-tuned on chat data, with loss on answer tokens only;
+# dpo: DPO over single-draw ELBO estimates; vrpo: the same with the preference section's variance reductions.
+Objective = Literal["pretrain", "sft", "autoregressive", "autoregressive_sft", "dpo", "vrpo"]
+
+# The block projections, by their names in the official checkpoint layout (LoRA's default targets).
+BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 
 
 @dataclass(kw_only=True)
@@ -36,10 +40,31 @@ class ModelSection:
 
 @dataclass(kw_only=True)
 class DataSection:
-    path: str = ""  # output of `llada data tokenize` (pretrain, autoregressive) or `llada data sft` (sft)
+    path: str = ""  # made by `llada data tokenize` (pretrain, autoregressive), `data sft` or `data preference` (dpo, vrpo)
     seq_len: int = 1024  # training sequence length for packed data; SFT pads each batch to its longest
     eval_fraction: float = 0.01  # share of sequences held out for evaluation (taken from the end)
     random_length_probability: float = 0.01  # pretraining batches cut to a random length (paper: 1%)
+
+
+@dataclass(kw_only=True)
+class PreferenceSection:
+    """DPO / VRPO (LLaDA 1.5): each ELBO is estimated from ``budget`` draws; ``dpo`` uses one draw."""
+
+    beta: float = 0.1  # strength of the pull toward the reference (DPO's β)
+    budget: int = 8  # vrpo: Monte-Carlo draws per ELBO estimate
+    masks_per_count: int = 1  # vrpo: masks per timestep; 1 = the optimal allocation (budget timesteps)
+    antithetic: bool = True  # vrpo: policy and reference scored on the same timesteps and masks
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    """Low-rank adapters through ``peft``: the base weights are frozen (bf16 on GPUs) and only the
+    adapters train. rank 0 trains every weight."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(BLOCK_PROJECTIONS))  # block projections to adapt
 
 
 @dataclass(kw_only=True)
@@ -61,6 +86,8 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     steps: int = 1000  # optimiser steps
     batch_size: int = 8  # sequences per optimiser step, over all processes
     micro_batch_size: int | None = None  # sequences per forward pass and process (default: no accumulation)
@@ -102,6 +129,21 @@ class TrainConfig:
             raise ValueError("keep_last must be >= 1")
         if self.sample_every and (self.sample_length < 1 or not self.sample_prompts):
             raise ValueError("sampling needs sample_length >= 1 and at least one sample prompt")
+        preference = self.preference
+        if preference.beta <= 0:
+            raise ValueError(f"preference.beta must be positive, got {preference.beta}")
+        if preference.budget < 1 or preference.masks_per_count < 1 or preference.budget % preference.masks_per_count:
+            raise ValueError(f"preference.budget ({preference.budget}) must be a positive multiple of "
+                             f"preference.masks_per_count ({preference.masks_per_count})")
+        lora = self.lora
+        if lora.rank < 0 or not 0 <= lora.dropout < 1:
+            raise ValueError(f"lora.rank must be >= 0 and lora.dropout in [0, 1), got {lora.rank} and {lora.dropout}")
+        if unknown := sorted(set(lora.targets) - set(BLOCK_PROJECTIONS)):
+            raise ValueError(f"lora.targets: {unknown[0]!r} is not a block projection; choose from {BLOCK_PROJECTIONS}")
+        if lora.rank and not lora.targets:
+            raise ValueError("lora.targets is empty: name at least one block projection to adapt")
+        if (lora.rank or self.objective in ("dpo", "vrpo")) and not self.model.init_from:
+            raise ValueError(f"{'LoRA' if lora.rank else self.objective} starts from a trained model: set model.init_from")
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

@@ -1,9 +1,10 @@
 """Training objectives as a table: what data each one reads, how it batches it and what loss it takes.
 
 The trainer looks an objective up by name (``OBJECTIVES[config.objective]``) and never branches on
-names. A new objective (preference pairs, RL rollouts) is a new entry: its dataset reader, its
-collate function and its loss over the model the trainer runs (sharded or compiled), with the
-knobs of ``LossSettings``.
+names. A new objective is a new entry: its dataset reader, its collate function and its loss over
+the model the trainer runs (sharded or compiled), with the knobs of ``LossSettings``; one that
+compares against a frozen reference model (the preference objectives) says so, and the trainer
+builds the reference and hands it over in ``LossSettings.reference``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from llada.diffusion.losses import (
     random_truncation,
     sft_loss,
 )
+from llada.diffusion.preference import PLAIN_DPO, VarianceReduction, preference_loss
 from llada.diffusion.sampling import generate
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.training.packing import PackedDataset
+from llada.training.preference_data import PreferenceDataset, collate_preference, split_pairs
 from llada.training.sft_data import SFTDataset, collate_sft
 
 Batch = dict[str, torch.Tensor]
@@ -41,6 +44,9 @@ class LossSettings:
     eps: float  # the lowest masking probability t (t ~ U(eps, 1])
     random_length_probability: float  # pretraining: the share of batches cut to a random length
     training: bool
+    reference: torch.nn.Module | None = None  # the frozen model a preference objective compares against
+    beta: float = 0.1  # preference: DPO's β
+    reduction: VarianceReduction = PLAIN_DPO  # vrpo: how the ELBO estimates are drawn
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Objective:
     chat: bool  # samples are dialogues: sample prompts go through the chat template
     causal: bool  # the autoregressive baseline: sampled left to right
     per_token_bound: bool  # the evaluation loss bounds the NLL per token (so exp of it bounds perplexity)
+    needs_reference: bool = False  # the loss reads LossSettings.reference
 
 
 def _packed(path: Path, seq_len: int) -> PackedDataset:
@@ -100,6 +107,29 @@ def _autoregressive_sft(model: torch.nn.Module, batch: Batch, settings: LossSett
     return autoregressive_loss(model, ids, loss_mask=answer_positions(ids, batch["prompt_lengths"]))
 
 
+def _preference_data(path: Path, seq_len: int) -> PreferenceDataset:
+    return PreferenceDataset(path)
+
+
+def _preference(model: torch.nn.Module, batch: Batch, settings: LossSettings, generator: torch.Generator,
+                reduction: VarianceReduction) -> Loss:
+    if settings.reference is None:
+        raise ValueError("a preference objective needs the frozen reference model in LossSettings.reference")
+    result = preference_loss(model, settings.reference, split_pairs(batch), settings.beta, reduction,
+                             settings.mask_id, generator)
+    scored = batch["chosen_lengths"].sum() + batch["rejected_lengths"].sum()
+    return Loss(value=result.value, n_masked=scored, n_tokens=int(batch["input_ids"].numel()),
+                metrics={"reward_accuracy": result.accuracy, "reward_margin": float(result.margins.mean())})
+
+
+def _dpo(model: torch.nn.Module, batch: Batch, settings: LossSettings, generator: torch.Generator) -> Loss:
+    return _preference(model, batch, settings, generator, PLAIN_DPO)
+
+
+def _vrpo(model: torch.nn.Module, batch: Batch, settings: LossSettings, generator: torch.Generator) -> Loss:
+    return _preference(model, batch, settings, generator, settings.reduction)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "pretrain": Objective(dataset=_packed, collate=_stack, loss=_pretrain, chat=False, causal=False,
                           per_token_bound=True),
@@ -109,6 +139,10 @@ OBJECTIVES: dict[str, Objective] = {
                                 per_token_bound=True),
     "autoregressive_sft": Objective(dataset=_sft, collate=_pad_dialogues, loss=_autoregressive_sft, chat=True,
                                     causal=True, per_token_bound=False),
+    "dpo": Objective(dataset=_preference_data, collate=collate_preference, loss=_dpo, chat=True, causal=False,
+                     per_token_bound=False, needs_reference=True),
+    "vrpo": Objective(dataset=_preference_data, collate=collate_preference, loss=_vrpo, chat=True, causal=False,
+                      per_token_bound=False, needs_reference=True),
 }
 
 

@@ -7,14 +7,12 @@ conversation up to that turn's end-of-turn token. In batches the answers are pad
 padding counts as answer: the model learns to fill the remaining length with EOS, which is how it
 decides where its answers stop.
 
-On disk: ``tokens.bin`` (all samples' ids back to back), ``samples.npy`` (offset, prompt length,
-total length per sample) and ``index.json`` with the counts.
+On disk (``token_rows.py``): per sample its offset, prompt length and total length.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +25,9 @@ from tqdm.auto import tqdm
 from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
 from llada.training.corpus import CorpusError, CorpusIssue, OnError, expand_inputs
 from llada.training.packing import token_dtype
+from llada.training.token_rows import read_token_rows, write_token_rows
 
 FORMAT = "llada-sft"
-INDEX_FILE = "index.json"
-TOKENS_FILE = "tokens.bin"
-SAMPLES_FILE = "samples.npy"
 
 
 @dataclass
@@ -60,22 +56,29 @@ def encode_pair(tokenizer: Tokenizer, history: Sequence[Message], reply: Message
     return prompt, answer
 
 
-def _messages(line: str, field: str) -> list[Message]:
-    value = json.loads(line)
-    messages = value.get(field) if isinstance(value, dict) else None
-    if not isinstance(messages, list) or not messages:
+def checked_messages(value: object, field: str) -> list[Message]:
+    """``value`` as a non-empty list of messages with string ``role`` and ``content``, else a ValueError
+    naming ``field`` and the message at fault."""
+    if not isinstance(value, list) or not value:
         raise ValueError(f"no non-empty list field {field!r}")
-    for i, message in enumerate(messages):
+    for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
-            problem = f"message {i} needs string 'role' and 'content'"
+            problem = f"{field}: message {i} needs string 'role' and 'content'"
             raise ValueError(problem)  # noqa: TRY004 - bad data, not a bad call
+    return value
+
+
+def _messages(line: str, field: str) -> list[Message]:
+    value = json.loads(line)
+    messages = checked_messages(value.get(field) if isinstance(value, dict) else None, field)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message to learn from")
     return messages
 
 
-def _describe(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
+    """What was wrong with a line, in words (JSON and decoding errors name their cause)."""
     if isinstance(error, UnicodeDecodeError):
         return "not valid UTF-8"
     if isinstance(error, json.JSONDecodeError):
@@ -114,7 +117,7 @@ def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir:
                 messages = _messages(raw.decode("utf-8"), messages_field)
                 pairs = [encode_pair(tokenizer, history, reply) for history, reply in dialogue_to_pairs(messages)]
             except (UnicodeDecodeError, ValueError) as error:  # JSON, field and template errors are ValueErrors
-                issue = CorpusIssue(str(path), number, _describe(error))
+                issue = CorpusIssue(str(path), number, describe_error(error))
                 if on_error == "fail":
                     raise CorpusError(f"{issue} (use --on-error skip to skip such lines)") from error
                 issues.append(issue)
@@ -137,38 +140,18 @@ def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir:
 
 def _write(output: Path, tokenizer: Tokenizer, tokens: list[int], samples: list[tuple[int, int, int]],
            summary: SFTSummary, issues: list[CorpusIssue]) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp-{os.getpid()}"
-    arrays = {TOKENS_FILE: np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
-              SAMPLES_FILE: np.asarray(samples, dtype=np.int64).reshape(-1, 3)}
-    for name, array in arrays.items():
-        with open(output / (name + suffix), "wb") as file:
-            if name.endswith(".npy"):
-                np.save(file, array)
-            else:
-                array.tofile(file)
-    index = {"format": FORMAT, "version": 1, "dtype": arrays[TOKENS_FILE].dtype.name, "eos_id": tokenizer.ids.eos,
-             "vocab_size": tokenizer.vocab_size, **asdict(summary), "issues": [str(i) for i in issues[:100]]}
-    (output / (INDEX_FILE + suffix)).write_text(json.dumps(index, indent=2) + "\n")
-    for name in (TOKENS_FILE, SAMPLES_FILE, INDEX_FILE):  # the index last: it marks the set complete
-        os.replace(output / (name + suffix), output / name)
+    write_token_rows(output, FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
+                     np.asarray(samples, dtype=np.int64).reshape(-1, 3),
+                     {"eos_id": tokenizer.ids.eos, "vocab_size": tokenizer.vocab_size, **asdict(summary),
+                      "issues": [str(i) for i in issues[:100]]})
 
 
 class SFTDataset(torch.utils.data.Dataset):
     """(ids, prompt_length) per sample of an SFT directory; ``collate_sft`` pads them into batches."""
 
     def __init__(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        index_path = directory / INDEX_FILE
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path} is missing: run `llada data sft` first")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != FORMAT:
-            raise ValueError(f"{index_path} is not a {FORMAT} index")
+        self.index, self.samples, self.tokens = read_token_rows(directory, FORMAT, "llada data sft")
         self.eos_id = self.index["eos_id"]
-        self.samples = np.load(directory / SAMPLES_FILE)
-        self.tokens = np.memmap(directory / TOKENS_FILE, dtype=np.dtype(self.index["dtype"]), mode="r") \
-            if self.index["tokens"] else np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.samples)

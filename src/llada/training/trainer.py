@@ -1,11 +1,13 @@
-"""The training loop: pretraining, SFT and the autoregressive baseline from one recipe.
+"""The training loop: pretraining, SFT, preference optimization (DPO, VRPO) and the autoregressive
+baseline from one recipe, training every weight or LoRA adapters.
 
 What it guarantees:
 - Exact resume: the masks of step s come from a generator seeded by (seed, s), the data order from
   per-epoch permutations of the seed, and a checkpoint stores the model, the optimiser, the step and
   the data position, so a resumed run reproduces the losses of an uninterrupted one bit for bit (CPU).
 - Checkpoints are atomic (written beside, then renamed), the last ``keep_last`` are kept, and each holds
-  the model in the official checkpoint layout, so it can be used or exported as is.
+  the model in the official checkpoint layout (or, with LoRA, the adapter in PEFT's layout), so it
+  can be used or exported as is.
 - A non-finite or spiking loss skips the step; ``max_bad_steps`` in a row roll the model and optimiser
   back to the last checkpoint and lower the learning rate (the paper met this once, at 1.2T tokens).
 - SIGTERM saves a checkpoint at the end of the current step, then exits.
@@ -21,10 +23,10 @@ generations from fixed prompts go to ``samples.jsonl``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -46,22 +48,21 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from llada.diffusion.losses import Loss
-from llada.model.checkpoint import load_model
-from llada.model.config import preset
+from llada.diffusion.preference import VarianceReduction
+from llada.model.checkpoint import save_state_dict
 from llada.model.loading import resolve_device
+from llada.model.lora import save_adapter
 from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
-from llada.model.transformer import LLaDAModel
 from llada.training.batches import EpochBatches, step_generator
-from llada.training.checkpoints import checkpoint_dirs, read_checkpoint, write_checkpoint
-from llada.training.config import CHECKPOINTS, METRICS_FILE, SAMPLES_FILE, TrainConfig, config_to_dict
+from llada.training.checkpoints import ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, read_checkpoint, write_checkpoint
+from llada.training.config import CHECKPOINTS, TrainConfig, config_to_dict
+from llada.training.network import attach_adapters, build_model, build_reference
 from llada.training.objectives import OBJECTIVES, Batch, LossSettings, greedy_text
-from llada.training.parallelize import apply_activation_checkpointing, apply_fsdp, compile_model
+from llada.training.parallelize import apply_fsdp, compile_model
+from llada.training.run_log import RunLog, peak_flops
 from llada.training.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. rollback needed but no checkpoint exists)."""
@@ -73,6 +74,7 @@ class StepResult:
     grad_norm: float
     tokens: int
     skipped: bool
+    metrics: dict[str, float]  # the objective's own (a preference objective's reward accuracy), averaged
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -100,20 +102,23 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.tokenizer_dir = Path(config.model.tokenizer or config.model.init_from or "")
         self.tokenizer = self._load_tokenizer()
-        self.model = self._build_model()
+        self.model = build_model(config, self.tokenizer, self.device)
+        self.adapters = attach_adapters(self.model, config)  # the PEFT handle with LoRA, else None
         self.dataset, self.collate = self._load_data()
         eval_count = int(len(self.dataset) * config.data.eval_fraction)
         split = len(self.dataset) - eval_count
         self.eval_indices = list(range(split, len(self.dataset)))
         self.batches = EpochBatches(list(range(split)), config.batch_size, config.seed)
+        self.mesh = init_device_mesh(self.device.type, (self.world,)) if self.sharded else None
         self.forward_model = self._parallelize()
+        self.reference = self._build_reference() if self.objective.needs_reference else None
         self.optimizer = self._build_optimizer()
         self.step = 0
         self.lr_scale = 1.0
         self.loss_mean: float | None = None  # running mean of accepted losses, for spike detection
         self.bad_steps = 0
         self.stop_requested = False
-        self.writer = self._tensorboard() if config.tensorboard and self.rank == 0 else None
+        self.log = RunLog(self.out_dir, config.tensorboard, writes=self.rank == 0)
 
     def _init_process_group(self) -> None:
         if self.device.type == "cuda":
@@ -132,18 +137,18 @@ class Trainer:
             if self.config.compile:  # per block, before sharding (whole-model compile and FSDP hooks do not mix)
                 for block in self.model.blocks:
                     block.compile(dynamic=None)
-            use_bf16 = self.device.type == "cuda" and self.config.dtype == "bfloat16"
-            apply_fsdp(self.model, init_device_mesh(self.device.type, (self.world,)),
-                       param_dtype=torch.bfloat16 if use_bf16 else None)
+            apply_fsdp(self.model, self.mesh, param_dtype=self._fsdp_dtype())
             return self.model
         return compile_model(self.model, dynamic=None, fullgraph=False) if self.config.compile else self.model
 
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from error
-        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+    def _fsdp_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.device.type == "cuda" and self.config.dtype == "bfloat16" else None
+
+    def _build_reference(self) -> torch.nn.Module:
+        reference = build_reference(self.config, self.forward_model, self.adapters, self.device)
+        if self.sharded and self.adapters is None:  # a second copy: sharded like the policy
+            apply_fsdp(reference, self.mesh, param_dtype=self._fsdp_dtype())
+        return reference
 
     # --- construction ------------------------------------------------------------------------
 
@@ -152,25 +157,6 @@ class Trainer:
             raise ValueError("training needs a tokenizer: set model.tokenizer (or model.init_from) to a directory "
                              "with tokenizer.json")
         return Tokenizer.from_pretrained(self.tokenizer_dir)
-
-    def _build_model(self) -> LLaDAModel:
-        ids = self.tokenizer.ids
-        if self.config.model.init_from:
-            model = load_model(self.config.model.init_from, dtype=torch.float32, device=self.device)
-        else:
-            torch.manual_seed(self.config.seed)
-            architecture = preset(self.config.model.preset, **{
-                "vocab_size": self.tokenizer.vocab_size, "embedding_size": self.tokenizer.vocab_size,
-                "mask_token_id": ids.mask, "eos_token_id": ids.eos, "pad_token_id": ids.pad, "eot_token_id": ids.eot,
-                **self.config.model.overrides})
-            with torch.device(self.device):
-                model = LLaDAModel(architecture)
-        if model.config.mask_token_id != ids.mask or model.config.eos_token_id != ids.eos:
-            raise ValueError(f"model and tokenizer disagree on special ids (mask {model.config.mask_token_id} vs "
-                             f"{ids.mask}, EOS {model.config.eos_token_id} vs {ids.eos})")
-        if self.config.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        return model.train()
 
     def _load_data(self) -> tuple[torch.utils.data.Dataset, Callable[[list], Batch]]:
         path = self.config.data.path
@@ -187,6 +173,8 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:  # frozen LoRA base weights
+                continue
             (decay if param.dim() == 2 and not name.startswith("wte") else no_decay).append(param)
         optim = self.config.optim
         groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -200,9 +188,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _loss(self, batch: Batch, generator: torch.Generator) -> Loss:
+        preference = self.config.preference
         settings = LossSettings(mask_id=self.model.config.mask_token_id, eps=self.config.mask_eps,
                                 random_length_probability=self.config.data.random_length_probability,
-                                training=self.model.training)
+                                training=self.model.training, reference=self.reference, beta=preference.beta,
+                                reduction=VarianceReduction(preference.budget, preference.masks_per_count,
+                                                            preference.antithetic))
         with self._autocast():
             return self.objective.loss(self.forward_model, {**batch, "input_ids": batch["input_ids"].to(self.device)},
                                        settings, generator)
@@ -219,6 +210,7 @@ class Trainer:
         accumulation = math.ceil(len(indices) / self.micro_batch_size)
         total = torch.zeros((), device=self.device)
         tokens = 0
+        metrics: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
         for micro, batch in enumerate(self._micro_batches(indices)):
             # Randomness by the micro-batch's place in the global batch: the same for any process count.
@@ -227,8 +219,11 @@ class Trainer:
             (loss.value / accumulation).backward()
             total += loss.value.detach() / accumulation
             tokens += loss.n_tokens
+            for key, value in loss.metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value / accumulation
         if self.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            metrics = self._average(metrics)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
@@ -236,12 +231,19 @@ class Trainer:
         tokens *= self.world
         if self._is_bad(loss_value, grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss_value, grad_norm, tokens, skipped=True)
+            return StepResult(loss_value, grad_norm, tokens, skipped=True, metrics=metrics)
         for group in self.optimizer.param_groups:
             group["lr"] = self.current_lr()
         self.optimizer.step()
         self.loss_mean = loss_value if self.loss_mean is None else 0.95 * self.loss_mean + 0.05 * loss_value
-        return StepResult(loss_value, grad_norm, tokens, skipped=False)
+        return StepResult(loss_value, grad_norm, tokens, skipped=False, metrics=metrics)
+
+    def _average(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric averaged over the processes (all of them log the same keys)."""
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        if values.numel():
+            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+        return dict(zip(metrics, values.tolist()))
 
     def current_lr(self) -> float:
         optim = self.config.optim
@@ -256,25 +258,30 @@ class Trainer:
                     and loss > factor * self.loss_mean)
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean objective on the held-out split with fixed randomness (comparable between evaluations).
+    def evaluate(self) -> dict[str, float]:
+        """``eval_loss``, the mean objective on the held-out split with fixed randomness (comparable
+        between evaluations), and the objective's own metrics as ``eval_<name>``; empty without a split.
 
-        For the diffusion objectives this is the masked-diffusion bound on the negative log-likelihood,
-        in nats per token.
+        For the diffusion objectives the loss is the masked-diffusion bound on the negative
+        log-likelihood, in nats per token.
         """
         if not self.eval_indices:
-            return None
+            return {}
         self.model.eval()
         values = []
+        metrics: dict[str, float] = {}
         size = self.micro_batch_size
         count = len(self.eval_indices)
         for number in range(self.config.eval_batches):
             indices = [self.eval_indices[(number * size + k) % count] for k in range(min(size, count))]
             batch = self.collate([self.dataset[i] for i in indices])
             generator = torch.Generator(device=self.device).manual_seed(10_007 + number)
-            values.append(self._loss(batch, generator).value.item())
+            loss = self._loss(batch, generator)
+            values.append(loss.value.item())
+            for key, value in loss.metrics.items():
+                metrics[f"eval_{key}"] = metrics.get(f"eval_{key}", 0.0) + value / self.config.eval_batches
         self.model.train()
-        return sum(values) / len(values)
+        return {"eval_loss": sum(values) / len(values), **metrics}
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -282,7 +289,8 @@ class Trainer:
         return checkpoint_dirs(self.out_dir)
 
     def save_checkpoint(self) -> Path:
-        """Write model (official layout), tokenizer and trainer state to checkpoints/step-N, atomically.
+        """Write the model (official layout) or the LoRA adapter (PEFT's layout), the tokenizer and
+        the trainer state to checkpoints/step-N, atomically.
 
         The states are gathered unsharded to process 0, which writes them; the others wait.
         """
@@ -293,14 +301,24 @@ class Trainer:
             state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
                      "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
             extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
-            write_checkpoint(target, model_state, self.model.config, state, extras, self.config.keep_last)
+
+            def write_weights(staging: Path) -> None:
+                if self.adapters is None:
+                    save_state_dict(model_state, self.model.config, staging / MODEL_DIR, extra_files=extras)
+                else:
+                    save_adapter(staging / ADAPTER_DIR, self.adapters, model_state)
+                    for extra in extras:
+                        shutil.copy2(extra, staging / ADAPTER_DIR / extra.name)
+
+            write_checkpoint(target, write_weights, state, self.config.keep_last)
         self._barrier()
         return target
 
     def load_checkpoint(self, directory: Path, restore_data: bool = True) -> None:
         """Load a checkpoint written by any number of processes into this (possibly sharded) run."""
         weights, state = read_checkpoint(directory)
-        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(self.model, weights,
+                             options=StateDictOptions(full_state_dict=True, strict=self.adapters is None))
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.step, self.lr_scale, self.loss_mean = state["step"], state["lr_scale"], state["loss_mean"]
@@ -324,17 +342,6 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def _log(self, record: dict) -> None:
-        if self.rank != 0:
-            return
-        with (self.out_dir / METRICS_FILE).open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
-            self.writer.flush()
-
     @torch.no_grad()
     def sample(self) -> list[dict]:
         """Greedy generations from ``sample_prompts`` (the reference sampler, or left to right for the
@@ -346,20 +353,8 @@ class Trainer:
                 text = greedy_text(self.model, self.tokenizer, prompt, self.config.sample_length, self.objective)
             rows.append({"step": self.step, "prompt": prompt, "text": text})
         self.model.train()
-        if self.rank == 0:
-            with (self.out_dir / SAMPLES_FILE).open("a") as file:
-                file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            for row in rows:
-                logger.info("sample at step %d: %r -> %r", row["step"], row["prompt"], row["text"])
+        self.log.samples(rows)
         return rows
-
-    def _peak_flops(self) -> float | None:
-        if self.config.peak_tflops:
-            return self.config.peak_tflops * 1e12
-        if self.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
-            return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
-        return None
 
     def run(self) -> list[dict]:
         """Train to ``config.steps``; returns the per-step records also written to metrics.jsonl."""
@@ -372,7 +367,7 @@ class Trainer:
             logger.info("resumed from %s", checkpoints[-1])
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         records = []
-        peak = self._peak_flops()
+        peak = peak_flops(self.device, self.config.peak_tflops)
         flops_per_token = self.model.config.flops_per_token(self.config.data.seq_len, training=True)
         bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
         try:
@@ -384,7 +379,7 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
                           "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
-                          "skipped": result.skipped}
+                          "skipped": result.skipped, **result.metrics}
                 if peak:  # per device: all processes' tokens over all devices' peak
                     record["mfu"] = flops_per_token * result.tokens / seconds / (peak * self.world)
                 if result.skipped:
@@ -395,7 +390,7 @@ class Trainer:
                         self.bad_steps = 0
                         self.rollback()
                         record["rollback"] = True
-                    self._log(record)
+                    self.log.metrics(record)
                     records.append(record)
                     continue
                 self.bad_steps = 0
@@ -404,15 +399,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
-                    record["eval_loss"] = self.evaluate()
-                    if record["eval_loss"] is not None and self.objective.per_token_bound:
+                    record.update(self.evaluate())
+                    if "eval_loss" in record and self.objective.per_token_bound:
                         # exp of the per-token bound: an upper bound on perplexity (exact for autoregressive)
                         record["eval_perplexity_bound"] = math.exp(min(record["eval_loss"], 50.0))
                 if self.config.sample_every and self.step % self.config.sample_every == 0:
                     self.sample()
                 records.append(record)
                 if self.step % self.config.log_every == 0 or "eval_loss" in record or self.step == self.config.steps:
-                    self._log(record)
+                    self.log.metrics(record)
                 self._agree_on_stop()
                 if self.stop_requested or self.step == self.config.steps or \
                         (self.config.save_every and self.step % self.config.save_every == 0):
@@ -423,8 +418,7 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
-            if self.writer is not None:
-                self.writer.close()
+            self.log.close()
         return records
 
     def _request_stop(self, signum: int, frame: object) -> None:

@@ -1,0 +1,69 @@
+"""What a training run records for people to read: ``metrics.jsonl`` (and TensorBoard), the
+generations of ``samples.jsonl``, and the device peak that MFU is measured against.
+
+Only process 0 writes; the others hold a ``RunLog`` that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from llada.training.config import METRICS_FILE, SAMPLES_FILE
+
+logger = logging.getLogger(__name__)
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
+
+
+class RunLog:
+    """Appends per-step records and samples to a run directory."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, writes: bool) -> None:
+        self.out_dir, self.writes = out_dir, writes
+        self.writer = self._tensorboard() if tensorboard and writes else None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from error
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def metrics(self, record: dict) -> None:
+        """One step's record: a line of metrics.jsonl, and its numbers as TensorBoard scalars."""
+        if not self.writes:
+            return
+        with (self.out_dir / METRICS_FILE).open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            self.writer.flush()
+
+    def samples(self, rows: list[dict]) -> None:
+        """Generations (step, prompt, text) appended to samples.jsonl and logged."""
+        if not self.writes:
+            return
+        with (self.out_dir / SAMPLES_FILE).open("a") as file:
+            file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        for row in rows:
+            logger.info("sample at step %d: %r -> %r", row["step"], row["prompt"], row["text"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
+    """The per-device peak FLOP/s for MFU: the recipe's ``peak_tflops``, else a known GPU's bf16 peak."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return None
