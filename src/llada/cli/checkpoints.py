@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -15,8 +16,10 @@ from llada.cli.common import CliError, Command
 from llada.model.checkpoint import read_config, save_model, weight_files
 from llada.model.config import PRESETS, preset
 from llada.model.loading import resolve_dtype
+from llada.model.lora import adapter_base, is_adapter, merge_adapter
 from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, train_tokenizer
 from llada.model.transformer import LLaDAModel
+from llada.training.checkpoints import ADAPTER_DIR, MODEL_DIR
 from llada.training.config import CHECKPOINTS
 
 
@@ -77,16 +80,40 @@ def run_init(destination: str, preset_name: str = "tiny", tokenizer: str | None 
 
 
 def run_export(run_dir: str, destination: str, step: int | None = None, dtype: str = "bf16",
-               max_shard_size: str = "5GB") -> Path:
-    """Export a training run's checkpoint (the latest, or ``step``) as a standalone official checkpoint."""
-    root = Path(run_dir) / CHECKPOINTS
-    candidates = sorted(root.glob("step-*")) if root.is_dir() else []
-    if step is not None:
-        candidates = [c for c in candidates if c.name == f"step-{step:08d}"]
-    if not candidates:
-        raise CliError(f"no checkpoint{'' if step is None else f' for step {step}'} under {root}")
-    run_convert(str(candidates[-1] / "model"), destination, dtype=dtype, max_shard_size=max_shard_size)
-    return candidates[-1]
+               max_shard_size: str = "5GB", merge_lora: bool = False) -> Path:
+    """Export a training run's checkpoint (the latest, or ``step``) as a standalone checkpoint.
+
+    A LoRA run's checkpoint holds an adapter: it is copied as is (PEFT's layout, usable with
+    ``--model``), or with ``merge_lora`` added into its base model's weights (in float32, then cast
+    to ``dtype``) and written in the official layout. ``run_dir`` may also be an adapter directory.
+    """
+    if is_adapter(run_dir):
+        source = Path(run_dir)
+    else:
+        root = Path(run_dir) / CHECKPOINTS
+        candidates = sorted(root.glob("step-*")) if root.is_dir() else []
+        if step is not None:
+            candidates = [c for c in candidates if c.name == f"step-{step:08d}"]
+        if not candidates:
+            raise CliError(f"no checkpoint{'' if step is None else f' for step {step}'} under {root}")
+        source = candidates[-1] / ADAPTER_DIR if (candidates[-1] / ADAPTER_DIR).is_dir() else candidates[-1] / MODEL_DIR
+    if not is_adapter(source):
+        if merge_lora:
+            raise CliError(f"{source} is a whole model, not a LoRA adapter: export it without --merge-lora")
+        run_convert(str(source), destination, dtype=dtype, max_shard_size=max_shard_size)
+    elif merge_lora:
+        base = adapter_base(source)
+        model = merge_adapter(LLaDAModel.from_pretrained(base, dtype=torch.float32), source)
+        tokenizer_dir = source if (source / "tokenizer.json").is_file() else base
+        save_model(model, destination, dtype=resolve_dtype(dtype, torch.device("cpu")), max_shard_size=max_shard_size,
+                   extra_files=[tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()])
+    else:
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{Path(destination).name}.", dir=Path(destination).parent))
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        shutil.rmtree(destination, ignore_errors=True)
+        staging.rename(destination)
+    return source
 
 
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,11 +148,14 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, help="which step (default: the latest)")
     parser.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or stored (default bf16)")
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA run (or adapter directory): add the adapter into its base model's weights and "
+                             "write a whole checkpoint (default: copy the adapter as is)")
 
 
 def _export(args: argparse.Namespace) -> None:
     used = run_export(args.run_dir, args.destination, step=args.step, dtype=args.dtype,
-                      max_shard_size=args.max_shard_size)
+                      max_shard_size=args.max_shard_size, merge_lora=args.merge_lora)
     print(f"exported {used} -> {args.destination}")
 
 
@@ -141,7 +171,8 @@ COMMANDS = [
     Command("init", "Create a randomly initialised checkpoint with a tokenizer (for tests and demos).",
             "example:\n  llada init tiny-ckpt/ --preset tiny --train-tokenizer-on README.md --vocab-size 512",
             _init_arguments, _init),
-    Command("export", "Export a training run's checkpoint in the official layout.",
-            "example:\n  llada export runs/demo checkpoints/demo --dtype bf16",
+    Command("export", "Export a training run's checkpoint in the official layout (or its LoRA adapter).",
+            "examples:\n  llada export runs/demo checkpoints/demo --dtype bf16\n"
+            "  llada export runs/lora-sft checkpoints/merged --merge-lora   # adapter + base -> one checkpoint",
             _export_arguments, _export),
 ]

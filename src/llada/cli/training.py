@@ -1,5 +1,5 @@
-"""``llada data tokenize``, ``llada data sft``, ``llada tokenizer train``, ``llada train`` and
-``llada plot``: from text files to a trained model and its curves."""
+"""``llada data tokenize``, ``llada data sft``, ``llada data preference``, ``llada tokenizer train``,
+``llada train`` and ``llada plot``: from text files to a trained model and its curves."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from llada.training.config import load_config
 from llada.training.corpus import CorpusIssue, expand_inputs, read_documents
 from llada.training.packing import tokenize_corpus
 from llada.training.plot import plot_runs
+from llada.training.preference_data import build_preference_data
 from llada.training.sft_data import build_sft_data
 from llada.training.trainer import train
 
@@ -75,6 +76,21 @@ def _sft(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(summary)))
 
 
+def _preference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="JSONL files or glob patterns")
+    parser.add_argument("--tokenizer", required=True, help="directory with the tokenizer files and chat template")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--max-length", type=int, default=4096,
+                        help="longest prompt + answer; longer pairs are dropped (default 4096)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+
+
+def _preference(args: argparse.Namespace) -> None:
+    summary = build_preference_data(args.inputs, args.output, args.tokenizer, max_length=args.max_length,
+                                    on_error=args.on_error)
+    print(json.dumps(asdict(summary)))
+
+
 def _tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="text/JSONL/Parquet files or glob patterns")
     parser.add_argument("--output", required=True)
@@ -127,10 +143,17 @@ COMMANDS = [
             "{\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n"
             "example:\n  llada data sft chats.jsonl --tokenizer ckpt/ --output data/sft --max-length 2048",
             _sft_arguments, _sft),
+    Command("data preference", "Turn preference JSONL (a prompt, a chosen and a rejected answer) into token "
+            "triples for DPO / VRPO.",
+            "input lines look like {\"prompt\": \"What is 2+3?\", \"chosen\": \"5\", \"rejected\": \"6\"} "
+            "(or \"messages\": [...] instead of \"prompt\")\n"
+            "example:\n  llada data preference pairs.jsonl --tokenizer ckpt/ --output data/pairs --max-length 1024",
+            _preference_arguments, _preference),
     Command("tokenizer train", "Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.",
             "example:\n  llada tokenizer train 'texts/*.txt' --vocab-size 16384 --output my-tokenizer/",
             _tokenizer_arguments, _tokenizer),
-    Command("train", "Pretrain, fine-tune (SFT) or train the autoregressive baseline from a YAML recipe.",
+    Command("train", "Pretrain, fine-tune (SFT, LoRA), align (DPO, VRPO) or train the autoregressive baseline "
+            "from a YAML recipe.",
             "examples:\n  llada train configs/demo_pretrain.yaml\n"
             "  llada train configs/demo_pretrain.yaml --set optim.lr=1e-3 --set steps=200 --set out_dir=runs/try",
             _train_arguments, _train),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from llada.model.lora import adapter_base, is_adapter, merge_adapter
 from llada.model.quantize import QUANTIZERS
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
@@ -50,11 +51,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def load(model_dir: str | Path, device: str, dtype: str) -> tuple[LLaDAModel, Tokenizer]:
     """The model and tokenizer of a checkpoint, on ``device`` in ``dtype``; ``int8`` / ``fp8`` load as
-    ``auto`` and then quantize the block weights (for inference: such a model cannot be saved)."""
+    ``auto`` and then quantize the block weights (for inference: such a model cannot be saved).
+
+    ``model_dir`` may also be a LoRA adapter (a training run's ``checkpoints/step-N/adapter``): its
+    base checkpoint is loaded and the adapter merged into the weights in memory, so that generation
+    and serving run at the base model's speed with nothing written to disk.
+    """
     target = resolve_device(device)
     quantize = QUANTIZERS.get(dtype)
-    model = LLaDAModel.from_pretrained(model_dir, dtype=resolve_dtype("auto" if quantize else dtype, target),
+    weights = adapter_base(model_dir) if is_adapter(model_dir) else Path(model_dir)
+    model = LLaDAModel.from_pretrained(weights, dtype=resolve_dtype("auto" if quantize else dtype, target),
                                        device=target)
+    if weights != Path(model_dir):
+        model = merge_adapter(model, model_dir).eval()
     if quantize:
         quantize(model)
-    return model, Tokenizer.from_pretrained(model_dir)
+    tokenizer_dir = model_dir if (Path(model_dir) / "tokenizer.json").is_file() else weights
+    return model, Tokenizer.from_pretrained(tokenizer_dir)

@@ -14,6 +14,7 @@ forward pass reads the head's weight directly).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,10 +55,12 @@ def add_lora(model: LLaDAModel, rank: int, alpha: float, dropout: float, targets
         raise ValueError("LoRA needs at least one target projection")
     peft = _peft()
     pattern = r"blocks\.\d+\.(" + "|".join(re.escape(name) for name in targets) + ")"
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
-                             base_model_name_or_path=str(base) if base else None)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
     model.requires_grad_(False)
-    return peft.get_peft_model(model, config)
+    handle = peft.get_peft_model(model, config)
+    # Set afterwards: get_peft_model overwrites it with the name a transformers model carries (none here).
+    handle.peft_config["default"].base_model_name_or_path = str(Path(base).resolve()) if base else None
+    return handle
 
 
 def adapter_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ def save_adapter(directory: str | Path, handle: PeftModel, state: Mapping[str, t
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     wrapped = {_WRAPPED + key: value for key, value in adapter_state(state).items()}
-    weights = peft.get_peft_model_state_dict(handle, state_dict=wrapped)
+    weights = peft.get_peft_model_state_dict(handle, state_dict=wrapped, save_embedding_layers=False)
     save_file({key: value.detach().contiguous().cpu() for key, value in weights.items()},
               str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     handle.peft_config["default"].save_pretrained(str(directory))
@@ -105,7 +108,23 @@ def merge_adapter(model: LLaDAModel, directory: str | Path) -> LLaDAModel:
     return load_adapter(model, directory).merge_and_unload()
 
 
-def adapter_base(directory: str | Path) -> str | None:
-    """The checkpoint an adapter was trained on, as its config records it (None if unrecorded)."""
-    config = _peft().PeftConfig.from_pretrained(str(directory))
-    return config.base_model_name_or_path
+def is_adapter(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a LoRA adapter (PEFT's layout) rather than a whole model."""
+    return (Path(directory) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(directory: str | Path) -> Path:
+    """The checkpoint an adapter applies to, as its config records it; a clear error when it is
+    unrecorded or no longer there."""
+    config_path = Path(directory) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is unreadable: {error}") from error
+    if not base:
+        raise ValueError(f"{config_path} records no base model (base_model_name_or_path); "
+                         "set it to the checkpoint the adapter was trained on")
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"the adapter in {directory} applies to {base}, which holds no checkpoint; "
+                                f"edit base_model_name_or_path in {config_path} to where it is now")
+    return Path(base)

@@ -58,6 +58,7 @@ def attach_adapters(model: LLaDAModel, config: TrainConfig) -> PeftModel | None:
     lora = config.lora
     if not lora.rank:
         return None
+    torch.manual_seed(config.seed)  # the adapters' random start (B is zero, A is not): the same on every run
     return add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, base=config.model.init_from)
 
 
