@@ -85,3 +85,32 @@ def test_loss_is_dpo_of_the_margins_and_trains_only_the_policy(models) -> None:
     assert all(p.grad is None for p in reference.parameters())
     with pytest.raises(ValueError, match="tokens"):
         elbo_estimate(policy, PROMPT, ANSWER, draw(4, PLAIN_DPO), mask_id)
+
+
+@pytest.mark.parametrize("reduction", [VarianceReduction(budget=4, masks_per_count=2, antithetic=True), PLAIN_DPO],
+                         ids=["antithetic", "independent"])
+def test_packed_loss_equals_the_answer_by_answer_definition(models, reduction: VarianceReduction) -> None:
+    """One padded pass per model (and a second policy pass for the gradient) gives the value and the
+    gradient of DPO written out answer by answer with autograd, on the same draws."""
+    policy, reference = models
+    mask_id = reference.config.mask_token_id
+    pairs = [(PROMPT, ANSWER, torch.tensor([8, 8, 8, 9, 10])), (PROMPT[:2], torch.tensor([4, 5]), torch.tensor([6]))]
+    policy.zero_grad()
+    packed = preference_loss(policy, reference, pairs, beta=0.7, reduction=reduction, mask_id=mask_id,
+                             generator=torch.Generator().manual_seed(4))
+    packed.value.backward()
+    packed_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    generator = torch.Generator().manual_seed(4)
+    margins = torch.stack([reward_difference(policy, reference, prompt, chosen, reduction, mask_id, generator)
+                           - reward_difference(policy, reference, prompt, rejected, reduction, mask_id, generator)
+                           for prompt, chosen, rejected in pairs])
+    direct = -torch.nn.functional.logsigmoid(0.7 * margins).mean()
+    direct.backward()
+    torch.testing.assert_close(packed.margins, margins.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed.value.double(), direct.double(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(packed_grads, (p.grad for p in policy.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():  # evaluation: the value alone, no second pass
+        assert preference_loss(policy, reference, pairs, 0.7, reduction, mask_id,
+                               torch.Generator().manual_seed(4)).value.item() == pytest.approx(direct.item())

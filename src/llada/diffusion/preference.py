@@ -95,7 +95,7 @@ def elbo_estimate(model: torch.nn.Module, prompt: torch.Tensor, answer: torch.Te
 class PreferenceLoss:
     """The DPO loss of a batch of pairs and what to log about it."""
 
-    value: torch.Tensor  # scalar: mean over pairs of -log σ(β · margin)
+    value: torch.Tensor  # scalar: mean over pairs of -log σ(β · margin), with the policy's gradient
     margins: torch.Tensor  # (B,) the estimated reward margins (B̂_π - B̂_ref)(y_w) - (B̂_π - B̂_ref)(y_l), detached
     accuracy: float  # share of pairs whose margin is positive
 
@@ -104,7 +104,8 @@ def reward_difference(policy: torch.nn.Module, reference: torch.nn.Module, promp
                       reduction: VarianceReduction, mask_id: int, generator: torch.Generator | None = None
                       ) -> torch.Tensor:
     """B̂_π(answer) - B̂_ref(answer): the reference scored without gradients, on the policy's draws
-    when ``reduction.antithetic``, else on draws of its own."""
+    when ``reduction.antithetic``, else on draws of its own. (One answer at a time, two forward
+    passes: the definition ``preference_loss`` computes packed, and what the estimator tests use.)"""
     device = prompt.device
     draws = draw(answer.numel(), reduction, generator, device)
     mine = elbo_estimate(policy, prompt, answer, draws, mask_id)
@@ -114,17 +115,86 @@ def reward_difference(policy: torch.nn.Module, reference: torch.nn.Module, promp
     return mine - base
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Every draw of every answer as one padded batch: row r is a draw of answer ``answers[r]``."""
+
+    ids: torch.Tensor  # (R, T) prompt + noised answer, right-padded
+    targets: torch.Tensor  # (R, T) prompt + clean answer
+    weights: torch.Tensor  # (R, T) float64: (L / l) / n at the masked answer positions, 0 elsewhere
+    answers: torch.Tensor  # (R,) long
+    attention: torch.Tensor | None  # (R, T) real-token mask, None when no row is padded
+
+    def estimates(self, model: torch.nn.Module, count: int) -> torch.Tensor:
+        """(count,) ELBO estimates of the answers (no gradients): one forward pass, no logits kept."""
+        sums = model(self.ids, attention_mask=self.attention, targets=self.targets, target_weights=self.weights,
+                     per_sequence=True).weighted_nll  # (R,)
+        return -torch.zeros(count, dtype=sums.dtype, device=sums.device).index_add_(0, self.answers, sums)
+
+
+def _pack(items: list[tuple[torch.Tensor, torch.Tensor, ElboDraws]], mask_id: int) -> _Rows:
+    """The rows of (prompt, answer, draws) items, in item order."""
+    total = sum(d.counts.numel() for _, _, d in items)
+    width = max(p.numel() + a.numel() for p, a, _ in items)
+    device = items[0][2].masked.device
+    ids = torch.zeros(total, width, dtype=torch.long, device=device)
+    targets = torch.zeros_like(ids)
+    weights = torch.zeros(total, width, dtype=torch.float64, device=device)
+    attention = torch.zeros(total, width, dtype=torch.bool, device=device)
+    answers = torch.empty(total, dtype=torch.long, device=device)
+    row = 0
+    for index, (prompt, answer, draws) in enumerate(items):
+        n, length = draws.masked.shape
+        end, stop = row + n, prompt.numel() + length
+        clean = torch.cat([prompt.to(device), answer.to(device)])
+        targets[row:end, :stop] = clean
+        ids[row:end, :stop] = clean
+        ids[row:end, prompt.numel():stop].masked_fill_(draws.masked, mask_id)
+        weights[row:end, prompt.numel():stop] = draws.masked.double() * (length / draws.counts.double())[:, None] / n
+        attention[row:end, :stop] = True
+        answers[row:end] = index
+        row = end
+    return _Rows(ids, targets, weights, answers, None if bool(attention.all()) else attention)
+
+
 def preference_loss(policy: torch.nn.Module, reference: torch.nn.Module,
                     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], beta: float,
                     reduction: VarianceReduction, mask_id: int, generator: torch.Generator | None = None
                     ) -> PreferenceLoss:
-    """DPO over ELBO estimates for ``pairs`` of (prompt, chosen answer, rejected answer) 1-D id tensors."""
+    """DPO over ELBO estimates for ``pairs`` of (prompt, chosen answer, rejected answer) 1-D id tensors.
+
+    Packed: all draws of all answers go through the policy and the reference in one forward pass
+    each (rows padded, padding hidden from attention), instead of two passes per answer. The loss is
+    not a plain sum over tokens, so its gradient takes a second policy pass: with the margins m_p
+    known, ∂L/∂B̂_π(y) = ∓β σ(-β m_p) / P, and the policy's gradient is that of the weighted sum
+    Σ_y (∂L/∂B̂_π(y)) · B̂_π(y) over the same rows, which the fused loss computes without logits.
+    The value is the exact loss; the draws, and so the estimates, are those of ``reward_difference``
+    called answer by answer with the same generator (chosen, then rejected, pair by pair).
+    With dropout in the policy (LoRA dropout) the two passes see different dropout masks.
+    """
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    margins = torch.stack([
-        reward_difference(policy, reference, prompt, chosen, reduction, mask_id, generator)
-        - reward_difference(policy, reference, prompt, rejected, reduction, mask_id, generator)
-        for prompt, chosen, rejected in pairs])
+    if not pairs:
+        raise ValueError("no preference pairs")
+    mine, theirs = [], []
+    for prompt, chosen, rejected in pairs:
+        for answer in (chosen, rejected):
+            drawn = draw(answer.numel(), reduction, generator, prompt.device)
+            mine.append((prompt, answer, drawn))
+            theirs.append((prompt, answer, drawn if reduction.antithetic
+                           else draw(answer.numel(), reduction, generator, prompt.device)))
+    policy_rows, reference_rows = _pack(mine, mask_id), _pack(theirs, mask_id)
+    count = len(mine)
+    with torch.no_grad():
+        rewards = policy_rows.estimates(policy, count) - reference_rows.estimates(reference, count)  # (2P,)
+    margins = rewards[0::2] - rewards[1::2]  # (P,), in the estimates' dtype (at least float32)
     value = -F.logsigmoid(beta * margins).mean()
-    detached = margins.detach()
-    return PreferenceLoss(value, detached, float((detached > 0).float().mean()))
+    if torch.is_grad_enabled():
+        slope = -beta * torch.sigmoid(-beta * margins) / len(pairs)  # ∂L/∂B̂_π(chosen); its negative for rejected
+        per_answer = torch.stack([slope, -slope], dim=1).flatten().double()  # (2P,)
+        # Σ_y slope_y · B̂_π(y) = -Σ_rows slope · Σ weight · CE
+        weights = -per_answer[policy_rows.answers][:, None] * policy_rows.weights
+        surrogate = policy(policy_rows.ids, attention_mask=policy_rows.attention, targets=policy_rows.targets,
+                           target_weights=weights).weighted_nll
+        value = value + (surrogate - surrogate.detach()).to(value.dtype)
+    return PreferenceLoss(value, margins, float((margins > 0).float().mean()))

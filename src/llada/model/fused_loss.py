@@ -89,7 +89,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 @torch.compiler.disable
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         row_weights: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+                         row_weights: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                         row_groups: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
     """``Σ_i row_weights[i] · CE(hidden[i] @ weight.T, targets[i])`` without materialising all logits.
 
     Under autocast the projection runs in the autocast dtype (as ``F.linear`` would) and the softmax
@@ -101,8 +102,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         targets: (N,) token ids to score.
         row_weights: (N,) per-row weights; rows with weight 0 are skipped entirely.
         chunk_elements: logits elements per chunk (bounds the memory used).
+        row_groups: optional (N,) group index in [0, groups) per row: then the sums are taken per group
+            and returned as a (groups,) vector. Scoring only (no gradients): a loss that is not a
+            plain sum needs the gradient computed otherwise.
     Returns:
-        The weighted sum as a 0-dim tensor (float32, or float64 for float64 inputs).
+        The weighted sum as a 0-dim tensor (float32, or float64 for float64 inputs), or the
+        (groups,) sums.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, E) and weight (V, E) do not fit: {tuple(hidden.shape)}, {tuple(weight.shape)}")
@@ -116,4 +121,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     chunk_rows = max(1, chunk_elements // weight.shape[0])
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
+        if row_groups is not None:
+            if with_grad:
+                raise ValueError("per-group sums are for scoring: compute them under torch.no_grad()")
+            return _group_sums(hidden, weight, targets, row_weights, row_groups, groups, chunk_rows)
         return _LinearCrossEntropy.apply(hidden, weight, targets, row_weights.detach(), chunk_rows, with_grad)
+
+
+def _group_sums(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,
+                row_groups: torch.Tensor, groups: int, chunk_rows: int) -> torch.Tensor:
+    """Σ weight · CE per group, over the weighted rows, a chunk of logits at a time."""
+    if row_groups.shape != row_weights.shape:
+        raise ValueError(f"row_groups {tuple(row_groups.shape)} must have the shape of row_weights "
+                         f"{tuple(row_weights.shape)}")
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    sums = torch.zeros(groups, dtype=compute, device=hidden.device)
+    rows = row_weights.nonzero().squeeze(1)
+    for start in range(0, rows.numel(), chunk_rows):
+        chunk = rows[start:start + chunk_rows]
+        logits = (hidden.index_select(0, chunk) @ weight.T).to(compute)
+        losses = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets.index_select(0, chunk)[:, None]).squeeze(1)
+        sums.index_add_(0, row_groups.index_select(0, chunk), losses * row_weights.index_select(0, chunk).to(compute))
+    return sums

@@ -35,7 +35,7 @@ class ModelOutput:
     """
 
     logits: torch.Tensor | None = None  # (B, L, V)
-    weighted_nll: torch.Tensor | None = None  # scalar
+    weighted_nll: torch.Tensor | None = None  # scalar, or (B,) with per_sequence
 
 
 # Attention over keys and values: (q (B, H, L, D), k, v (B, K, T, D)) -> (B, L, H·D).
@@ -247,7 +247,7 @@ class LLaDAModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 causal: bool = False, targets: torch.Tensor | None = None,
-                target_weights: torch.Tensor | None = None) -> ModelOutput:
+                target_weights: torch.Tensor | None = None, per_sequence: bool = False) -> ModelOutput:
         """Logits for every position, or the training loss computed without them.
 
         Args:
@@ -260,6 +260,8 @@ class LLaDAModel(nn.Module):
                 ``fused_loss.linear_cross_entropy`` (only positions with a non-zero weight go
                 through the output projection, and no full logits tensor is made). Inside the
                 forward pass so that wrappers that gather weights around ``forward`` (FSDP) see it.
+            per_sequence: with ``targets``, ``weighted_nll`` is each sequence's sum (B,) instead of
+                their total (for scoring, without gradients).
         Returns:
             ModelOutput with ``logits`` (B, L, V) in the model's dtype, or with ``weighted_nll``.
         """
@@ -282,8 +284,10 @@ class LLaDAModel(nn.Module):
             return ModelOutput(logits=F.linear(x, self.output_weight()))  # (B, L, V)
         if target_weights is None or targets.shape != input_ids.shape or target_weights.shape != input_ids.shape:
             raise ValueError("targets and target_weights must both be given with the shape of input_ids")
+        groups = torch.arange(input_ids.shape[0], device=x.device).repeat_interleave(length) if per_sequence else None
         return ModelOutput(weighted_nll=linear_cross_entropy(
-            x.flatten(0, 1), self.output_weight(), targets.flatten(), target_weights.flatten()))
+            x.flatten(0, 1), self.output_weight(), targets.flatten(), target_weights.flatten(), row_groups=groups,
+            groups=input_ids.shape[0]))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
