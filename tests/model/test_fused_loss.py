@@ -81,3 +81,17 @@ def test_model_forward_with_targets_equals_scoring_its_logits() -> None:
     assert fused.item() == pytest.approx(reference.item(), rel=1e-10)
     with pytest.raises(ValueError, match="target_weights"):
         model(ids, targets=targets)
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 7 * 50, 10_000])
+def test_group_sums_equal_the_dense_sums_per_group(chunk_elements: int) -> None:
+    hidden, weight, targets, row_weights = inputs()
+    groups = torch.randint(0, 5, (hidden.shape[0],), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, targets, row_weights, chunk_elements, row_groups=groups, groups=6)
+        want = torch.stack([dense(hidden[groups == g], weight, targets[groups == g], row_weights[groups == g])
+                            for g in range(6)])
+    torch.testing.assert_close(got, want)
+    assert got[5] == 0  # a group with no rows
+    with pytest.raises(ValueError, match="no_grad"):
+        linear_cross_entropy(hidden, weight, targets, row_weights, row_groups=groups, groups=6)

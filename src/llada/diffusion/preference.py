@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from llada.diffusion.masking import mask_exact_count, stratified_mask_counts
+from llada.diffusion.scored_rows import ScoredRows
 
 
 @dataclass(frozen=True)
@@ -115,25 +116,9 @@ def reward_difference(policy: torch.nn.Module, reference: torch.nn.Module, promp
     return mine - base
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """Every draw of every answer as one padded batch: row r is a draw of answer ``answers[r]``."""
-
-    ids: torch.Tensor  # (R, T) prompt + noised answer, right-padded
-    targets: torch.Tensor  # (R, T) prompt + clean answer
-    weights: torch.Tensor  # (R, T) float64: (L / l) / n at the masked answer positions, 0 elsewhere
-    answers: torch.Tensor  # (R,) long
-    attention: torch.Tensor | None  # (R, T) real-token mask, None when no row is padded
-
-    def estimates(self, model: torch.nn.Module, count: int) -> torch.Tensor:
-        """(count,) ELBO estimates of the answers (no gradients): one forward pass, no logits kept."""
-        sums = model(self.ids, attention_mask=self.attention, targets=self.targets, target_weights=self.weights,
-                     per_sequence=True).weighted_nll  # (R,)
-        return -torch.zeros(count, dtype=sums.dtype, device=sums.device).index_add_(0, self.answers, sums)
-
-
-def _pack(items: list[tuple[torch.Tensor, torch.Tensor, ElboDraws]], mask_id: int) -> _Rows:
-    """The rows of (prompt, answer, draws) items, in item order."""
+def _pack(items: list[tuple[torch.Tensor, torch.Tensor, ElboDraws]], mask_id: int) -> ScoredRows:
+    """Every draw of every (prompt, answer, draws) item as one right-padded batch; group i is item i,
+    so that group scores are the items' ELBO estimates."""
     total = sum(d.counts.numel() for _, _, d in items)
     width = max(p.numel() + a.numel() for p, a, _ in items)
     device = items[0][2].masked.device
@@ -141,7 +126,7 @@ def _pack(items: list[tuple[torch.Tensor, torch.Tensor, ElboDraws]], mask_id: in
     targets = torch.zeros_like(ids)
     weights = torch.zeros(total, width, dtype=torch.float64, device=device)
     attention = torch.zeros(total, width, dtype=torch.bool, device=device)
-    answers = torch.empty(total, dtype=torch.long, device=device)
+    groups = torch.zeros_like(ids)
     row = 0
     for index, (prompt, answer, draws) in enumerate(items):
         n, length = draws.masked.shape
@@ -152,9 +137,9 @@ def _pack(items: list[tuple[torch.Tensor, torch.Tensor, ElboDraws]], mask_id: in
         ids[row:end, prompt.numel():stop].masked_fill_(draws.masked, mask_id)
         weights[row:end, prompt.numel():stop] = draws.masked.double() * (length / draws.counts.double())[:, None] / n
         attention[row:end, :stop] = True
-        answers[row:end] = index
+        groups[row:end] = index
         row = end
-    return _Rows(ids, targets, weights, answers, None if bool(attention.all()) else attention)
+    return ScoredRows(ids, targets, weights, groups, len(items), None if bool(attention.all()) else attention)
 
 
 def preference_loss(policy: torch.nn.Module, reference: torch.nn.Module,
@@ -164,13 +149,10 @@ def preference_loss(policy: torch.nn.Module, reference: torch.nn.Module,
     """DPO over ELBO estimates for ``pairs`` of (prompt, chosen answer, rejected answer) 1-D id tensors.
 
     Packed: all draws of all answers go through the policy and the reference in one forward pass
-    each (rows padded, padding hidden from attention), instead of two passes per answer. The loss is
-    not a plain sum over tokens, so its gradient takes a second policy pass: with the margins m_p
-    known, ∂L/∂B̂_π(y) = ∓β σ(-β m_p) / P, and the policy's gradient is that of the weighted sum
-    Σ_y (∂L/∂B̂_π(y)) · B̂_π(y) over the same rows, which the fused loss computes without logits.
-    The value is the exact loss; the draws, and so the estimates, are those of ``reward_difference``
-    called answer by answer with the same generator (chosen, then rejected, pair by pair).
-    With dropout in the policy (LoRA dropout) the two passes see different dropout masks.
+    each (rows padded, padding hidden from attention), instead of two passes per answer, and the
+    policy's gradient takes one more pass (``ScoredRows.loss``). The value is the exact loss; the
+    draws, and so the estimates, are those of ``reward_difference`` called answer by answer with the
+    same generator (chosen, then rejected, pair by pair).
     """
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
@@ -183,18 +165,13 @@ def preference_loss(policy: torch.nn.Module, reference: torch.nn.Module,
             mine.append((prompt, answer, drawn))
             theirs.append((prompt, answer, drawn if reduction.antithetic
                            else draw(answer.numel(), reduction, generator, prompt.device)))
-    policy_rows, reference_rows = _pack(mine, mask_id), _pack(theirs, mask_id)
-    count = len(mine)
-    with torch.no_grad():
-        rewards = policy_rows.estimates(policy, count) - reference_rows.estimates(reference, count)  # (2P,)
-    margins = rewards[0::2] - rewards[1::2]  # (P,), in the estimates' dtype (at least float32)
-    value = -F.logsigmoid(beta * margins).mean()
-    if torch.is_grad_enabled():
-        slope = -beta * torch.sigmoid(-beta * margins) / len(pairs)  # ∂L/∂B̂_π(chosen); its negative for rejected
-        per_answer = torch.stack([slope, -slope], dim=1).flatten().double()  # (2P,)
-        # Σ_y slope_y · B̂_π(y) = -Σ_rows slope · Σ weight · CE
-        weights = -per_answer[policy_rows.answers][:, None] * policy_rows.weights
-        surrogate = policy(policy_rows.ids, attention_mask=policy_rows.attention, targets=policy_rows.targets,
-                           target_weights=weights).weighted_nll
-        value = value + (surrogate - surrogate.detach()).to(value.dtype)
+    reference_scores = _pack(theirs, mask_id).scores(reference)  # (2P,)
+
+    def dpo(policy_scores: torch.Tensor) -> torch.Tensor:
+        rewards = policy_scores - reference_scores
+        return -F.logsigmoid(beta * (rewards[0::2] - rewards[1::2])).mean()
+
+    value, policy_scores = _pack(mine, mask_id).loss(policy, dpo)
+    rewards = policy_scores - reference_scores
+    margins = rewards[0::2] - rewards[1::2]  # (P,), in the scores' dtype (at least float32)
     return PreferenceLoss(value, margins, float((margins > 0).float().mean()))

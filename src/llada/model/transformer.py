@@ -35,7 +35,7 @@ class ModelOutput:
     """
 
     logits: torch.Tensor | None = None  # (B, L, V)
-    weighted_nll: torch.Tensor | None = None  # scalar, or (B,) with per_sequence
+    weighted_nll: torch.Tensor | None = None  # scalar, or the sums per group with target_groups
 
 
 # Attention over keys and values: (q (B, H, L, D), k, v (B, K, T, D)) -> (B, L, H·D).
@@ -247,7 +247,8 @@ class LLaDAModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 causal: bool = False, targets: torch.Tensor | None = None,
-                target_weights: torch.Tensor | None = None, per_sequence: bool = False) -> ModelOutput:
+                target_weights: torch.Tensor | None = None, target_groups: torch.Tensor | None = None,
+                target_group_count: int = 0) -> ModelOutput:
         """Logits for every position, or the training loss computed without them.
 
         Args:
@@ -260,8 +261,9 @@ class LLaDAModel(nn.Module):
                 ``fused_loss.linear_cross_entropy`` (only positions with a non-zero weight go
                 through the output projection, and no full logits tensor is made). Inside the
                 forward pass so that wrappers that gather weights around ``forward`` (FSDP) see it.
-            per_sequence: with ``targets``, ``weighted_nll`` is each sequence's sum (B,) instead of
-                their total (for scoring, without gradients).
+            target_groups: optional (B, L) group index in [0, ``target_group_count``) per position:
+                ``weighted_nll`` is then the (target_group_count,) sums per group (a sum per
+                sequence, per answer or per token), for scoring without gradients.
         Returns:
             ModelOutput with ``logits`` (B, L, V) in the model's dtype, or with ``weighted_nll``.
         """
@@ -284,10 +286,11 @@ class LLaDAModel(nn.Module):
             return ModelOutput(logits=F.linear(x, self.output_weight()))  # (B, L, V)
         if target_weights is None or targets.shape != input_ids.shape or target_weights.shape != input_ids.shape:
             raise ValueError("targets and target_weights must both be given with the shape of input_ids")
-        groups = torch.arange(input_ids.shape[0], device=x.device).repeat_interleave(length) if per_sequence else None
+        if target_groups is not None and target_groups.shape != input_ids.shape:
+            raise ValueError(f"target_groups must have the shape of input_ids, got {tuple(target_groups.shape)}")
         return ModelOutput(weighted_nll=linear_cross_entropy(
-            x.flatten(0, 1), self.output_weight(), targets.flatten(), target_weights.flatten(), row_groups=groups,
-            groups=input_ids.shape[0]))
+            x.flatten(0, 1), self.output_weight(), targets.flatten(), target_weights.flatten(),
+            row_groups=None if target_groups is None else target_groups.flatten(), groups=target_group_count))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
