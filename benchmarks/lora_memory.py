@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -81,7 +83,15 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    for variant in variants:
+        if len(variants) > 1:  # each variant in a fresh process: nothing of the previous one stays allocated
+            command = [sys.executable, __file__, "--preset", args.preset, "--seq-len", str(args.seq_len), "--batch",
+                       str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps), "--variants", variant]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(output.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         try:
             row = measure(args.preset, args.seq_len, args.batch, args.rank, variant == "checkpointing", args.steps)
         except torch.OutOfMemoryError as error:
