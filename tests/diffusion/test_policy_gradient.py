@@ -12,6 +12,7 @@ from llada.diffusion.policy_gradient import (
     GrpoSettings,
     Rollouts,
     completion_mask,
+    draw_prompt_mask,
     group_advantages,
     grpo_loss,
     grpo_objective,
@@ -51,14 +52,16 @@ def test_rows_mask_the_whole_completion_and_a_share_of_the_real_prompt() -> None
     model = tiny_model()
     mask_id = model.config.mask_token_id
     rollouts = _rollouts(torch.Generator().manual_seed(0))
-    rows = log_prob_rows(rollouts, 0.3, mask_id, torch.Generator().manual_seed(1))
+    rows = log_prob_rows(rollouts, draw_prompt_mask(rollouts.prompt_real, 0.3, torch.Generator().manual_seed(1)),
+                         mask_id)
     assert (rows.ids[:, 6:] == mask_id).all()
     assert rows.attention is not None and not rows.attention[1, :2].any()
     assert not (rows.ids[1, :2] == mask_id).any()  # padding is never masked
     assert rows.weights[2].tolist() == [0.0] * 6 + [1.0] * 4 + [0.0]
     many = Rollouts(torch.randint(0, 200, (200, 50)), torch.ones(200, 50, dtype=torch.bool),
                     torch.randint(0, 200, (200, 2)), torch.ones(200, 2, dtype=torch.bool))
-    share = (log_prob_rows(many, 0.15, mask_id, torch.Generator().manual_seed(2)).ids[:, :50] == mask_id).float().mean()
+    hidden = draw_prompt_mask(many.prompt_real, 0.15, torch.Generator().manual_seed(2))
+    share = (log_prob_rows(many, hidden, mask_id).ids[:, :50] == mask_id).float().mean()
     assert abs(share.item() - 0.15) < 0.01
 
 
@@ -71,7 +74,8 @@ def _brute_force_log_probs(model, rows, shape) -> torch.Tensor:
 def test_loss_and_gradient_equal_autograd_through_full_logits(ratio: str) -> None:
     policy, reference = tiny_model(init_std=0.1), tiny_model(seed=1, init_std=0.1)
     rollouts = _rollouts(torch.Generator().manual_seed(3))
-    rows = log_prob_rows(rollouts, 0.15, policy.config.mask_token_id, torch.Generator().manual_seed(4))
+    hidden = draw_prompt_mask(rollouts.prompt_real, 0.15, torch.Generator().manual_seed(4))
+    rows = log_prob_rows(rollouts, hidden, policy.config.mask_token_id)
     shape, real = rollouts.completions.shape, rollouts.completion_real
     with torch.no_grad():
         current = _brute_force_log_probs(policy, rows, shape)
@@ -99,7 +103,8 @@ def test_first_update_is_the_plain_policy_gradient() -> None:
     """old = current and no KL: every ratio is 1, nothing is clipped, the loss is -mean(A)."""
     policy = tiny_model(init_std=0.1)
     rollouts = _rollouts(torch.Generator().manual_seed(6))
-    rows = log_prob_rows(rollouts, 0.15, policy.config.mask_token_id, torch.Generator().manual_seed(7))
+    hidden = draw_prompt_mask(rollouts.prompt_real, 0.15, torch.Generator().manual_seed(7))
+    rows = log_prob_rows(rollouts, hidden, policy.config.mask_token_id)
     current = rows.scores(policy).view(rollouts.completions.shape)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=current.dtype)
     loss = grpo_loss(policy, rows, current, current, advantages, rollouts.completion_real, GrpoSettings(kl=0.0))

@@ -1,4 +1,4 @@
-"""``llada data tokenize``, ``llada data sft``, ``llada data preference``, ``llada tokenizer train``,
+"""``llada data tokenize``, ``data sft``, ``data preference``, ``data prompts``, ``llada tokenizer train``,
 ``llada train`` and ``llada plot``: from text files to a trained model and its curves."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from llada.training.corpus import CorpusIssue, expand_inputs, read_documents
 from llada.training.packing import tokenize_corpus
 from llada.training.plot import plot_runs
 from llada.training.preference_data import build_preference_data
+from llada.training.prompt_data import build_prompt_data
 from llada.training.sft_data import build_sft_data
 from llada.training.trainer import train
 
@@ -91,6 +92,12 @@ def _preference(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(summary)))
 
 
+def _prompts(args: argparse.Namespace) -> None:
+    summary = build_prompt_data(args.inputs, args.output, args.tokenizer, max_length=args.max_length,
+                                on_error=args.on_error)
+    print(json.dumps(asdict(summary)))
+
+
 def _tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="text/JSONL/Parquet files or glob patterns")
     parser.add_argument("--output", required=True)
@@ -149,11 +156,17 @@ COMMANDS = [
             "(or \"messages\": [...] instead of \"prompt\")\n"
             "example:\n  llada data preference pairs.jsonl --tokenizer ckpt/ --output data/pairs --max-length 1024",
             _preference_arguments, _preference),
+    Command("data prompts", "Turn prompt JSONL (with the fields the rewards check) into chat-formatted prompts "
+            "for RL (grpo).",
+            "input lines look like {\"prompt\": \"What is 2+3?\", \"answer\": \"5\"} (or \"messages\": [...]); "
+            "every field reaches the rewards\n"
+            "example:\n  llada data prompts questions.jsonl --tokenizer ckpt/ --output data/prompts",
+            _preference_arguments, _prompts),
     Command("tokenizer train", "Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.",
             "example:\n  llada tokenizer train 'texts/*.txt' --vocab-size 16384 --output my-tokenizer/",
             _tokenizer_arguments, _tokenizer),
-    Command("train", "Pretrain, fine-tune (SFT, LoRA), align (DPO, VRPO) or train the autoregressive baseline "
-            "from a YAML recipe.",
+    Command("train", "Pretrain, fine-tune (SFT, LoRA), align (DPO, VRPO, GRPO) or train the autoregressive "
+            "baseline from a YAML recipe.",
             "examples:\n  llada train configs/demo_pretrain.yaml\n"
             "  llada train configs/demo_pretrain.yaml --set optim.lr=1e-3 --set steps=200 --set out_dir=runs/try",
             _train_arguments, _train),

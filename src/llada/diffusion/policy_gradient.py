@@ -79,15 +79,20 @@ def completion_mask(completions: torch.Tensor, end_ids: tuple[int, ...]) -> torc
     return ~after_end
 
 
-def log_prob_rows(rollouts: Rollouts, prompt_mask: float, mask_id: int,
-                  generator: torch.Generator | None = None) -> ScoredRows:
-    """The diffu-GRPO log-probability pass as rows to score: every completion token masked, each real
-    prompt token masked with probability ``prompt_mask``; group n·C + k is completion n's token k
-    (weight 1 where it counts, 0 elsewhere)."""
+def draw_prompt_mask(prompt_real: torch.Tensor, probability: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, P) bool: each real prompt token hidden with ``probability`` (padding never)."""
+    draws = torch.rand(prompt_real.shape, device=prompt_real.device, generator=generator)
+    return (draws < probability) & prompt_real
+
+
+def log_prob_rows(rollouts: Rollouts, hidden: torch.Tensor, mask_id: int) -> ScoredRows:
+    """The diffu-GRPO log-probability pass as rows to score: every completion token masked, the
+    prompt tokens of ``hidden`` (``draw_prompt_mask``) masked; group n·C + k is completion n's token
+    k (weight 1 where it counts, 0 elsewhere)."""
     prompts, completions = rollouts.prompts, rollouts.completions
     count, width = completions.shape
     device = completions.device
-    hidden = (torch.rand(prompts.shape, device=device, generator=generator) < prompt_mask) & rollouts.prompt_real
     ids = torch.cat([prompts.masked_fill(hidden, mask_id), torch.full_like(completions, mask_id)], dim=1)
     targets = torch.cat([prompts, completions], dim=1)
     weights = torch.cat([torch.zeros(prompts.shape, dtype=torch.float64, device=device),
@@ -127,18 +132,23 @@ def grpo_objective(log_probs: torch.Tensor, old_log_probs: torch.Tensor, referen
     return per_completion.mean(), kl.detach(), (clipped_gains < gains).detach()
 
 
-def grpo_loss(policy: torch.nn.Module, rows: ScoredRows, old_log_probs: torch.Tensor,
+def grpo_loss(policy: torch.nn.Module, rows: ScoredRows, old_log_probs: torch.Tensor | None,
               reference_log_probs: torch.Tensor, advantages: torch.Tensor, real: torch.Tensor,
               settings: GrpoSettings) -> GrpoLoss:
     """The diffu-GRPO loss of the policy on ``rows`` (from ``log_prob_rows``), whose old and reference
-    log-probabilities were scored on the same rows. Two policy passes, no logits kept (``ScoredRows``)."""
+    log-probabilities were scored on the same rows; ``old_log_probs`` None means the policy is still
+    the one that made the rollouts (every ratio 1, as at the first update of a batch). Two policy
+    passes, no logits kept (``ScoredRows``)."""
     shape = real.shape
 
     def objective(scores: torch.Tensor) -> torch.Tensor:
-        return grpo_objective(scores.view(shape), old_log_probs, reference_log_probs, advantages, real, settings)[0]
+        log_probs = scores.view(shape)
+        old = log_probs.detach() if old_log_probs is None else old_log_probs
+        return grpo_objective(log_probs, old, reference_log_probs, advantages, real, settings)[0]
 
     value, scores = rows.loss(policy, objective)
     log_probs = scores.view(shape)
-    _, kl, clipped = grpo_objective(log_probs, old_log_probs, reference_log_probs, advantages, real, settings)
+    old = log_probs if old_log_probs is None else old_log_probs
+    _, kl, clipped = grpo_objective(log_probs, old, reference_log_probs, advantages, real, settings)
     tokens = real.sum().clamp(min=1)
     return GrpoLoss(value, log_probs, float((kl * real).sum() / tokens), float((clipped & real).sum() / tokens))

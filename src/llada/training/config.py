@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from llada.engine.options import settings_from_options
 from llada.training.schedule import ScheduleName
 
 # A run directory's layout: checkpoints/step-N/, and the records of every step and of the samples.
@@ -23,8 +24,9 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
 # autoregressive_sft: the causal baseline fine-tuned on chat data, with loss on answer tokens only;
-# dpo: DPO over single-draw ELBO estimates; vrpo: the same with the preference section's variance reductions.
-Objective = Literal["pretrain", "sft", "autoregressive", "autoregressive_sft", "dpo", "vrpo"]
+# dpo: DPO over single-draw ELBO estimates; vrpo: the same with the preference section's variance reductions;
+# grpo: diffu-GRPO, RL with verifiable rewards (the rl section).
+Objective = Literal["pretrain", "sft", "autoregressive", "autoregressive_sft", "dpo", "vrpo", "grpo"]
 
 # The block projections, by their names in the official checkpoint layout (LoRA's default targets).
 BLOCK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
@@ -54,6 +56,22 @@ class PreferenceSection:
     budget: int = 8  # vrpo: Monte-Carlo draws per ELBO estimate
     masks_per_count: int = 1  # vrpo: masks per timestep; 1 = the optimal allocation (budget timesteps)
     antithetic: bool = True  # vrpo: policy and reference scored on the same timesteps and masks
+
+
+@dataclass(kw_only=True)
+class RLSection:
+    """diffu-GRPO (d1): per step, ``batch_size`` prompts, ``group_size`` completions each, scored by rewards."""
+
+    group_size: int = 8  # completions per prompt (G)
+    inner_steps: int = 1  # μ: optimiser steps per batch of rollouts, each under a fresh prompt mask
+    prompt_mask: float = 0.15  # share of prompt tokens masked in the log-probability pass
+    clip: float = 0.2  # ε of the clipped ratio
+    kl: float = 0.04  # β of the KL penalty toward the reference
+    scale_rewards: bool = True  # divide advantages by the group's reward standard deviation
+    ratio: Literal["token", "sequence"] = "token"  # importance ratio per token (GRPO) or per completion
+    rewards: list[str] = field(default_factory=lambda: ["exact_answer"])  # built-in names or module:function
+    reward_weights: list[float] = field(default_factory=list)  # one per reward (default: all 1)
+    rollout: dict[str, Any] = field(default_factory=dict)  # generation settings of the rollouts (GenerationSettings)
 
 
 @dataclass(kw_only=True)
@@ -88,6 +106,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     preference: PreferenceSection = field(default_factory=PreferenceSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    rl: RLSection = field(default_factory=RLSection)
     steps: int = 1000  # optimiser steps
     batch_size: int = 8  # sequences per optimiser step, over all processes
     micro_batch_size: int | None = None  # sequences per forward pass and process (default: no accumulation)
@@ -142,8 +161,26 @@ class TrainConfig:
             raise ValueError(f"lora.targets: {unknown[0]!r} is not a block projection; choose from {BLOCK_PROJECTIONS}")
         if lora.rank and not lora.targets:
             raise ValueError("lora.targets is empty: name at least one block projection to adapt")
-        if (lora.rank or self.objective in ("dpo", "vrpo")) and not self.model.init_from:
+        self._validate_rl()
+        if (lora.rank or self.objective in ("dpo", "vrpo", "grpo")) and not self.model.init_from:
             raise ValueError(f"{'LoRA' if lora.rank else self.objective} starts from a trained model: set model.init_from")
+
+
+    def _validate_rl(self) -> None:
+        rl = self.rl
+        if rl.group_size < 2 or rl.inner_steps < 1:
+            raise ValueError(f"rl.group_size must be >= 2 and rl.inner_steps >= 1, got {rl.group_size} and "
+                             f"{rl.inner_steps}")
+        if not 0 <= rl.prompt_mask < 1 or rl.clip <= 0 or rl.kl < 0:
+            raise ValueError(f"rl.prompt_mask must be in [0, 1), rl.clip positive and rl.kl >= 0, got "
+                             f"{rl.prompt_mask}, {rl.clip} and {rl.kl}")
+        if not rl.rewards or (rl.reward_weights and len(rl.reward_weights) != len(rl.rewards)):
+            raise ValueError(f"rl.rewards needs at least one reward and rl.reward_weights one weight per reward, "
+                             f"got {rl.rewards} and {rl.reward_weights}")
+        try:
+            settings_from_options(rl.rollout)
+        except ValueError as error:
+            raise ValueError(f"rl.rollout: {error}") from error
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

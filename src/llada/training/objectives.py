@@ -10,7 +10,7 @@ builds the reference and hands it over in ``LossSettings.reference``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,18 @@ from llada.diffusion.losses import (
     random_truncation,
     sft_loss,
 )
+from llada.diffusion.policy_gradient import GrpoSettings
 from llada.diffusion.preference import PLAIN_DPO, VarianceReduction, preference_loss
 from llada.diffusion.sampling import generate
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.training.packing import PackedDataset
 from llada.training.preference_data import PreferenceDataset, collate_preference, split_pairs
+from llada.training.prompt_data import PromptDataset
+from llada.training.rollouts import RolloutMaker, collate_prompts, grpo_step_loss
 from llada.training.sft_data import SFTDataset, collate_sft
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]  # tensors, and for RL the prompts' records and the prepared rollouts
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class LossSettings:
     reference: torch.nn.Module | None = None  # the frozen model a preference objective compares against
     beta: float = 0.1  # preference: DPO's β
     reduction: VarianceReduction = PLAIN_DPO  # vrpo: how the ELBO estimates are drawn
+    grpo: GrpoSettings = field(default_factory=GrpoSettings)  # grpo: the loss's knobs
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,12 @@ class Objective:
     causal: bool  # the autoregressive baseline: sampled left to right
     per_token_bound: bool  # the evaluation loss bounds the NLL per token (so exp of it bounds perplexity)
     needs_reference: bool = False  # the loss reads LossSettings.reference
+    # Objectives that make their own batches (RL rollouts): built by the trainer, its ``prepare(batch,
+    # generator)`` turns each data micro-batch into what the loss reads, reused for rl.inner_steps steps.
+    preparer: type[RolloutMaker] | None = None
+    # A loss far above its running mean is a spike to skip (spike_factor); not for a policy-gradient
+    # loss, which hovers around zero with either sign.
+    spikes_detectable: bool = True
 
 
 def _packed(path: Path, seq_len: int) -> PackedDataset:
@@ -130,6 +140,14 @@ def _vrpo(model: torch.nn.Module, batch: Batch, settings: LossSettings, generato
     return _preference(model, batch, settings, generator, settings.reduction)
 
 
+def _prompts(path: Path, seq_len: int) -> PromptDataset:
+    return PromptDataset(path)
+
+
+def _grpo(model: torch.nn.Module, batch: Batch, settings: LossSettings, generator: torch.Generator) -> Loss:
+    return grpo_step_loss(model, batch, settings.mask_id, settings.grpo)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "pretrain": Objective(dataset=_packed, collate=_stack, loss=_pretrain, chat=False, causal=False,
                           per_token_bound=True),
@@ -143,6 +161,8 @@ OBJECTIVES: dict[str, Objective] = {
                      per_token_bound=False, needs_reference=True),
     "vrpo": Objective(dataset=_preference_data, collate=collate_preference, loss=_vrpo, chat=True, causal=False,
                       per_token_bound=False, needs_reference=True),
+    "grpo": Objective(dataset=_prompts, collate=collate_prompts, loss=_grpo, chat=True, causal=False,
+                      per_token_bound=False, needs_reference=True, preparer=RolloutMaker, spikes_detectable=False),
 }
 
 

@@ -5,9 +5,11 @@ The model code stays plain single-device PyTorch; this module wraps it.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
@@ -53,6 +55,19 @@ def apply_activation_checkpointing(model: LLaDAModel) -> LLaDAModel:
 
         block.forward = checkpointed
     return model
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join the process group (NCCL on GPUs, gloo on the CPU); a single process started without
+    torchrun gets the environment of a one-process group."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, default)
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
 
 
 def apply_fsdp(model: LLaDAModel, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> LLaDAModel:

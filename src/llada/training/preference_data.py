@@ -42,7 +42,8 @@ class PreferenceSummary:
     skipped: int = 0  # malformed lines (only with on_error="skip")
 
 
-def _history(record: dict) -> list[Message]:
+def prompt_history(record: dict) -> list[Message]:
+    """The conversation before the answer: ``prompt`` as one user turn, or ``messages`` as given."""
     if "prompt" in record and "messages" in record:
         raise ValueError("give either 'prompt' or 'messages', not both")
     if "prompt" in record:
@@ -72,7 +73,7 @@ def encode_preference(tokenizer: Tokenizer, line: str) -> tuple[list[int], list[
     record = json.loads(line)
     if not isinstance(record, dict):
         raise ValueError("a line must be a JSON object")  # noqa: TRY004 - bad data, not a bad call
-    history = _history(record)
+    history = prompt_history(record)
     prompt, chosen = encode_pair(tokenizer, history, _reply(record, "chosen"))
     same_prompt, rejected = encode_pair(tokenizer, history, _reply(record, "rejected"))
     if same_prompt != prompt:

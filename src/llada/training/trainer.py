@@ -58,7 +58,8 @@ from llada.training.checkpoints import ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, 
 from llada.training.config import CHECKPOINTS, TrainConfig, config_to_dict
 from llada.training.network import attach_adapters, build_model, build_reference
 from llada.training.objectives import OBJECTIVES, Batch, LossSettings, greedy_text
-from llada.training.parallelize import apply_fsdp, compile_model
+from llada.training.parallelize import apply_fsdp, compile_model, init_process_group
+from llada.training.rollouts import RolloutCycle, grpo_settings
 from llada.training.run_log import RunLog, peak_flops
 from llada.training.schedule import lr_multiplier
 
@@ -93,7 +94,7 @@ class Trainer:
         if self.world > 1 and not self.sharded:
             raise ValueError("several processes need fsdp (leave it unset or set fsdp=true)")
         if self.sharded and not dist.is_initialized():
-            self._init_process_group()
+            init_process_group(self.device)
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.micro_batch_size = config.micro_batch_size or config.batch_size // self.world
         if config.batch_size % (self.world * self.micro_batch_size):
@@ -112,6 +113,9 @@ class Trainer:
         self.mesh = init_device_mesh(self.device.type, (self.world,)) if self.sharded else None
         self.forward_model = self._parallelize()
         self.reference = self._build_reference() if self.objective.needs_reference else None
+        self.cycle = None if self.objective.preparer is None else RolloutCycle(
+            self.objective.preparer(self.model, self.forward_model, self.reference, self.tokenizer, config,
+                                    self.sharded, self._autocast).prepare, config.rl.inner_steps, self.world)
         self.optimizer = self._build_optimizer()
         self.step = 0
         self.lr_scale = 1.0
@@ -119,17 +123,6 @@ class Trainer:
         self.bad_steps = 0
         self.stop_requested = False
         self.log = RunLog(self.out_dir, config.tensorboard, writes=self.rank == 0)
-
-    def _init_process_group(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
-                             ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, default)  # a single process started without torchrun
-        if self.device.type == "cuda":
-            dist.init_process_group("nccl", device_id=self.device)
-        else:
-            dist.init_process_group("gloo")
 
     def _parallelize(self) -> torch.nn.Module:
         """Shard and/or compile the model; returns what the loss functions should call."""
@@ -193,7 +186,7 @@ class Trainer:
                                 random_length_probability=self.config.data.random_length_probability,
                                 training=self.model.training, reference=self.reference, beta=preference.beta,
                                 reduction=VarianceReduction(preference.budget, preference.masks_per_count,
-                                                            preference.antithetic))
+                                                            preference.antithetic), grpo=grpo_settings(self.config))
         with self._autocast():
             return self.objective.loss(self.forward_model, {**batch, "input_ids": batch["input_ids"].to(self.device)},
                                        settings, generator)
@@ -202,19 +195,28 @@ class Trainer:
         for start in range(0, len(indices), self.micro_batch_size):
             yield self.collate([self.dataset[i] for i in indices[start:start + self.micro_batch_size]])
 
-    def train_step(self) -> StepResult:
-        """One optimiser step over ``batch_size`` sequences (this process's share, with accumulation)."""
+    def _fresh_batches(self) -> Iterator[Batch]:
+        """This process's micro-batches of the next ``batch_size`` samples."""
         indices = self.batches.next()
         share = len(indices) // self.world
-        indices = indices[self.rank * share:(self.rank + 1) * share]
-        accumulation = math.ceil(len(indices) / self.micro_batch_size)
+        return self._micro_batches(indices[self.rank * share:(self.rank + 1) * share])
+
+    def _generator(self, micro: int, count: int) -> torch.Generator:
+        # Randomness by the micro-batch's place in the global batch: the same for any process count.
+        return step_generator(self.config.seed, self.step, self.rank * count + micro, self.device)
+
+    def train_step(self) -> StepResult:
+        """One optimiser step over ``batch_size`` samples (this process's share, with accumulation); an
+        objective that prepares its batches (RL) reuses them for ``rl.inner_steps`` steps."""
+        batches = list(self._fresh_batches()) if self.cycle is None else \
+            self.cycle.batches(self.step, self._fresh_batches, self._generator)
+        accumulation = len(batches)
         total = torch.zeros((), device=self.device)
         tokens = 0
         metrics: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for micro, batch in enumerate(self._micro_batches(indices)):
-            # Randomness by the micro-batch's place in the global batch: the same for any process count.
-            generator = step_generator(self.config.seed, self.step, self.rank * accumulation + micro, self.device)
+        for micro, batch in enumerate(batches):
+            generator = self._generator(micro, accumulation)
             loss = self._loss(batch, generator)
             (loss.value / accumulation).backward()
             total += loss.value.detach() / accumulation
@@ -253,7 +255,7 @@ class Trainer:
     def _is_bad(self, loss: float, grad_norm: float) -> bool:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return True
-        factor = self.config.spike_factor
+        factor = self.config.spike_factor if self.objective.spikes_detectable else 0.0
         return bool(factor and self.loss_mean is not None and self.step > self.config.optim.warmup_steps
                     and loss > factor * self.loss_mean)
 
@@ -276,6 +278,8 @@ class Trainer:
             indices = [self.eval_indices[(number * size + k) % count] for k in range(min(size, count))]
             batch = self.collate([self.dataset[i] for i in indices])
             generator = torch.Generator(device=self.device).manual_seed(10_007 + number)
+            if self.cycle is not None:  # RL: held-out rollouts and their rewards, at the first inner step
+                batch = {**self.cycle.prepare(batch, generator), "inner_step": 0}
             loss = self._loss(batch, generator)
             values.append(loss.value.item())
             for key, value in loss.metrics.items():
@@ -296,10 +300,12 @@ class Trainer:
         """
         model_state = get_model_state_dict(self.model, options=FULL_STATE)
         optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        prepared = None if self.cycle is None else self.cycle.state_dict()  # every process takes part
         target = self.out_dir / CHECKPOINTS / f"step-{self.step:08d}"
         if self.rank == 0:
             state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
-                     "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config)}
+                     "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config),
+                     "prepared": prepared}
             extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
 
             def write_weights(staging: Path) -> None:
@@ -322,6 +328,8 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.step, self.lr_scale, self.loss_mean = state["step"], state["lr_scale"], state["loss_mean"]
+        if self.cycle is not None:
+            self.cycle.load_state_dict(state.get("prepared"), self.rank, self.device)
         if restore_data:
             self.batches.load_state_dict(state["data"])
 
@@ -387,8 +395,8 @@ class Trainer:
                     logger.warning("step %d skipped: loss %.4g, grad norm %.4g", self.step + 1, result.loss,
                                    result.grad_norm)
                     if self.bad_steps >= self.config.max_bad_steps:
-                        self.bad_steps = 0
                         self.rollback()
+                        self.bad_steps = 0
                         record["rollback"] = True
                     self.log.metrics(record)
                     records.append(record)
