@@ -10,7 +10,8 @@ Stages (each a subcommand):
   the wrong one; ELBO from 64 stratified draws) and exact-match accuracy of its own answers (the
   engine's defaults, 8 tokens), each with a 95% Wilson interval, beside two baselines: chance and
   "prefer the shorter answer";
-- ``compare``: before vs after on the same items, the paired difference with its standard error.
+- ``compare``: before vs after on the same items, the paired difference with its standard error;
+- ``prompts``: training pairs as RL prompts (the correct answer kept for the exact-answer reward).
 
     python scripts/prepare_demo_data.py --out data/demo
     python benchmarks/preference_demo.py pairs --demo-data data/demo --out data/demo/preference
@@ -150,12 +151,18 @@ def main() -> None:
     scoring.add_argument("--draws", type=int, default=64)
     scoring.add_argument("--seed", type=int, default=0)
     scoring.add_argument("--out", type=Path, required=True)
+    prompts = commands.add_parser("prompts", help="pairs -> RL prompts (the chosen answer as the reference answer)")
+    prompts.add_argument("pairs_file", type=Path)
+    prompts.add_argument("--out", type=Path, required=True)
     comparing = commands.add_parser("compare")
     comparing.add_argument("before", type=Path)
     comparing.add_argument("after", type=Path)
     args = parser.parse_args()
     if args.command == "pairs":
         make_pairs(args.demo_data, args.out, args.train, args.heldout, args.seed)
+    elif args.command == "prompts":
+        records = [json.loads(line) for line in args.pairs_file.read_text().splitlines()]
+        args.out.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["chosen"]}) + "\n" for r in records))
     elif args.command == "evaluate":
         random.seed(args.seed)
         result = evaluate(args.model, args.pairs, args.device, args.draws, args.seed)

@@ -187,6 +187,16 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "a")]) == 0 and (tmp_path / "a" / "curves.png").is_file()
     assert main(["plot", str(tmp_path / "missing")]) == 2
+    # A post-training run gets a fourth panel, its reward: a wider figure.
+    rows = [{"step": s, "loss": 0.1, "lr": 1e-3, "tokens_per_s": 9.0, "reward_mean": 0.1 * s} for s in range(1, 6)]
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["plot", str(tmp_path / "rl")]) == 0
+
+    def width(png: Path) -> int:
+        return int.from_bytes(png.read_bytes()[16:20], "big")
+
+    assert width(tmp_path / "rl" / "curves.png") > width(tmp_path / "a" / "curves.png") * 1.2
 
 
 def test_shipped_demo_model_is_the_default(capsys: pytest.CaptureFixture) -> None:

@@ -74,8 +74,8 @@ def test_prompt_data_keeps_records_and_names_bad_lines(prompts: Path, checkpoint
 def test_grpo_raises_a_learnable_reward(prompts: Path, checkpoint_dir: Path, tmp_path: Path) -> None:
     records = Trainer(recipe(prompts, checkpoint_dir, tmp_path / "run", "steps=40", "optim.lr=1e-2",
                              "rl.inner_steps=2", "eval_every=40")).run()
-    rewards = [r["reward_mean"] for r in records if "reward_mean" in r]
-    assert len(rewards) == 20  # one batch of rollouts per two inner steps
+    rewards = [r["reward_mean"] for r in records[::2]]  # one batch of rollouts per two inner steps
+    assert all(r["reward_mean"] == r2["reward_mean"] for r, r2 in zip(records[::2], records[1::2]))
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
     assert {"kl", "clip_fraction", "rollout_tokens_per_s", "zero_variance_groups", "reward_grpo_test_rewards:letter_e",
             "eval_reward_mean"} <= set(records[-1]) | set(records[-2])

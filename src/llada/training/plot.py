@@ -1,4 +1,5 @@
-"""Training curves to PNG: loss (and held-out loss), learning rate and throughput of one or more runs.
+"""Training curves to PNG: loss (and held-out loss), learning rate and throughput of one or more runs,
+and for post-training runs the reward (RL) or reward accuracy (preference optimization).
 
 Reads each run's ``metrics.jsonl`` (or a ``.jsonl`` file given directly). Several runs share the axes,
 which is how runs are compared (e.g. one GPU against two). Needs matplotlib (``pip install 'llada[plot]'``).
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from llada.training.config import METRICS_FILE
 from llada.training.corpus import iter_jsonl
+
+REWARD_KEYS = ("reward_mean", "reward_accuracy")  # RL, then preference optimization
 
 
 def read_metrics(source: str | Path) -> list[dict]:
@@ -27,7 +30,8 @@ def read_metrics(source: str | Path) -> list[dict]:
 
 def plot_runs(sources: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None,
               title: str | None = None) -> Path:
-    """Draw loss, learning rate and tokens/s against the step for each run into one PNG; returns its path."""
+    """Draw loss, learning rate, tokens/s (and a reward, for post-training) against the step for each run
+    into one PNG; returns its path."""
     try:
         import matplotlib
 
@@ -38,9 +42,12 @@ def plot_runs(sources: Sequence[str | Path], output: str | Path, labels: Sequenc
     labels = list(labels) if labels else [Path(s).name for s in sources]
     if len(labels) != len(sources):
         raise ValueError(f"{len(labels)} labels for {len(sources)} runs")
-    figure, (loss_axis, lr_axis, speed_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for source, label in zip(sources, labels):
-        records = read_metrics(source)
+    runs = [read_metrics(source) for source in sources]
+    # Post-training runs get a fourth panel: RL's mean reward, or a preference run's reward accuracy.
+    reward_key = next((key for key in REWARD_KEYS if any(key in r for records in runs for r in records)), None)
+    figure, axes = plt.subplots(1, 4 if reward_key else 3, figsize=(20 if reward_key else 15, 4.2))
+    loss_axis, lr_axis, speed_axis = axes[:3]
+    for records, label in zip(runs, labels):
         steps = [r["step"] for r in records]
         line, = loss_axis.plot(steps, [r["loss"] for r in records], marker=".", label=label)
         evaluated = [r for r in records if r.get("eval_loss") is not None]
@@ -49,7 +56,17 @@ def plot_runs(sources: Sequence[str | Path], output: str | Path, labels: Sequenc
                            color=line.get_color(), label=f"{label} (held out)")
         lr_axis.plot(steps, [r["lr"] for r in records], label=label)
         speed_axis.plot(steps, [r["tokens_per_s"] for r in records], marker=".", label=label)
-    for axis, name in ((loss_axis, "loss (nats/token)"), (lr_axis, "learning rate"), (speed_axis, "tokens/s")):
+        if reward_key:
+            rewarded = [r for r in records if reward_key in r]
+            axes[3].plot([r["step"] for r in rewarded], [r[reward_key] for r in rewarded], marker=".", label=label)
+            held_out = [r for r in records if f"eval_{reward_key}" in r]
+            if held_out:
+                axes[3].plot([r["step"] for r in held_out], [r[f"eval_{reward_key}"] for r in held_out],
+                             linestyle="--", label=f"{label} (held out)")
+    names = [(loss_axis, "loss (nats/token)"), (lr_axis, "learning rate"), (speed_axis, "tokens/s")]
+    if reward_key:
+        names.append((axes[3], reward_key.replace("_", " ")))
+    for axis, name in names:
         axis.set_xlabel("step")
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)

@@ -137,9 +137,9 @@ def grpo_step_loss(model: torch.nn.Module, batch: Batch, mask_id: int, settings:
     rows = log_prob_rows(rollouts, batch["hidden"][inner], mask_id)
     result = grpo_loss(model, rows, batch["old"][inner], batch["reference"][inner], batch["advantages"], real,
                        settings)
-    metrics = {"kl": result.kl, "clip_fraction": result.clip_fraction}
-    if inner == 0:  # the rollouts' own figures, once per batch of rollouts
-        metrics.update(batch["metrics"])
+    # Every step's record carries the figures of the rollouts it learns from (with log_every > 1 and
+    # several inner steps, logging them at the first inner step only could skip them all).
+    metrics = {"kl": result.kl, "clip_fraction": result.clip_fraction, **batch["metrics"]}
     return Loss(value=result.value, n_masked=real.sum(), n_tokens=int(rows.ids.numel()), metrics=metrics)
 
 
