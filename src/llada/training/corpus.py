@@ -14,9 +14,12 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from tqdm.auto import tqdm
 
 OnError = Literal["fail", "skip"]
+T = TypeVar("T")
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -44,6 +47,39 @@ class CorpusIssue:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.problem}" if self.line else f"{self.path}: {self.problem}"
+
+
+def describe_error(error: Exception) -> str:
+    """What was wrong with a line, in words (JSON and decoding errors name their cause)."""
+    if isinstance(error, UnicodeDecodeError):
+        return "not valid UTF-8"
+    if isinstance(error, json.JSONDecodeError):
+        return f"invalid JSON ({error.msg})"
+    return str(error)
+
+
+def parsed_lines(inputs: Sequence[str], parse: Callable[[str], T], on_error: OnError, issues: list[CorpusIssue],
+                 progress: bool = True) -> Iterator[T]:
+    """``parse(line)`` for each non-blank line of the input files (paths or globs), with a progress bar.
+
+    A line ``parse`` rejects with a ValueError (JSON, fields, chat template), or whose bytes are not
+    UTF-8, stops the run with a ``CorpusError`` naming file and line (``on_error="fail"``), or is
+    skipped and appended to ``issues``.
+    """
+    for path in expand_inputs(inputs):
+        lines = path.read_bytes().split(b"\n")
+        for number, raw in enumerate(tqdm(lines, desc=path.name, unit="line", disable=not progress), start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = parse(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                issue = CorpusIssue(str(path), number, describe_error(error))
+                if on_error == "fail":
+                    raise CorpusError(f"{issue} (use --on-error skip to skip such lines)") from error
+                issues.append(issue)
+                continue
+            yield value
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from llada.model.tokenizer import Message, Tokenizer
-from llada.training.corpus import CorpusError, CorpusIssue, OnError, expand_inputs
+from llada.training.corpus import CorpusIssue, OnError, parsed_lines
 from llada.training.packing import token_dtype
-from llada.training.sft_data import checked_messages, describe_error, encode_pair
+from llada.training.sft_data import checked_messages, encode_pair
 from llada.training.token_rows import read_token_rows, write_token_rows
 
 FORMAT = "llada-preference"
@@ -99,28 +98,16 @@ def build_preference_data(inputs: Sequence[str], output_dir: str | Path, tokeniz
     issues: list[CorpusIssue] = []
     tokens: list[int] = []
     rows: list[tuple[int, int, int, int]] = []
-    for path in expand_inputs(inputs):
-        lines = path.read_bytes().split(b"\n")
-        for number, raw in enumerate(tqdm(lines, desc=path.name, unit="line", disable=not progress), start=1):
-            if not raw.strip():
-                continue
-            try:
-                prompt, chosen, rejected = encode_preference(tokenizer, raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                issue = CorpusIssue(str(path), number, describe_error(error))
-                if on_error == "fail":
-                    raise CorpusError(f"{issue} (use --on-error skip to skip such lines)") from error
-                issues.append(issue)
-                summary.skipped += 1
-                continue
-            if chosen == rejected:
-                summary.dropped_identical += 1
-            elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
-                summary.dropped_overlong += 1
-            else:
-                rows.append((len(tokens), len(prompt), len(chosen), len(rejected)))
-                tokens.extend(prompt + chosen + rejected)
-    summary.pairs, summary.tokens = len(rows), len(tokens)
+    for prompt, chosen, rejected in parsed_lines(inputs, lambda line: encode_preference(tokenizer, line), on_error,
+                                                 issues, progress):
+        if chosen == rejected:
+            summary.dropped_identical += 1
+        elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            summary.dropped_overlong += 1
+        else:
+            rows.append((len(tokens), len(prompt), len(chosen), len(rejected)))
+            tokens.extend(prompt + chosen + rejected)
+    summary.pairs, summary.tokens, summary.skipped = len(rows), len(tokens), len(issues)
     write_token_rows(Path(output_dir), FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
                      np.asarray(rows, dtype=np.int64).reshape(-1, 4),
                      {"eos_id": tokenizer.ids.eos, "vocab_size": tokenizer.vocab_size, **asdict(summary),

@@ -21,13 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from llada.model.tokenizer import Tokenizer
-from llada.training.corpus import CorpusError, CorpusIssue, OnError, expand_inputs
+from llada.training.corpus import CorpusIssue, OnError, parsed_lines
 from llada.training.packing import token_dtype
 from llada.training.preference_data import prompt_history
-from llada.training.sft_data import describe_error
 from llada.training.token_rows import read_token_rows, write_token_rows
 
 FORMAT = "llada-prompts"
@@ -55,30 +53,20 @@ def build_prompt_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_d
     tokens: list[int] = []
     rows: list[tuple[int, int]] = []
     records: list[dict[str, Any]] = []
-    for path in expand_inputs(inputs):
-        lines = path.read_bytes().split(b"\n")
-        for number, raw in enumerate(tqdm(lines, desc=path.name, unit="line", disable=not progress), start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError("a line must be a JSON object")  # noqa: TRY004 - bad data, not a bad call
-                prompt = tokenizer.encode_chat(prompt_history(record))
-            except (UnicodeDecodeError, ValueError) as error:
-                issue = CorpusIssue(str(path), number, describe_error(error))
-                if on_error == "fail":
-                    raise CorpusError(f"{issue} (use --on-error skip to skip such lines)") from error
-                issues.append(issue)
-                summary.skipped += 1
-                continue
-            if len(prompt) > max_length:
-                summary.dropped_overlong += 1
-                continue
-            rows.append((len(tokens), len(prompt)))
-            tokens.extend(prompt)
-            records.append(record)
-    summary.prompts, summary.tokens = len(rows), len(tokens)
+    def parse(line: str) -> tuple[dict[str, Any], list[int]]:
+        record = json.loads(line)
+        if not isinstance(record, dict):
+            raise ValueError("a line must be a JSON object")  # noqa: TRY004 - bad data, not a bad call
+        return record, tokenizer.encode_chat(prompt_history(record))
+
+    for record, prompt in parsed_lines(inputs, parse, on_error, issues, progress):
+        if len(prompt) > max_length:
+            summary.dropped_overlong += 1
+            continue
+        rows.append((len(tokens), len(prompt)))
+        tokens.extend(prompt)
+        records.append(record)
+    summary.prompts, summary.tokens, summary.skipped = len(rows), len(tokens), len(issues)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     staged = output / f"{RECORDS_FILE}.tmp-{os.getpid()}"

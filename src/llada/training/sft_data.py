@@ -20,10 +20,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
-from llada.training.corpus import CorpusError, CorpusIssue, OnError, expand_inputs
+from llada.training.corpus import CorpusIssue, OnError, parsed_lines
 from llada.training.packing import token_dtype
 from llada.training.token_rows import read_token_rows, write_token_rows
 
@@ -77,15 +76,6 @@ def _messages(line: str, field: str) -> list[Message]:
     return messages
 
 
-def describe_error(error: Exception) -> str:
-    """What was wrong with a line, in words (JSON and decoding errors name their cause)."""
-    if isinstance(error, UnicodeDecodeError):
-        return "not valid UTF-8"
-    if isinstance(error, json.JSONDecodeError):
-        return f"invalid JSON ({error.msg})"
-    return str(error)
-
-
 def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir: str | Path, max_length: int = 4096,
                    overlong: Literal["drop", "truncate"] = "drop", on_error: OnError = "fail",
                    messages_field: str = "messages", progress: bool = True) -> SFTSummary:
@@ -108,32 +98,22 @@ def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir:
     issues: list[CorpusIssue] = []
     tokens: list[int] = []
     samples: list[tuple[int, int, int]] = []
-    for path in expand_inputs(inputs):
-        lines = path.read_bytes().split(b"\n")
-        for number, raw in enumerate(tqdm(lines, desc=path.name, unit="line", disable=not progress), start=1):
-            if not raw.strip():
-                continue
-            try:
-                messages = _messages(raw.decode("utf-8"), messages_field)
-                pairs = [encode_pair(tokenizer, history, reply) for history, reply in dialogue_to_pairs(messages)]
-            except (UnicodeDecodeError, ValueError) as error:  # JSON, field and template errors are ValueErrors
-                issue = CorpusIssue(str(path), number, describe_error(error))
-                if on_error == "fail":
-                    raise CorpusError(f"{issue} (use --on-error skip to skip such lines)") from error
-                issues.append(issue)
-                summary.skipped += 1
-                continue
-            summary.dialogues += 1
-            for prompt, answer in pairs:
-                if len(prompt) + len(answer) > max_length:
-                    if overlong == "drop" or len(prompt) >= max_length:
-                        summary.dropped_overlong += 1
-                        continue
-                    answer = answer[:max_length - len(prompt)]
-                    summary.truncated += 1
-                samples.append((len(tokens), len(prompt), len(prompt) + len(answer)))
-                tokens.extend(prompt + answer)
-    summary.samples, summary.tokens = len(samples), len(tokens)
+    def parse(line: str) -> list[tuple[list[int], list[int]]]:
+        messages = _messages(line, messages_field)
+        return [encode_pair(tokenizer, history, reply) for history, reply in dialogue_to_pairs(messages)]
+
+    for pairs in parsed_lines(inputs, parse, on_error, issues, progress):
+        summary.dialogues += 1
+        for prompt, answer in pairs:
+            if len(prompt) + len(answer) > max_length:
+                if overlong == "drop" or len(prompt) >= max_length:
+                    summary.dropped_overlong += 1
+                    continue
+                answer = answer[:max_length - len(prompt)]
+                summary.truncated += 1
+            samples.append((len(tokens), len(prompt), len(prompt) + len(answer)))
+            tokens.extend(prompt + answer)
+    summary.samples, summary.tokens, summary.skipped = len(samples), len(tokens), len(issues)
     _write(Path(output_dir), tokenizer, tokens, samples, summary, issues)
     return summary
 
