@@ -120,7 +120,7 @@ class RolloutMaker:
         grouped = total.view(-1, group)
         metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                    "zero_variance_groups": float((grouped.std(1) == 0).float().mean()),
-                   "rollout_tokens_per_s": completions.numel() / seconds,
+                   "rollout_tokens_per_s": completions.numel() / seconds, "rollout_seconds": seconds,
                    "completion_length": float(real.sum(1).float().mean()),
                    **{f"reward_{name}": float(values[:, k].mean()) for k, name in enumerate(self.rl.rewards)}}
         return {"input_ids": rollouts.prompts, "prompt_real": rollouts.prompt_real, "completions": completions,

@@ -1,0 +1,88 @@
+"""GRPO rollout throughput: the engine against the reference sampler on the same prompts.
+
+A batch of RL rollouts is ``prompts × group`` completions of one length. This times, on the demo model
+(bf16 on a GPU, float32 on the CPU), three ways to make them:
+
+- the engine with its serving defaults (dual cache, confidence threshold 0.9), as ``rl.rollout: {}``;
+- the engine with the reference sampler's rule (fixed policy, one token per step);
+- the reference sampler (``sampling.generate``: a full forward pass per step), what FSDP runs use.
+
+Tokens/s = completions × gen_length / seconds, median of ``--repeats`` after a warm-up.
+
+    PYTHONPATH=src python benchmarks/rollout_speed.py --out benchmarks/results/post_training/rollout_speed_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from llada import Engine, GenerationSettings, LLaDAModel
+from llada.engine.generation import batch_answers
+from llada.model.loading import DEMO_MODEL
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function, repeats: int) -> float:
+    function()  # warm-up: captures graphs
+    seconds = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        function()
+        _sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LLaDAModel.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                       device=device).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 8000, (24,), generator=generator).tolist() for _ in range(args.prompts)]
+    rows = [prompt for prompt in prompts for _ in range(args.group)]
+    served = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0)
+    fixed = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0,
+                               policy="fixed", steps=args.gen_length)
+    engine = Engine(model)
+    cuda = torch.Generator(device=device).manual_seed(1)
+    variants = {
+        "engine_defaults": lambda: batch_answers(model, rows, served, engine, cuda),
+        "engine_fixed": lambda: batch_answers(model, rows, fixed, engine, cuda),
+        "reference_sampler": lambda: batch_answers(model, rows, fixed, None, cuda),
+    }
+    tokens = len(rows) * args.gen_length
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "completions": len(rows), "gen_length": args.gen_length,
+              "block_length": args.block_length, "variants": {}}
+    for name, function in variants.items():
+        seconds = timed(function, args.repeats)
+        result["variants"][name] = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+        print(name, result["variants"][name], flush=True)
+    base = result["variants"]["reference_sampler"]["seconds"]
+    for name, row in result["variants"].items():
+        row["speedup_over_reference"] = round(base / row["seconds"], 2)
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(result, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
