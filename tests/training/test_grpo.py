@@ -77,8 +77,10 @@ def test_grpo_raises_a_learnable_reward(prompts: Path, checkpoint_dir: Path, tmp
     rewards = [r["reward_mean"] for r in records[::2]]  # one batch of rollouts per two inner steps
     assert all(r["reward_mean"] == r2["reward_mean"] for r, r2 in zip(records[::2], records[1::2]))
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
-    assert {"kl", "clip_fraction", "rollout_tokens_per_s", "zero_variance_groups", "reward_grpo_test_rewards:letter_e",
-            "eval_reward_mean"} <= set(records[-1]) | set(records[-2])
+    assert {"kl", "clip_fraction", "rollout_tokens_per_s", "rollout_seconds", "zero_variance_groups",
+            "reward_grpo_test_rewards:letter_e", "eval_reward_mean"} <= set(records[-1]) | set(records[-2])
+    # On the CPU the engine's numerics and the update's are the same float32 forward pass.
+    assert all(r["logprob_mismatch"] == 0 for r in records)
 
 
 @pytest.mark.usefixtures("rewards_on_path")
@@ -122,3 +124,33 @@ def test_two_gloo_processes_match_one(prompts: Path, checkpoint_dir: Path, tmp_p
     for one, two in zip(runs[1], runs[2], strict=True):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-7), (one, two)
         assert two.get("reward_mean") == pytest.approx(one.get("reward_mean")), (one, two)
+
+
+def test_logprob_mismatch_is_the_mean_token_difference_of_the_two_passes(checkpoint_dir: Path) -> None:
+    """Against full logits: two models standing for the engine's and the update's numerics."""
+    import contextlib
+
+    import torch
+
+    from llada.diffusion.policy_gradient import Rollouts, completion_mask
+    from llada.model.transformer import LLaDAModel
+    from llada.training.rollouts import RolloutMaker
+
+    sampled, trained = LLaDAModel.from_pretrained(checkpoint_dir), LLaDAModel.from_pretrained(checkpoint_dir)
+    with torch.no_grad():
+        trained.ln_f.weight.mul_(1.5)
+    tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
+    config = load_config(None, [f"data.path={checkpoint_dir}", f"model.init_from={checkpoint_dir}", "rl.rewards=[exact_answer]"])
+    maker = RolloutMaker(sampled, trained, trained, tokenizer, config, False, contextlib.nullcontext)
+    generator = torch.Generator().manual_seed(0)
+    completions = torch.randint(0, 300, (3, 5), generator=generator)
+    completions[1, 2] = tokenizer.ids.eos
+    rollouts = Rollouts(torch.randint(0, 300, (3, 4), generator=generator), torch.ones(3, 4, dtype=torch.bool),
+                        completions, completion_mask(completions, (tokenizer.ids.eos,)))
+    ids = torch.cat([rollouts.prompts, torch.full_like(completions, sampled.config.mask_token_id)], dim=1)
+    with torch.no_grad():
+        log_probs = [model(ids).logits[:, 4:].log_softmax(-1).gather(-1, completions[..., None]).squeeze(-1)
+                     for model in (sampled, trained)]
+    real = rollouts.completion_real
+    expected = ((log_probs[0] - log_probs[1]).abs() * real).sum() / real.sum()
+    assert maker._mismatch(rollouts) == pytest.approx(expected.item(), rel=1e-3, abs=1e-6) and expected > 1e-3

@@ -93,6 +93,19 @@ class RolloutMaker:
             self.model.train(training)
         return torch.tensor(answers, dtype=torch.long, device=self.model.device)
 
+    def _mismatch(self, rollouts: Rollouts) -> float:
+        """Mean |Δ log p| per counted completion token between the model as the engine runs it (its
+        own dtype, no autocast; the engine's refresh pass equals that forward pass) and as the
+        updates run it (autocast, compiled or sharded), on the same input: the prompt clean and the
+        completion masked, the rollouts' first denoising step. Non-zero where the two numerics differ
+        (float32 master weights sampled in float32 but trained under bf16 autocast, say)."""
+        rows = log_prob_rows(rollouts, torch.zeros_like(rollouts.prompt_real), self.model.config.mask_token_id)
+        sampled = rows.scores(self.model)
+        with self.autocast():
+            trained = rows.scores(self.forward_model)
+        real = rollouts.completion_real.flatten()
+        return float(((sampled.float() - trained.float()).abs() * real).sum() / real.sum().clamp(min=1))
+
     def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
         group = self.rl.group_size
         device = self.model.device
@@ -110,6 +123,7 @@ class RolloutMaker:
         advantages = group_advantages(total, group, self.grpo.scale_rewards).to(device)
         rollouts = Rollouts(batch["input_ids"].repeat_interleave(group, 0).to(device),
                              batch["prompt_real"].repeat_interleave(group, 0).to(device), completions, real)
+        mismatch = self._mismatch(rollouts)
         hidden, old, reference = [], [], []
         for inner in range(self.rl.inner_steps):
             hidden.append(draw_prompt_mask(rollouts.prompt_real, self.grpo.prompt_mask, generator))
@@ -121,7 +135,7 @@ class RolloutMaker:
         metrics = {"reward_mean": float(total.mean()), "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
                    "zero_variance_groups": float((grouped.std(1) == 0).float().mean()),
                    "rollout_tokens_per_s": completions.numel() / seconds, "rollout_seconds": seconds,
-                   "completion_length": float(real.sum(1).float().mean()),
+                   "completion_length": float(real.sum(1).float().mean()), "logprob_mismatch": mismatch,
                    **{f"reward_{name}": float(values[:, k].mean()) for k, name in enumerate(self.rl.rewards)}}
         return {"input_ids": rollouts.prompts, "prompt_real": rollouts.prompt_real, "completions": completions,
                 "completion_real": real, "advantages": advantages, "hidden": hidden, "old": old,
