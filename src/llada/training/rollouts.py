@@ -106,7 +106,9 @@ class RolloutMaker:
         real = rollouts.completion_real.flatten()
         return float(((sampled.float() - trained.float()).abs() * real).sum() / real.sum().clamp(min=1))
 
-    def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
+    def prepare(self, batch: Batch, generator: torch.Generator, inner_steps: int | None = None) -> Batch:
+        """The prepared batch for ``inner_steps`` updates (default ``rl.inner_steps``; an evaluation
+        reads the first only)."""
         group = self.rl.group_size
         device = self.model.device
         real_prompts = [row[keep].tolist() for row, keep in zip(batch["input_ids"], batch["prompt_real"])]
@@ -125,7 +127,7 @@ class RolloutMaker:
                              batch["prompt_real"].repeat_interleave(group, 0).to(device), completions, real)
         mismatch = self._mismatch(rollouts)
         hidden, old, reference = [], [], []
-        for inner in range(self.rl.inner_steps):
+        for inner in range(self.rl.inner_steps if inner_steps is None else inner_steps):
             hidden.append(draw_prompt_mask(rollouts.prompt_real, self.grpo.prompt_mask, generator))
             rows = log_prob_rows(rollouts, hidden[-1], self.model.config.mask_token_id)
             with self.autocast():
@@ -161,7 +163,7 @@ class RolloutCycle:
     """The micro-batches of each step for an objective that prepares its batches: prepared afresh
     every ``inner_steps`` steps and reused in between; their state travels in checkpoints."""
 
-    def __init__(self, prepare: Callable[[Batch, torch.Generator], Batch], inner_steps: int, world: int) -> None:
+    def __init__(self, prepare: Callable[..., Batch], inner_steps: int, world: int) -> None:
         self.prepare, self.inner_steps, self.world = prepare, inner_steps, world
         self.prepared: list[Batch] | None = None
 

@@ -279,7 +279,7 @@ class Trainer:
             batch = self.collate([self.dataset[i] for i in indices])
             generator = torch.Generator(device=self.device).manual_seed(10_007 + number)
             if self.cycle is not None:  # RL: held-out rollouts and their rewards, at the first inner step
-                batch = {**self.cycle.prepare(batch, generator), "inner_step": 0}
+                batch = {**self.cycle.prepare(batch, generator, inner_steps=1), "inner_step": 0}
             loss = self._loss(batch, generator)
             values.append(loss.value.item())
             for key, value in loss.metrics.items():
