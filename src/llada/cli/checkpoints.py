@@ -15,9 +15,9 @@ import torch
 from llada.cli.common import CliError, Command
 from llada.model.checkpoint import read_config, save_model, weight_files
 from llada.model.config import PRESETS, preset
-from llada.model.loading import resolve_dtype
-from llada.model.lora import adapter_base, is_adapter, merge_adapter
-from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, train_tokenizer
+from llada.model.loading import checkpoint_sources, load, resolve_dtype
+from llada.model.lora import is_adapter
+from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, tokenizer_files, train_tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.training.checkpoints import ADAPTER_DIR, MODEL_DIR
 from llada.training.config import CHECKPOINTS
@@ -50,8 +50,7 @@ def run_convert(source: str, destination: str, dtype: str = "bf16", max_shard_si
     """Re-save a checkpoint with another dtype and/or shard size; tokenizer files are copied along."""
     target_dtype = resolve_dtype(dtype, torch.device("cpu"))
     model = LLaDAModel.from_pretrained(source, dtype=target_dtype)
-    extras = [Path(source) / name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
-    save_model(model, destination, max_shard_size=max_shard_size, extra_files=extras)
+    save_model(model, destination, max_shard_size=max_shard_size, extra_files=tokenizer_files(source))
 
 
 def run_init(destination: str, preset_name: str = "tiny", tokenizer: str | None = None,
@@ -102,11 +101,9 @@ def run_export(run_dir: str, destination: str, step: int | None = None, dtype: s
             raise CliError(f"{source} is a whole model, not a LoRA adapter: export it without --merge-lora")
         run_convert(str(source), destination, dtype=dtype, max_shard_size=max_shard_size)
     elif merge_lora:
-        base = adapter_base(source)
-        model = merge_adapter(LLaDAModel.from_pretrained(base, dtype=torch.float32), source)
-        tokenizer_dir = source if (source / "tokenizer.json").is_file() else base
+        model, _ = load(source, "cpu", "fp32")  # the base in float32 with the adapter added
         save_model(model, destination, dtype=resolve_dtype(dtype, torch.device("cpu")), max_shard_size=max_shard_size,
-                   extra_files=[tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()])
+                   extra_files=tokenizer_files(checkpoint_sources(source)[1]))
     else:
         Path(destination).parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{Path(destination).name}.", dir=Path(destination).parent))

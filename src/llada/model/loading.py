@@ -13,7 +13,7 @@ import torch
 
 from llada.model.lora import adapter_base, is_adapter, merge_adapter
 from llada.model.quantize import QUANTIZERS
-from llada.model.tokenizer import Tokenizer
+from llada.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from llada.model.transformer import LLaDAModel
 
 # The demo checkpoint shipped in the repository (found when llada runs from a checkout or editable install).
@@ -59,12 +59,19 @@ def load(model_dir: str | Path, device: str, dtype: str) -> tuple[LLaDAModel, To
     """
     target = resolve_device(device)
     quantize = QUANTIZERS.get(dtype)
-    weights = adapter_base(model_dir) if is_adapter(model_dir) else Path(model_dir)
+    weights, tokenizer_dir = checkpoint_sources(model_dir)
     model = LLaDAModel.from_pretrained(weights, dtype=resolve_dtype("auto" if quantize else dtype, target),
                                        device=target)
     if weights != Path(model_dir):
         model = merge_adapter(model, model_dir).eval()
     if quantize:
         quantize(model)
-    tokenizer_dir = model_dir if (Path(model_dir) / "tokenizer.json").is_file() else weights
     return model, Tokenizer.from_pretrained(tokenizer_dir)
+
+
+def checkpoint_sources(model_dir: str | Path) -> tuple[Path, Path]:
+    """Where a checkpoint's weights and tokenizer are: the directory itself, or for a LoRA adapter its
+    base checkpoint's weights and the adapter's own tokenizer files (the base's when it has none)."""
+    weights = adapter_base(model_dir) if is_adapter(model_dir) else Path(model_dir)
+    tokenizer_dir = Path(model_dir) if (Path(model_dir) / TOKENIZER_FILE).is_file() else weights
+    return weights, tokenizer_dir

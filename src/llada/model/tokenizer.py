@@ -28,6 +28,11 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
 
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files ``directory`` holds, to copy along with a checkpoint."""
+    return [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+
 MASK_TOKEN = "<|mdm_mask|>"
 EOT_TOKEN = "<|eot_id|>"
 BOS_TOKEN = "<|startoftext|>"

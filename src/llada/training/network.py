@@ -25,9 +25,15 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype the forward passes run in under autocast (and FSDP gathers weights in): bf16 on GPUs
+    when the recipe asks for it, None (no autocast: float32) otherwise."""
+    return torch.bfloat16 if device.type == "cuda" and config.dtype == "bfloat16" else None
+
+
 def frozen_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """The dtype of weights that never train: the autocast dtype on GPUs, float32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" and config.dtype == "bfloat16" else torch.float32
+    """The dtype of weights that never train: the autocast dtype, else float32."""
+    return autocast_dtype(config, device) or torch.float32
 
 
 def build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> LLaDAModel:

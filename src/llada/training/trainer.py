@@ -52,11 +52,11 @@ from llada.diffusion.preference import VarianceReduction
 from llada.model.checkpoint import save_state_dict
 from llada.model.loading import resolve_device
 from llada.model.lora import save_adapter
-from llada.model.tokenizer import TOKENIZER_FILES, Tokenizer
+from llada.model.tokenizer import Tokenizer, tokenizer_files
 from llada.training.batches import EpochBatches, step_generator
 from llada.training.checkpoints import ADAPTER_DIR, MODEL_DIR, checkpoint_dirs, read_checkpoint, write_checkpoint
 from llada.training.config import CHECKPOINTS, TrainConfig, config_to_dict
-from llada.training.network import attach_adapters, build_model, build_reference
+from llada.training.network import attach_adapters, autocast_dtype, build_model, build_reference
 from llada.training.objectives import OBJECTIVES, Batch, LossSettings, greedy_text
 from llada.training.parallelize import apply_fsdp, compile_model, init_process_group
 from llada.training.rollouts import RolloutCycle, grpo_settings
@@ -135,7 +135,7 @@ class Trainer:
         return compile_model(self.model, dynamic=None, fullgraph=False) if self.config.compile else self.model
 
     def _fsdp_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.device.type == "cuda" and self.config.dtype == "bfloat16" else None
+        return autocast_dtype(self.config, self.device)
 
     def _build_reference(self) -> torch.nn.Module:
         reference = build_reference(self.config, self.forward_model, self.adapters, self.device)
@@ -177,8 +177,8 @@ class Trainer:
     # --- one step ----------------------------------------------------------------------------
 
     def _autocast(self):
-        enabled = self.device.type == "cuda" and self.config.dtype == "bfloat16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        dtype = autocast_dtype(self.config, self.device)
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def _loss(self, batch: Batch, generator: torch.Generator) -> Loss:
         preference = self.config.preference
@@ -306,7 +306,7 @@ class Trainer:
             state = {"step": self.step, "optimizer": optimizer_state, "data": self.batches.state_dict(),
                      "lr_scale": self.lr_scale, "loss_mean": self.loss_mean, "config": config_to_dict(self.config),
                      "prepared": prepared}
-            extras = [self.tokenizer_dir / n for n in TOKENIZER_FILES if (self.tokenizer_dir / n).is_file()]
+            extras = tokenizer_files(self.tokenizer_dir)
 
             def write_weights(staging: Path) -> None:
                 if self.adapters is None:
