@@ -41,6 +41,16 @@ def test_generate_prints_an_answer(checkpoint_dir: Path, capsys: pytest.CaptureF
     assert "needs the engine" in capsys.readouterr().err
 
 
+def test_infill_keeps_the_text_around_its_gaps(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["infill", "--model", str(checkpoint_dir), "the cat [MASK*3] on the mat"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert printed.startswith("the cat ") and printed.endswith(" on the mat") and len(printed) > len("the cat  on the mat")
+    assert main(["infill", "--model", str(checkpoint_dir), "no gap"]) == 2
+    assert "no gap to fill" in capsys.readouterr().err
+    assert main(["infill", "--model", str(checkpoint_dir), "a [MASK*2] b", "--steps", "5"]) == 2
+    assert "steps must be between 1 and" in capsys.readouterr().err
+
+
 def test_answer_text_stops_at_eos(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("the fox", add_special_tokens=False)
     tail = tokenizer.encode(" is lazy", add_special_tokens=False)

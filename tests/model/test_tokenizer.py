@@ -133,3 +133,19 @@ def test_dialogue_to_pairs() -> None:
 def test_train_tokenizer_rejects_tiny_vocab() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_digits_are_single_tokens_unless_merging_is_asked_for(tmp_path) -> None:
+    """Numbers that recur in the training text would become merged tokens; split_digits prevents it,
+    keeps the byte-level round trip exact, and survives saving and loading."""
+    texts = ["In 1234 and 1234 again, 56 + 78 = 134, 56 + 78 = 134."] * 50
+    split = train_tokenizer(texts, vocab_size=320, min_frequency=1)
+    merged = train_tokenizer(texts, vocab_size=320, min_frequency=1, split_digits=False)
+    split.save_pretrained(tmp_path)
+    reloaded = Tokenizer.from_pretrained(tmp_path)
+    for tokenizer in (split, reloaded):
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode("x 1234 + 56", add_special_tokens=False)]
+        assert all(len(p.strip()) == 1 for p in pieces if any(c.isdigit() for c in p)), pieces
+        assert tokenizer.decode(tokenizer.encode("x 1234 + 56", add_special_tokens=False)) == "x 1234 + 56"
+    merged_pieces = [merged.decode([i]) for i in merged.encode("x 1234", add_special_tokens=False)]
+    assert any(sum(c.isdigit() for c in p) > 1 for p in merged_pieces), merged_pieces

@@ -49,6 +49,22 @@ def test_multi_turn_dialogue_gives_one_sample_per_reply(tmp_path: Path, tokenize
                                                              "<|end_header_id|>\n\n")
 
 
+def test_raw_prompt_completion_lines_skip_the_chat_template(tmp_path: Path, tokenizer_dir: Path,
+                                                          tokenizer: Tokenizer) -> None:
+    """A raw sample's prompt is tokenized as generate --no-chat tokenizes it; its answer ends in EOS."""
+    source = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "The king", "completion": " is dead."},
+                                                  {"messages": DIALOGUE[1:3]},
+                                                  {"prompt": "The king", "completion": ""},
+                                                  {"prompt": 3, "completion": "x"}])
+    summary = build_sft_data([str(source)], tmp_path / "sft", tokenizer_dir, on_error="skip", progress=False)
+    assert (summary.samples, summary.skipped) == (2, 2)
+    ids, prompt = SFTDataset(tmp_path / "sft")[0]
+    assert ids[:prompt].tolist() == tokenizer.encode("The king")
+    assert ids[prompt:].tolist() == [*tokenizer.encode(" is dead.", add_special_tokens=False), tokenizer.ids.eos]
+    issues = json.loads((tmp_path / "sft" / "index.json").read_text())["issues"]
+    assert "must not be empty" in issues[0] and "must be strings" in issues[1]
+
+
 def test_overlong_samples_are_dropped_or_truncated(tmp_path: Path, tokenizer_dir: Path, tokenizer: Tokenizer) -> None:
     long_reply = {"role": "assistant", "content": "word " * 200}
     source = write_jsonl(tmp_path / "c.jsonl", [{"messages": [DIALOGUE[1], long_reply]}, {"messages": DIALOGUE[1:3]}])

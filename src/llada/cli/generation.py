@@ -21,7 +21,9 @@ from llada.cli.common import (
     atomic_text_writer,
     settings_from_args,
 )
+from llada.diffusion.infilling import encode_with_gaps, infill
 from llada.diffusion.likelihood import log_likelihood
+from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.answer_text import AnswerText, answer_text
 from llada.engine.engine import Engine
 from llada.engine.generation import Sampler, answer_ids
@@ -44,6 +46,20 @@ def run_generate(model: str, prompt: str, settings: GenerationSettings | None = 
     answer = answer_ids(net, ids, settings or GenerationSettings(), sampler, engine, generator)
     text = answer_text(tokenizer, answer)
     return (prompt + text) if show_prompt else text
+
+
+def run_infill(model: str, text: str, steps: int | None = None, temperature: float = 0.0,
+               remasking: Remasking = "low_confidence", device: str = "auto", dtype: str = "auto",
+               seed: int = 0) -> str:
+    """``text`` with its ``[MASK]`` / ``[MASK*N]`` gaps filled by the model (diffusion/infilling.py)."""
+    net, tokenizer = load(model, device, dtype)
+    try:
+        ids = torch.tensor(encode_with_gaps(tokenizer, text))
+        generator = torch.Generator(device=net.device).manual_seed(seed)
+        filled = infill(net, ids, steps=steps, temperature=temperature, remasking=remasking, generator=generator)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    return tokenizer.decode(filled.tolist(), skip_special_tokens=True)
 
 
 GENERATE_BATCH_SIZE = 16  # ``llada generate --input``'s prompts per batch (the option itself defaults to None)
@@ -245,6 +261,15 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime(parser)
 
 
+def _infill_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model(parser)
+    parser.add_argument("text", help="text with gaps: [MASK] is one token, [MASK*N] is N tokens")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: one per masked token)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
+    add_runtime(parser)
+
+
 def _score_arguments(parser: argparse.ArgumentParser) -> None:
     add_model(parser)
     parser.add_argument("--input", required=True, help="JSONL file with 'prompt' and 'answer' per line")
@@ -271,6 +296,10 @@ COMMANDS = [
     Command("chat", "Interactive multi-turn chat; answers appear block by block.",
             "example:\n  llada chat --model ckpt/ --gen-length 128 --block-length 32 --threshold 0.9",
             _chat_arguments, lambda args: run_chat(system=args.system, **_sampling(args))),
+    Command("infill", "Fill gaps anywhere in a text, from the words on both sides (raw text, no chat template).",
+            "example:\n  llada infill 'To be, or not to be, [MASK*2] is the question:'",
+            _infill_arguments, lambda args: print(run_infill(args.model, args.text, args.steps, args.temperature,
+                                                             args.remasking, args.device, args.dtype, args.seed))),
     Command("score", "Monte-Carlo ELBO log-likelihood of answers given prompts (JSONL in, JSONL out).",
             "input lines look like {\"prompt\": \"The capital of France is\", \"answer\": \" Paris\"}\n"
             "example:\n  llada score --model ckpt/ --input pairs.jsonl --output scored.jsonl --mc-num 64",

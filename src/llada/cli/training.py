@@ -25,7 +25,7 @@ from llada.training.trainer import train
 
 
 def run_tokenizer_train(inputs: Sequence[str], output: str, vocab_size: int, text_field: str = "text",
-                        text_unit: str = "file", on_error: str = "fail") -> Tokenizer:
+                        text_unit: str = "file", on_error: str = "fail", split_digits: bool = True) -> Tokenizer:
     """Train a byte-level BPE tokenizer (LLaDA special tokens and chat template) on local text files."""
     skipped: list[CorpusIssue] = []
 
@@ -34,7 +34,7 @@ def run_tokenizer_train(inputs: Sequence[str], output: str, vocab_size: int, tex
             for record in read_documents(path, text_field, text_unit, on_error, skipped.append):
                 yield record.text
 
-    tokenizer = train_tokenizer(texts(), vocab_size=vocab_size)
+    tokenizer = train_tokenizer(texts(), vocab_size=vocab_size, split_digits=split_digits)
     tokenizer.save_pretrained(output)
     for issue in skipped:
         logging.getLogger(__name__).warning("skipped %s", issue)
@@ -105,11 +105,14 @@ def _tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--text-unit", choices=("file", "line"), default="file")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--no-split-digits", action="store_true",
+                        help="let BPE merge digits into multi-digit tokens (default: one token per digit)")
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
     tok = run_tokenizer_train(args.inputs, args.output, args.vocab_size, text_field=args.text_field,
-                              text_unit=args.text_unit, on_error=args.on_error)
+                              text_unit=args.text_unit, on_error=args.on_error,
+                              split_digits=not args.no_split_digits)
     shortfall = "" if tok.vocab_size == args.vocab_size else \
         f" (of {args.vocab_size} asked for: the text has no more frequent merges)"
     print(f"trained a {tok.vocab_size}-token tokenizer{shortfall} -> {args.output}")

@@ -271,16 +271,21 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    split_digits: bool = True) -> Tokenizer:
     """Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.
 
     Special tokens take the first ids; the vocabulary is ``vocab_size`` entries in all. Byte-level
-    means any UTF-8 text round-trips exactly.
+    means any UTF-8 text round-trips exactly. ``split_digits`` makes every digit its own token (as
+    LLaMA's tokenizers do): merged digit groups ("23", "456") would give each number an arbitrary
+    spelling, which is what keeps a small model from learning column arithmetic.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (special tokens + bytes)")
     backend = FastTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -3,7 +3,10 @@
 Input lines look like ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}``.
 Each assistant turn becomes one sample (paper, Appendix B.1): the prompt is the chat template applied
 to everything before it (with the assistant header opened), the answer is the rest of the rendered
-conversation up to that turn's end-of-turn token. In batches the answers are padded with EOS, and the
+conversation up to that turn's end-of-turn token. A line ``{"prompt": ..., "completion": ...}`` is a
+raw sample without the template: the prompt tokenized as ``llada generate --no-chat`` and
+``/v1/completions`` tokenize it, the answer the completion and an EOS. Raw samples keep plain
+continuation alive in a chat model (without them it learns to stop at once outside the template). In batches the answers are padded with EOS, and the
 padding counts as answer: the model learns to fill the remaining length with EOS, which is how it
 decides where its answers stop.
 
@@ -68,8 +71,17 @@ def checked_messages(value: object, field: str) -> list[Message]:
     return value
 
 
-def _messages(line: str, field: str) -> list[Message]:
-    value = json.loads(line)
+def _raw_pair(tokenizer: Tokenizer, value: dict) -> tuple[list[int], list[int]]:
+    """Prompt and answer ids of a ``{"prompt", "completion"}`` line (no chat template)."""
+    prompt, completion = value["prompt"], value["completion"]
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError("'prompt' and 'completion' must be strings")  # noqa: TRY004 - bad data, not a bad call
+    if not prompt or not completion:
+        raise ValueError("'prompt' and 'completion' must not be empty")
+    return tokenizer.encode(prompt), [*tokenizer.encode(completion, add_special_tokens=False), tokenizer.ids.eos]
+
+
+def _messages(value: object, field: str) -> list[Message]:
     messages = checked_messages(value.get(field) if isinstance(value, dict) else None, field)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message to learn from")
@@ -99,7 +111,10 @@ def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir:
     tokens: list[int] = []
     samples: list[tuple[int, int, int]] = []
     def parse(line: str) -> list[tuple[list[int], list[int]]]:
-        messages = _messages(line, messages_field)
+        value = json.loads(line)
+        if isinstance(value, dict) and messages_field not in value and "completion" in value and "prompt" in value:
+            return [_raw_pair(tokenizer, value)]
+        messages = _messages(value, messages_field)
         return [encode_pair(tokenizer, history, reply) for history, reply in dialogue_to_pairs(messages)]
 
     for pairs in parsed_lines(inputs, parse, on_error, issues, progress):
