@@ -32,7 +32,7 @@ serve-demo: install
 	$(BIN)/llada serve --model models/demo --gen-length 32 --block-length 8
 
 demo-model: install
-	$(BIN)/python scripts/prepare_demo_data.py --out data/demo --tokenizer-vocab 8192
+	$(BIN)/python scripts/prepare_demo_data.py --out data/demo --tokenizer-vocab 4096
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/train_demo.sh models/demo
 
 test: install

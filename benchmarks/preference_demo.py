@@ -83,7 +83,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(centre - half, 4), round(centre + half, 4)]
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 @torch.no_grad()
