@@ -2,10 +2,10 @@
 arithmetic questions, does the model prefer the correct answer to questions it has never seen?
 
 Stages (each a subcommand):
-- ``pairs``: from the demo model's instruction data (``scripts/prepare_demo_data.py``), training pairs
-  on arithmetic questions of its SFT training split (one wrong answer per question: the right value
-  moved by 1-10, or another operator's value) and held-out pairs on questions that appear in neither
-  its SFT data (train or test) nor the training pairs;
+- ``pairs``: from the demo model's task data (``scripts/prepare_demo_data.py``), training pairs on
+  arithmetic questions of its SFT training data (one wrong answer per question: the right value moved
+  by 1-10, or another operator's value) and held-out pairs on its held-out arithmetic questions
+  (``tasks_test.jsonl``: 2-digit ± 2-digit and 2-digit × 1-digit, never in any training data);
 - ``evaluate``: a model's held-out preference accuracy (its ELBO of the correct answer above that of
   the wrong one; ELBO from 64 stratified draws) and exact-match accuracy of its own answers (the
   engine's defaults, 8 tokens), each with a 95% Wilson interval, beside two baselines: chance and
@@ -44,12 +44,16 @@ QUESTION = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+ARITHMETIC_KINDS = ("add", "sub", "mul")
+
+
 def _questions(path: Path) -> list[tuple[int, str, int]]:
+    """The arithmetic questions of a training file (chat lines) or a test file (prompt lines)."""
     found = []
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        if record.get("kind") == "arithmetic":
-            match = QUESTION.match(record["messages"][0]["content"])
+        if record.get("kind") in ARITHMETIC_KINDS:
+            match = QUESTION.match(record["messages"][0]["content"] if "messages" in record else record["prompt"])
             found.append((int(match[1]), match[2], int(match[3])))
     return found
 
@@ -65,12 +69,10 @@ def _pair(question: tuple[int, str, int], rng: random.Random) -> dict:
 
 def make_pairs(demo_data: Path, out: Path, train_count: int, heldout_count: int, seed: int) -> None:
     rng = random.Random(seed)
-    sft_train, sft_test = _questions(demo_data / "sft_train.jsonl"), _questions(demo_data / "sft_test.jsonl")
-    seen = set(sft_train) | set(sft_test)
+    sft_train, unseen = _questions(demo_data / "sft_train.jsonl"), _questions(demo_data / "tasks_test.jsonl")
     train = rng.sample(sorted(set(sft_train)), train_count)
-    unseen = [(a, o, b) for a in range(100) for o in OPERATORS for b in range(100) if (a, o, b) not in seen]
-    heldout = rng.sample(unseen, heldout_count)
-    assert not set(heldout) & (seen | set(train))
+    heldout = rng.sample(unseen, min(heldout_count, len(unseen)))
+    assert not set(heldout) & set(sft_train)
     out.mkdir(parents=True, exist_ok=True)
     for name, questions in (("train.jsonl", train), ("heldout.jsonl", heldout)):
         (out / name).write_text("".join(json.dumps(_pair(q, rng)) + "\n" for q in questions))

@@ -57,6 +57,12 @@ def arithmetic_test(rng: random.Random, kind: str, count: int) -> list[Item]:
     return [arithmetic_item(kind, a, b) for a, b in sorted(pairs)]
 
 
+def held_out_arithmetic(rng: random.Random, counts: dict[str, int]) -> list[Item]:
+    """The held-out arithmetic questions: the first draws of the data's random stream, so that
+    ``held_out_arithmetic(random.Random(seed), ...)`` gives them again without the text sources."""
+    return [item for kind in ("add", "sub", "mul") for item in arithmetic_test(rng, kind, counts[kind])]
+
+
 def arithmetic_train(rng: random.Random, kind: str, count: int, held_out: set[str]) -> list[Item]:
     """Multi-digit questions around the tested shapes: sums and differences of 1-3 digit numbers,
     products of a 1-3 digit number and a 1-digit one (in either order), never a held-out pair."""

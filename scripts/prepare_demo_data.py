@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import subprocess
 import sys
 import tarfile
@@ -33,14 +32,14 @@ from pathlib import Path
 from demo_tasks import (
     OPERATIONS,
     Item,
-    pair_key,
-    arithmetic_test,
     arithmetic_train,
     blank_item,
     common_words,
     gloss_raw_item,
+    held_out_arithmetic,
     list_items,
     neighbour_item,
+    pair_key,
     raw_item,
     verse_lines,
 )
@@ -120,7 +119,7 @@ LIST_TEST_LENGTH = 4  # the measured list length; training lists have 2-6 words
 def held_out_tasks(lines: list[list[str]], pairs: list[tuple[str, str]], vocabulary: list[str],
                    rng: random.Random) -> list[Item]:
     """The test items of every kind, drawn before any training item (which then avoids them)."""
-    test = [item for kind in ("add", "sub", "mul") for item in arithmetic_test(rng, kind, TEST_COUNTS[kind])]
+    test = held_out_arithmetic(rng, TEST_COUNTS)  # first: scripts/demo.py draws them again
     for kind in ("reverse", "sort"):
         test += list_items(rng, kind, vocabulary, TEST_COUNTS[kind], (LIST_TEST_LENGTH,), set(), distinct=True)
     test += _distinct(lambda: blank_item(*_line(lines, rng), rng), TEST_COUNTS["blank"])
