@@ -69,7 +69,7 @@ def arithmetic_train(rng: random.Random, kind: str, count: int, held_out: set[st
     items = []
     while len(items) < count:
         if kind == "mul":
-            a, b = _number(rng, rng.choices((1, 2, 3), (1, 4, 4))[0]), rng.randrange(0, 10)
+            a, b = _number(rng, rng.choices((1, 2, 3), (1, 6, 4))[0]), rng.randrange(0, 10)
             a, b = (a, b) if rng.random() < 0.7 else (b, a)
         else:
             a, b = (_number(rng, rng.choices((1, 2, 3), (1, 6, 3))[0]) for _ in range(2))
