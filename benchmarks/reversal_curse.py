@@ -1,80 +1,247 @@
-"""The reversal curse at small scale: next-line (forward) against previous-line (reversal) questions.
+"""The reversal curse, tested on facts taught in one direction only: masked diffusion vs autoregression.
 
-The held-out "next" and "previous" instruction samples of the demo data ask for the line after or
-before a line of verse that both models read during pretraining, left to right. The paper's claim:
-a masked diffusion model recalls the previous line about as well as the next one, while an
-autoregressive model trained on the same text does much worse backwards. Scores: exact match and
-word-overlap F1 with the held-out answer; the diffusion model decodes with the reference algorithm
-(engine exact mode), the autoregressive one left to right, both greedily.
+The paper's claim: a model trained on "A is the mentor of B" answers "The mentor of B is ..." about as
+well as "A is the mentor of ..." if it is a masked diffusion model, while a left-to-right model's
+reverse accuracy collapses. The test (after Berglund et al., "The Reversal Curse"):
 
-    python scripts/prepare_demo_data.py --out data/demo
-    bash scripts/train_demo_ar.sh models/demo-ar            # the AR baseline (GPU)
-    python benchmarks/reversal_curse.py --mdm models/demo --ar models/demo-ar \
-        --out benchmarks/results/eval/reversal_curse_demo.json
+- ``data``: fictitious people (names built from random syllables, so no fact can be known from
+  anywhere else) paired as mentor and student. Three disjoint sets of pairs:
+  ``test`` (default 1,000 pairs) and ``tune`` (200) are taught forward only, in three phrasings that
+  all put A before B; ``both`` (500) is taught in both orders, so that the reverse phrasing itself is
+  familiar and only the reverse *fact* is missing. A tokenizer is trained on the facts, which are
+  tokenized one sentence per document.
+- ``run``: trains one network from scratch with one objective (``pretrain`` = masked diffusion, or
+  ``autoregressive``: the same network with causal attention, the same data, steps, batch and
+  length, hence the same tokens and the same FLOPs) and answers, greedily:
+  forward "A is the mentor of" -> B and reverse "The mentor of B is" -> A, for the test and tune
+  pairs; the diffusion model also answers the reverse question by infilling the taught sentence,
+  "[MASK*n] is the mentor of B." with n = the length of A in tokens (a left-to-right model cannot
+  condition on text after the gap). Exact match on the whole name, with 95% Wilson intervals.
+- ``report``: per objective, the learning rate with the best forward accuracy on the *tune* pairs
+  (never the test pairs), then forward and reverse test accuracy for each seed at that rate and their
+  mean. The no-recall baseline: answering with a random name of the same set (exact match 1/N).
+
+    python benchmarks/reversal_curse.py data --out data/reversal
+    python benchmarks/reversal_curse.py run --data data/reversal --objective pretrain --lr 1e-3 --seed 0 \
+        --out benchmarks/results/eval/reversal/pretrain-lr1e-3-seed0.json
+    python benchmarks/reversal_curse.py report benchmarks/results/eval/reversal/*.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import shutil
+import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from preference_demo import wilson
 
-from llada.diffusion.ar_sampling import generate_autoregressive
-from llada.engine.answer_text import answer_text
-from llada.engine.engine import Engine, GenerationSettings
-from llada.evaluation.text_metrics import word_f1
+from llada import Engine, GenerationSettings
+from llada.diffusion.infilling import infill
 from llada.model.tokenizer import Tokenizer
-from llada.model.transformer import LLaDAModel
+from llada.training.config import load_config
+from llada.training.trainer import Trainer
 
-KINDS = ("next", "previous")
+FORWARD_TEMPLATES = ("{a} is the mentor of {b}.", "{a} mentors {b}.", "{a} was the mentor of {b}.")
+REVERSE_TEMPLATES = ("The mentor of {b} is {a}.", "{b} is mentored by {a}.")
+FORWARD_QUESTION, REVERSE_QUESTION = "{a} is the mentor of", "The mentor of {b} is"
+INFILL_SENTENCE = " is the mentor of {b}."
+SETS = {"test": 1000, "tune": 200, "both": 500}
+ONSETS = "b c d f g h j k l m n p r s t v z br dr gr kr pl st th sh".split()
+VOWELS = "a e i o u ai ea ou".split()
+# The network (a small LLaMA-style block stack) and its training, identical for both objectives.
+NETWORK = {"d_model": 256, "n_layers": 6, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 704,
+           "max_sequence_length": 256}
 
 
-def answers(model_dir: str, samples: list[dict], autoregressive: bool, gen_length: int) -> list[str]:
-    model = LLaDAModel.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    prompts = [tokenizer.encode_chat(s["messages"][:1]) for s in samples]
-    if autoregressive:
-        stops = (tokenizer.ids.eos, tokenizer.ids.eot)
-        return [answer_text(tokenizer, generate_autoregressive(model, p, gen_length, stop_ids=stops)) for p in prompts]
-    settings = GenerationSettings(gen_length=gen_length, block_length=8, policy="fixed", steps=gen_length,
-                                  cache="none", early_stop=False)
-    return [answer_text(tokenizer, r.answer.tolist()) for r in Engine(model).generate(prompts, settings)]
+def names(rng: random.Random, count: int) -> list[str]:
+    """``count`` distinct two-part names of 2-3 random syllables each ("Dravoku Plenisa")."""
+    found: set[str] = set()
+    while len(found) < count:
+        parts = ["".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))).capitalize()
+                 for _ in range(2)]
+        found.add(" ".join(parts))
+    ordered = sorted(found)
+    rng.shuffle(ordered)
+    return ordered
+
+
+def make_data(out: Path, seed: int, vocab: int) -> None:
+    from llada.cli.training import run_tokenizer_train
+    from llada.training.packing import tokenize_corpus
+
+    rng = random.Random(seed)
+    people = names(rng, 2 * sum(SETS.values()))
+    pairs, start = {}, 0
+    for name, count in SETS.items():
+        chunk = people[start:start + 2 * count]
+        pairs[name] = [{"a": chunk[2 * i], "b": chunk[2 * i + 1]} for i in range(count)]
+        start += 2 * count
+    sentences = [t.format(**p) for name in SETS for p in pairs[name] for t in FORWARD_TEMPLATES]
+    sentences += [t.format(**p) for p in pairs["both"] for t in REVERSE_TEMPLATES]
+    rng.shuffle(sentences)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "facts.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    (out / "pairs.json").write_text(json.dumps(pairs, indent=1), encoding="utf-8")
+    run_tokenizer_train([str(out / "facts.txt")], str(out / "tokenizer"), vocab)
+    summary = tokenize_corpus([str(out / "facts.txt")], out / "tokens", out / "tokenizer", text_unit="line")
+    print(f"{len(people)} people, {len(sentences)} sentences, {summary.tokens:,} tokens -> {out}")
+
+
+def train(data: Path, objective: str, lr: float, seed: int, steps: int, batch_size: int, seq_len: int,
+          runs: Path) -> Trainer:
+    out_dir = runs / f"{objective}-lr{lr:g}-seed{seed}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    overrides = [f"objective={objective}", f"model.tokenizer={data / 'tokenizer'}", f"data.path={data / 'tokens'}",
+                 f"data.seq_len={seq_len}", "data.eval_fraction=0.01", f"steps={steps}", f"batch_size={batch_size}",
+                 f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 20)}", f"seed={seed}", f"out_dir={out_dir}",
+                 "eval_every=0", "save_every=0", "sample_every=0", f"model.overrides={json.dumps(NETWORK)}",
+                 f"compile={torch.cuda.is_available()}"]
+    if objective == "autoregressive":
+        overrides.append("data.random_length_probability=0")
+    trainer = Trainer(load_config("configs/demo_pretrain.yaml", overrides))
+    trainer.run()
+    return trainer
+
+
+def name_of(text: str) -> str:
+    """The answer's name: the text up to the first full stop or line end, stripped."""
+    return text.split(".")[0].split("\n")[0].strip()
+
+
+@torch.no_grad()
+def complete(model, tokenizer: Tokenizer, prompts: list[str], autoregressive: bool, length: int = 16) -> list[str]:
+    """Greedy continuations: left to right for the causal model (prompts of equal length batched), the
+    reference algorithm (one token per step, one block) for the diffusion model. Each prompt starts
+    after an EOS, as every sentence does in the packed training data."""
+    encoded = [[tokenizer.ids.eos, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
+    texts = [""] * len(prompts)
+    if not autoregressive:
+        settings = GenerationSettings(gen_length=length, block_length=length, policy="fixed", steps=length)
+        for start in range(0, len(encoded), 128):
+            results = Engine(model).generate(encoded[start:start + 128], settings)
+            for i, result in enumerate(results):
+                texts[start + i] = tokenizer.decode(result.answer.tolist(), skip_special_tokens=True)
+        return texts
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    for rows in by_length.values():
+        tokens = torch.tensor([encoded[i] for i in rows], device=model.device)
+        for _ in range(length):
+            logits = model(tokens, causal=True).logits[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+        for row, i in enumerate(rows):
+            texts[i] = tokenizer.decode(tokens[row, len(encoded[i]):].tolist(), skip_special_tokens=True)
+    return texts
+
+
+@torch.no_grad()
+def infill_names(model, tokenizer: Tokenizer, pairs: list[dict]) -> list[str]:
+    """The diffusion model's reverse answer by infilling the taught sentence before B."""
+    answers = []
+    for pair in pairs:
+        size = len(tokenizer.encode(pair["a"], add_special_tokens=False))
+        ids = [tokenizer.ids.eos, *[tokenizer.ids.mask] * size,
+               *tokenizer.encode(INFILL_SENTENCE.format(b=pair["b"]), add_special_tokens=False)]
+        filled = infill(model, torch.tensor(ids))
+        answers.append(tokenizer.decode(filled[1:1 + size].tolist(), skip_special_tokens=True).strip())
+    return answers
+
+
+def accuracy(answers: list[str], expected: list[str]) -> dict:
+    right = sum(name_of(a) == e for a, e in zip(answers, expected))
+    return {"items": len(expected), "correct": right, "accuracy": right / len(expected),
+            "interval": wilson(right, len(expected))}
+
+
+def run(args: argparse.Namespace) -> None:
+    pairs = json.loads((args.data / "pairs.json").read_text())
+    started = time.perf_counter()
+    trainer = train(args.data, args.objective, args.lr, args.seed, args.steps, args.batch_size, args.seq_len, args.runs)
+    seconds = time.perf_counter() - started
+    model, tokenizer = trainer.model.eval(), trainer.tokenizer
+    causal = args.objective == "autoregressive"
+    scores: dict[str, dict] = {}
+    examples: dict[str, list] = {}
+    for split in ("test", "tune", "both"):
+        chosen = pairs[split]
+        forward = complete(model, tokenizer, [FORWARD_QUESTION.format(**p) for p in chosen], causal)
+        reverse = complete(model, tokenizer, [REVERSE_QUESTION.format(**p) for p in chosen], causal)
+        scores[f"{split}_forward"] = accuracy(forward, [p["b"] for p in chosen])
+        scores[f"{split}_reverse"] = accuracy(reverse, [p["a"] for p in chosen])
+        examples[split] = [{"pair": p, "forward": f, "reverse": r} for p, f, r in zip(chosen[:5], forward, reverse)]
+        if not causal and split == "test":
+            scores["test_reverse_infill"] = accuracy(infill_names(model, tokenizer, chosen), [p["a"] for p in chosen])
+    result = {"objective": args.objective, "lr": args.lr, "seed": args.seed, "steps": args.steps,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "network": NETWORK,
+              "parameters": model.config.num_parameters(), "train_seconds": round(seconds, 1),
+              "flops": model.config.flops_per_token(args.seq_len, training=True) * args.steps * args.batch_size * args.seq_len,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "no_recall_baseline": 1 / len(pairs["test"]), "scores": scores, "examples": examples}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: round(v["accuracy"], 4) for k, v in scores.items()}), flush=True)
+
+
+def report(paths: list[Path]) -> dict:
+    """Per objective: the rate chosen on the tune pairs, then the test accuracies of its seeds."""
+    results = [json.loads(p.read_text()) for p in paths]
+    summary = {}
+    for objective in sorted({r["objective"] for r in results}):
+        mine = [r for r in results if r["objective"] == objective]
+        by_lr: dict[float, list[dict]] = defaultdict(list)
+        for r in mine:
+            by_lr[r["lr"]].append(r)
+        best = max(by_lr, key=lambda lr: statistics.mean(r["scores"]["tune_forward"]["accuracy"] for r in by_lr[lr]))
+        chosen = sorted(by_lr[best], key=lambda r: r["seed"])
+        row = {"lr": best, "seeds": [r["seed"] for r in chosen],
+               "tune_forward_by_lr": {lr: statistics.mean(r["scores"]["tune_forward"]["accuracy"] for r in rs)
+                                      for lr, rs in sorted(by_lr.items())}}
+        for key in ("test_forward", "test_reverse", "test_reverse_infill", "both_forward", "both_reverse"):
+            if key in chosen[0]["scores"]:
+                values = [r["scores"][key]["accuracy"] for r in chosen]
+                row[key] = {"per_seed": [r["scores"][key] for r in chosen], "mean": statistics.mean(values),
+                            "sd_over_seeds": statistics.stdev(values) if len(values) > 1 else None}
+        summary[objective] = row
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mdm", required=True, help="the masked diffusion model")
-    parser.add_argument("--ar", help="the autoregressive baseline (optional)")
-    parser.add_argument("--data", default="data/demo/sft_test.jsonl")
-    parser.add_argument("--per-kind", type=int, default=100)
-    parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--out")
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data")
+    data.add_argument("--out", type=Path, default=Path("data/reversal"))
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--vocab", type=int, default=1024)
+    one = commands.add_parser("run")
+    one.add_argument("--data", type=Path, default=Path("data/reversal"))
+    one.add_argument("--objective", choices=("pretrain", "autoregressive"), required=True)
+    one.add_argument("--lr", type=float, required=True)
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--steps", type=int, default=3000)
+    one.add_argument("--batch-size", type=int, default=128)
+    one.add_argument("--seq-len", type=int, default=128)
+    one.add_argument("--runs", type=Path, default=Path("runs/reversal"))
+    one.add_argument("--out", type=Path, required=True)
+    summary = commands.add_parser("report")
+    summary.add_argument("results", type=Path, nargs="+")
+    summary.add_argument("--out", type=Path)
     args = parser.parse_args()
-    by_kind: dict[str, list[dict]] = defaultdict(list)
-    for line in Path(args.data).read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] in KINDS and len(by_kind[record["kind"]]) < args.per_kind:
-            by_kind[record["kind"]].append(record)
-    samples = [s for kind in KINDS for s in by_kind[kind]]
-    rows = []
-    for name, directory, autoregressive in (("masked diffusion", args.mdm, False), ("autoregressive", args.ar, True)):
-        if not directory:
-            continue
-        texts = answers(directory, samples, autoregressive, args.gen_length)
-        row = {"model": name, "path": directory}
-        for kind in KINDS:
-            pairs = [(t, s["messages"][1]["content"].strip()) for t, s in zip(texts, samples) if s["kind"] == kind]
-            row[f"{kind}_exact"] = sum(t.strip() == e for t, e in pairs) / len(pairs)
-            row[f"{kind}_f1"] = sum(word_f1(t, e) for t, e in pairs) / len(pairs)
-        rows.append(row)
-        print(f"{name:17s} forward (next) F1 {row['next_f1']:6.1%} exact {row['next_exact']:6.1%}   "
-              f"reversal (previous) F1 {row['previous_f1']:6.1%} exact {row['previous_exact']:6.1%}", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"per_kind": args.per_kind, "rows": rows}, indent=2) + "\n")
+    if args.command == "data":
+        make_data(args.out, args.seed, args.vocab)
+    elif args.command == "run":
+        run(args)
+    else:
+        result = report(args.results)
+        print(json.dumps(result, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

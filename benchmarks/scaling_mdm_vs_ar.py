@@ -38,11 +38,11 @@ from llada.model.transformer import LLaDAModel
 from llada.training.config import load_config
 from llada.training.trainer import Trainer
 
-# Changes to the demo preset (d_model 384, 6 layers, 6 heads, MLP 1024): about 0.4x, 1x and 2.4x
-# its non-embedding parameters.
+# Changes to the demo preset: the former demo shape (d_model 384, 6 layers, 6 heads, MLP 1024) and
+# about 0.4x and 2.4x its non-embedding parameters.
 SIZES: dict[str, dict[str, int]] = {
     "s": {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 704},
-    "m": {},
+    "m": {"d_model": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6, "mlp_hidden_size": 1024},
     "l": {"d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "mlp_hidden_size": 1376},
 }
 OBJECTIVES = ("pretrain", "autoregressive")
