@@ -16,15 +16,15 @@ $(BIN)/llada: pyproject.toml
 
 install: $(BIN)/llada
 
-# The demo runs the shipped demo model (models/demo, 17M parameters trained on Shakespeare, Milton and
-# WordNet; see README "Demo model"): its config, a few answers (the fast engine, then the reference
-# sampler for comparison), and the likelihood of two continuations.
+# The demo runs the shipped demo model (models/demo, 24M parameters trained on Shakespeare, Milton,
+# WordNet and generated tasks; see README "Demo model"): its config, checked answers to questions it
+# never saw in training (scripts/demo.py: arithmetic, word lists, infilling, plain continuation), and
+# the likelihood of a real continuation against gibberish.
 demo: install
 	$(BIN)/llada info models/demo
-	$(BIN)/llada generate --prompt 'Define the word "king".' --gen-length 32 --block-length 8
-	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --gen-length 32 --block-length 8
-	$(BIN)/llada generate --prompt 'Which line follows "To be, or not to be, that is the question:"?' --gen-length 32 --block-length 8 --sampler reference --steps 32
+	$(BIN)/python scripts/demo.py
 	@mkdir -p .demo && printf '{"prompt": "The king", "answer": " is dead"}\n{"prompt": "The king", "answer": " xq zzv blorp"}\n' > .demo/pairs.jsonl
+	@echo "== Likelihood (Monte-Carlo ELBO): a real continuation scores far above gibberish"
 	$(BIN)/llada score --input .demo/pairs.jsonl --mc-num 64
 
 # The demo model behind the OpenAI-compatible API on http://127.0.0.1:8000 (docs/serving.md); Ctrl-C stops it.

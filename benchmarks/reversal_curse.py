@@ -52,8 +52,8 @@ REVERSE_TEMPLATES = ("The mentor of {b} is {a}.", "{b} is mentored by {a}.")
 FORWARD_QUESTION, REVERSE_QUESTION = "{a} is the mentor of", "The mentor of {b} is"
 INFILL_SENTENCE = " is the mentor of {b}."
 SETS = {"test": 1000, "tune": 200, "both": 500}
-ONSETS = "b c d f g h j k l m n p r s t v z br dr gr kr pl st th sh".split()
-VOWELS = "a e i o u ai ea ou".split()
+ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pl", "st", "th", "sh"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
 # The network (a small LLaMA-style block stack) and its training, identical for both objectives.
 NETWORK = {"d_model": 256, "n_layers": 6, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 704,
            "max_sequence_length": 256}

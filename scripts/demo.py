@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo_tasks import held_out_arithmetic, list_item  # noqa: E402
-from prepare_demo_data import TEST_COUNTS  # noqa: E402
+from demo_tasks import held_out_arithmetic, list_item
+from prepare_demo_data import TEST_COUNTS
 
-from llada import Engine, GenerationSettings  # noqa: E402
-from llada.diffusion.infilling import encode_with_gaps, infill  # noqa: E402
-from llada.engine.answer_text import answer_text  # noqa: E402
-from llada.model.loading import DEMO_MODEL, load  # noqa: E402
+from llada import Engine, GenerationSettings
+from llada.diffusion.infilling import encode_with_gaps, infill
+from llada.engine.answer_text import answer_text
+from llada.model.loading import DEMO_MODEL, load
 
 SETTINGS = GenerationSettings(gen_length=32, block_length=8)
 WORDS = ["stone", "river", "crown", "sword", "night", "honey", "tower", "heart", "storm", "lamb", "ocean", "grave"]
