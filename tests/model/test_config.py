@@ -75,10 +75,10 @@ def test_unsupported_values_are_named(key: str, value: object) -> None:
         config_from_hf_dict(raw)
 
 
-def test_unknown_and_missing_keys_are_named() -> None:
+def test_unknown_keys_are_a_warning_and_missing_keys_an_error(caplog: pytest.LogCaptureFixture) -> None:
     raw = config_to_hf_dict(preset("tiny"))
-    with pytest.raises(ValueError, match="sliding_window"):
-        config_from_hf_dict({**raw, "sliding_window": 128})
+    assert config_from_hf_dict({**raw, "sliding_window": 128}) == preset("tiny")
+    assert "does not know: ['sliding_window']" in caplog.text
     del raw["d_model"]
     with pytest.raises(ValueError, match="d_model"):
         config_from_hf_dict(raw)
@@ -101,6 +101,46 @@ def test_gqa_config_defaults() -> None:
     config = ModelConfig(d_model=64, n_layers=1, n_heads=4, mlp_hidden_size=8, vocab_size=32, mask_token_id=31,
                          eos_token_id=30, pad_token_id=None, eot_token_id=None)
     assert config.n_kv_heads == 4 and config.embedding_size == 32
+
+
+# What LLaDAConfig() writes with nothing set (the official configuration's dataclass defaults, GPT-2's
+# shape and block), as ``save_pretrained`` stores it.
+OFFICIAL_DEFAULTS = {
+    "d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "mlp_ratio": 4, "mlp_hidden_size": None,
+    "activation_type": "swiglu", "block_type": "sequential", "block_group_size": 1, "alibi": False,
+    "alibi_bias_max": 8.0, "rope": False, "rope_full_precision": True, "flash_attention": False,
+    "attention_dropout": 0.1, "multi_query_attention": None, "attention_layer_norm": False, "residual_dropout": 0.1,
+    "embedding_dropout": 0.1, "input_emb_norm": False, "layer_norm_type": "default", "layer_norm_with_affine": True,
+    "rms_norm_eps": 1e-05, "attention_layer_norm_with_affine": True, "max_sequence_length": 1024,
+    "rope_theta": 10000.0, "include_qkv_bias": False, "include_bias": False, "bias_for_layer_norm": None,
+    "scale_logits": False, "vocab_size": 50257, "embedding_size": 50304, "weight_tying": True,
+    "eos_token_id": 50256, "pad_token_id": 50256, "mask_token_id": 50256, "init_device": None, "init_fn": "normal",
+    "init_std": 0.02, "init_cutoff_factor": None, "precision": None, "use_cache": False,
+    "architectures": ["LLaDAModelLM"], "model_type": "llada", "transformers_version": "4.46.3",
+}
+
+
+def test_a_fine_tune_saved_with_the_official_defaults_loads(caplog: pytest.LogCaptureFixture) -> None:
+    """A llama-shaped checkpoint whose config keeps the official class's other defaults (null
+    bias_for_layer_norm, n_kv_heads and mlp_hidden_size, 0.1 dropouts) and extra training keys."""
+    raw = OFFICIAL_DEFAULTS | {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
+                               "weight_tying": False, "mask_token_id": 50255, "train_max_sequence_length": 4096,
+                               "use_scheduler_head": False, "torch_dtype": "bfloat16", "return_dict": True}
+    config = config_from_hf_dict(raw)
+    assert (config.n_kv_heads, config.mlp_hidden_size, config.embedding_size) == (12, 3072, 50304)
+    assert "dropout" in caplog.text and "used only in training" in caplog.text
+    assert "['train_max_sequence_length', 'use_scheduler_head']" in caplog.text
+    assert caplog.text.count("used only in training") == 1  # said once, not once per key
+
+
+def test_the_official_default_architecture_is_refused_by_name() -> None:
+    """Left at its defaults the official class describes a GPT-2-like sequential block: not this network."""
+    with pytest.raises(ValueError, match="block_type='sequential'"):
+        config_from_hf_dict(OFFICIAL_DEFAULTS)
+    with pytest.raises(ValueError, match="bias_for_layer_norm=True"):
+        config_from_hf_dict(config_to_hf_dict(preset("tiny")) | {"bias_for_layer_norm": True})
+    with pytest.raises(ValueError, match="include_bias=True"):  # a null bias_for_layer_norm follows it
+        config_from_hf_dict(config_to_hf_dict(preset("tiny")) | {"bias_for_layer_norm": None, "include_bias": True})
 
 
 def test_numerics_only_keys_are_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -175,28 +175,43 @@ _REQUIRED_VALUES: dict[str, Any] = {
 # implementation always computes RoPE in float32 and attention with SDPA, so it says so.
 _NUMERICS_VALUES: dict[str, Any] = {"rope_full_precision": True, "flash_attention": False}
 
-# Official keys that only matter for training-time behaviour or bookkeeping of the original code base;
-# read and ignored (dropouts are 0 in the releases and the model here has none).
+# Official keys that only matter for training-time behaviour or bookkeeping of the original code base,
+# and the bookkeeping keys Hugging Face's ``PretrainedConfig`` writes: read and ignored in silence.
 _IGNORED_KEYS = {
-    "activation_type", "alibi_bias_max", "architectures", "attention_dropout", "attention_layer_norm_with_affine",
-    "auto_map", "bos_token_id", "embedding_dropout", "flash_attention", "init_cutoff_factor", "init_device",
-    "init_fn", "mlp_ratio", "model_type", "precision", "residual_dropout", "rope_full_precision", "torch_dtype",
-    "transformers_version", "use_cache", "layer_norm_eps", "tie_word_embeddings",
+    "activation_type", "alibi_bias_max", "architectures", "attention_layer_norm_with_affine",
+    "auto_map", "bos_token_id", "flash_attention", "init_cutoff_factor", "init_device",
+    "init_fn", "mlp_ratio", "model_type", "precision", "rope_full_precision", "torch_dtype", "dtype",
+    "transformers_version", "use_cache", "layer_norm_eps", "tie_word_embeddings", "return_dict",
+    "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention", "_name_or_path",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
+    "keys_to_ignore_at_inference",
 }
+# Dropout applies only while training: inference is the same whatever its rate, and this
+# implementation trains without it, which the loader says once when a checkpoint asks for it.
+_DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
 
 
 def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from an official LLaDA ``config.json`` dictionary.
+    """Build a ModelConfig from a ``config.json`` the official LLaDA code (or a fine-tune of it) wrote.
 
-    Raises ValueError naming the key when a value would change the architecture (e.g. a non-llama
-    ``block_type``) or when a required key is missing. Unknown keys are ignored only if they are known
-    official bookkeeping keys; anything else is reported, since it may mean a different model family.
+    Raises ValueError naming the key when a value would change what the network computes (e.g. a
+    non-llama ``block_type``) or when a required key is missing. Training-only values (dropout) and keys
+    this implementation does not know are accepted with one warning naming them. ``null`` means the
+    official default: ``bias_for_layer_norm`` follows ``include_bias``, ``n_kv_heads`` is ``n_heads``,
+    ``mlp_hidden_size`` is ``mlp_ratio * d_model`` and ``embedding_size`` is ``vocab_size``.
     """
+    raw = dict(raw)
+    if raw.get("bias_for_layer_norm", False) is None:
+        raw["bias_for_layer_norm"] = raw.get("include_bias", False)
     for key, required in _REQUIRED_VALUES.items():
-        if key in raw and raw[key] != required and not (required is None and raw[key] in (None, False)):
-            raise ValueError(f"{source}: unsupported {key}={raw[key]!r} (this implementation supports {required!r})")
-    if raw.get("attention_dropout", 0) or raw.get("residual_dropout", 0) or raw.get("embedding_dropout", 0):
-        raise ValueError(f"{source}: dropout is not supported; set attention/residual/embedding_dropout to 0")
+        value = raw.get(key, required)
+        if value != required and not (required in (None, False) and value in (None, False)):
+            raise ValueError(f"{source}: unsupported {key}={value!r} (this implementation supports {required!r})")
+    dropouts = {key: raw[key] for key in _DROPOUT_KEYS if raw.get(key)}
+    if dropouts:
+        logger.warning("%s: dropout %s is used only in training; answers are unaffected, and training here "
+                       "runs without dropout", source, dropouts)
     for key, usual in _NUMERICS_VALUES.items():
         if key in raw and raw[key] != usual:
             logger.warning("%s: %s=%r is computed as %s=%r here (same architecture, slightly different rounding)",
@@ -204,10 +219,11 @@ def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> Mod
     missing = [key for key in ("d_model", "n_layers", "n_heads", "vocab_size") if key not in raw]
     if missing:
         raise ValueError(f"{source} lacks required keys {missing}; is this a LLaDA checkpoint?")
-    unknown = sorted(set(raw) - set(_DIRECT_KEYS) - set(_REQUIRED_VALUES) - _IGNORED_KEYS)
+    known = set(_DIRECT_KEYS) | set(_REQUIRED_VALUES) | _IGNORED_KEYS | set(_DROPOUT_KEYS)
+    unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown}; they may change the architecture, remove them if not")
-    fields = {key: raw[key] for key in _DIRECT_KEYS if key in raw}
+        logger.warning("%s: ignoring keys this implementation does not know: %s", source, unknown)
+    fields = {key: raw[key] for key in _DIRECT_KEYS if raw.get(key) is not None}
     mlp_ratio = raw.get("mlp_ratio")
     if "mlp_hidden_size" not in fields and mlp_ratio:
         fields["mlp_hidden_size"] = int(mlp_ratio * raw["d_model"])
