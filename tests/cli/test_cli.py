@@ -66,6 +66,20 @@ def test_chat_streams_and_keeps_history(checkpoint_dir: Path) -> None:
     assert transcript.count("> ") == 4 and "(history cleared)" in transcript
 
 
+def test_ctrl_c_exits_cleanly(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C at the chat prompt ends the command with status 130 and one line, not a traceback."""
+
+    class Interrupted(io.StringIO):
+        def readline(self, *args) -> str:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", Interrupted())
+    assert main(["chat", "--model", str(checkpoint_dir), "--device", "cpu"]) == 130
+    error = capsys.readouterr().err
+    assert "llada chat: interrupted" in error and "Traceback" not in error
+
+
 def test_score_writes_jsonl(checkpoint_dir: Path, tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "The fox", "answer": " jumps", "id": 7}\n\n{"prompt": "a", "answer": " b c"}\n')

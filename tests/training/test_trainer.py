@@ -133,20 +133,39 @@ def test_failed_save_leaves_previous_checkpoints(workspace: Path, tmp_path: Path
     assert names == ["step-00000001", "step-00000002"]
 
 
-def test_keep_last_and_sigterm(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_keep_last_and_stop_signals(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    signum: int) -> None:
+    """SIGTERM and Ctrl-C both save at the end of the step and stop, without a traceback."""
     original = Trainer.train_step
 
     def interrupted(self):
         if self.step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
-    trainer = Trainer(recipe(workspace, tmp_path / "run", "save_every=1", "keep_last=2", "steps=10"))
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "save_every=3", "keep_last=2", "steps=10"))
     trainer.run()
     assert trainer.step == 5
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
-    assert signal.getsignal(signal.SIGTERM) is not trainer._request_stop
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003", "step-00000005"]
+    assert signal.getsignal(signum) is not trainer._request_stop
+
+
+def test_a_second_ctrl_c_interrupts_at_once(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "save_every=0", "steps=10"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize("objective", ["sft", "autoregressive", "autoregressive_sft"])

@@ -137,8 +137,9 @@ def _print_settled(text: AnswerText, stdout: TextIO) -> Callable[[list[int]], No
 
 def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
              device: str = "auto", dtype: str = "auto", seed: int = 0, system: str | None = None,
-             compile: bool = False, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    """Multi-turn chat on the terminal; the answer is printed as its beginning is decided."""
+             compile: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """Multi-turn chat on the terminal (or the given streams); the answer is printed as its beginning is decided."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     settings = settings or GenerationSettings()
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)

@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"llada {entry.name}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the user asked to stop, a traceback would only hide that
+        print(f"\nllada {entry.name}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

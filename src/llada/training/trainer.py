@@ -10,7 +10,8 @@ What it guarantees:
   can be used or exported as is.
 - A non-finite or spiking loss skips the step; ``max_bad_steps`` in a row roll the model and optimiser
   back to the last checkpoint and lower the learning rate (the paper met this once, at 1.2T tokens).
-- SIGTERM saves a checkpoint at the end of the current step, then exits.
+- SIGTERM or Ctrl-C (SIGINT) saves a checkpoint at the end of the current step, then exits; a second
+  Ctrl-C interrupts at once.
 - Under ``torchrun`` the model is sharded with FSDP2 and each process takes its slice of every global
   batch; the masks of a sample depend on its place in the global batch, not on the number of
   processes, so N processes train like one (up to float summation order). Checkpoints hold full,
@@ -373,7 +374,7 @@ class Trainer:
         if checkpoints := self.checkpoint_dirs():
             self.load_checkpoint(checkpoints[-1])
             logger.info("resumed from %s", checkpoints[-1])
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         records = []
         peak = peak_flops(self.device, self.config.peak_tflops)
         flops_per_token = self.model.config.flops_per_token(self.config.data.seq_len, training=True)
@@ -421,15 +422,18 @@ class Trainer:
                         (self.config.save_every and self.step % self.config.save_every == 0):
                     self.save_checkpoint()
                 if self.stop_requested:
-                    logger.warning("SIGTERM: saved a checkpoint at step %d and stopped", self.step)
+                    logger.warning("stop signal: saved a checkpoint at step %d and stopped", self.step)
                     break
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.log.close()
         return records
 
     def _request_stop(self, signum: int, frame: object) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the step to end
         self.stop_requested = True
 
     def _agree_on_stop(self) -> None:
