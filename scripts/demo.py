@@ -55,7 +55,7 @@ def main() -> None:
 
     held_out = held_out_arithmetic(random.Random(0), TEST_COUNTS)
     arithmetic = [item for kind in ("add", "sub", "mul") for item in rng.sample([i for i in held_out if i.kind == kind], 2)]
-    print("\n== Arithmetic on questions held out of training (digits are single tokens; the answer is decoded in parallel)")
+    print("\n== Arithmetic on questions held out of training (the digits of the answer are decoded in parallel)")
     print("   llada generate --prompt 'What is 47 + 38?' --gen-length 32 --block-length 8")
     for item, answer in zip(arithmetic, ask([i.prompt for i in arithmetic])):
         print(f"   {item.prompt:<22} {answer:<8} {mark(answer, item.answer)}")
