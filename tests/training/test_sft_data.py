@@ -76,6 +76,13 @@ def test_overlong_samples_are_dropped_or_truncated(tmp_path: Path, tokenizer_dir
     assert len(SFTDataset(tmp_path / "b")[0][0]) == 64
 
 
+def test_nothing_left_to_train_on_is_an_error(tmp_path: Path, tokenizer_dir: Path) -> None:
+    source = write_jsonl(tmp_path / "c.jsonl", [{"messages": DIALOGUE[1:3]}, "{not json"])
+    with pytest.raises(ValueError, match="no samples to write: 1 longer than the maximum length 5, 1 malformed"):
+        build_sft_data([str(source)], tmp_path / "out", tokenizer_dir, max_length=5, on_error="skip", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_malformed_lines(tmp_path: Path, tokenizer_dir: Path) -> None:
     source = write_jsonl(tmp_path / "c.jsonl", [{"messages": DIALOGUE[1:3]}, "{not json", {"messages": []},
                                                 {"messages": [{"role": "user", "content": "only a question"}]},

@@ -300,3 +300,20 @@ def test_checkpoint_survives_sigkill_during_save(workspace: Path, tmp_path: Path
     last = int(finished[-1].name.removeprefix("step-"))
     records = Trainer(load_config(None, [*base, f"steps={last + 1}", "save_every=0"])).run()
     assert [r["step"] for r in records] == [last + 1]
+
+
+@pytest.mark.parametrize("data", ["packed", "sft"])
+def test_data_made_with_another_tokenizer_is_refused(workspace: Path, tmp_path: Path, data: str) -> None:
+    """Same vocabulary size and EOS id, other tokens: the ids would mean other text, so training refuses,
+    naming both tokenizers."""
+    from llada.model.tokenizer import train_tokenizer
+
+    other = train_tokenizer([text[::-1] for text in CORPUS], vocab_size=320, min_frequency=1)
+    other.save_pretrained(tmp_path / "other")
+    assert other.vocab_size == Tokenizer.from_pretrained(workspace / "tok").vocab_size
+    objective = "pretrain" if data == "packed" else "sft"
+    config = recipe(workspace, tmp_path / "run", f"model.tokenizer={tmp_path / 'other'}", f"objective={objective}",
+                    f"data.path={workspace / data}")
+    with pytest.raises(ValueError, match="made with another tokenizer") as error:
+        Trainer(config)
+    assert str((workspace / "tok").resolve()) in str(error.value) and str(tmp_path / "other") in str(error.value)

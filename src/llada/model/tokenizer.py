@@ -9,6 +9,7 @@ tokens a LLaDA model needs (for demos and tests). Knows nothing about the model.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -160,6 +161,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def vocab_sha256(self) -> str:
+        """A fingerprint of what each id means (the token-to-id map): tokenized data records it, so that
+        training can refuse data made with another tokenizer even when sizes and EOS ids agree."""
+        vocabulary = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        return hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode()).hexdigest()
 
     def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``.

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from llada.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from llada.training.corpus import CorpusIssue, OnError, expand_inputs, read_documents
+from llada.training.token_rows import tokenizer_record
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def tokenize_corpus(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir
                               tokens=sum(s.tokens for s in ordered), text_bytes=sum(s.text_bytes for s in ordered),
                               skipped=sum(s.skipped for s in ordered), seconds=time.perf_counter() - start)
     index = {"format": FORMAT, "version": 1, "dtype": token_dtype(tokenizer.vocab_size).name,
-             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.ids.eos, "tokenizer_sha256": tokenizer_sha,
+             **tokenizer_record(tokenizer, tokenizer_dir), "tokenizer_sha256": tokenizer_sha,
              "documents": summary.documents, "tokens": summary.tokens, "text_bytes": summary.text_bytes,
              "skipped": summary.skipped, "shards": [{"file": s.file, "source": s.source, "tokens": s.tokens,
                                                      "documents": s.documents} for s in ordered]}

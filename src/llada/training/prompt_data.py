@@ -26,7 +26,7 @@ from llada.model.tokenizer import Tokenizer
 from llada.training.corpus import CorpusIssue, OnError, parsed_lines
 from llada.training.packing import token_dtype
 from llada.training.preference_data import prompt_history
-from llada.training.token_rows import read_token_rows, write_token_rows
+from llada.training.token_rows import nothing_to_write, read_token_rows, tokenizer_record, write_token_rows
 
 FORMAT = "llada-prompts"
 RECORDS_FILE = "records.jsonl"
@@ -67,6 +67,8 @@ def build_prompt_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_d
         tokens.extend(prompt)
         records.append(record)
     summary.prompts, summary.tokens, summary.skipped = len(rows), len(tokens), len(issues)
+    if not rows:
+        raise nothing_to_write("prompts", max_length, summary.dropped_overlong, summary.skipped)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     staged = output / f"{RECORDS_FILE}.tmp-{os.getpid()}"
@@ -74,7 +76,7 @@ def build_prompt_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_d
     os.replace(staged, output / RECORDS_FILE)
     write_token_rows(output, FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
                      np.asarray(rows, dtype=np.int64).reshape(-1, 2),
-                     {"eos_id": tokenizer.ids.eos, "vocab_size": tokenizer.vocab_size, **asdict(summary),
+                     {**tokenizer_record(tokenizer, tokenizer_dir), **asdict(summary),
                       "issues": [str(i) for i in issues[:100]]})
     return summary
 

@@ -27,7 +27,7 @@ import torch
 from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
 from llada.training.corpus import CorpusIssue, OnError, parsed_lines
 from llada.training.packing import token_dtype
-from llada.training.token_rows import read_token_rows, write_token_rows
+from llada.training.token_rows import nothing_to_write, read_token_rows, tokenizer_record, write_token_rows
 
 FORMAT = "llada-sft"
 
@@ -129,16 +129,13 @@ def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir:
             samples.append((len(tokens), len(prompt), len(prompt) + len(answer)))
             tokens.extend(prompt + answer)
     summary.samples, summary.tokens, summary.skipped = len(samples), len(tokens), len(issues)
-    _write(Path(output_dir), tokenizer, tokens, samples, summary, issues)
-    return summary
-
-
-def _write(output: Path, tokenizer: Tokenizer, tokens: list[int], samples: list[tuple[int, int, int]],
-           summary: SFTSummary, issues: list[CorpusIssue]) -> None:
-    write_token_rows(output, FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
+    if not samples:
+        raise nothing_to_write("samples", max_length, summary.dropped_overlong, summary.skipped)
+    write_token_rows(Path(output_dir), FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
                      np.asarray(samples, dtype=np.int64).reshape(-1, 3),
-                     {"eos_id": tokenizer.ids.eos, "vocab_size": tokenizer.vocab_size, **asdict(summary),
+                     {**tokenizer_record(tokenizer, tokenizer_dir), **asdict(summary),
                       "issues": [str(i) for i in issues[:100]]})
+    return summary
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -2,8 +2,8 @@
 
 A directory holds ``tokens.bin`` (every sample's ids back to back, in the smallest unsigned dtype
 that fits the vocabulary), ``samples.npy`` (one int64 row per sample: its offset into the tokens,
-then the lengths of its parts) and ``index.json`` (format, counts, the tokenizer's EOS id and vocabulary
-size). The index is written last, after the other two are in place, so a directory with an index is
+then the lengths of its parts) and ``index.json`` (format, counts, and ``tokenizer_record``: the
+tokenizer's EOS id, vocabulary size, vocabulary fingerprint and directory). The index is written last, after the other two are in place, so a directory with an index is
 complete: an interrupted run leaves the previous set or none.
 """
 
@@ -16,9 +16,34 @@ from typing import Any
 
 import numpy as np
 
+from llada.model.tokenizer import Tokenizer
+
 INDEX_FILE = "index.json"
 TOKENS_FILE = "tokens.bin"
 SAMPLES_FILE = "samples.npy"
+
+
+def tokenizer_record(tokenizer: Tokenizer, tokenizer_dir: str | Path) -> dict[str, Any]:
+    """What tokenized data records of its tokenizer, for the trainer to check against its own."""
+    return {"eos_id": tokenizer.ids.eos, "vocab_size": tokenizer.vocab_size, "vocab_sha256": tokenizer.vocab_sha256,
+            "tokenizer": str(Path(tokenizer_dir).resolve())}
+
+
+def check_made_with(index: dict[str, Any], path: str | Path, tokenizer: Tokenizer, tokenizer_dir: str | Path) -> None:
+    """Refuse data tokenized with another tokenizer than ``tokenizer``, naming both (ids would mean other
+    tokens). Data made before the fingerprint was recorded is checked by its EOS id alone."""
+    made_with = index.get("vocab_sha256", tokenizer.vocab_sha256)
+    if index["eos_id"] != tokenizer.ids.eos or made_with != tokenizer.vocab_sha256:
+        raise ValueError(f"{path} was made with another tokenizer: {index.get('tokenizer', 'unrecorded')} "
+                         f"(EOS {index['eos_id']}, vocabulary {made_with[:12]}), not this run's {tokenizer_dir} "
+                         f"(EOS {tokenizer.ids.eos}, vocabulary {tokenizer.vocab_sha256[:12]}); tokenize the data "
+                         f"with the run's tokenizer")
+
+
+def nothing_to_write(what: str, max_length: int, dropped_overlong: int, skipped: int) -> ValueError:
+    """The error for input that leaves nothing to train on (written instead of an empty directory)."""
+    return ValueError(f"no {what} to write: {dropped_overlong} longer than the maximum length {max_length}, "
+                      f"{skipped} malformed; nothing was written")
 
 
 def write_token_rows(output: Path, data_format: str, tokens: np.ndarray, rows: np.ndarray,

@@ -63,6 +63,7 @@ from llada.training.parallelize import apply_fsdp, compile_model, init_process_g
 from llada.training.rollouts import RolloutCycle, grpo_settings
 from llada.training.run_log import RunLog, peak_flops
 from llada.training.schedule import lr_multiplier
+from llada.training.token_rows import check_made_with
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,7 @@ class Trainer:
         if dataset.index["vocab_size"] > self.model.config.embedding_size:
             raise ValueError(f"{path} holds ids up to {dataset.index['vocab_size'] - 1}, but the model's embedding "
                              f"has {self.model.config.embedding_size} rows (set model.overrides.vocab_size)")
-        if dataset.index["eos_id"] != self.tokenizer.ids.eos:
-            raise ValueError(f"{path} was made with another tokenizer (EOS {dataset.index['eos_id']}, "
-                             f"tokenizer's {self.tokenizer.ids.eos})")
+        check_made_with(dataset.index, path, self.tokenizer, self.tokenizer_dir)
         return dataset, collate
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
