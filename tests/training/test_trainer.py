@@ -68,12 +68,13 @@ def test_pretraining_learns(workspace: Path, tmp_path: Path) -> None:
 
 
 def test_resume_reproduces_losses_exactly(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Crash after the step-3 checkpoint, resume, and get the uninterrupted run's losses bit for bit."""
+    """Crash a step after the step-3 checkpoint, resume, and get the uninterrupted run's losses bit for
+    bit; metrics.jsonl records each step once (the redone step 4 replaces the lost one)."""
     uninterrupted = losses(Trainer(recipe(workspace, tmp_path / "a", "micro_batch_size=2")).run())
     original = Trainer.train_step
 
     def crashing(self):
-        if self.step == 4:
+        if self.step == 4 + 1:
             raise KeyboardInterrupt
         return original(self)
 
@@ -84,6 +85,8 @@ def test_resume_reproduces_losses_exactly(workspace: Path, tmp_path: Path, monke
     resumed = losses(Trainer(recipe(workspace, tmp_path / "b", "micro_batch_size=2")).run())
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == uninterrupted[s] for s in resumed), (resumed, uninterrupted)
+    assert list(logged_losses(tmp_path / "b")) == [1, 2, 3, 4, 5, 6]
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 6
 
 
 def test_nan_losses_skip_then_roll_back(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,12 +108,16 @@ def test_nan_losses_skip_then_roll_back(workspace: Path, tmp_path: Path, monkeyp
     assert trainer.step == 6 and trainer.lr_scale == 0.5
     assert [r["step"] for r in records if not r["skipped"]] == [1, 2, 3, 4, 4, 5, 6]  # step 4 redone after rollback
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # metrics.jsonl is strict JSON (a NaN loss is null) and holds every skipped step, once
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl")) for line in lines]
+    assert sum(r["skipped"] for r in logged) == 3 and all(r["loss"] is None for r in logged if r["skipped"])
 
 
 def test_rollback_without_checkpoint_is_an_error(workspace: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Trainer, "_is_bad", lambda self, loss, norm: True)
-    with pytest.raises(train_module.TrainingError, match="no checkpoint to roll back to"):
+    with pytest.raises(train_module.TrainingError, match="2 bad steps in a row and no checkpoint to roll back to"):
         Trainer(recipe(workspace, tmp_path / "run", "max_bad_steps=2")).run()
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -37,6 +39,8 @@ class RunLog:
         """One step's record: a line of metrics.jsonl, and its numbers as TensorBoard scalars."""
         if not self.writes:
             return
+        # Strict JSON: a non-finite number (a skipped step's NaN loss) is written as null.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with (self.out_dir / METRICS_FILE).open("a") as file:
             file.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -53,6 +57,21 @@ class RunLog:
             file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         for row in rows:
             logger.info("sample at step %d: %r -> %r", row["step"], row["prompt"], row["text"])
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a resume redoes them: each step is logged once)."""
+        if not self.writes:
+            return
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            path = self.out_dir / name
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            if len(kept) < len(lines):
+                staged = path.with_name(f".{name}.tmp-{os.getpid()}")
+                staged.write_text("".join(kept), encoding="utf-8")
+                os.replace(staged, path)
 
     def close(self) -> None:
         if self.writer is not None:

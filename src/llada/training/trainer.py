@@ -372,6 +372,7 @@ class Trainer:
         self._barrier()
         if checkpoints := self.checkpoint_dirs():
             self.load_checkpoint(checkpoints[-1])
+            self.log.forget_after(self.step)
             logger.info("resumed from %s", checkpoints[-1])
         previous = {signum: signal.signal(signum, self._request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
         records = []
