@@ -97,6 +97,8 @@ def test_packed_dataset_windows_span_documents_and_shards(tmp_path: Path, tokeni
         assert torch.equal(dataset[i], torch.from_numpy(stream[i * 17:(i + 1) * 17].astype(np.int64)))
     with pytest.raises(IndexError):
         dataset[len(dataset)]
+    with pytest.raises(ValueError, match=f"holds {len(stream)} tokens, fewer than one sequence of data.seq_len"):
+        PackedDataset(tmp_path / "out", seq_len=len(stream) + 1)
 
 
 def test_packed_dataset_detects_damage(tmp_path: Path, tokenizer_dir: Path) -> None:

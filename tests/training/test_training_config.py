@@ -35,6 +35,11 @@ def test_yaml_overrides_and_round_trip(tmp_path: Path) -> None:
     ({"optim": {"betas": [0.9]}, "data": {"path": "d"}}, "optim.betas"),
     ({}, "data.path is required"),
     ({"data": {"path": "d"}, "batch_size": 6, "micro_batch_size": 4}, "multiple of micro_batch_size"),
+    ({"data": {"path": "d"}, "save_every": -1}, "save_every must be >= 0"),
+    ({"data": {"path": "d"}, "optim": {"warmup_steps": -3}}, "optim.warmup_steps must be >= 0, got -3"),
+    ({"data": {"path": "d"}, "optim": {"lr": 0}}, "optim.lr must be positive"),
+    ({"data": {"path": "d"}, "log_every": 0}, "log_every must be >= 1"),
+    ({"data": {"path": "d"}, "model": {"overrides": {"d_modle": 64}}}, "model.overrides: unknown field 'd_modle'"),
 ])
 def test_errors_name_the_key(tmp_path: Path, data: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

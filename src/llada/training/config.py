@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from llada.engine.options import settings_from_options
+from llada.model.config import ModelConfig
 from llada.training.schedule import ScheduleName
 
 # A run directory's layout: checkpoints/step-N/, and the records of every step and of the samples.
@@ -133,6 +134,8 @@ class TrainConfig:
     sample_length: int = 32  # tokens generated per sample
 
     def validate(self) -> None:
+        """Every value checked before anything is created, each error naming its key."""
+        self._validate_ranges()
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
@@ -166,6 +169,28 @@ class TrainConfig:
             raise ValueError(f"{'LoRA' if lora.rank else self.objective} starts from a trained model: set model.init_from")
 
 
+    def _validate_ranges(self) -> None:
+        optim, data = self.optim, self.data
+        checks = [("log_every", self.log_every >= 1, ">= 1"), ("eval_every", self.eval_every >= 0, ">= 0 (0 = never)"),
+                  ("save_every", self.save_every >= 0, ">= 0 (0 = only at the end)"),
+                  ("sample_every", self.sample_every >= 0, ">= 0 (0 = never)"), ("eval_batches", self.eval_batches >= 1, ">= 1"),
+                  ("mask_eps", 0 < self.mask_eps < 1, "in (0, 1)"), ("spike_factor", self.spike_factor >= 0, ">= 0"),
+                  ("max_bad_steps", self.max_bad_steps >= 1, ">= 1"),
+                  ("rollback_lr_factor", 0 < self.rollback_lr_factor <= 1, "in (0, 1]"),
+                  ("optim.lr", optim.lr > 0, "positive"), ("optim.warmup_steps", optim.warmup_steps >= 0, ">= 0"),
+                  ("optim.decay_fraction", 0 <= optim.decay_fraction <= 1, "in [0, 1]"),
+                  ("optim.min_lr_ratio", 0 <= optim.min_lr_ratio <= 1, "in [0, 1]"),
+                  ("optim.weight_decay", optim.weight_decay >= 0, ">= 0"), ("optim.grad_clip", optim.grad_clip >= 0, ">= 0"),
+                  ("optim.eps", optim.eps > 0, "positive"), ("optim.betas", all(0 <= b < 1 for b in optim.betas), "in [0, 1)"),
+                  ("data.random_length_probability", 0 <= data.random_length_probability <= 1, "in [0, 1]")]
+        for key, valid, expected in checks:
+            if not valid:
+                value = recipe_value(self, key)
+                raise ValueError(f"{key} must be {expected}, got {value!r}")
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        if unknown := sorted(set(self.model.overrides) - fields):
+            raise ValueError(f"model.overrides: unknown field {unknown[0]!r}; model fields: {sorted(fields)}")
+
     def _validate_rl(self) -> None:
         rl = self.rl
         if rl.group_size < 2 or rl.inner_steps < 1:
@@ -181,6 +206,14 @@ class TrainConfig:
             settings_from_options(rl.rollout)
         except ValueError as error:
             raise ValueError(f"rl.rollout: {error}") from error
+
+
+def recipe_value(config: TrainConfig, key: str) -> Any:
+    """The value of a dotted recipe key (``optim.lr``)."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

@@ -258,6 +258,9 @@ class PackedDataset(torch.utils.data.Dataset):
                 self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()  # stream offset of each shard
         self.total_tokens = self.starts[-1]
+        if self.total_tokens < seq_len:
+            raise ValueError(f"{directory} holds {self.total_tokens} tokens, fewer than one sequence of "
+                             f"data.seq_len={seq_len}: lower data.seq_len or tokenize more text")
 
     def __len__(self) -> int:
         return self.total_tokens // self.seq_len
