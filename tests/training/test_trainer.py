@@ -324,3 +324,27 @@ def test_data_made_with_another_tokenizer_is_refused(workspace: Path, tmp_path: 
     with pytest.raises(ValueError, match="made with another tokenizer") as error:
         Trainer(config)
     assert str((workspace / "tok").resolve()) in str(error.value) and str(tmp_path / "other") in str(error.value)
+
+
+def test_a_rerun_resumes_only_the_same_network(workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A changed architecture is refused before anything is written (the stored recipe stays); other
+    changes resume with a warning naming them."""
+    Trainer(recipe(workspace, tmp_path / "run", "steps=3")).run()
+    stored = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"model.overrides: \{\} -> \{'n_layers': 3\}"):
+        Trainer(recipe(workspace, tmp_path / "run", "steps=3", "model.overrides={n_layers: 3}")).run()
+    assert (tmp_path / "run" / "config.yaml").read_text() == stored
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "steps=5", "optim.lr=1e-3"))
+    trainer.run()
+    assert trainer.step == 5
+    assert "optim.lr: 0.003 -> 0.001" in caplog.text and "steps: 3 -> 5" in caplog.text
+
+
+def test_two_runs_cannot_share_a_run_directory(workspace: Path, tmp_path: Path) -> None:
+    from llada.training.run_dir import claim_run_dir
+
+    first = claim_run_dir(tmp_path / "run", recipe(workspace, tmp_path / "run"))
+    with pytest.raises(ValueError, match="in use by another training process"):
+        Trainer(recipe(workspace, tmp_path / "run")).run()
+    first.close()
+    Trainer(recipe(workspace, tmp_path / "run", "steps=2")).run()

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -61,6 +60,7 @@ from llada.training.network import attach_adapters, autocast_dtype, build_model,
 from llada.training.objectives import OBJECTIVES, Batch, LossSettings, greedy_text
 from llada.training.parallelize import apply_fsdp, compile_model, init_process_group
 from llada.training.rollouts import RolloutCycle, grpo_settings
+from llada.training.run_dir import claim_run_dir
 from llada.training.run_log import RunLog, peak_flops
 from llada.training.schedule import lr_multiplier
 from llada.training.token_rows import check_made_with
@@ -366,9 +366,7 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Train to ``config.steps``; returns the per-step records also written to metrics.jsonl."""
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        lock = claim_run_dir(self.out_dir, self.config) if self.rank == 0 else None
         self._barrier()
         if checkpoints := self.checkpoint_dirs():
             self.load_checkpoint(checkpoints[-1])
@@ -426,6 +424,8 @@ class Trainer:
                     break
         finally:
             bar.close()
+            if lock is not None:
+                lock.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.log.close()
