@@ -251,6 +251,12 @@ def test_generate_file_answers_every_line_in_batches(checkpoint_dir: Path, tmp_p
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     assert main(["generate", "--model", str(checkpoint_dir), "--input", str(bad), *SMALL]) == 2
     assert ":2: each line needs" in capsys.readouterr().err
+    for line, message in (('{"messages": []}', ":1: no non-empty list field 'messages'"),
+                          ('{"messages": [{"role": "robot", "content": "x"}]}', ":1: unknown role 'robot'"),
+                          ('{"messages": [{"role": "user"}]}', ":1: messages: message 0 needs")):
+        bad.write_text(line + "\n")
+        assert main(["generate", "--model", str(checkpoint_dir), "--input", str(bad), *SMALL]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_serve_builds_the_server_from_its_flags(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -310,3 +316,21 @@ def test_every_generation_setting_has_a_flag() -> None:
     settings = settings_from_args(args)
     assert settings.logits_eos_inf and settings.remasking == "random" and settings.refresh_every == 2
     assert not settings.early_stop and not settings.confidence_eos_eot_inf
+
+
+def test_info_refuses_a_truncated_shard(checkpoint_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["convert", str(checkpoint_dir), str(tmp_path / "sharded"), "--max-shard-size", "100KB"]) == 0
+    assert main(["info", str(tmp_path / "sharded")]) == 0
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "sharded")]) == 2
+    assert f"{shard.name} is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_device_and_dtype_errors_name_the_choices(checkpoint_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "a", "--dtype", "float8"]) == 2
+    assert "int8 / fp8" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "a", "--device", "cuda"]) == 2
+        assert "asks for a GPU, but this torch build sees none" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from llada.cli.common import CliError, Command
-from llada.model.checkpoint import read_config, save_model, weight_files
+from llada.model.checkpoint import read_config, save_model, verify_weight_files
 from llada.model.config import PRESETS, preset
 from llada.model.loading import checkpoint_sources, load, resolve_dtype
 from llada.model.lora import is_adapter
@@ -29,7 +29,7 @@ def run_info(model: str) -> dict:
         config, files = preset(model), {}
     else:
         config = read_config(model)
-        files = {str(p.name) for p in weight_files(model).values()}
+        files = {p.name for p in verify_weight_files(model)}
     info = {"config": asdict(config), "parameters": config.num_parameters(),
             "parameters_without_embedding": config.num_parameters(include_embedding=False),
             "forward_gflops_per_token_at_2048": round(config.flops_per_token(2048) / 1e9, 3),

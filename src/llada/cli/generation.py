@@ -31,6 +31,7 @@ from llada.engine.settings import GenerationSettings
 from llada.model.loading import load
 from llada.model.tokenizer import Message
 from llada.training.corpus import iter_jsonl
+from llada.training.sft_data import checked_messages
 
 
 def run_generate(model: str, prompt: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
@@ -62,6 +63,7 @@ def run_infill(model: str, text: str, steps: int | None = None, temperature: flo
     return tokenizer.decode(filled.tolist(), skip_special_tokens=True)
 
 
+CHAT_ROLES = ("system", "user", "assistant")
 GENERATE_BATCH_SIZE = 16  # ``llada generate --input``'s prompts per batch (the option itself defaults to None)
 
 
@@ -119,6 +121,13 @@ def _read_prompts(path: Path) -> list[tuple[int, dict]]:
         if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str)
                                                 or isinstance(record.get("messages"), list)):
             raise CliError(f"{path}:{number}: each line needs a string 'prompt' or a list 'messages'")
+        if "messages" in record:
+            try:
+                messages = checked_messages(record["messages"], "messages")
+            except ValueError as error:
+                raise CliError(f"{path}:{number}: {error}") from error
+            if roles := sorted({m["role"] for m in messages} - set(CHAT_ROLES)):
+                raise CliError(f"{path}:{number}: unknown role {roles[0]!r}; messages take the roles {CHAT_ROLES}")
         records.append((number, record))
     if not records:
         raise CliError(f"{path} has no prompts")

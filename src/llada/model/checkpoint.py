@@ -121,6 +121,19 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
 
 
+def verify_weight_files(path: str | Path) -> list[Path]:
+    """The checkpoint's weight files after opening each one and checking it holds the weights its index
+    places there; raises CheckpointError naming a truncated, corrupt or incomplete file."""
+    placed: dict[Path, set[str]] = {}
+    for name, file in weight_files(path).items():
+        placed.setdefault(file, set()).add(name)
+    for file, names in placed.items():
+        with _open_safetensors(file, "cpu") as handle:
+            if missing := sorted(names - set(handle.keys())):
+                raise CheckpointError(f"{file} lacks {len(missing)} weights its index places there, e.g. {missing[0]}")
+    return sorted(placed)
+
+
 class _open_safetensors:
     """``safe_open`` whose errors name the file (a truncated download is the usual cause)."""
 

@@ -32,6 +32,9 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"unknown --device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} asks for a GPU, but this torch build sees none "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -45,7 +48,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "stored":
         return None
     if name not in DTYPES:
-        raise ValueError(f"unknown --dtype {name!r}; choose one of auto, stored, {', '.join(DTYPES)}")
+        raise ValueError(f"unknown --dtype {name!r}; choose one of auto, stored, {', '.join(DTYPES)}, "
+                         f"or {' / '.join(QUANTIZERS)} (quantized block weights)")
     return DTYPES[name]
 
 
