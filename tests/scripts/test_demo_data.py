@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import demo_tasks  # noqa: E402
-import prepare_demo_data  # noqa: E402
+import demo_tasks
+import prepare_demo_data
 
 WORDS = [f"w{a}{b}" for a in "abcdefghij" for b in "klmnopqrst"]
 
