@@ -543,6 +543,27 @@ def test_json_that_python_cannot_parse_is_a_400_not_a_500(served, body) -> None:
     assert response.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("body,param", [
+    (b'{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+    (b'{"model": "tiny", "prompt": ["ok", "\\udc00"]}', "prompt[1]"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    (b'{"model": "tiny", "prompt": "a", "x\\ud800": 1}', "x\\ud800")], ids=["prompt", "list", "message", "key"])
+def test_a_lone_surrogate_is_a_400_naming_the_field_on_a_kept_connection(served, body: bytes, param: str) -> None:
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    with httpx.Client(base_url=served.url) as connection:
+        response = connection.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param and "surrogate" in response.json()["error"]["message"]
+        assert connection.get("/health").status_code == 200  # the same kept-alive connection still answers
+
+
+def test_error_bodies_quote_a_huge_field_name_in_bounded_form(served) -> None:
+    name = "x" * 1_000_000
+    response = httpx.post(served.url + "/v1/completions", json={"model": "tiny", "prompt": "a", name: 1})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unknown_parameter"
+    assert len(response.content) < 2_000
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read(served) -> None:
     limit = served.app.state.config.max_body_bytes
     head = b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"

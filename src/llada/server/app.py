@@ -33,7 +33,7 @@ from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.server.completions import Answering, TokenPieces, complete, start, stream
 from llada.server.config import ServerConfig
-from llada.server.errors import APIError, install_error_handlers, model_not_found, retry_after
+from llada.server.errors import APIError, install_error_handlers, model_not_found, retry_after, unencodable_string
 from llada.server.metrics import Metrics
 from llada.server.schemas import Kind, parse_job
 from llada.server.worker import Worker
@@ -185,11 +185,15 @@ async def _read_json(request: Request, max_bytes: int, timeout_s: float) -> Any:
         raise APIError(499, "the client closed the connection before its body arrived", None,
                        "client_disconnected") from error
     try:
-        return json.loads(body)
+        parsed = json.loads(body)
     # JSONDecodeError and UnicodeDecodeError are ValueErrors, as is an integer of over 4300 digits;
     # deep nesting ([[[[...) is a RecursionError.
     except (ValueError, RecursionError) as error:
         raise APIError(400, f"the request body is not valid JSON: {error}"[:300], None, "invalid_json") from error
+    if (where := unencodable_string(parsed)) is not None:
+        raise APIError(400, f"{where} holds a lone UTF-16 surrogate (an escape like \\ud800 without its pair): "
+                       f"not text", where, "invalid_value")
+    return parsed
 
 
 async def _answer(kind: Kind, request: Request) -> Response:

@@ -8,6 +8,7 @@ validation bodies and HTML error pages never reach a client of this server.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,8 +52,46 @@ def model_not_found(name: str, served: str) -> APIError:
                     "model_not_found")
 
 
+MAX_ERROR_TEXT = 300  # characters of an error's message or param: they may quote what the client sent
+
+
+def printable(text: str | None) -> str | None:
+    """``text`` bounded to ``MAX_ERROR_TEXT`` characters and encodable as UTF-8 (a lone surrogate
+    written as its escape), so that an error body quoting a hostile request can always be sent."""
+    if text is None:
+        return None
+    bounded = text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT - 3] + "..."
+    return bounded.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unencodable_string(value: Any, where: str = "") -> str | None:
+    """Where in parsed JSON a key or string is not valid Unicode text (a lone surrogate such as
+    ``"\\ud800"``, which JSON's escapes allow but no tokenizer or UTF-8 response can take), as a dotted
+    path (``messages[0].content``; the key itself, escaped, when a key is at fault); None if nowhere."""
+    if isinstance(value, str):
+        return where if not _is_text(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+        if isinstance(key, str) and not _is_text(key):
+            return printable(path)
+        if (found := unencodable_string(item, path)) is not None:
+            return found
+    return None
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """The OpenAI error object; ``type`` follows from the status so that clients classify it as OpenAI's."""
+    """The OpenAI error object; ``type`` follows from the status so that clients classify it as OpenAI's.
+    Message and param are bounded and made encodable (``printable``)."""
+    message, param = printable(message), printable(param)
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
                                                                   else "invalid_request_error"),
                       "param": param, "code": code}}
