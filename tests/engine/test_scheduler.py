@@ -86,6 +86,21 @@ def test_different_settings_run_as_separate_batches() -> None:
     assert b.result.tokens == engine.generate([b.prompt], other)[0].tokens
 
 
+def test_max_waiting_counts_only_requests_without_a_free_row() -> None:
+    """max_batch=2, max_waiting=1: before any step the first two will take the free rows, so three
+    requests fit and the fourth does not; once both rows run, only one more may wait."""
+    scheduler = Scheduler(Engine(model()), max_batch=2, max_waiting=1)
+    first = [scheduler.submit([1 + i, 2], SETTINGS) for i in range(3)]
+    with pytest.raises(SchedulerFull, match="1 requests are waiting"):
+        scheduler.submit([9], SETTINGS)
+    scheduler.step()
+    assert scheduler.active_rows == 2 and scheduler.free_slots == 0 and len(scheduler.waiting) == 1
+    with pytest.raises(SchedulerFull):
+        scheduler.submit([9], SETTINGS)
+    for request in first:
+        scheduler.cancel(request)
+
+
 def test_cancel_and_limits() -> None:
     scheduler = Scheduler(Engine(model()), max_batch=1, max_waiting=1)
     running = scheduler.submit([1, 2, 3], SETTINGS)

@@ -661,7 +661,35 @@ def test_a_failing_step_answers_500_and_the_server_recovers(served, client) -> N
 
 # --- limits, auth, shutdown (servers of their own) -----------------------------------------------------
 
+def test_metrics_count_requests_during_the_first_step_of_their_batch(model_and_tokenizer) -> None:
+    """Admitted rows are active from their admission, not only once their first (long) step has ended."""
+    app = make_app(model_and_tokenizer, max_batch=4)
+    with serve_in_background(app) as live:
+        scheduler = app.state.worker.scheduler
+        admit, admitted, release = scheduler._admit, threading.Event(), threading.Event()
+
+        def held_admit():
+            admit()
+            admitted.set()
+            release.wait(10)
+
+        scheduler._admit = held_admit
+        with ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(httpx.post, live.url + "/v1/completions",
+                                   json={"prompt": f"The {i}", "max_tokens": 8}, timeout=30) for i in range(3)]
+            assert admitted.wait(10)  # the worker is inside its first step, rows admitted
+            wait_for(lambda: app.state.worker.queued + len(app.state.worker.scheduler.running[0].requests) == 3)
+            samples, health = metrics(live), httpx.get(live.url + "/health").json()
+            assert samples["llada_active_rows"] >= 1 and health["active_rows"] == samples["llada_active_rows"]
+            assert samples["llada_queue_depth"] + samples["llada_active_rows"] == 3  # every request in flight counted
+            scheduler._admit = admit
+            release.set()
+            assert all(answer.result().status_code == 200 for answer in answers)
+
+
 def test_a_full_queue_answers_429(model_and_tokenizer) -> None:
+    """max_batch=1, max_queue=1: the first request will take the free row and does not count as waiting,
+    the second waits, the third finds the queue full."""
     app = make_app(model_and_tokenizer, max_batch=1, max_queue=1)
     with serve_in_background(app) as live:
         scheduler = app.state.worker.scheduler
@@ -673,16 +701,19 @@ def test_a_full_queue_answers_429(model_and_tokenizer) -> None:
             return step()
 
         scheduler.step = held_step
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, live.url + "/v1/completions", json={"prompt": "The", "max_tokens": 8},
                                 timeout=30)
-            assert entered.wait(10)  # the first request waits in the queue, the worker is held
+            assert entered.wait(10)  # the first request is taken, the worker is held before admitting it
+            second = pool.submit(httpx.post, live.url + "/v1/completions", json={"prompt": "A", "max_tokens": 8},
+                                 timeout=30)
+            wait_for(lambda: app.state.worker.queued == 2)
             with pytest.raises(openai.RateLimitError) as caught:
                 client_for(live).completions.create(model="tiny", prompt="x", max_tokens=8)
             assert caught.value.code == "rate_limit_exceeded"
             assert caught.value.response.headers["retry-after"] == "1"
             release.set()
-            assert first.result().status_code == 200
+            assert first.result().status_code == 200 and second.result().status_code == 200
 
 
 def test_requests_time_out_with_504_or_an_error_event(model_and_tokenizer) -> None:

@@ -80,7 +80,8 @@ class Scheduler:
         Args:
             engine: the engine to run.
             max_batch: most rows decoding at once, over all running batches.
-            max_waiting: most queued requests; beyond it ``submit`` raises ``SchedulerFull``.
+            max_waiting: most requests waiting for a batch row (those that free rows will take at the next
+                step are not counted); beyond it ``submit`` raises ``SchedulerFull``.
             stream: record a ``RequestUpdate`` per step (costs a device-to-host copy per step).
             prompt_bucket: a new batch left-pads its prompts to a multiple of this, so that later
                 prompts up to that length can join it.
@@ -99,6 +100,11 @@ class Scheduler:
         return sum(sum(not r.done for r in running.requests) for running in self.running)
 
     @property
+    def free_slots(self) -> int:
+        """Batch rows not in use: that many waiting requests join at the next step and do not wait."""
+        return max(0, self.max_batch - self.active_rows)
+
+    @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
@@ -109,8 +115,9 @@ class Scheduler:
         if not prompt:
             raise ValueError("the prompt needs at least one token")
         settings.validate(self.engine.model.config.max_sequence_length, len(prompt))
-        if len(self.waiting) >= self.max_waiting:
-            raise SchedulerFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.max_waiting})")
+        if len(self.waiting) >= self.max_waiting + self.free_slots:  # those that will get a free row do not wait
+            raise SchedulerFull(f"{len(self.waiting) - self.free_slots} requests are waiting "
+                                f"(max_waiting={self.max_waiting})")
         request = Request(id=next(self._ids), prompt=list(prompt), settings=settings, generator=generator)
         self.waiting.append(request)
         return request

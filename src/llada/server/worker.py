@@ -90,7 +90,6 @@ class Worker:
         """The scheduler's ``max_waiting`` is the queue limit: beyond it ``submit`` raises ``SchedulerFull``."""
         self.scheduler, self.metrics = scheduler, metrics
         self.accepting = True
-        self.active_rows = 0  # rows decoding after the last step or end
         self._wake = threading.Condition()
         self._inbox: deque[Ticket] = deque()
         self._ends: deque[tuple[Ticket, EndReason]] = deque()
@@ -101,8 +100,14 @@ class Worker:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a batch slot."""
+        """Requests not yet in a batch (those free rows will take at the next step included)."""
         return len(self._inbox) + len(self.scheduler.waiting)
+
+    @property
+    def active_rows(self) -> int:
+        """Requests the scheduler has taken into batches, the one being admitted by a running step
+        included (read from other threads: a gauge, not a synchronised count)."""
+        return max(0, len(self._live) - len(self.scheduler.waiting))
 
     @property
     def busy(self) -> bool:
@@ -124,8 +129,9 @@ class Worker:
             raise Draining("the server is shutting down and admits no new requests")
         ticket = Ticket(prompt, settings, generator, asyncio.get_running_loop())
         with self._wake:
-            if self.queued >= self.scheduler.max_waiting:
-                raise SchedulerFull(f"{self.queued} requests are waiting (the server's queue holds "
+            free = max(0, self.scheduler.max_batch - self.active_rows)  # those joining at the next step do not wait
+            if self.queued >= self.scheduler.max_waiting + free:
+                raise SchedulerFull(f"{self.queued - free} requests are waiting (the server's queue holds "
                                     f"{self.scheduler.max_waiting}); retry later")
             self._inbox.append(ticket)
             self._wake.notify()
@@ -180,14 +186,10 @@ class Worker:
                     self._wake.wait(max(self._drain_deadline - time.monotonic(), 0.0) if waiting else None)
                 if self._stopping or self._overdue():
                     self._end_all(Draining("the server shut down before the answer was complete"), "shutdown")
-                    self.active_rows = self.scheduler.active_rows
                     if self._stopping:
                         return
-                if self._ends:
-                    while self._ends:
-                        self._end(*self._ends.popleft())
-                    # An ended row leaves its batch now, not at the next step (there may be none).
-                    self.active_rows = self.scheduler.active_rows
+                while self._ends:  # an ended row leaves its batch now, not at the next step (there may be none)
+                    self._end(*self._ends.popleft())
                 while self._inbox:
                     self._take(self._inbox.popleft())
                 idle = self.scheduler.idle
@@ -241,4 +243,3 @@ class Worker:
                 ticket.done = True
                 del self._live[key]
         self.metrics.observe_step(time.perf_counter() - start, rows)
-        self.active_rows = self.scheduler.active_rows
