@@ -785,12 +785,18 @@ def test_connections_over_the_limit_and_slow_bodies_are_refused(model_and_tokeni
 
 def test_shutdown_finishes_streams_in_flight_then_refuses_work(model_and_tokenizer) -> None:
     app = make_app(model_and_tokenizer)
-    with serve_in_background(app) as live, slowed(app, 0.01):
+    with serve_in_background(app) as live, slowed(app, 0.02):
         with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
-                          json={"prompt": "The", "max_tokens": 32, "steps": 32, "stream": True}) as response:
+                          json={"prompt": "The", "max_tokens": 64, "steps": 64, "stream": True}) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             live.server.should_exit = True  # as on Ctrl-C: the stream in flight still ends properly
+            wait_for(lambda: not app.state.worker.accepting)
+            health = httpx.get(live.url + "/health")  # still listening while the stream drains
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            assert int(health.headers["retry-after"]) > 0
+            refused = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 8})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
             rest = [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]" for line in lines if line]
         assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] in ("stop", "length")
         live.thread.join(timeout=30)

@@ -4,6 +4,8 @@
 ``uvicorn.Server``, when shutdown begins (Ctrl-C, SIGTERM, ``should_exit``) the worker stops
 admitting requests at once and gives those in flight ``drain_timeout_s`` to finish; then it ends the
 rest, whose streams close with an error event and ``[DONE]`` and whose other requests get a 503.
+While the drain lasts the server keeps listening: new requests and ``/health`` are answered 503
+"draining" with ``Retry-After``, so that a load balancer learns to send them elsewhere.
 uvicorn's own graceful timeout comes ``SHUTDOWN_GRACE_S`` later, only for connections that still will
 not close (a client that stopped reading); by then the lifespan's drain has nothing left to wait for.
 
@@ -14,9 +16,11 @@ request headers; put a reverse proxy in front of a server that is reachable from
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
+import time
 
 import uvicorn
 from fastapi import FastAPI
@@ -27,6 +31,7 @@ from llada.server.worker import Worker
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 2.0  # after the drain: time for the streams it ended to send their last events
+DRAIN_POLL_S = 0.05  # how often a shutdown looks whether the drain has finished
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default, stated)
 
 
@@ -38,7 +43,13 @@ class DrainingServer(uvicorn.Server):
         self.worker, self.drain_timeout_s = worker, drain_timeout_s
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Drain first with the listening socket still open, so that while requests are in flight new
+        ones (and ``/health``) get a 503 "draining" with ``Retry-After`` instead of a refused
+        connection; then uvicorn's own shutdown closes the socket and the connections."""
         self.worker.drain(self.drain_timeout_s)
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.worker.busy and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
         await super().shutdown(sockets)
 
 
