@@ -422,6 +422,15 @@ def test_threshold_one_commits_one_token_per_step() -> None:
     assert all((u.decided.sum(1) == 1).all() for u in updates)
 
 
+def test_threshold_commits_confidence_equal_to_tau_as_fast_dllm() -> None:
+    """Fast-dLLM commits at confidence >= τ: a proposal exactly at τ is committed."""
+    from llada.engine.decoding import select
+
+    confidence = torch.tensor([[0.5, 0.75, 0.25, 0.75]])
+    chosen = select(confidence, torch.ones(1, 4, dtype=torch.bool), "threshold", threshold=0.75)
+    assert chosen.tolist() == [[False, True, False, True]]
+
+
 def test_threshold_zero_decodes_a_block_per_step() -> None:
     settings = GenerationSettings(gen_length=16, block_length=8, policy="threshold", threshold=0.0, early_stop=False)
     results = Engine(model()).generate(prompts(), settings)

@@ -6,8 +6,10 @@ data to the host, so an engine can run them back to back with the model's forwar
 Policies:
 - ``fixed``: commit a scheduled number of tokens per step, most confident (or random) first — the
   reference sampler's rule (``sampling.generate``).
-- ``threshold``: commit every masked position whose confidence exceeds τ, and at least the most
-  confident one (confidence-aware parallel decoding, Fast-dLLM, Wu et al. 2025).
+- ``threshold``: commit every masked position whose confidence is at least τ, and at least the most
+  confident one (confidence-aware parallel decoding, Fast-dLLM, Wu et al. 2025). Fast-dLLM's code
+  computes the confidence with a float64 softmax, this one in float32: a confidence within float32
+  rounding of τ (about 1e-7) can fall on the other side of it.
 - ``factor``: with confidences sorted c_1 ≥ c_2 ≥ …, commit the longest prefix with
   c_n ≥ 1 − f / (n + 1), at least one (the same paper's factor rule: more tokens at once the more
   confident they all are).
@@ -101,7 +103,7 @@ def select(confidence: torch.Tensor, masked: torch.Tensor, policy: Policy, count
             return chosen & masked
         return _top_count(confidence, count.to(confidence.device)) & masked
     if policy == "threshold":
-        chosen = confidence > threshold
+        chosen = confidence >= threshold
     elif policy == "factor":
         ordered = confidence.sort(dim=-1, descending=True).values  # (B, Q)
         n = torch.arange(1, ordered.shape[-1] + 1, device=ordered.device, dtype=ordered.dtype)
