@@ -9,7 +9,8 @@ reverse accuracy collapses. The test (after Berglund et al., "The Reversal Curse
   ``test`` (default 1,000 pairs) and ``tune`` (200) are taught forward only, in three phrasings that
   all put A before B; ``both`` (500) is taught in both orders, so that the reverse phrasing itself is
   familiar and only the reverse *fact* is missing. A tokenizer is trained on the facts, which are
-  tokenized one sentence per document.
+  tokenized one sentence per document, in ``--copies`` independent shuffles (so a fact is not always
+  seen beside the same neighbours).
 - ``run``: trains one network from scratch with one objective (``pretrain`` = masked diffusion, or
   ``autoregressive``: the same network with causal attention, the same data, steps, batch and
   length, hence the same tokens and the same FLOPs) and answers, greedily:
@@ -71,7 +72,7 @@ def names(rng: random.Random, count: int) -> list[str]:
     return ordered
 
 
-def make_data(out: Path, seed: int, vocab: int) -> None:
+def make_data(out: Path, seed: int, vocab: int, copies: int) -> None:
     from llada.cli.training import run_tokenizer_train
     from llada.training.packing import tokenize_corpus
 
@@ -84,13 +85,19 @@ def make_data(out: Path, seed: int, vocab: int) -> None:
         start += 2 * count
     sentences = [t.format(**p) for name in SETS for p in pairs[name] for t in FORWARD_TEMPLATES]
     sentences += [t.format(**p) for p in pairs["both"] for t in REVERSE_TEMPLATES]
-    rng.shuffle(sentences)
+    # Independent shuffles, one after another: training windows are fixed slices of the token stream,
+    # and with one order every fact would always sit among the same neighbours (a model can then
+    # recall a window rather than the fact, and fail on the bare question).
+    shuffles = []
+    for _ in range(copies):
+        rng.shuffle(sentences)
+        shuffles += sentences
     out.mkdir(parents=True, exist_ok=True)
-    (out / "facts.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    (out / "facts.txt").write_text("\n".join(shuffles) + "\n", encoding="utf-8")
     (out / "pairs.json").write_text(json.dumps(pairs, indent=1), encoding="utf-8")
     run_tokenizer_train([str(out / "facts.txt")], str(out / "tokenizer"), vocab)
     summary = tokenize_corpus([str(out / "facts.txt")], out / "tokens", out / "tokenizer", text_unit="line")
-    print(f"{len(people)} people, {len(sentences)} sentences, {summary.tokens:,} tokens -> {out}")
+    print(f"{len(people)} people, {len(sentences)} sentences x {copies} orders, {summary.tokens:,} tokens -> {out}")
 
 
 def train(data: Path, objective: str, lr: float, seed: int, steps: int, batch_size: int, seq_len: int,
@@ -219,6 +226,7 @@ def main() -> None:
     data.add_argument("--out", type=Path, default=Path("data/reversal"))
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--vocab", type=int, default=1024)
+    data.add_argument("--copies", type=int, default=50, help="shuffled copies of the facts in the corpus")
     one = commands.add_parser("run")
     one.add_argument("--data", type=Path, default=Path("data/reversal"))
     one.add_argument("--objective", choices=("pretrain", "autoregressive"), required=True)
@@ -234,7 +242,7 @@ def main() -> None:
     summary.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "data":
-        make_data(args.out, args.seed, args.vocab)
+        make_data(args.out, args.seed, args.vocab, args.copies)
     elif args.command == "run":
         run(args)
     else:
