@@ -1,7 +1,7 @@
 """Sampling ablations on the demo model: steps, block length, remasking, guidance (reference sampler).
 
-Held-out instruction samples of the demo data (``scripts/prepare_demo_data.py`` writes
-``data/demo/sft_test.jsonl``: definitions, next line, previous line, arithmetic) are answered under
+Held-out chat questions of the demo data (``scripts/prepare_demo_data.py`` writes
+``data/demo/tasks_test.jsonl``: arithmetic, word lists, verse, definitions) are answered under
 each setting with the engine's exact mode (``cache="none"``, ``policy="fixed"``, no early stop:
 the reference sampler's algorithm, token for token, but computing logits for the current block
 only, which makes it several times faster on a CPU). Scores per kind: exact match of the answer
@@ -9,7 +9,7 @@ text with the held-out answer, and word-overlap F1 (as in SQuAD), which still mo
 model is never exactly right.
 
     python scripts/prepare_demo_data.py --out data/demo
-    python benchmarks/sampling_ablations.py --data data/demo/sft_test.jsonl \
+    python benchmarks/sampling_ablations.py --data data/demo/tasks_test.jsonl \
         --out benchmarks/results/eval/sampling_ablations_demo.json
 """
 
@@ -49,7 +49,7 @@ SETTINGS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEMO_MODEL))
-    parser.add_argument("--data", default="data/demo/sft_test.jsonl")
+    parser.add_argument("--data", default="data/demo/tasks_test.jsonl")
     parser.add_argument("--per-kind", type=int, default=50)
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--out")
@@ -59,10 +59,10 @@ def main() -> None:
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for line in Path(args.data).read_text().splitlines():
         record = json.loads(line)
-        if len(by_kind[record["kind"]]) < args.per_kind:
+        if not record["raw"] and len(by_kind[record["kind"]]) < args.per_kind:
             by_kind[record["kind"]].append(record)
     samples = [s for kind in sorted(by_kind) for s in by_kind[kind]]
-    ids = [tokenizer.encode_chat(s["messages"][:1]) for s in samples]
+    ids = [tokenizer.encode_chat([{"role": "user", "content": s["prompt"]}]) for s in samples]
     engine = Engine(model)
     rows = []
     for label, steps, block, remasking, cfg in SETTINGS:
@@ -74,7 +74,7 @@ def main() -> None:
         exact: dict[str, list[bool]] = defaultdict(list)
         overlap: dict[str, list[float]] = defaultdict(list)
         for sample, answer in zip(samples, (r.answer for r in results)):
-            expected = sample["messages"][1]["content"].strip()
+            expected = sample["answer"].strip()
             text = answer_text(tokenizer, answer.tolist()).strip()
             exact[sample["kind"]].append(text == expected)
             overlap[sample["kind"]].append(word_f1(text, expected))
