@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-model serve-demo test test-all clean
+.PHONY: install demo demo-model serve-demo test test-slow test-all clean
 
 $(BIN)/llada: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ demo-model: install
 	$(BIN)/python scripts/prepare_demo_data.py --out data/demo --tokenizer-vocab 4096
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/train_demo.sh models/demo
 
+# The default suite (a few minutes on 2 cores); test-slow runs the long end-to-end tests (lm-eval
+# recipes, two-process runs, every HumanEval solution in the sandbox), which CI runs after it.
 test: install
 	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""

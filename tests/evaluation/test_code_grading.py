@@ -30,6 +30,7 @@ def chat_answer(problem: dict) -> str:
             + f"print({problem['entry_point']}(*[]))\n```\nIt runs in linear time.")
 
 
+@pytest.mark.slow  # 164 sandboxed programs; .ci/run runs the slow tests too
 def test_all_canonical_solutions_pass_in_both_forms() -> None:
     completions = [{"task_id": task, "completion": p["canonical_solution"]} for task, p in PROBLEMS.items()]
     chats = [{"task_id": task, "completion": chat_answer(p)} for task, p in PROBLEMS.items()]

@@ -220,6 +220,7 @@ def test_engine_generation_and_rolling_scores(checkpoint_dir: Path) -> None:
     assert score < 0
 
 
+@pytest.mark.slow  # runs lm-eval end to end; .ci/run runs the slow tests too
 def test_lm_eval_runs_the_shipped_tasks_offline(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     results = simple_evaluate(model="llada", model_args={"pretrained": str(checkpoint_dir), "device": "cpu",
@@ -249,6 +250,7 @@ def test_generated_task_data_is_right_and_deterministic() -> None:
     assert [int(n) for n in first] == list(range(int(first[0]), int(first[0]) + len(first)))
 
 
+@pytest.mark.slow  # runs lm-eval end to end; .ci/run runs the slow tests too
 def test_llada_eval_keeps_the_shipped_tasks_next_to_a_users_include_path(checkpoint_dir: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -297,6 +299,7 @@ def _run_eval(checkpoint_dir: Path, out: Path, processes: int) -> dict:
     return {"samples": samples, "results": json.loads(results.read_text())["results"]}
 
 
+@pytest.mark.slow  # runs lm-eval end to end; .ci/run runs the slow tests too
 def test_two_processes_give_the_results_of_one(checkpoint_dir: Path, tmp_path: Path) -> None:
     """Data-parallel evaluation (2 CPU processes over gloo) merges to exactly the one-process results:
     every request's Monte-Carlo masks come from its own seed, whichever process scores it."""

@@ -18,6 +18,10 @@ from llada.evaluation.recipes import RECIPES, RecipeError, leaf_tasks, write_off
 from llada.evaluation.sandbox.process import isolation_problem
 from llada.model.loading import DEMO_MODEL
 
+# Each recipe runs lm-eval end to end with the demo model (10-45 s apiece): not in the default run;
+# .ci/run runs the slow tests after it.
+pytestmark = pytest.mark.slow
+
 SHORT = "gen_length=16,steps=16,block_length=16"  # the demo model's answers are short; the rest as the recipe
 
 

@@ -102,6 +102,7 @@ def test_a_failing_reward_stops_the_run_with_the_sample(prompts: Path, checkpoin
         recipe(prompts, checkpoint_dir, tmp_path / "run", "rl.rollout={gen_lenght: 8}")
 
 
+@pytest.mark.slow  # two processes; .ci/run runs the slow tests too
 def test_two_gloo_processes_match_one(prompts: Path, checkpoint_dir: Path, tmp_path: Path) -> None:
     """Under FSDP2 the rollouts come from the reference sampler (fixed steps keep the processes in
     step); 2 processes give the losses and rewards of 1."""

@@ -124,6 +124,7 @@ def test_bad_post_training_recipes_name_the_key(data: Path, checkpoint_dir: Path
         load_config(None, [f"data.path={data / 'pairs'}", "objective=dpo"])
 
 
+@pytest.mark.slow  # two processes; .ci/run runs the slow tests too
 @pytest.mark.parametrize("rank", [0, 4], ids=["reference-copy", "lora"])
 def test_two_gloo_processes_match_one_with_a_reference(data: Path, checkpoint_dir: Path, tmp_path: Path,
                                                        rank: int) -> None:
