@@ -519,7 +519,7 @@ def test_bad_prompts_are_named() -> None:
         Engine(model(), cuda_graphs=True)
 
 
-@pytest.mark.slow
+@pytest.mark.inductor
 @pytest.mark.parametrize("reuse_decided", [False, True])
 def test_compiled_block_steps_match_plain_ones(reuse_decided: bool) -> None:
     """The compiled engine (torch.compile of the read-only block step; Inductor on the CPU here)
