@@ -25,6 +25,8 @@ reverse accuracy collapses. The test (after Berglund et al., "The Reversal Curse
     python benchmarks/reversal_curse.py data --out data/reversal
     python benchmarks/reversal_curse.py run --data data/reversal --objective pretrain --lr 1e-3 --seed 0 \
         --out benchmarks/results/eval/reversal/pretrain-lr1e-3-seed0.json
+    python benchmarks/reversal_curse.py sweep --out-dir benchmarks/results/eval/reversal     # 6 runs at a time
+    python benchmarks/reversal_curse.py sweep --lrs 1e-3 --seeds 1,2 --out-dir ...           # seeds at the chosen rate
     python benchmarks/reversal_curse.py report benchmarks/results/eval/reversal/*.json
 """
 
@@ -32,9 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -196,6 +201,38 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({k: round(v["accuracy"], 4) for k, v in scores.items()}), flush=True)
 
 
+def sweep(args: argparse.Namespace) -> None:
+    """Every (objective, rate, seed) as its own ``run`` process, ``--parallel`` at a time (small models
+    share one GPU well); results already in ``--out-dir`` are kept, not repeated."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(objective, lr, seed) for objective in args.objectives.split(",") for lr in args.lrs.split(",")
+            for seed in args.seeds.split(",")]
+    running: list[subprocess.Popen] = []
+    failed: list[str] = []
+
+    def reap(limit: int) -> None:
+        while len(running) > limit:
+            for process in [p for p in running if p.poll() is not None]:
+                running.remove(process)
+                if process.returncode:
+                    failed.append(" ".join(process.args[2:]))
+            time.sleep(0.5)
+
+    for objective, lr, seed in jobs:
+        out = args.out_dir / f"{objective}-lr{float(lr):g}-seed{seed}.json"
+        if out.is_file():
+            continue
+        reap(args.parallel - 1)
+        command = [sys.executable, __file__, "run", "--data", str(args.data), "--objective", objective, "--lr", lr,
+                   "--seed", seed, "--steps", str(args.steps), "--runs", str(args.runs), "--out", str(out)]
+        with (args.out_dir / f"{out.stem}.log").open("w") as log:
+            running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "TQDM_DISABLE": "1"}))
+    reap(0)
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed ({failed}); see their .log files in {args.out_dir}")
+
+
 def report(paths: list[Path]) -> dict:
     """Per objective: the rate chosen on the tune pairs, then the test accuracies of its seeds."""
     results = [json.loads(p.read_text()) for p in paths]
@@ -237,6 +274,15 @@ def main() -> None:
     one.add_argument("--seq-len", type=int, default=128)
     one.add_argument("--runs", type=Path, default=Path("runs/reversal"))
     one.add_argument("--out", type=Path, required=True)
+    many = commands.add_parser("sweep", help="runs of every objective x rate x seed, several at a time")
+    many.add_argument("--data", type=Path, default=Path("data/reversal"))
+    many.add_argument("--objectives", default="pretrain,autoregressive")
+    many.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    many.add_argument("--seeds", default="0")
+    many.add_argument("--steps", type=int, default=3000)
+    many.add_argument("--parallel", type=int, default=6)
+    many.add_argument("--runs", type=Path, default=Path("runs/reversal"))
+    many.add_argument("--out-dir", type=Path, required=True)
     summary = commands.add_parser("report")
     summary.add_argument("results", type=Path, nargs="+")
     summary.add_argument("--out", type=Path)
@@ -245,6 +291,8 @@ def main() -> None:
         make_data(args.out, args.seed, args.vocab, args.copies)
     elif args.command == "run":
         run(args)
+    elif args.command == "sweep":
+        sweep(args)
     else:
         result = report(args.results)
         print(json.dumps(result, indent=1))
