@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from llada.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from llada.training.corpus import CorpusIssue, OnError, expand_inputs, read_documents
-from llada.training.token_rows import tokenizer_record
+from llada.training.token_rows import read_index, tokenizer_record
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +236,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, directory: str | Path, seq_len: int) -> None:
         directory = Path(directory)
-        index_path = directory / INDEX_FILE
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path} is missing: run `llada data tokenize` first")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != FORMAT:
-            raise ValueError(f"{index_path} is not a {FORMAT} index")
+        index = read_index(directory, FORMAT, "llada data tokenize")
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.seq_len = seq_len

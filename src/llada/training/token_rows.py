@@ -60,17 +60,23 @@ def write_token_rows(output: Path, data_format: str, tokens: np.ndarray, rows: n
         os.replace(output / (name + suffix), output / name)
 
 
-def read_token_rows(directory: str | Path, data_format: str, command: str
-                    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """The index, the (N, columns) rows and the memory-mapped tokens of a directory of ``data_format``;
-    ``command`` is what makes one, for the error when it is missing."""
-    directory = Path(directory)
+def read_index(directory: Path, data_format: str, command: str) -> dict[str, Any]:
+    """A data directory's ``index.json``, checked to be of ``data_format``; ``command`` makes one."""
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} is missing: run `{command}` first")
     index = json.loads(index_path.read_text())
     if index.get("format") != data_format:
         raise ValueError(f"{index_path} is a {index.get('format')!r} index, not {data_format!r} (made by `{command}`)")
+    return index
+
+
+def read_token_rows(directory: str | Path, data_format: str, command: str
+                    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The index, the (N, columns) rows and the memory-mapped tokens of a directory of ``data_format``;
+    ``command`` is what makes one, for the error when it is missing."""
+    directory = Path(directory)
+    index = read_index(directory, data_format, command)
     rows = np.load(directory / SAMPLES_FILE)
     size = (directory / TOKENS_FILE).stat().st_size
     tokens = np.memmap(directory / TOKENS_FILE, dtype=np.dtype(index["dtype"]), mode="r") if size \
