@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from llada.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from llada.training.corpus import CorpusIssue, OnError, expand_inputs, read_documents
-from llada.training.token_rows import read_index, tokenizer_record
+from llada.training.token_rows import read_index, token_dtype, tokenizer_record
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ class TokenizeSummary:
     text_bytes: int
     skipped: int
     seconds: float
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every id."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def _sha256(path: Path) -> str:

@@ -25,9 +25,8 @@ import torch
 
 from llada.model.tokenizer import Message, Tokenizer
 from llada.training.corpus import CorpusIssue, OnError, parsed_lines
-from llada.training.packing import token_dtype
 from llada.training.sft_data import checked_messages, encode_pair
-from llada.training.token_rows import nothing_to_write, read_token_rows, tokenizer_record, write_token_rows
+from llada.training.token_rows import nothing_to_write, read_token_rows, write_token_rows
 
 FORMAT = "llada-preference"
 
@@ -110,10 +109,7 @@ def build_preference_data(inputs: Sequence[str], output_dir: str | Path, tokeniz
     summary.pairs, summary.tokens, summary.skipped = len(rows), len(tokens), len(issues)
     if not rows:
         raise nothing_to_write("pairs", max_length, summary.dropped_overlong, summary.skipped)
-    write_token_rows(Path(output_dir), FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
-                     np.asarray(rows, dtype=np.int64).reshape(-1, 4),
-                     {**tokenizer_record(tokenizer, tokenizer_dir), **asdict(summary),
-                      "issues": [str(i) for i in issues[:100]]})
+    write_token_rows(Path(output_dir), FORMAT, tokens, rows, 4, tokenizer, tokenizer_dir, asdict(summary), issues)
     return summary
 
 

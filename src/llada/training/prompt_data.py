@@ -24,9 +24,8 @@ import torch
 
 from llada.model.tokenizer import Tokenizer
 from llada.training.corpus import CorpusIssue, OnError, parsed_lines
-from llada.training.packing import token_dtype
 from llada.training.preference_data import prompt_history
-from llada.training.token_rows import nothing_to_write, read_token_rows, tokenizer_record, write_token_rows
+from llada.training.token_rows import nothing_to_write, read_token_rows, write_token_rows
 
 FORMAT = "llada-prompts"
 RECORDS_FILE = "records.jsonl"
@@ -74,10 +73,7 @@ def build_prompt_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_d
     staged = output / f"{RECORDS_FILE}.tmp-{os.getpid()}"
     staged.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(staged, output / RECORDS_FILE)
-    write_token_rows(output, FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
-                     np.asarray(rows, dtype=np.int64).reshape(-1, 2),
-                     {**tokenizer_record(tokenizer, tokenizer_dir), **asdict(summary),
-                      "issues": [str(i) for i in issues[:100]]})
+    write_token_rows(output, FORMAT, tokens, rows, 2, tokenizer, tokenizer_dir, asdict(summary), issues)
     return summary
 
 

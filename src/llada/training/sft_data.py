@@ -26,8 +26,7 @@ import torch
 
 from llada.model.tokenizer import Message, Tokenizer, TokenizerError, dialogue_to_pairs
 from llada.training.corpus import CorpusIssue, OnError, parsed_lines
-from llada.training.packing import token_dtype
-from llada.training.token_rows import nothing_to_write, read_token_rows, tokenizer_record, write_token_rows
+from llada.training.token_rows import nothing_to_write, read_token_rows, write_token_rows
 
 FORMAT = "llada-sft"
 
@@ -131,10 +130,7 @@ def build_sft_data(inputs: Sequence[str], output_dir: str | Path, tokenizer_dir:
     summary.samples, summary.tokens, summary.skipped = len(samples), len(tokens), len(issues)
     if not samples:
         raise nothing_to_write("samples", max_length, summary.dropped_overlong, summary.skipped)
-    write_token_rows(Path(output_dir), FORMAT, np.asarray(tokens, dtype=token_dtype(tokenizer.vocab_size)),
-                     np.asarray(samples, dtype=np.int64).reshape(-1, 3),
-                     {**tokenizer_record(tokenizer, tokenizer_dir), **asdict(summary),
-                      "issues": [str(i) for i in issues[:100]]})
+    write_token_rows(Path(output_dir), FORMAT, tokens, samples, 3, tokenizer, tokenizer_dir, asdict(summary), issues)
     return summary
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,24 @@ def nothing_to_write(what: str, max_length: int, dropped_overlong: int, skipped:
                       f"{skipped} malformed; nothing was written")
 
 
-def write_token_rows(output: Path, data_format: str, tokens: np.ndarray, rows: np.ndarray,
-                     index: dict[str, Any]) -> None:
-    """Replace ``output``'s three files with these tokens, rows and ``index`` fields (format and dtype added)."""
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_token_rows(output: Path, data_format: str, tokens: list[int], rows: list[tuple[int, ...]], columns: int,
+                     tokenizer: Tokenizer, tokenizer_dir: str | Path, fields: dict[str, Any],
+                     issues: Sequence[object]) -> None:
+    """Replace ``output``'s three files: the tokens, the (N, ``columns``) rows, and an index of the
+    format, the tokenizer (``tokenizer_record``), ``fields`` (counts) and the first 100 ``issues``."""
     output.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp-{os.getpid()}"
-    tokens.tofile(output / (TOKENS_FILE + suffix))
+    dtype = token_dtype(tokenizer.vocab_size)
+    np.asarray(tokens, dtype=dtype).tofile(output / (TOKENS_FILE + suffix))
     with open(output / (SAMPLES_FILE + suffix), "wb") as file:
-        np.save(file, rows.astype(np.int64))
-    record = {"format": data_format, "version": 1, "dtype": tokens.dtype.name, **index}
+        np.save(file, np.asarray(rows, dtype=np.int64).reshape(-1, columns))
+    record = {"format": data_format, "version": 1, "dtype": dtype.name, **tokenizer_record(tokenizer, tokenizer_dir),
+              **fields, "issues": [str(issue) for issue in issues[:100]]}
     (output / (INDEX_FILE + suffix)).write_text(json.dumps(record, indent=2) + "\n")
     for name in (TOKENS_FILE, SAMPLES_FILE, INDEX_FILE):  # the index last: it marks the set complete
         os.replace(output / (name + suffix), output / name)
