@@ -15,9 +15,12 @@ reverse accuracy collapses. The test (after Berglund et al., "The Reversal Curse
   ``autoregressive``: the same network with causal attention, the same data, steps, batch and
   length, hence the same tokens and the same FLOPs) and answers, greedily:
   forward "A is the mentor of" -> B and reverse "The mentor of B is" -> A, for the test and tune
-  pairs; the diffusion model also answers the reverse question by infilling the taught sentence,
+  pairs; the diffusion model also answers both by infilling the taught sentence: reverse
   "[MASK*n] is the mentor of B." with n = the length of A in tokens (a left-to-right model cannot
-  condition on text after the gap). Exact match on the whole name, with 95% Wilson intervals.
+  condition on text after the gap), and forward "A is the mentor of [MASK*m]." (the same format, so
+  the two directions compare like with like). Exact match on the whole name, with 95% Wilson
+  intervals. Knowing n narrows a blind guess only slightly: a random name of the right length in
+  tokens is right 0.14% of the time on the default data.
 - ``report``: per objective, the learning rate with the best forward accuracy on the *tune* pairs
   (never the test pairs), then forward and reverse test accuracy for each seed at that rate and their
   mean. The no-recall baseline: answering with a random name of the same set (exact match 1/N).
@@ -56,7 +59,7 @@ from llada.training.trainer import Trainer
 FORWARD_TEMPLATES = ("{a} is the mentor of {b}.", "{a} mentors {b}.", "{a} was the mentor of {b}.")
 REVERSE_TEMPLATES = ("The mentor of {b} is {a}.", "{b} is mentored by {a}.")
 FORWARD_QUESTION, REVERSE_QUESTION = "{a} is the mentor of", "The mentor of {b} is"
-INFILL_SENTENCE = " is the mentor of {b}."
+TAUGHT_SENTENCE = FORWARD_TEMPLATES[0]  # infilled with the gap on A (reverse) or on B (forward)
 SETS = {"test": 1000, "tune": 200, "both": 500}
 ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pl", "st", "th", "sh"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
@@ -154,15 +157,22 @@ def complete(model, tokenizer: Tokenizer, prompts: list[str], autoregressive: bo
 
 
 @torch.no_grad()
-def infill_names(model, tokenizer: Tokenizer, pairs: list[dict]) -> list[str]:
-    """The diffusion model's reverse answer by infilling the taught sentence before B."""
+def infill_names(model, tokenizer: Tokenizer, pairs: list[dict], gap: str) -> list[str]:
+    """The diffusion model's answers by infilling the taught sentence with person ``gap`` ("a" or "b")
+    masked, as many tokens as that name has there, the other person given."""
     answers = []
     for pair in pairs:
-        size = len(tokenizer.encode(pair["a"], add_special_tokens=False))
-        ids = [tokenizer.ids.eos, *[tokenizer.ids.mask] * size,
-               *tokenizer.encode(INFILL_SENTENCE.format(b=pair["b"]), add_special_tokens=False)]
+        before, after = TAUGHT_SENTENCE.split("{" + gap + "}")
+        before, after = before.format(**pair), after.format(**pair)
+        # A name inside the sentence carries the space before it (the tokenizer attaches it to the word).
+        name = (" " if before.endswith(" ") else "") + pair[gap]
+        size = len(tokenizer.encode(name, add_special_tokens=False))
+        prefix = tokenizer.encode(before.rstrip(" "), add_special_tokens=False) if before.strip() else []
+        ids = [tokenizer.ids.eos, *prefix, *[tokenizer.ids.mask] * size,
+               *tokenizer.encode(after, add_special_tokens=False)]
         filled = infill(model, torch.tensor(ids))
-        answers.append(tokenizer.decode(filled[1:1 + size].tolist(), skip_special_tokens=True).strip())
+        answers.append(tokenizer.decode(filled[1 + len(prefix):1 + len(prefix) + size].tolist(),
+                                        skip_special_tokens=True).strip())
     return answers
 
 
@@ -189,7 +199,8 @@ def run(args: argparse.Namespace) -> None:
         scores[f"{split}_reverse"] = accuracy(reverse, [p["a"] for p in chosen])
         examples[split] = [{"pair": p, "forward": f, "reverse": r} for p, f, r in zip(chosen[:5], forward, reverse)]
         if not causal and split == "test":
-            scores["test_reverse_infill"] = accuracy(infill_names(model, tokenizer, chosen), [p["a"] for p in chosen])
+            scores["test_forward_infill"] = accuracy(infill_names(model, tokenizer, chosen, "b"), [p["b"] for p in chosen])
+            scores["test_reverse_infill"] = accuracy(infill_names(model, tokenizer, chosen, "a"), [p["a"] for p in chosen])
     result = {"objective": args.objective, "lr": args.lr, "seed": args.seed, "steps": args.steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "network": NETWORK,
               "parameters": model.config.num_parameters(), "train_seconds": round(seconds, 1),
@@ -247,7 +258,8 @@ def report(paths: list[Path]) -> dict:
         row = {"lr": best, "seeds": [r["seed"] for r in chosen],
                "tune_forward_by_lr": {lr: statistics.mean(r["scores"]["tune_forward"]["accuracy"] for r in rs)
                                       for lr, rs in sorted(by_lr.items())}}
-        for key in ("test_forward", "test_reverse", "test_reverse_infill", "both_forward", "both_reverse"):
+        for key in ("test_forward", "test_reverse", "test_forward_infill", "test_reverse_infill", "both_forward",
+                    "both_reverse"):
             if key in chosen[0]["scores"]:
                 values = [r["scores"][key]["accuracy"] for r in chosen]
                 row[key] = {"per_seed": [r["scores"][key] for r in chosen], "mean": statistics.mean(values),

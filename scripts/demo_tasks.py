@@ -99,6 +99,16 @@ def list_item(kind: str, words: list[str]) -> Item:
     return Item(kind, "Sort alphabetically: " + ", ".join(words), ", ".join(sorted(words)))
 
 
+def middle_gap(answer: str, count_tokens: Callable[[str], int]) -> str:
+    """A list answer with its inner words (all but the first and last) replaced by one gap of their
+    length in tokens (``count_tokens``), for ``llada infill --question``. Filling it needs both ends:
+    the words are the question's, their order is set by the words on either side."""
+    words = answer.split(", ")
+    if len(words) < 3:
+        raise ValueError(f"a middle gap needs at least 3 words, got {answer!r}")
+    return f"{words[0]},[MASK*{count_tokens(' ' + ', '.join(words[1:-1]))}], {words[-1]}"
+
+
 def list_items(rng: random.Random, kind: str, vocabulary: list[str], count: int, lengths: tuple[int, ...],
                held_out: set[str], distinct: bool = False) -> list[Item]:
     """Lists of distinct words, each list's length drawn from ``lengths``, never a held-out list (and,

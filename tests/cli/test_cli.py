@@ -51,6 +51,16 @@ def test_infill_keeps_the_text_around_its_gaps(checkpoint_dir: Path, capsys: pyt
     assert "steps must be between 1 and" in capsys.readouterr().err
 
 
+def test_infill_with_a_question_prints_only_the_filled_answer(checkpoint_dir: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    assert main(["infill", "--model", str(checkpoint_dir), "--question", "Name three animals",
+                 "cat,[MASK*2], dog"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert printed.startswith("cat,") and printed.endswith(", dog") and "Name three" not in printed
+    assert main(["infill", "--model", str(checkpoint_dir), "--question", "Q", "no gap"]) == 2
+    assert "no gap to fill" in capsys.readouterr().err
+
+
 def test_answer_text_stops_at_eos(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("the fox", add_special_tokens=False)
     tail = tokenizer.encode(" is lazy", add_special_tokens=False)
@@ -224,14 +234,17 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
 
 
 def test_shipped_demo_model_is_the_default(capsys: pytest.CaptureFixture) -> None:
-    """generate without --model uses models/demo, which loads and answers in the official layout."""
+    """generate without --model uses models/demo, which loads in the official layout, within the size
+    limits (shards of at most 16 MiB, 64 MiB in all), and answers a held-out sum right."""
     from llada.model.loading import DEMO_MODEL
 
     assert DEMO_MODEL.is_dir() and (DEMO_MODEL / "model.safetensors.index.json").is_file()
-    assert main(["generate", "--prompt", "Define the word \"king\".", *SMALL]) == 0
-    assert capsys.readouterr().out.strip()
+    shards = [path.stat().st_size for path in DEMO_MODEL.glob("*.safetensors")]
+    assert max(shards) <= 16 * 2**20 and sum(shards) <= 64 * 2**20
+    assert main(["generate", "--prompt", "What is 87 + 93?", "--gen-length", "32", "--block-length", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "180"
     model = LLaDAModel.from_pretrained(DEMO_MODEL)
-    assert model.dtype == torch.bfloat16 and 10e6 < model.config.num_parameters() < 20e6
+    assert model.dtype == torch.bfloat16 and 20e6 < model.config.num_parameters() < 30e6
 
 
 def test_generate_file_answers_every_line_in_batches(checkpoint_dir: Path, tmp_path: Path,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from llada.diffusion.infilling import encode_with_gaps, infill
+from llada.diffusion.infilling import encode_answer_with_gaps, encode_with_gaps, infill
 from llada.diffusion.sampling import generate
 from llada.model.tokenizer import Tokenizer
 
@@ -70,3 +70,19 @@ def test_gaps_in_text_become_mask_ids(tokenizer: Tokenizer) -> None:
         encode_with_gaps(tokenizer, "no gap here")
     with pytest.raises(ValueError, match="at least one token"):
         encode_with_gaps(tokenizer, "a [MASK*0] b")
+
+
+def test_a_gapped_answer_is_the_sft_encoding_of_the_exchange_with_the_gap_masked(tokenizer: Tokenizer) -> None:
+    """Filling the gap with the words it stands for gives exactly the ids SFT trains on for the whole
+    exchange (chat template, answer, end of turn), so the model sees a familiar sequence."""
+    question, before, middle, after = "Sort these: pear, fig, apple", "apple,", " fig", ", pear"
+    size = len(tokenizer.encode(middle, add_special_tokens=False))
+    ids, start = encode_answer_with_gaps(tokenizer, question, f"{before}[MASK*{size}]{after}")
+    assert ids[:start] == tokenizer.encode_chat([{"role": "user", "content": question}])
+    gap = [i for i, token in enumerate(ids) if token == tokenizer.ids.mask]
+    assert len(gap) == size and gap == list(range(gap[0], gap[0] + size))
+    ids[gap[0]:gap[-1] + 1] = tokenizer.encode(middle, add_special_tokens=False)
+    exchange = [{"role": "user", "content": question}, {"role": "assistant", "content": before + middle + after}]
+    assert ids == tokenizer.encode_chat(exchange, add_generation_prompt=False)
+    with pytest.raises(ValueError, match="no gap"):
+        encode_answer_with_gaps(tokenizer, question, "apple, fig, pear")

@@ -62,3 +62,12 @@ def test_the_demo_asks_held_out_arithmetic(small_counts: None) -> None:
     lines, pairs, vocabulary = stub_sources(random.Random(1))
     written = [i for i in prepare_demo_data.held_out_tasks(lines, pairs, vocabulary, rng) if i.kind in ("add", "sub", "mul")]
     assert written == demo_tasks.held_out_arithmetic(random.Random(0), prepare_demo_data.TEST_COUNTS)
+
+
+def test_a_middle_gap_stands_for_the_inner_words_and_their_token_count() -> None:
+    count = lambda text: len(text.split())
+    gapped = demo_tasks.middle_gap("ash, bee, cow, dog", count)
+    assert gapped == "ash,[MASK*2], dog"
+    assert gapped.replace("[MASK*2]", " bee, cow") == "ash, bee, cow, dog"
+    with pytest.raises(ValueError, match="at least 3 words"):
+        demo_tasks.middle_gap("ash, bee", count)

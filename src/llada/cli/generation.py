@@ -21,7 +21,7 @@ from llada.cli.common import (
     atomic_text_writer,
     settings_from_args,
 )
-from llada.diffusion.infilling import encode_with_gaps, infill
+from llada.diffusion.infilling import encode_answer_with_gaps, encode_with_gaps, infill
 from llada.diffusion.likelihood import log_likelihood
 from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.answer_text import AnswerText, answer_text
@@ -51,16 +51,24 @@ def run_generate(model: str, prompt: str, settings: GenerationSettings | None = 
 
 def run_infill(model: str, text: str, steps: int | None = None, temperature: float = 0.0,
                remasking: Remasking = "low_confidence", device: str = "auto", dtype: str = "auto",
-               seed: int = 0) -> str:
-    """``text`` with its ``[MASK]`` / ``[MASK*N]`` gaps filled by the model (diffusion/infilling.py)."""
+               seed: int = 0, question: str | None = None) -> str:
+    """``text`` with its ``[MASK]`` / ``[MASK*N]`` gaps filled by the model (diffusion/infilling.py).
+
+    With ``question``, ``text`` is the assistant's answer to it (chat template) and only the answer is
+    returned; otherwise ``text`` is raw text.
+    """
     net, tokenizer = load(model, device, dtype)
     try:
-        ids = torch.tensor(encode_with_gaps(tokenizer, text))
+        if question is None:
+            ids, start = encode_with_gaps(tokenizer, text), 0
+        else:
+            ids, start = encode_answer_with_gaps(tokenizer, question, text)
         generator = torch.Generator(device=net.device).manual_seed(seed)
-        filled = infill(net, ids, steps=steps, temperature=temperature, remasking=remasking, generator=generator)
+        filled = infill(net, torch.tensor(ids), steps=steps, temperature=temperature, remasking=remasking,
+                        generator=generator)
     except ValueError as error:
         raise CliError(str(error)) from error
-    return tokenizer.decode(filled.tolist(), skip_special_tokens=True)
+    return tokenizer.decode(filled[start:].tolist(), skip_special_tokens=True)
 
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -274,6 +282,8 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
 def _infill_arguments(parser: argparse.ArgumentParser) -> None:
     add_model(parser)
     parser.add_argument("text", help="text with gaps: [MASK] is one token, [MASK*N] is N tokens")
+    parser.add_argument("--question", help="the text is the answer to this chat question (chat template); "
+                                           "prints the answer only")
     parser.add_argument("--steps", type=int, help="denoising steps (default: one per masked token)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--remasking", choices=REMASKING_CHOICES, default="low_confidence")
@@ -306,10 +316,12 @@ COMMANDS = [
     Command("chat", "Interactive multi-turn chat; answers appear block by block.",
             "example:\n  llada chat --model ckpt/ --gen-length 128 --block-length 32 --threshold 0.9",
             _chat_arguments, lambda args: run_chat(system=args.system, **_sampling(args))),
-    Command("infill", "Fill gaps anywhere in a text, from the words on both sides (raw text, no chat template).",
-            "example:\n  llada infill 'To be, or not to be, [MASK*2] is the question:'",
+    Command("infill", "Fill gaps anywhere in a text, or in the answer to a question, from the words on both sides.",
+            "examples:\n  llada infill 'To be, or not to be, [MASK*2] is the question:'\n"
+            "  llada infill --question 'Sort alphabetically: storm, crown, night, ocean' 'crown,[MASK*2], ocean, storm'",
             _infill_arguments, lambda args: print(run_infill(args.model, args.text, args.steps, args.temperature,
-                                                             args.remasking, args.device, args.dtype, args.seed))),
+                                                             args.remasking, args.device, args.dtype, args.seed,
+                                                             args.question))),
     Command("score", "Monte-Carlo ELBO log-likelihood of answers given prompts (JSONL in, JSONL out).",
             "input lines look like {\"prompt\": \"The capital of France is\", \"answer\": \" Paris\"}\n"
             "example:\n  llada score --model ckpt/ --input pairs.jsonl --output scored.jsonl --mc-num 64",

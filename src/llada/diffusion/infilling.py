@@ -72,14 +72,40 @@ def encode_with_gaps(tokenizer: Tokenizer, text: str) -> list[int]:
     The pieces between gaps are tokenized separately (a gap is a token boundary); the first piece as a
     plain prompt is, the others without special tokens. Raises ValueError for text without a gap.
     """
-    pieces = GAP.split(text)  # text, count, text, count, ..., text
+    pieces = _split_gaps(text)
+    return tokenizer.encode(pieces[0], split_special_tokens=True) + _gaps_and_text(tokenizer, pieces)
+
+
+def encode_answer_with_gaps(tokenizer: Tokenizer, question: str, answer: str) -> tuple[list[int], int]:
+    """Ids of a chat exchange whose assistant ``answer`` has gaps, and where the answer starts.
+
+    The question is rendered with the chat template as ``llada generate`` renders a prompt; the answer
+    is tokenized as SFT tokenizes one (plain text, then the end-of-turn token), so a gap can be
+    anywhere in the answer, the answer's end included, and the model sees the whole exchange.
+    """
+    pieces = _split_gaps(answer)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": question}], split_special_tokens=True)
+    first = tokenizer.encode(pieces[0], add_special_tokens=False, split_special_tokens=True) if pieces[0] else []
+    end = [tokenizer.ids.eot if tokenizer.ids.eot is not None else tokenizer.ids.eos]
+    return prompt + first + _gaps_and_text(tokenizer, pieces) + end, len(prompt)
+
+
+def _split_gaps(text: str) -> list[str]:
+    """``text`` split at its gaps: text, count, text, count, ..., text (count None for ``[MASK]``)."""
+    pieces = GAP.split(text)
     if len(pieces) == 1:
         raise ValueError("the text has no gap to fill: mark one with [MASK] (one token) or [MASK*N] (N tokens)")
-    ids = tokenizer.encode(pieces[0], split_special_tokens=True)
+    return pieces
+
+
+def _gaps_and_text(tokenizer: Tokenizer, pieces: list[str]) -> list[int]:
+    """The ids after the first piece: each gap's mask ids, then the text up to the next gap."""
+    ids: list[int] = []
     for count, piece in zip(pieces[1::2], pieces[2::2]):
         size = 1 if count is None else int(count)
         if size < 1:
             raise ValueError("a gap needs at least one token: [MASK*0] is empty")
-        ids += [tokenizer.ids.mask] * size + tokenizer.encode(piece, add_special_tokens=False,
-                                                               split_special_tokens=True)
+        ids += [tokenizer.ids.mask] * size
+        if piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
     return ids
