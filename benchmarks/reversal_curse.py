@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +47,7 @@ from pathlib import Path
 
 import torch
 from preference_demo import wilson
+from process_pool import run_all
 
 from llada import Engine, GenerationSettings
 from llada.diffusion.infilling import infill
@@ -215,33 +214,17 @@ def run(args: argparse.Namespace) -> None:
 def sweep(args: argparse.Namespace) -> None:
     """Every (objective, rate, seed) as its own ``run`` process, ``--parallel`` at a time (small models
     share one GPU well); results already in ``--out-dir`` are kept, not repeated."""
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(objective, lr, seed) for objective in args.objectives.split(",") for lr in args.lrs.split(",")
-            for seed in args.seeds.split(",")]
-    running: list[subprocess.Popen] = []
-    failed: list[str] = []
-
-    def reap(limit: int) -> None:
-        while len(running) > limit:
-            for process in [p for p in running if p.poll() is not None]:
-                running.remove(process)
-                if process.returncode:
-                    failed.append(" ".join(process.args[2:]))
-            time.sleep(0.5)
-
-    for objective, lr, seed in jobs:
-        out = args.out_dir / f"{objective}-lr{float(lr):g}-seed{seed}.json"
-        if out.is_file():
-            continue
-        reap(args.parallel - 1)
-        command = [sys.executable, __file__, "run", "--data", str(args.data), "--objective", objective, "--lr", lr,
-                   "--seed", seed, "--steps", str(args.steps), "--runs", str(args.runs), "--out", str(out)]
-        with (args.out_dir / f"{out.stem}.log").open("w") as log:
-            running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "TQDM_DISABLE": "1"}))
-    reap(0)
-    if failed:
-        raise SystemExit(f"{len(failed)} runs failed ({failed}); see their .log files in {args.out_dir}")
+    jobs = []
+    for objective in args.objectives.split(","):
+        for lr in args.lrs.split(","):
+            for seed in args.seeds.split(","):
+                out = args.out_dir / f"{objective}-lr{float(lr):g}-seed{seed}.json"
+                if not out.is_file():
+                    command = [sys.executable, __file__, "run", "--data", str(args.data), "--objective", objective,
+                               "--lr", lr, "--seed", seed, "--steps", str(args.steps), "--runs", str(args.runs),
+                               "--out", str(out)]
+                    jobs.append((command, args.out_dir / f"{out.stem}.log"))
+    run_all(jobs, args.parallel)
 
 
 def report(paths: list[Path]) -> dict:

@@ -17,10 +17,13 @@ from disjoint windows. Chance is 25%.
 
 Outputs under OUT:
 - ``documents/``: the training documents as JSONL shards; ``train/``: their packed tokens;
-- ``heldout.jsonl``: the held-out documents; ``choices.json``: the downstream items (token ids);
+- ``heldout.jsonl``: the held-out documents and ``heldout_tokens/`` their packed tokens (the test
+  likelihood); ``choices.json``: the downstream items (token ids);
 - ``tokenizer/``: byte-level BPE trained on the training documents (or copied from ``--tokenizer``);
-- ``manifest.json``: per source the documents, characters and tokens, the packages found, and a
-  SHA-256 of the document list, so that a corpus rebuilt elsewhere can be checked to be the same.
+- ``manifest.json``: per source the documents, characters and items, the packages found, a SHA-256
+  of the document list (so that a corpus rebuilt elsewhere can be checked to be the same), and the
+  accuracy of a trivial baseline on the items: the choice whose tokens are most frequent in the
+  training data (sum of log unigram frequencies).
 
     python scripts/prepare_scaling_data.py --out data/scaling --cache data/scaling-sources
 """
@@ -179,6 +182,22 @@ def continuation_items(documents: list[dict], tokenizer, count: int, context: in
     return items
 
 
+def unigram_accuracy(train_dir: Path, items: list[dict], vocab_size: int) -> float:
+    """Share of items whose right choice has the highest unigram log-likelihood under the training
+    tokens' frequencies (add-one smoothed): what token frequency alone gets right."""
+    import numpy as np
+
+    from llada.training.packing import PackedDataset
+
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for shard in PackedDataset(train_dir, 1).shards:
+        counts += np.bincount(shard, minlength=vocab_size)[:vocab_size]
+    log_frequency = np.log(counts + 1) - np.log(counts.sum() + vocab_size)
+    right = sum(int(np.argmax([log_frequency[choice].sum() for choice in item["choices"]])) == item["label"]
+                for item in items)
+    return right / len(items)
+
+
 def write_shards(documents: list[dict], folder: Path, shards: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     files = [(folder / f"documents-{i:03d}.jsonl").open("w", encoding="utf-8") for i in range(shards)]
@@ -222,6 +241,7 @@ def main() -> None:
         run_tokenizer_train(shards, str(tokenizer_dir), args.vocab)
     summary = tokenize_corpus(shards, args.out / "train", tokenizer_dir)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    heldout = tokenize_corpus([str(args.out / "heldout.jsonl")], args.out / "heldout_tokens", tokenizer_dir)
     items = continuation_items(test, tokenizer, args.choices, args.context, args.continuation, args.seed)
     (args.out / "choices.json").write_text(json.dumps(items), encoding="utf-8")
     per_source = defaultdict(lambda: {"train_documents": 0, "train_chars": 0, "heldout_documents": 0, "items": 0})
@@ -233,8 +253,10 @@ def main() -> None:
     for item in items:
         per_source[item["source"]]["items"] += 1
     listing = hashlib.sha256("".join(hashlib.sha256(d["text"].encode()).hexdigest() for d in train).encode())
-    manifest = {"train_tokens": summary.tokens, "train_documents": len(train), "heldout_documents": len(test),
-                "items": len(items), "sources": per_source, "packages": packages,
+    manifest = {"train_tokens": summary.tokens, "train_documents": len(train), "heldout_tokens": heldout.tokens,
+                "heldout_documents": len(test), "items": len(items),
+                "unigram_baseline": unigram_accuracy(args.out / "train", items, tokenizer.vocab_size),
+                "sources": per_source, "packages": packages,
                 "train_documents_sha256": listing.hexdigest(), "tokenizer_sha256": tokenizer.vocab_sha256,
                 "settings": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

@@ -55,3 +55,16 @@ def test_continuation_items_are_the_true_continuation_among_equal_length_choices
         assert source_of[item["document"]] == item["source"]
         assert len({tuple(c) for c in item["choices"]}) == 4
     assert {item["source"] for item in items} == {"prose", "code"}
+
+
+def test_the_unigram_baseline_picks_the_choice_of_most_frequent_tokens(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    from llada.training.packing import tokenize_corpus
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "text.txt").write_text("the the the the the fox " * 50)
+    tokenize_corpus([str(tmp_path / "text.txt")], tmp_path / "packed", tmp_path / "tok", workers=1, progress=False)
+    the, fox = (tokenizer.encode(word, add_special_tokens=False) for word in (" the", " fox"))
+    rare = tokenizer.encode(" zq", add_special_tokens=False)
+    common = {"context": [], "choices": [rare, the, fox, rare], "label": 1}
+    assert scaling.unigram_accuracy(tmp_path / "packed", [common], tokenizer.vocab_size) == 1.0
+    assert scaling.unigram_accuracy(tmp_path / "packed", [{**common, "label": 2}], tokenizer.vocab_size) == 0.0

@@ -67,6 +67,17 @@ def test_pretraining_learns(workspace: Path, tmp_path: Path) -> None:
     assert Tokenizer.from_pretrained(checkpoint / "model").ids.mask == saved.config.mask_token_id
 
 
+def test_evaluating_another_dataset_is_the_split_when_given_the_split(workspace: Path, tmp_path: Path) -> None:
+    """evaluate(dataset) scores other data the way the held-out split is scored: handed exactly the
+    split's windows it gives the split's loss; handed other windows, another loss."""
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "eval_batches=3"))
+    split = torch.utils.data.Subset(trainer.dataset, trainer.eval_indices)
+    assert trainer.evaluate(split)["eval_loss"] == trainer.evaluate()["eval_loss"]
+    others = torch.utils.data.Subset(trainer.dataset, range(len(trainer.eval_indices)))
+    assert trainer.evaluate(others)["eval_loss"] != trainer.evaluate()["eval_loss"]
+    assert trainer.evaluate(split, batches=1)["eval_loss"] != trainer.evaluate()["eval_loss"]
+
+
 def test_resume_reproduces_losses_exactly(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash a step after the step-3 checkpoint, resume, and get the uninterrupted run's losses bit for
     bit; metrics.jsonl records each step once (the redone step 4 replaces the lost one)."""

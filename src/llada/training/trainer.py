@@ -260,30 +260,34 @@ class Trainer:
                     and loss > factor * self.loss_mean)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, dataset: torch.utils.data.Dataset | None = None, batches: int | None = None) -> dict[str, float]:
         """``eval_loss``, the mean objective on the held-out split with fixed randomness (comparable
         between evaluations), and the objective's own metrics as ``eval_<name>``; empty without a split.
 
         For the diffusion objectives the loss is the masked-diffusion bound on the negative
-        log-likelihood, in nats per token.
+        log-likelihood, in nats per token. ``dataset`` (items like the training data's, e.g. held-out
+        documents packed the same way) replaces the split, and ``batches`` the recipe's ``eval_batches``.
         """
-        if not self.eval_indices:
+        source = self.dataset if dataset is None else dataset
+        indices = self.eval_indices if dataset is None else list(range(len(dataset)))
+        if not indices:
             return {}
         self.model.eval()
         values = []
         metrics: dict[str, float] = {}
         size = self.micro_batch_size
-        count = len(self.eval_indices)
-        for number in range(self.config.eval_batches):
-            indices = [self.eval_indices[(number * size + k) % count] for k in range(min(size, count))]
-            batch = self.collate([self.dataset[i] for i in indices])
+        count = len(indices)
+        batches = batches or self.config.eval_batches
+        for number in range(batches):
+            chosen = [indices[(number * size + k) % count] for k in range(min(size, count))]
+            batch = self.collate([source[i] for i in chosen])
             generator = torch.Generator(device=self.device).manual_seed(10_007 + number)
             if self.cycle is not None:  # RL: held-out rollouts and their rewards, at the first inner step
                 batch = {**self.cycle.prepare(batch, generator, inner_steps=1), "inner_step": 0}
             loss = self._loss(batch, generator)
             values.append(loss.value.item())
             for key, value in loss.metrics.items():
-                metrics[f"eval_{key}"] = metrics.get(f"eval_{key}", 0.0) + value / self.config.eval_batches
+                metrics[f"eval_{key}"] = metrics.get(f"eval_{key}", 0.0) + value / batches
         self.model.train()
         return {"eval_loss": sum(values) / len(values), **metrics}
 
