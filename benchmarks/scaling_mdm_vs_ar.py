@@ -1,158 +1,256 @@
-"""Masked diffusion against autoregression at equal compute, over several model sizes (GPU).
+"""Masked diffusion against autoregression at equal compute, over model sizes (GPU).
 
-The paper's scaling claim at small scale: for each model size, train the same network on the same
-data for the same number of tokens twice — once with the masked-diffusion objective, once left to
-right (objective ``autoregressive``, causal attention) — so both runs cost the same FLOPs (counted
-identically, by ``ModelConfig.flops_per_token``). Compare
+The paper's scaling comparison at small scale. Data: ``scripts/prepare_scaling_data.py`` (English
+prose and Python, held-out documents, 4-way continuation-choice items). For each size in ``SIZES``
+the same network is trained from scratch twice on the same data with the same batch, length and
+steps — masked diffusion (objective ``pretrain``) and left to right (``autoregressive``, causal
+attention) — so both cost the same FLOPs (``ModelConfig.flops_per_token``). A size's steps are set
+by its FLOPs budget (``BUDGETS``: 3e15 to 1e17, 33x). Measured per run:
 
-- the held-out likelihood bound, in nats per token, along training: the masked-diffusion bound
-  (the pretraining loss on held-out sequences, an upper bound on the negative log-likelihood) and
-  the autoregressive model's exact negative log-likelihood;
-- a downstream task at the end: WordNet definitions the models read in pretraining, asked as
-  4-way multiple choice ("word:" followed by the right gloss or a random other one), scored by the
-  conditional log-likelihood — a Monte-Carlo ELBO for the diffusion model, exact for the
-  autoregressive one. Chance is 25%; sums of log-likelihoods favour short answers, and always
-  picking the answer of fewest tokens scores 28.5% on the default 200 questions (printed and drawn).
+- validation loss along training (the trainer's split of the training stream), which chooses the
+  learning rate, and the loss curve against FLOPs;
+- test likelihood on the held-out documents, nats per token: for the diffusion model the
+  masked-diffusion bound (an upper bound on the negative log-likelihood), for the autoregressive
+  model the exact negative log-likelihood — labelled as such everywhere;
+- continuation choice (the data's ``choices.json``, ~1,900 items): log p(choice | context), a
+  Monte-Carlo ELBO (``--mc-num`` samples) for the diffusion model, exact for the autoregressive one.
+  Every choice has the same number of tokens; chance is 25%, the manifest's unigram baseline ~24%.
 
-and plot both against training FLOPs (one colour per size, solid = diffusion, dashed = autoregressive).
+``report`` picks each (size, objective)'s rate by validation loss, fits test loss against FLOPs
+as a power law per objective (log-log line) and states how much more compute the diffusion model
+needs to reach the autoregressive model's loss, with the range over leave-one-size-out fits, and
+where the accuracy lines cross.
 
-    python scripts/prepare_demo_data.py --out data/demo --tokenizer-vocab 8192
-    python benchmarks/scaling_mdm_vs_ar.py --out-dir benchmarks/results/eval/scaling \
-        --plot docs/scaling_mdm_vs_ar.png
+    python scripts/prepare_scaling_data.py --out data/scaling
+    python benchmarks/scaling_mdm_vs_ar.py sweep --data data/scaling --sizes xs,s --lrs 1e-3,3e-3 --seeds 0,1 \\
+        --out-dir benchmarks/results/eval/scaling
+    python benchmarks/scaling_mdm_vs_ar.py sweep --data data/scaling --sizes m,l --lrs 1e-3,3e-3 --parallel 1 ...
+    python benchmarks/scaling_mdm_vs_ar.py report benchmarks/results/eval/scaling/*.json --plot docs/scaling_mdm_vs_ar.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import math
 import shutil
+import statistics
+import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from preference_demo import wilson
+from process_pool import run_all
+from tqdm.auto import tqdm
 
 from llada.diffusion.likelihood import log_likelihood
+from llada.model.config import preset
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.training.config import load_config
+from llada.training.packing import PackedDataset
 from llada.training.trainer import Trainer
 
-# Changes to the demo preset: the former demo shape (d_model 384, 6 layers, 6 heads, MLP 1024) and
-# about 0.4x and 2.4x its non-embedding parameters.
 SIZES: dict[str, dict[str, int]] = {
-    "s": {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 704},
-    "m": {"d_model": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6, "mlp_hidden_size": 1024},
-    "l": {"d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "mlp_hidden_size": 1376},
+    "xs": {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 704},
+    "s": {"d_model": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6, "mlp_hidden_size": 1024},
+    "m": {"d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "mlp_hidden_size": 1376},
+    "l": {"d_model": 640, "n_layers": 10, "n_heads": 10, "n_kv_heads": 10, "mlp_hidden_size": 1728},
 }
+BUDGETS = {"xs": 3e15, "s": 1e16, "m": 3e16, "l": 1e17}  # training FLOPs per run
 OBJECTIVES = ("pretrain", "autoregressive")
-HELD_OUT_GLOSS_FRACTION = 0.05  # the pretraining split's held-out tail lies in the last ~2% of the glosses
+LABELS = {"pretrain": "masked diffusion (ELBO bound)", "autoregressive": "autoregressive (exact NLL)"}
 
 
-def gloss_questions(glosses_file: Path, count: int, seed: int = 0) -> list[dict]:
-    """4-way questions about glosses from the trained part of the gloss file (distractors: other glosses)."""
-    pairs = [line.split(": ", 1) for line in glosses_file.read_text(encoding="utf-8").splitlines() if ": " in line]
-    trained = pairs[: int(len(pairs) * (1 - HELD_OUT_GLOSS_FRACTION))]
-    rng = random.Random(seed)
-    questions = []
-    for word, gloss in rng.sample(trained, count):
-        choices = [gloss] + [other for _, other in rng.sample(trained, 3)]
-        rng.shuffle(choices)
-        questions.append({"word": word, "choices": choices, "label": choices.index(gloss)})
-    return questions
+def steps_for(size: str, flops_per_token: float, tokens_per_step: int) -> int:
+    return math.ceil(BUDGETS[size] / (flops_per_token * tokens_per_step))
 
 
 @torch.no_grad()
-def answer_log_likelihood(model: LLaDAModel, prompt: list[int], answer: list[int], autoregressive: bool,
-                          mc_num: int, generator: torch.Generator) -> float:
-    """log p(answer | prompt): exact under the causal model, the Monte-Carlo ELBO under the diffusion model."""
-    prompt_t = torch.tensor(prompt, device=model.device)
-    answer_t = torch.tensor(answer, device=model.device)
-    if not autoregressive:
-        return log_likelihood(model, prompt_t, answer_t, mc_num=mc_num, batch_size=mc_num, generator=generator).log_likelihood
-    sequence = torch.cat([prompt_t, answer_t])[None]
-    logits = model(sequence, causal=True).logits[0, len(prompt) - 1:-1].float()
-    return float(logits.log_softmax(-1).gather(1, answer_t[:, None]).sum())
+def choice_scores(model: LLaDAModel, item: dict, autoregressive: bool, mc_num: int,
+                  generator: torch.Generator) -> list[float]:
+    """log p(choice | context) for each choice: exact under the causal model, the Monte-Carlo ELBO
+    under the diffusion model."""
+    context = torch.tensor(item["context"], device=model.device)
+    choices = torch.tensor(item["choices"], device=model.device)
+    if autoregressive:
+        sequences = torch.cat([context.expand(len(choices), -1), choices], dim=1)
+        logits = model(sequences, causal=True).logits[:, len(context) - 1:-1].float()
+        return logits.log_softmax(-1).gather(2, choices[..., None]).squeeze(-1).sum(1).tolist()
+    return [log_likelihood(model, context, choice, mc_num=mc_num, batch_size=mc_num, generator=generator,
+                           progress=False).log_likelihood for choice in choices]
 
 
-def downstream_accuracy(model: LLaDAModel, tokenizer: Tokenizer, questions: list[dict], autoregressive: bool,
-                        mc_num: int) -> float:
+def downstream(model: LLaDAModel, items: list[dict], autoregressive: bool, mc_num: int) -> dict:
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(0)
-    correct = 0
-    for question in questions:
-        prompt = tokenizer.encode(f"{question['word']}:", add_special_tokens=False)
-        scores = [answer_log_likelihood(model, prompt, tokenizer.encode(f" {choice}", add_special_tokens=False),
-                                        autoregressive, mc_num, generator) for choice in question["choices"]]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == question["label"])
-    return correct / len(questions)
+    right: dict[str, list[bool]] = defaultdict(list)
+    for item in tqdm(items, desc="continuation choice", unit="item"):
+        scores = choice_scores(model, item, autoregressive, mc_num, generator)
+        right[item["source"]].append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+    correct = sum(sum(v) for v in right.values())
+    return {"items": len(items), "correct": correct, "accuracy": correct / len(items),
+            "interval": wilson(correct, len(items)),
+            "by_source": {source: {"items": len(v), "accuracy": sum(v) / len(v)} for source, v in sorted(right.items())}}
 
 
-def run_one(size: str, objective: str, args: argparse.Namespace, questions: list[dict]) -> dict:
-    overrides = [f"objective={objective}", f"steps={args.steps}", f"batch_size={args.batch_size}",
-                 f"data.seq_len={args.seq_len}", f"out_dir={args.runs}/{size}-{objective}",
-                 f"eval_every={args.eval_every}", f"eval_batches={args.eval_batches}", "save_every=0",
-                 "sample_every=0", f"optim.warmup_steps={max(1, args.steps // 20)}",
-                 f"model.overrides={json.dumps(SIZES[size])}"]
-    if objective == "autoregressive":
+def run(args: argparse.Namespace) -> None:
+    manifest = json.loads((args.data / "manifest.json").read_text())
+    tokens_per_step = args.batch_size * args.seq_len
+    vocabulary = Tokenizer.from_pretrained(args.data / "tokenizer").vocab_size
+    network = preset(load_config(args.config).model.preset, vocab_size=vocabulary, embedding_size=vocabulary,
+                     **SIZES[args.size])
+    steps = args.steps or steps_for(args.size, network.flops_per_token(args.seq_len, training=True), tokens_per_step)
+    out_dir = args.runs / f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a run without its result file starts over
+    overrides = [f"objective={args.objective}", f"model.tokenizer={args.data / 'tokenizer'}",
+                 f"data.path={args.data / 'train'}", f"data.seq_len={args.seq_len}", "data.eval_fraction=0.005",
+                 f"steps={steps}", f"batch_size={args.batch_size}", f"optim.lr={args.lr}",
+                 f"optim.warmup_steps={max(1, steps // 20)}", f"seed={args.seed}", f"out_dir={out_dir}",
+                 f"eval_every={max(1, steps // 10)}", "eval_batches=8", "save_every=0", "sample_every=0",
+                 f"model.overrides={json.dumps(SIZES[args.size])}", f"compile={torch.cuda.is_available()}"]
+    if args.objective == "autoregressive":
         overrides.append("data.random_length_probability=0")  # a causal model sees every prefix anyway
-    overrides += args.set
-    config = load_config(args.config, overrides)
-    # A run without its result file starts over: resuming checkpoints of other settings would mix budgets.
-    shutil.rmtree(config.out_dir, ignore_errors=True)
-    trainer = Trainer(config)
-    start = time.perf_counter()
+    trainer = Trainer(load_config(args.config, overrides))
+    started = time.perf_counter()
     records = trainer.run()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - started
     model = trainer.model
     flops_per_token = model.config.flops_per_token(args.seq_len, training=True)
-    tokens_per_step = args.batch_size * args.seq_len
-    curve = [{"step": r["step"], "flops": flops_per_token * tokens_per_step * r["step"], "eval_loss": r["eval_loss"]}
+    curve = [{"step": r["step"], "flops": flops_per_token * tokens_per_step * r["step"], "val_loss": r["eval_loss"]}
              for r in records if r.get("eval_loss") is not None]
-    accuracy = downstream_accuracy(model, trainer.tokenizer, questions, objective == "autoregressive", args.mc_num)
-    result = {"size": size, "objective": objective, "parameters": model.config.num_parameters(),
+    heldout = PackedDataset(args.data / "heldout_tokens", args.seq_len)
+    test_loss = trainer.evaluate(heldout, batches=math.ceil(len(heldout) / trainer.micro_batch_size))["eval_loss"]
+    items = json.loads((args.data / "choices.json").read_text())
+    result = {"size": args.size, "objective": args.objective, "lr": args.lr, "seed": args.seed, "steps": steps,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "architecture": SIZES[args.size],
+              "parameters": model.config.num_parameters(),
               "non_embedding_parameters": model.config.num_parameters(include_embedding=False),
-              "tokens": tokens_per_step * args.steps, "flops": curve[-1]["flops"] if curve else None,
-              "train_seconds": seconds, "final_eval_loss": curve[-1]["eval_loss"] if curve else None,
-              "gloss_mc_accuracy": accuracy, "curve": curve}
-    print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-    return result
+              "tokens": tokens_per_step * steps, "flops": flops_per_token * tokens_per_step * steps,
+              "epochs": tokens_per_step * steps / manifest["train_tokens"], "train_seconds": round(seconds, 1),
+              "val_loss": curve[-1]["val_loss"] if curve else None, "test_loss": test_loss,
+              "test_loss_kind": LABELS[args.objective], "mc_num": args.mc_num,
+              "choice": downstream(model, items, args.objective == "autoregressive", args.mc_num), "curve": curve,
+              "data": {k: manifest[k] for k in ("train_tokens", "train_documents_sha256", "tokenizer_sha256",
+                                                "unigram_baseline")},
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "choice")}), flush=True)
 
 
-def budget(settings: dict) -> dict:
-    """What a run's numbers depend on (not which sizes an invocation runs, nor where checkpoints go)."""
-    return {k: v for k, v in settings.items() if k not in ("sizes", "runs")}
+def sweep(args: argparse.Namespace) -> None:
+    """Every (size, objective, rate, seed) as its own ``run`` process; results already in ``--out-dir``
+    are kept, not repeated (the study is spread over several machine sessions)."""
+    jobs = []
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            raise SystemExit(f"unknown size {size!r}; choose from {list(SIZES)}")
+        for objective in args.objectives.split(","):
+            for lr in args.lrs.split(","):
+                for seed in args.seeds.split(","):
+                    out = args.out_dir / f"{size}-{objective}-lr{float(lr):g}-seed{seed}.json"
+                    if not out.is_file():
+                        command = [sys.executable, __file__, "run", "--data", str(args.data), "--size", size,
+                                   "--objective", objective, "--lr", lr, "--seed", seed, "--runs", str(args.runs),
+                                   "--mc-num", str(args.mc_num), "--out", str(out)]
+                        jobs.append((command, args.out_dir / f"{out.stem}.log"))
+    run_all(jobs, args.parallel)
 
 
-def plot(results: list[dict], output: Path, shortest: float) -> None:
+def power_law(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of log(loss) = intercept + slope * log(FLOPs), least squares."""
+    xs, ys = [math.log(c) for c, _ in points], [math.log(loss) for _, loss in points]
+    x_mean, y_mean = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sum((x - x_mean) ** 2 for x in xs)
+    return y_mean - slope * x_mean, slope
+
+
+def compute_multiplier(diffusion: list[tuple[float, float]], autoregressive: list[tuple[float, float]]) -> list[float]:
+    """For each autoregressive (FLOPs, loss): the FLOPs the diffusion fit needs for that loss, divided
+    by the autoregressive FLOPs."""
+    intercept, slope = power_law(diffusion)
+    return [math.exp((math.log(loss) - intercept) / slope) / flops for flops, loss in autoregressive]
+
+
+def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Per (size, objective), the runs (all seeds) of the rate with the lowest mean validation loss."""
+    grouped: dict[tuple[str, str], dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for result in results:
+        grouped[result["size"], result["objective"]][result["lr"]].append(result)
+    return {key: min(by_lr.values(), key=lambda runs: statistics.mean(r["val_loss"] for r in runs))
+            for key, by_lr in grouped.items()}
+
+
+def report(results: list[dict]) -> dict:
+    chosen = best_runs(results)
+    rows = []
+    for (size, objective), runs in sorted(chosen.items(), key=lambda item: (BUDGETS[item[0][0]], item[0][1])):
+        accuracies = [r["choice"]["accuracy"] for r in runs]
+        losses = [r["test_loss"] for r in runs]
+        rows.append({"size": size, "objective": objective, "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
+                     "flops": runs[0]["flops"], "epochs": runs[0]["epochs"],
+                     "non_embedding_parameters": runs[0]["non_embedding_parameters"],
+                     "test_loss": statistics.mean(losses), "test_loss_kind": LABELS[objective],
+                     "test_loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
+                     "accuracy": statistics.mean(accuracies), "interval_seed0": runs[0]["choice"]["interval"],
+                     "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+                     "items": runs[0]["choice"]["items"]})
+    summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()}}
+    points = {o: [(r["flops"], r["test_loss"]) for r in rows if r["objective"] == o] for o in OBJECTIVES}
+    if all(len(points[o]) >= 2 for o in OBJECTIVES):
+        summary["power_law"] = {o: dict(zip(("log_intercept", "slope"), power_law(points[o]))) for o in OBJECTIVES}
+        summary["compute_multiplier"] = compute_multiplier(points["pretrain"], points["autoregressive"])
+        if len(points["pretrain"]) >= 3:  # the spread when one size at a time is left out of the fit
+            spread = [m for i in range(len(points["pretrain"])) for m in
+                      compute_multiplier(points["pretrain"][:i] + points["pretrain"][i + 1:], points["autoregressive"])]
+            summary["compute_multiplier_range"] = [min(spread), max(spread)]
+        lines = {}
+        for objective in OBJECTIVES:
+            mine = [(math.log10(r["flops"]), r["accuracy"]) for r in rows if r["objective"] == objective]
+            x_mean, y_mean = statistics.mean(x for x, _ in mine), statistics.mean(y for _, y in mine)
+            slope = sum((x - x_mean) * (y - y_mean) for x, y in mine) / sum((x - x_mean) ** 2 for x, _ in mine)
+            lines[objective] = (y_mean - slope * x_mean, slope)
+        (a1, b1), (a2, b2) = lines["pretrain"], lines["autoregressive"]
+        summary["accuracy_lines"] = {o: {"intercept": a, "slope_per_decade": b} for o, (a, b) in lines.items()}
+        summary["accuracy_crossing_flops"] = 10 ** ((a2 - a1) / (b1 - b2)) if b1 != b2 else None
+    return summary
+
+
+def plot(results: list[dict], summary: dict, output: Path, unigram: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, task_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = dict(zip(SIZES, ("tab:blue", "tab:orange", "tab:green")))
-    for result in results:
-        style = "-" if result["objective"] == "pretrain" else "--"
-        label = f"{result['size']} ({result['non_embedding_parameters'] / 1e6:.1f}M) " + (
-            "diffusion" if result["objective"] == "pretrain" else "autoregressive")
-        curve = result["curve"]
-        loss_axis.plot([p["flops"] for p in curve], [p["eval_loss"] for p in curve], style,
-                       color=colours[result["size"]], label=label)
-        task_axis.plot([result["flops"]], [100 * result["gloss_mc_accuracy"]], "o" if style == "-" else "s",
-                       color=colours[result["size"]], label=label, fillstyle="full" if style == "-" else "none")
-    for objective, marker in (("pretrain", "-"), ("autoregressive", "--")):
-        points = sorted((r["flops"], 100 * r["gloss_mc_accuracy"]) for r in results if r["objective"] == objective)
-        task_axis.plot(*zip(*points), marker, color="grey", alpha=0.5)
-    loss_axis.set(xscale="log", xlabel="training FLOPs", ylabel="held-out NLL bound (nats/token)",
-                  title="Held-out likelihood (diffusion: ELBO bound; AR: exact)")
-    task_axis.axhline(25, color="grey", linewidth=0.8, linestyle=":")
-    task_axis.axhline(100 * shortest, color="tab:red", linewidth=0.8, linestyle=":")
-    task_axis.annotate(f"fewest-token answer: {100 * shortest:.1f}%", (0.02, 100 * shortest + 0.3),
-                       xycoords=("axes fraction", "data"), fontsize=7, color="tab:red")
+    figure, (loss_axis, task_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = dict(zip(SIZES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    chosen = best_runs(results)
+    for (size, objective), runs in chosen.items():
+        style = "-" if objective == "pretrain" else "--"
+        curve = runs[0]["curve"]
+        loss_axis.plot([p["flops"] for p in curve], [p["val_loss"] for p in curve], style, color=colours[size],
+                       alpha=0.7, label=f"{size} ({runs[0]['non_embedding_parameters'] / 1e6:.0f}M) {objective}")
+    for objective, marker in (("pretrain", "o"), ("autoregressive", "s")):
+        rows = [r for r in summary["rows"] if r["objective"] == objective]
+        loss_axis.plot([r["flops"] for r in rows], [r["test_loss"] for r in rows], marker, color="black",
+                       fillstyle="full" if marker == "o" else "none", label=f"test: {LABELS[objective]}")
+        task_axis.errorbar([r["flops"] for r in rows], [100 * r["accuracy"] for r in rows],
+                           yerr=[[100 * (r["accuracy"] - r["interval_seed0"][0]) for r in rows],
+                                 [100 * (r["interval_seed0"][1] - r["accuracy"]) for r in rows]],
+                           fmt=marker + ("-" if objective == "pretrain" else "--"), capsize=3,
+                           fillstyle="full" if marker == "o" else "none", label=LABELS[objective].split(" (")[0])
+    loss_axis.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="nats / token",
+                  title="Validation curves (best rate) and held-out test loss")
+    task_axis.axhline(25, color="grey", linewidth=0.8, linestyle=":", label="chance 25%")
+    if unigram is not None:
+        task_axis.axhline(100 * unigram, color="tab:red", linewidth=0.8, linestyle=":",
+                          label=f"unigram baseline {100 * unigram:.1f}%")
     task_axis.set(xscale="log", xlabel="training FLOPs", ylabel="accuracy (%)",
-                  title="Definitions, 4-way multiple choice (chance 25%)")
-    loss_axis.legend(fontsize=7)
+                  title=f"Continuation choice, {summary['rows'][0]['items']} items (95% interval, seed 0)")
+    loss_axis.legend(fontsize=6)
     task_axis.legend(fontsize=7)
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -161,52 +259,48 @@ def plot(results: list[dict], output: Path, shortest: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo_pretrain.yaml", help="recipe the runs start from")
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {list(SIZES)}")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--questions", type=int, default=200)
-    parser.add_argument("--mc-num", type=int, default=32, help="ELBO samples per diffusion score")
-    parser.add_argument("--glosses", default="data/demo/corpus/wordnet_glosses.txt")
-    parser.add_argument("--runs", default="runs/scaling")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
-    parser.add_argument("--out-dir", required=True,
-                        help="one JSON per run; runs already there are read, not repeated")
-    parser.add_argument("--plot", help="PNG figure")
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("run", help="train and score one size x objective x rate x seed")
+    one.add_argument("--data", type=Path, default=Path("data/scaling"))
+    one.add_argument("--size", choices=list(SIZES), required=True)
+    one.add_argument("--objective", choices=OBJECTIVES, required=True)
+    one.add_argument("--lr", type=float, required=True)
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--batch-size", type=int, default=64)
+    one.add_argument("--seq-len", type=int, default=512)
+    one.add_argument("--steps", type=int, help="override the size's budget (a quick check, not the study)")
+    one.add_argument("--mc-num", type=int, default=32, help="ELBO samples per diffusion score")
+    one.add_argument("--config", default="configs/demo_pretrain.yaml", help="recipe the runs start from")
+    one.add_argument("--runs", type=Path, default=Path("runs/scaling"))
+    one.add_argument("--out", type=Path, required=True)
+    many = commands.add_parser("sweep", help="runs of every size x objective x rate x seed, several at a time")
+    many.add_argument("--data", type=Path, default=Path("data/scaling"))
+    many.add_argument("--sizes", default=",".join(SIZES))
+    many.add_argument("--objectives", default=",".join(OBJECTIVES))
+    many.add_argument("--lrs", default="1e-3,3e-3")
+    many.add_argument("--seeds", default="0")
+    many.add_argument("--mc-num", type=int, default=32)
+    many.add_argument("--parallel", type=int, default=2)
+    many.add_argument("--runs", type=Path, default=Path("runs/scaling"))
+    many.add_argument("--out-dir", type=Path, required=True)
+    summary = commands.add_parser("report")
+    summary.add_argument("results", type=Path, nargs="+")
+    summary.add_argument("--out", type=Path)
+    summary.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    sizes = args.sizes.split(",")
-    if unknown := set(sizes) - set(SIZES):
-        parser.error(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
-    questions = gloss_questions(Path(args.glosses), args.questions)
-    settings = {k: v for k, v in vars(args).items() if k not in ("plot", "out_dir")}
-    tokenizer = Tokenizer.from_pretrained(load_config(args.config).model.tokenizer)
-    shortest = sum(min(range(4), key=lambda i: len(tokenizer.encode(" " + q["choices"][i], add_special_tokens=False)))
-                   == q["label"] for q in questions) / len(questions)
-    print(f"always picking the gloss of fewest tokens scores {shortest:.1%} (chance 25%): sums of log-likelihoods "
-          f"favour short answers", flush=True)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for size in sizes:
-        for objective in OBJECTIVES:
-            path = out_dir / f"{size}-{objective}.json"
-            if path.is_file():  # done by an earlier invocation: the study can be spread over several
-                stored = json.loads(path.read_text())
-                if budget(stored["settings"]) != budget(settings):
-                    raise SystemExit(f"{path} was made with other settings ({stored['settings']}); use another "
-                                     f"--out-dir or delete it")
-                results.append(stored["result"])
-                continue
-            result = run_one(size, objective, args, questions)
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            path.write_text(json.dumps({"settings": settings, "architecture": SIZES[size], "device": device,
-                                        "result": result}, indent=1))
-            results.append(result)
-    if args.plot:
-        plot(results, Path(args.plot), shortest)
+    if args.command == "run":
+        run(args)
+    elif args.command == "sweep":
+        sweep(args)
+    else:
+        results = [json.loads(path.read_text()) for path in args.results if path.name != "report.json"]
+        result = report(results)
+        print(json.dumps(result, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        if args.plot:
+            plot(results, result, args.plot, results[0]["data"]["unigram_baseline"])
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,71 @@
+"""The scaling report against known truth: results made from exact power laws give back their
+compute multiplier, rates are chosen by validation loss, and accuracy lines cross where they should."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import scaling_mdm_vs_ar as scaling
+
+
+def result(size: str, objective: str, lr: float, seed: int, test_loss: float, val_loss: float, accuracy: float) -> dict:
+    return {"size": size, "objective": objective, "lr": lr, "seed": seed, "flops": scaling.BUDGETS[size],
+            "epochs": 1.0, "non_embedding_parameters": 1, "test_loss": test_loss, "val_loss": val_loss,
+            "choice": {"items": 1000, "accuracy": accuracy, "interval": [accuracy - 0.03, accuracy + 0.03]},
+            "curve": [{"flops": scaling.BUDGETS[size] * f, "val_loss": val_loss / f ** 0.1} for f in (0.25, 0.5, 1.0)]}
+
+
+def test_power_laws_give_back_their_compute_multiplier_and_crossing(tmp_path: Path) -> None:
+    results = []
+    for size, flops in scaling.BUDGETS.items():
+        decade = math.log10(flops)
+        # Diffusion: 10 C^-0.05; autoregressive: 8 C^-0.05, so diffusion needs (10/8)^(1/0.05) = 86.7x the compute.
+        # Accuracy: diffusion 0.10 + 0.05 per decade, AR 0.30 + 0.02 per decade: equal at 10^(0.2/0.03).
+        for lr, worse in ((1e-3, 0.0), (3e-3, 0.5)):  # the worse rate must never be chosen
+            results.append(result(size, "pretrain", lr, 0, 10 * flops ** -0.05 + worse, 3.0 + worse,
+                                  0.10 + 0.05 * decade - worse))
+            results.append(result(size, "autoregressive", lr, 0, 8 * flops ** -0.05 + worse, 2.0 + worse,
+                                  0.30 + 0.02 * decade - worse))
+    summary = scaling.report(results)
+    assert set(summary["lr_by_size"].values()) == {1e-3}
+    assert summary["compute_multiplier"] == pytest.approx([1.25 ** 20] * 4, rel=1e-9)
+    assert summary["compute_multiplier_range"] == pytest.approx([1.25 ** 20] * 2, rel=1e-9)
+    assert summary["power_law"]["pretrain"]["slope"] == pytest.approx(-0.05)
+    assert summary["accuracy_crossing_flops"] == pytest.approx(10 ** (0.2 / 0.03), rel=1e-9)
+    scaling.plot(results, summary, tmp_path / "scaling.png", unigram=0.24)
+    assert (tmp_path / "scaling.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_seeds_are_averaged_within_the_chosen_rate() -> None:
+    results = [result("xs", "pretrain", 1e-3, seed, 5.0 + seed, 3.0, 0.4 + 0.1 * seed) for seed in (0, 1)]
+    row = scaling.report(results)["rows"][0]
+    assert row["seeds"] == [0, 1] and row["test_loss"] == pytest.approx(5.5) and row["accuracy"] == pytest.approx(0.45)
+    assert row["test_loss_sd"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_choice_scores_are_the_exact_likelihoods() -> None:
+    """Causal: the sum of next-token log-probabilities, token by token. Diffusion with a one-token
+    answer: the ELBO masks that token alone, so it is exactly log p(token | context), whatever the draws."""
+    import torch
+    from conftest import tiny_model
+
+    model = tiny_model()
+    mask = model.config.mask_token_id
+    item = {"context": [5, 17, 42, 9], "choices": [[7, 3], [100, 200], [11, 12], [64, 65]]}
+    scores = scaling.choice_scores(model, item, autoregressive=True, mc_num=4, generator=torch.Generator())
+    for choice, score in zip(item["choices"], scores):
+        expected = 0.0
+        for i, token in enumerate(choice):
+            prefix = torch.tensor([item["context"] + choice[:i]])
+            expected += model(prefix, causal=True).logits[0, -1].log_softmax(-1)[token].item()
+        assert score == pytest.approx(expected, abs=1e-5)  # scored in float32
+    single = {"context": item["context"], "choices": [[7], [100], [11], [64]]}
+    scores = scaling.choice_scores(model, single, autoregressive=False, mc_num=4, generator=torch.Generator())
+    with torch.no_grad():
+        log_probs = model(torch.tensor([item["context"] + [mask]])).logits[0, -1].log_softmax(-1)
+    assert scores == pytest.approx([log_probs[c[0]].item() for c in single["choices"]], abs=1e-9)
