@@ -5,7 +5,11 @@ Stages (each a subcommand):
 - ``pairs``: from the demo model's task data (``scripts/prepare_demo_data.py``), training pairs on
   arithmetic questions of its SFT training data (one wrong answer per question: the right value moved
   by 1-10, or another operator's value) and held-out pairs on its held-out arithmetic questions
-  (``tasks_test.jsonl``: 2-digit ± 2-digit and 2-digit × 1-digit, never in any training data);
+  (``tasks_test.jsonl``: 2-digit ± 2-digit and 2-digit × 1-digit, never in any training data).
+  With ``--products``, 2-digit × 2-digit products instead: a shape the demo model was never
+  fine-tuned on (it multiplies by one digit only), where it is mostly wrong, so that training has
+  room to show a gain; training and held-out questions are disjoint (either operand order) and
+  none is in the SFT data;
 - ``evaluate``: a model's held-out preference accuracy (its ELBO of the correct answer above that of
   the wrong one; ELBO from 64 stratified draws) and exact-match accuracy of its own answers (the
   engine's defaults, 8 tokens), each with a 95% Wilson interval, beside two baselines: chance and
@@ -80,6 +84,21 @@ def make_pairs(demo_data: Path, out: Path, train_count: int, heldout_count: int,
           f"pairs (from {len(unseen)} questions in no training data) -> {out}")
 
 
+def make_product_pairs(demo_data: Path, out: Path, train_count: int, heldout_count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    trained = {(min(a, b), max(a, b)) for a, operator, b in _questions(demo_data / "sft_train.jsonl") if operator == "*"}
+    products = [(a, b) for a in range(10, 100) for b in range(a, 100) if (a, b) not in trained]
+    if train_count + heldout_count > len(products):
+        raise SystemExit(f"only {len(products)} 2-digit x 2-digit products are not in the SFT data; ask for fewer")
+    chosen = rng.sample(products, train_count + heldout_count)
+    ordered = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in chosen]  # either order is one product
+    out.mkdir(parents=True, exist_ok=True)
+    for name, questions in (("train.jsonl", ordered[:train_count]), ("heldout.jsonl", ordered[train_count:])):
+        (out / name).write_text("".join(json.dumps(_pair((a, "*", b), rng)) + "\n" for a, b in questions))
+    print(f"{train_count} training and {heldout_count} held-out pairs of 2-digit x 2-digit products (disjoint, "
+          f"none of the {len(trained)} products in the SFT data) -> {out}")
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     """95% Wilson score interval of a proportion."""
     p = successes / n
@@ -146,6 +165,7 @@ def main() -> None:
     pairs.add_argument("--train", type=int, default=4000)
     pairs.add_argument("--heldout", type=int, default=600)
     pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--products", action="store_true", help="2-digit x 2-digit products (see above)")
     scoring = commands.add_parser("evaluate")
     scoring.add_argument("--model", required=True)
     scoring.add_argument("--pairs", type=Path, required=True)
@@ -161,7 +181,8 @@ def main() -> None:
     comparing.add_argument("after", type=Path)
     args = parser.parse_args()
     if args.command == "pairs":
-        make_pairs(args.demo_data, args.out, args.train, args.heldout, args.seed)
+        make = make_product_pairs if args.products else make_pairs
+        make(args.demo_data, args.out, args.train, args.heldout, args.seed)
     elif args.command == "prompts":
         records = [json.loads(line) for line in args.pairs_file.read_text().splitlines()]
         args.out.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["chosen"]}) + "\n" for r in records))
