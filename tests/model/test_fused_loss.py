@@ -95,3 +95,25 @@ def test_group_sums_equal_the_dense_sums_per_group(chunk_elements: int) -> None:
     assert got[5] == 0  # a group with no rows
     with pytest.raises(ValueError, match="no_grad"):
         linear_cross_entropy(hidden, weight, targets, row_weights, row_groups=groups, groups=6)
+
+
+def test_a_compiled_caller_runs_the_loss_eagerly_with_the_same_value_and_gradients() -> None:
+    """torch.compile never traces into the loss (its data-dependent row selection and custom autograd
+    would not trace): a compiled caller breaks the graph there and gets the eager value and gradients."""
+    import torch._dynamo
+
+    def step(hidden, weight, targets, row_weights):
+        return linear_cross_entropy(torch.tanh(hidden), weight, targets, row_weights) * 2.0
+
+    hidden, weight, targets, row_weights = inputs()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(hidden, weight, targets, row_weights)
+    assert explanation.graph_break_count == 1  # one break, at the call (traced into, it would break at each nonzero)
+    compiled = torch.compile(step, backend="eager")(hidden, weight, targets, row_weights)
+    compiled.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    eager = step(hidden, weight, targets, row_weights)
+    eager.backward()
+    assert compiled.item() == eager.item()
+    torch.testing.assert_close(grads, (hidden.grad, weight.grad), rtol=0, atol=0)

@@ -18,12 +18,12 @@ from llada.cli.evaluation import EVAL_HELP, PASSTHROUGH
 from llada.model.checkpoint import CheckpointError
 from llada.model.tokenizer import TokenizerError
 from llada.training.corpus import CorpusError
-from llada.training.trainer import TrainingError
 
 COMMANDS: list[Command] = [*generation.COMMANDS, *serving.COMMANDS, *checkpoints.COMMANDS, *training.COMMANDS]
 GROUPS = {"data": "Prepare training data (tokenize corpora, build SFT pairs).", "tokenizer": "Train tokenizers."}
 # Errors a user can cause (bad values, files, checkpoints): one line on stderr and exit status 2, no traceback.
-USER_ERRORS = (CliError, CheckpointError, CorpusError, TokenizerError, TrainingError, ValueError, OSError, RuntimeError)
+# (TrainingError is a RuntimeError.)
+USER_ERRORS = (CliError, CheckpointError, CorpusError, TokenizerError, ValueError, OSError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:

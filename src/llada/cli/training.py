@@ -21,7 +21,6 @@ from llada.training.plot import plot_runs
 from llada.training.preference_data import build_preference_data
 from llada.training.prompt_data import build_prompt_data
 from llada.training.sft_data import build_sft_data
-from llada.training.trainer import train
 
 
 def run_tokenizer_train(inputs: Sequence[str], output: str, vocab_size: int, text_field: str = "text",
@@ -125,6 +124,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    # Imported here: the trainer pulls in torch.distributed's checkpointing (~0.7 s), which every other
+    # command would otherwise pay at start-up.
+    from llada.training.trainer import train
+
     records = train(load_config(args.config, args.set))
     if records:
         print(json.dumps(records[-1]))

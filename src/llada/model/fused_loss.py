@@ -87,7 +87,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None, None
 
 
-@torch.compiler.disable
+# Not traced by torch.compile: a compiled model calls it as a graph break (its chunked custom autograd
+# function runs eagerly, with its own compiled chunk kernel). torch.compiler.disable would import
+# torch._dynamo (a second or more) whenever llada is imported; torch's own lazy form defers that to
+# the first call.
+_not_compiled = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
+@_not_compiled
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          row_weights: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                          row_groups: torch.Tensor | None = None, groups: int = 0) -> torch.Tensor:
