@@ -263,21 +263,16 @@ class Trainer:
     def evaluate(self, dataset: torch.utils.data.Dataset | None = None, batches: int | None = None) -> dict[str, float]:
         """``eval_loss``, the mean objective on the held-out split with fixed randomness (comparable
         between evaluations), and the objective's own metrics as ``eval_<name>``; empty without a split.
-
-        For the diffusion objectives the loss is the masked-diffusion bound on the negative
-        log-likelihood, in nats per token. ``dataset`` (items like the training data's, e.g. held-out
-        documents packed the same way) replaces the split, and ``batches`` the recipe's ``eval_batches``.
-        """
+        For the diffusion objectives the loss is the masked-diffusion bound on the NLL, in nats per token.
+        ``dataset`` (items like the training data's, e.g. held-out documents packed the same way)
+        replaces the split, and ``batches`` the recipe's ``eval_batches``."""
         source = self.dataset if dataset is None else dataset
         indices = self.eval_indices if dataset is None else list(range(len(dataset)))
         if not indices:
             return {}
         self.model.eval()
-        values = []
-        metrics: dict[str, float] = {}
-        size = self.micro_batch_size
-        count = len(indices)
-        batches = batches or self.config.eval_batches
+        values, metrics = [], {}
+        size, count, batches = self.micro_batch_size, len(indices), batches or self.config.eval_batches
         for number in range(batches):
             chosen = [indices[(number * size + k) % count] for k in range(min(size, count))]
             batch = self.collate([source[i] for i in chosen])
