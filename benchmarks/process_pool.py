@@ -6,8 +6,11 @@ silently dropped, and the others still run.
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,3 +39,30 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
     reap(0)
     if failed:
         raise SystemExit(f"{len(failed)} of {len(jobs)} runs failed:\n" + "\n".join(failed))
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, data: str, runs: str, lrs: str, parallel: int) -> None:
+    """The options every sweep shares: the grid's objectives, rates and seeds, and where things go."""
+    parser.add_argument("--data", type=Path, default=Path(data))
+    parser.add_argument("--objectives", default="pretrain,autoregressive")
+    parser.add_argument("--lrs", default=lrs)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--parallel", type=int, default=parallel, help="runs at a time")
+    parser.add_argument("--runs", type=Path, default=Path(runs), help="training run directories")
+    parser.add_argument("--out-dir", type=Path, required=True, help="one JSON per run; runs already there are "
+                                                                     "kept, not repeated")
+
+
+def run_grid(script: str, grid: dict[str, list[str]], options: list[str], out_dir: Path, parallel: int) -> None:
+    """``script run`` once per point of the grid (option name -> values), as ``--name value`` plus
+    ``options``, each writing OUT_DIR/<point>.json (e.g. ``pretrain-lr0.001-seed0.json``) and its log;
+    points whose JSON exists are skipped, so a study can be spread over several sessions."""
+    jobs = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        name = "-".join(f"lr{float(v):g}" if k == "lr" else f"seed{v}" if k == "seed" else v for k, v in point.items())
+        out = out_dir / f"{name}.json"
+        if not out.is_file():
+            flags = [part for key, value in point.items() for part in (f"--{key}", value)]
+            jobs.append(([sys.executable, script, "run", *flags, *options, "--out", str(out)], out_dir / f"{name}.log"))
+    run_all(jobs, parallel)

@@ -40,14 +40,13 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from preference_demo import wilson
-from process_pool import run_all
+from process_pool import add_sweep_arguments, run_grid
 
 from llada import Engine, GenerationSettings
 from llada.diffusion.infilling import infill
@@ -213,18 +212,10 @@ def run(args: argparse.Namespace) -> None:
 
 def sweep(args: argparse.Namespace) -> None:
     """Every (objective, rate, seed) as its own ``run`` process, ``--parallel`` at a time (small models
-    share one GPU well); results already in ``--out-dir`` are kept, not repeated."""
-    jobs = []
-    for objective in args.objectives.split(","):
-        for lr in args.lrs.split(","):
-            for seed in args.seeds.split(","):
-                out = args.out_dir / f"{objective}-lr{float(lr):g}-seed{seed}.json"
-                if not out.is_file():
-                    command = [sys.executable, __file__, "run", "--data", str(args.data), "--objective", objective,
-                               "--lr", lr, "--seed", seed, "--steps", str(args.steps), "--runs", str(args.runs),
-                               "--out", str(out)]
-                    jobs.append((command, args.out_dir / f"{out.stem}.log"))
-    run_all(jobs, args.parallel)
+    share one GPU well)."""
+    grid = {"objective": args.objectives.split(","), "lr": args.lrs.split(","), "seed": args.seeds.split(",")}
+    run_grid(__file__, grid, ["--data", str(args.data), "--steps", str(args.steps), "--runs", str(args.runs)],
+             args.out_dir, args.parallel)
 
 
 def report(paths: list[Path]) -> dict:
@@ -270,14 +261,8 @@ def main() -> None:
     one.add_argument("--runs", type=Path, default=Path("runs/reversal"))
     one.add_argument("--out", type=Path, required=True)
     many = commands.add_parser("sweep", help="runs of every objective x rate x seed, several at a time")
-    many.add_argument("--data", type=Path, default=Path("data/reversal"))
-    many.add_argument("--objectives", default="pretrain,autoregressive")
-    many.add_argument("--lrs", default="3e-4,1e-3,3e-3")
-    many.add_argument("--seeds", default="0")
+    add_sweep_arguments(many, data="data/reversal", runs="runs/reversal", lrs="3e-4,1e-3,3e-3", parallel=6)
     many.add_argument("--steps", type=int, default=3000)
-    many.add_argument("--parallel", type=int, default=6)
-    many.add_argument("--runs", type=Path, default=Path("runs/reversal"))
-    many.add_argument("--out-dir", type=Path, required=True)
     summary = commands.add_parser("report")
     summary.add_argument("results", type=Path, nargs="+")
     summary.add_argument("--out", type=Path)

@@ -35,14 +35,13 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from preference_demo import wilson
-from process_pool import run_all
+from process_pool import add_sweep_arguments, run_grid
 from tqdm.auto import tqdm
 
 from llada.diffusion.likelihood import log_likelihood
@@ -142,22 +141,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """Every (size, objective, rate, seed) as its own ``run`` process; results already in ``--out-dir``
-    are kept, not repeated (the study is spread over several machine sessions)."""
-    jobs = []
-    for size in args.sizes.split(","):
-        if size not in SIZES:
-            raise SystemExit(f"unknown size {size!r}; choose from {list(SIZES)}")
-        for objective in args.objectives.split(","):
-            for lr in args.lrs.split(","):
-                for seed in args.seeds.split(","):
-                    out = args.out_dir / f"{size}-{objective}-lr{float(lr):g}-seed{seed}.json"
-                    if not out.is_file():
-                        command = [sys.executable, __file__, "run", "--data", str(args.data), "--size", size,
-                                   "--objective", objective, "--lr", lr, "--seed", seed, "--runs", str(args.runs),
-                                   "--mc-num", str(args.mc_num), "--out", str(out)]
-                        jobs.append((command, args.out_dir / f"{out.stem}.log"))
-    run_all(jobs, args.parallel)
+    """Every (size, objective, rate, seed) as its own ``run`` process."""
+    if unknown := set(args.sizes.split(",")) - set(SIZES):
+        raise SystemExit(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
+    grid = {"size": args.sizes.split(","), "objective": args.objectives.split(","), "lr": args.lrs.split(","),
+            "seed": args.seeds.split(",")}
+    run_grid(__file__, grid, ["--data", str(args.data), "--runs", str(args.runs), "--mc-num", str(args.mc_num)],
+             args.out_dir, args.parallel)
 
 
 def power_law(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -274,15 +264,9 @@ def main() -> None:
     one.add_argument("--runs", type=Path, default=Path("runs/scaling"))
     one.add_argument("--out", type=Path, required=True)
     many = commands.add_parser("sweep", help="runs of every size x objective x rate x seed, several at a time")
-    many.add_argument("--data", type=Path, default=Path("data/scaling"))
+    add_sweep_arguments(many, data="data/scaling", runs="runs/scaling", lrs="1e-3,3e-3", parallel=2)
     many.add_argument("--sizes", default=",".join(SIZES))
-    many.add_argument("--objectives", default=",".join(OBJECTIVES))
-    many.add_argument("--lrs", default="1e-3,3e-3")
-    many.add_argument("--seeds", default="0")
     many.add_argument("--mc-num", type=int, default=32)
-    many.add_argument("--parallel", type=int, default=2)
-    many.add_argument("--runs", type=Path, default=Path("runs/scaling"))
-    many.add_argument("--out-dir", type=Path, required=True)
     summary = commands.add_parser("report")
     summary.add_argument("results", type=Path, nargs="+")
     summary.add_argument("--out", type=Path)

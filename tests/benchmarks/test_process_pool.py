@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,3 +24,21 @@ def test_every_command_runs_and_failures_are_named(tmp_path: Path) -> None:
     run_all([job("d", "print(1)")], parallel=1)
     with pytest.raises(ValueError, match="at least 1"):
         run_all([], parallel=0)
+
+
+def test_a_grid_runs_each_point_once_with_its_options_and_skips_finished_points(tmp_path: Path) -> None:
+    script = tmp_path / "study.py"
+    script.write_text("import json, sys\nargs = sys.argv[1:]\nout = args[args.index('--out') + 1]\n"
+                      "open(out, 'w').write(json.dumps(args))\n")
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    (out_dir / "b-lr0.003-seed0.json").write_text("finished earlier")
+    grid = {"objective": ["a", "b"], "lr": ["1e-3", "3e-3"], "seed": ["0"]}
+    from process_pool import run_grid
+
+    run_grid(str(script), grid, ["--data", "d"], out_dir, parallel=3)
+    names = sorted(path.name for path in out_dir.glob("*.json"))
+    assert names == ["a-lr0.001-seed0.json", "a-lr0.003-seed0.json", "b-lr0.001-seed0.json", "b-lr0.003-seed0.json"]
+    assert (out_dir / "b-lr0.003-seed0.json").read_text() == "finished earlier"
+    assert json.loads((out_dir / "a-lr0.003-seed0.json").read_text()) == [
+        "run", "--objective", "a", "--lr", "3e-3", "--seed", "0", "--data", "d", "--out", str(out_dir / "a-lr0.003-seed0.json")]
