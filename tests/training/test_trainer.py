@@ -213,6 +213,24 @@ def test_cli_train_and_export(workspace: Path, tmp_path: Path, capsys: pytest.Ca
     assert "unknown config key optim.lrr" in capsys.readouterr().err
 
 
+def test_tqdm_disable_silences_the_training_bar(workspace: Path, tmp_path: Path) -> None:
+    """TQDM_DISABLE=1 (tqdm's own switch, read when tqdm is imported: hence a fresh process) turns the
+    bar off, as sweeps that log many runs to files need; without it the bar is drawn."""
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"data:\n  path: {workspace / 'packed'}\n  seq_len: 32\nmodel:\n  tokenizer: "
+                           f"{workspace / 'tok'}\nsteps: 2\nbatch_size: 4\ndevice: cpu\noptim:\n  warmup_steps: 1\n")
+    outputs = {}
+    for disable in ("1", ""):
+        env = {**os.environ, "TQDM_DISABLE": disable} if disable else {k: v for k, v in os.environ.items()
+                                                                        if k != "TQDM_DISABLE"}
+        done = subprocess.run([sys.executable, "-m", "llada", "train", str(recipe_file), "--set",
+                               f"out_dir={tmp_path / f'run{disable}'}"], env=env, capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        outputs[disable] = done.stderr
+    assert "training:" not in outputs["1"] and "training:" in outputs[""]
+
+
 def logged_losses(run: Path) -> dict[int, float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if not r["skipped"]}

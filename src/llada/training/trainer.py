@@ -375,7 +375,9 @@ class Trainer:
         records = []
         peak = peak_flops(self.device, self.config.peak_tflops)
         flops_per_token = self.model.config.flops_per_token(self.config.data.seq_len, training=True)
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step", disable=self.rank != 0)
+        # Other ranks stay silent; rank 0 leaves `disable` unset so that TQDM_DISABLE=1 silences it.
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step",
+                   **({"disable": True} if self.rank else {}))
         try:
             while self.step < self.config.steps:
                 start = time.perf_counter()
