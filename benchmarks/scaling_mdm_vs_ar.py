@@ -146,8 +146,9 @@ def sweep(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
     grid = {"size": args.sizes.split(","), "objective": args.objectives.split(","), "lr": args.lrs.split(","),
             "seed": args.seeds.split(",")}
-    run_grid(__file__, grid, ["--data", str(args.data), "--runs", str(args.runs), "--mc-num", str(args.mc_num)],
-             args.out_dir, args.parallel)
+    options = ["--data", str(args.data), "--runs", str(args.runs), "--mc-num", str(args.mc_num),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    run_grid(__file__, grid, options, args.out_dir, args.parallel)
 
 
 def power_law(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -267,6 +268,8 @@ def main() -> None:
     add_sweep_arguments(many, data="data/scaling", runs="runs/scaling", lrs="1e-3,3e-3", parallel=2)
     many.add_argument("--sizes", default=",".join(SIZES))
     many.add_argument("--mc-num", type=int, default=32)
+    many.add_argument("--batch-size", type=int, default=64, help="sequences per step (the same for both objectives)")
+    many.add_argument("--seq-len", type=int, default=512)
     summary = commands.add_parser("report")
     summary.add_argument("results", type=Path, nargs="+")
     summary.add_argument("--out", type=Path)
