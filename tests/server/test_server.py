@@ -833,3 +833,19 @@ def test_a_stopped_worker_answers_503(model_and_tokenizer) -> None:
         assert int(response.headers["retry-after"]) > 0
         health = httpx.get(live.url + "/health")
         assert health.status_code == 503 and int(health.headers["retry-after"]) > 0
+
+
+def test_the_shipped_demo_model_answers_through_the_api() -> None:
+    """Served as `make serve-demo` serves it (32-token answers in blocks of 8), the demo model continues
+    plain prompts with text (/v1/completions) and answers a held-out sum right (/v1/chat/completions)."""
+    from llada.model.loading import DEMO_MODEL, load
+
+    config = ServerConfig(model_name="demo", api_key=None, settings=GenerationSettings(gen_length=32, block_length=8))
+    with serve_in_background(create_app(config, *load(str(DEMO_MODEL), "cpu", "auto"))) as live:
+        client = client_for(live)
+        for prompt in ("The king", "O Romeo, Romeo!", "My lord,"):
+            reply = client.completions.create(model="demo", prompt=prompt, max_tokens=32)
+            assert reply.choices[0].text.strip(), prompt
+        reply = client.chat.completions.create(model="demo", max_tokens=32,
+                                               messages=[{"role": "user", "content": "What is 87 + 93?"}])
+        assert reply.choices[0].message.content.strip() == "180"
