@@ -32,7 +32,7 @@ from preference_demo import wilson
 from tqdm.auto import tqdm
 
 from llada import Engine, GenerationSettings
-from llada.diffusion.infilling import encode_answer_with_gaps, infill
+from llada.diffusion.infilling import infill_text
 from llada.engine.answer_text import answer_text
 from llada.model.loading import load
 from llada.model.tokenizer import Tokenizer
@@ -69,10 +69,7 @@ def fill_middles(model: LLaDAModel, tokenizer: Tokenizer, items: list[dict]) -> 
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
     answers = []
     for item in tqdm(items, desc="infilling", unit="item"):
-        gapped = task_kinds.middle_gap(item["answer"], count)
-        ids, start = encode_answer_with_gaps(tokenizer, item["prompt"], gapped)
-        filled = infill(model, torch.tensor(ids))
-        answers.append(tokenizer.decode(filled[start:].tolist(), skip_special_tokens=True))
+        answers.append(infill_text(model, tokenizer, task_kinds.middle_gap(item["answer"], count), item["prompt"]))
     return answers
 
 

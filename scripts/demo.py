@@ -22,7 +22,7 @@ from demo_tasks import held_out_arithmetic, list_item, middle_gap
 from prepare_demo_data import TEST_COUNTS
 
 from llada import Engine, GenerationSettings
-from llada.diffusion.infilling import encode_answer_with_gaps, infill
+from llada.diffusion.infilling import infill_text
 from llada.engine.answer_text import answer_text
 from llada.model.loading import DEMO_MODEL, load
 
@@ -73,9 +73,7 @@ def main() -> None:
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
     for item in sorts:
         gapped = middle_gap(item.answer, count)
-        ids, start = encode_answer_with_gaps(tokenizer, item.prompt, gapped)
-        filled = tokenizer.decode(infill(model, torch.tensor(ids), generator=generator)[start:].tolist(),
-                                  skip_special_tokens=True)
+        filled = infill_text(model, tokenizer, gapped, item.prompt, generator=generator)
         print(f"   llada infill --question {item.prompt!r} {gapped!r}\n"
               f"      -> {filled.strip()!r:<34} {mark(filled, item.answer)}")
 

@@ -21,7 +21,7 @@ from llada.cli.common import (
     atomic_text_writer,
     settings_from_args,
 )
-from llada.diffusion.infilling import encode_answer_with_gaps, encode_with_gaps, infill
+from llada.diffusion.infilling import infill_text
 from llada.diffusion.likelihood import log_likelihood
 from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.answer_text import AnswerText, answer_text
@@ -58,17 +58,12 @@ def run_infill(model: str, text: str, steps: int | None = None, temperature: flo
     returned; otherwise ``text`` is raw text.
     """
     net, tokenizer = load(model, device, dtype)
+    generator = torch.Generator(device=net.device).manual_seed(seed)
     try:
-        if question is None:
-            ids, start = encode_with_gaps(tokenizer, text), 0
-        else:
-            ids, start = encode_answer_with_gaps(tokenizer, question, text)
-        generator = torch.Generator(device=net.device).manual_seed(seed)
-        filled = infill(net, torch.tensor(ids), steps=steps, temperature=temperature, remasking=remasking,
-                        generator=generator)
+        return infill_text(net, tokenizer, text, question, steps=steps, temperature=temperature,
+                           remasking=remasking, generator=generator)
     except ValueError as error:
         raise CliError(str(error)) from error
-    return tokenizer.decode(filled[start:].tolist(), skip_special_tokens=True)
 
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -90,6 +90,19 @@ def encode_answer_with_gaps(tokenizer: Tokenizer, question: str, answer: str) ->
     return prompt + first + _gaps_and_text(tokenizer, pieces) + end, len(prompt)
 
 
+def infill_text(model: LLaDAModel, tokenizer: Tokenizer, text: str, question: str | None = None,
+                **options) -> str:
+    """``text`` with its ``[MASK]`` / ``[MASK*N]`` gaps filled (``options`` go to ``infill``). With
+    ``question``, ``text`` is the assistant's answer to it (``encode_answer_with_gaps``) and only the
+    filled answer is returned; otherwise ``text`` is raw text (``encode_with_gaps``)."""
+    if question is None:
+        ids, start = encode_with_gaps(tokenizer, text), 0
+    else:
+        ids, start = encode_answer_with_gaps(tokenizer, question, text)
+    filled = infill(model, torch.tensor(ids), **options)
+    return tokenizer.decode(filled[start:].tolist(), skip_special_tokens=True)
+
+
 def _split_gaps(text: str) -> list[str]:
     """``text`` split at its gaps: text, count, text, count, ..., text (count None for ``[MASK]``)."""
     pieces = GAP.split(text)
