@@ -153,10 +153,8 @@ def sweep(args: argparse.Namespace) -> None:
 
 def power_law(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(intercept, slope) of log(loss) = intercept + slope * log(FLOPs), least squares."""
-    xs, ys = [math.log(c) for c, _ in points], [math.log(loss) for _, loss in points]
-    x_mean, y_mean = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sum((x - x_mean) ** 2 for x in xs)
-    return y_mean - slope * x_mean, slope
+    slope, intercept = statistics.linear_regression([math.log(c) for c, _ in points], [math.log(v) for _, v in points])
+    return intercept, slope
 
 
 def compute_multiplier(diffusion: list[tuple[float, float]], autoregressive: list[tuple[float, float]]) -> list[float]:
@@ -200,10 +198,10 @@ def report(results: list[dict]) -> dict:
             summary["compute_multiplier_range"] = [min(spread), max(spread)]
         lines = {}
         for objective in OBJECTIVES:
-            mine = [(math.log10(r["flops"]), r["accuracy"]) for r in rows if r["objective"] == objective]
-            x_mean, y_mean = statistics.mean(x for x, _ in mine), statistics.mean(y for _, y in mine)
-            slope = sum((x - x_mean) * (y - y_mean) for x, y in mine) / sum((x - x_mean) ** 2 for x, _ in mine)
-            lines[objective] = (y_mean - slope * x_mean, slope)
+            mine = [r for r in rows if r["objective"] == objective]
+            slope, intercept = statistics.linear_regression([math.log10(r["flops"]) for r in mine],
+                                                            [r["accuracy"] for r in mine])
+            lines[objective] = (intercept, slope)
         (a1, b1), (a2, b2) = lines["pretrain"], lines["autoregressive"]
         summary["accuracy_lines"] = {o: {"intercept": a, "slope_per_decade": b} for o, (a, b) in lines.items()}
         summary["accuracy_crossing_flops"] = 10 ** ((a2 - a1) / (b1 - b2)) if b1 != b2 else None
