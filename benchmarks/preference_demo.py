@@ -71,15 +71,21 @@ def _pair(question: tuple[int, str, int], rng: random.Random) -> dict:
     return {"prompt": f"What is {a} {operator} {b}?", "chosen": str(value), "rejected": str(wrong)}
 
 
+def _write_pairs(out: Path, train: list[tuple[int, str, int]], heldout: list[tuple[int, str, int]],
+                 rng: random.Random) -> None:
+    """train.jsonl and heldout.jsonl under ``out``: one (correct, wrong) pair per question."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, questions in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+        (out / name).write_text("".join(json.dumps(_pair(q, rng)) + "\n" for q in questions))
+
+
 def make_pairs(demo_data: Path, out: Path, train_count: int, heldout_count: int, seed: int) -> None:
     rng = random.Random(seed)
     sft_train, unseen = _questions(demo_data / "sft_train.jsonl"), _questions(demo_data / "tasks_test.jsonl")
     train = rng.sample(sorted(set(sft_train)), train_count)
     heldout = rng.sample(unseen, min(heldout_count, len(unseen)))
     assert not set(heldout) & set(sft_train)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, questions in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-        (out / name).write_text("".join(json.dumps(_pair(q, rng)) + "\n" for q in questions))
+    _write_pairs(out, train, heldout, rng)
     print(f"{len(train)} training pairs (from {len(set(sft_train))} distinct SFT questions), {len(heldout)} held-out "
           f"pairs (from {len(unseen)} questions in no training data) -> {out}")
 
@@ -92,9 +98,8 @@ def make_product_pairs(demo_data: Path, out: Path, train_count: int, heldout_cou
         raise SystemExit(f"only {len(products)} 2-digit x 2-digit products are not in the SFT data; ask for fewer")
     chosen = rng.sample(products, train_count + heldout_count)
     ordered = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in chosen]  # either order is one product
-    out.mkdir(parents=True, exist_ok=True)
-    for name, questions in (("train.jsonl", ordered[:train_count]), ("heldout.jsonl", ordered[train_count:])):
-        (out / name).write_text("".join(json.dumps(_pair((a, "*", b), rng)) + "\n" for a, b in questions))
+    questions = [(a, "*", b) for a, b in ordered]
+    _write_pairs(out, questions[:train_count], questions[train_count:], rng)
     print(f"{train_count} training and {heldout_count} held-out pairs of 2-digit x 2-digit products (disjoint, "
           f"none of the {len(trained)} products in the SFT data) -> {out}")
 
