@@ -293,3 +293,84 @@ def test_a_scheduler_on_a_worker_thread_captures_graphs_while_other_threads_use_
     other.join()
     assert not worker.is_alive() and not failure, failure
     assert all(request.result is not None for request in requests)
+
+
+# --- deterministic (batch-invariant) mode -----------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 200, 1000])
+def test_batch_invariant_matmul_rows_do_not_depend_on_the_row_count(rows: int) -> None:
+    """The fixed-tile kernel: each row of a product is the same bits in a product of any number of
+    rows (cuBLAS's are not, in general), and close to cuBLAS's value."""
+    from llada.model import batch_invariant
+
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    a = torch.randn(1000, 4096, device="cuda", generator=generator).to(torch.bfloat16)
+    weight = torch.randn(1536, 4096, device="cuda", generator=generator).to(torch.bfloat16)
+    whole = batch_invariant.matmul(a, weight.t())
+    part = batch_invariant.matmul(a[-rows:], weight.t())
+    assert torch.equal(part, whole[-rows:])
+    torch.testing.assert_close(whole.float(), (a.float() @ weight.t().float()), rtol=2e-2, atol=0.5)
+    sums = batch_invariant.row_sums(a[-rows:].float())
+    assert torch.equal(sums, batch_invariant.row_sums(a.float())[-rows:])
+
+
+def demo_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of 1 to 40 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 41, (count,), generator=generator).tolist()
+    return [torch.randint(10, 400, (n,), generator=generator).tolist() for n in lengths]
+
+
+def assert_batch_invariant(engine: Engine, rows: list[list[int]], settings: GenerationSettings,
+                           batch_sizes: tuple[int, ...]) -> None:
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    generator = torch.Generator().manual_seed(1)
+    for size in batch_sizes:
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(rows), size):
+            chosen = order[start:start + size]
+            got = [r.tokens for r in engine.generate([rows[i] for i in chosen], settings)]
+            assert got == [alone[i] for i in chosen], f"batch of {size}: rows {chosen}"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"cache": "none", "policy": "fixed", "steps": 32},
+                                       {"reuse_decided": True}, {"keep_prompt": True, "cfg_scale": 1.0}])
+def test_deterministic_mode_answers_are_bit_identical_in_batches_of_1_to_32_in_bf16(overrides: dict) -> None:
+    """bf16, CUDA graphs, whole captured steps: every answer alone equals it in batches of 2 to 32
+    mixed-length (left-padded) prompts, in shuffled orders."""
+    net = gpu_model(n_layers=4)
+    settings = GenerationSettings(gen_length=32, block_length=8, threshold=0.5, **overrides)
+    engine = Engine(net, deterministic=True)
+    assert engine.runtime.cuda_graphs
+    assert_batch_invariant(engine, demo_prompts(32), settings, (2, 5, 16, 32))
+
+
+def test_deterministic_mode_survives_scheduler_joins_on_the_gpu() -> None:
+    net = gpu_model(n_layers=4)
+    rows = demo_prompts(12, seed=3)
+    settings = GenerationSettings(gen_length=32, block_length=8, threshold=0.5)
+    engine = Engine(net, deterministic=True)
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    scheduler = Scheduler(engine, max_batch=8, prompt_bucket=64)
+    requests = []
+    for row in rows:  # one joins per step
+        requests.append(scheduler.submit(row, settings))
+        scheduler.step()
+    scheduler.run_until_idle()
+    assert [request.result.tokens for request in requests] == alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40e9,
+                    reason="needs a GPU with 40 GB for the 8B shape")
+def test_deterministic_mode_at_the_8b_shape() -> None:
+    """Random weights of LLaDA-8B's shape in bf16: answers alone equal those in batches of 4 and 16."""
+    from llada.model.config import preset
+    from llada.model.transformer import LLaDAModel
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        net = LLaDAModel(preset("8b")).to(torch.bfloat16).eval()
+    settings = GenerationSettings(gen_length=32, block_length=32, threshold=0.9)
+    engine = Engine(net, deterministic=True)
+    assert_batch_invariant(engine, [[t * 97 % 120000 for t in row] for row in demo_prompts(16, seed=5)],
+                           settings, (4, 16))

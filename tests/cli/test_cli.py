@@ -247,6 +247,23 @@ def test_shipped_demo_model_is_the_default(capsys: pytest.CaptureFixture) -> Non
     assert model.dtype == torch.bfloat16 and 20e6 < model.config.num_parameters() < 30e6
 
 
+def test_deterministic_generation_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--deterministic``: the shipped model's answers to a file of prompts are the same in batches of
+    3 as one by one; with ``--compile`` it is refused by name."""
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["What is 87 + 93?", "Reverse the list: apple, river, stone, cloud", "What is 64 - 29?"]
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    answers = []
+    for batch in ("1", "3"):
+        output = tmp_path / f"answers{batch}.jsonl"
+        assert main(["generate", "--deterministic", "--input", str(prompts), "--output", str(output),
+                     "--batch-size", batch, "--gen-length", "16", "--block-length", "8"]) == 0
+        answers.append([json.loads(line)["answer"] for line in output.read_text().splitlines()])
+    assert answers[0] == answers[1] and answers[0][0] == "180"
+    assert main(["generate", "--deterministic", "--compile", "--prompt", "Hi"]) == 2
+    assert "drop compile" in capsys.readouterr().err
+
+
 def test_generate_file_answers_every_line_in_batches(checkpoint_dir: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     prompts = tmp_path / "prompts.jsonl"

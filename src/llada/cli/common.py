@@ -63,7 +63,7 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling(parser: argparse.ArgumentParser) -> None:
-    """The model, the sampler, ``--compile``, and one flag per ``GenerationSettings`` field, made from the
+    """The model, the sampler, ``--compile``, ``--deterministic``, and one flag per ``GenerationSettings`` field, made from the
     field (name, type, default, help): a new setting is a new field, and its flag follows."""
     add_model(parser)
     parser.add_argument("--sampler", choices=SAMPLERS, default="engine",
@@ -71,6 +71,9 @@ def add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="engine: torch.compile the block steps and refreshes (GPU; the first call of a "
                              "shape compiles for tens of seconds)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="engine: batch-invariant numerics, so that an answer is the same bits whatever the "
+                             "batch and the other prompts (slower; not with --compile)")
     hints = setting_types()
     for setting in dataclasses.fields(GenerationSettings):
         name, kind, help_text = setting.name, hints[setting.name], setting.metadata["help"]

@@ -72,7 +72,8 @@ def run_humaneval(argv: list[str]) -> int:
             net, tokenizer = load(args.model, args.device, args.dtype)
             summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit,
                                batch_size=args.batch_size, chat=args.chat, limits=limits, isolation=isolation,
-                               sampler=args.sampler, compile=args.compile, seed=args.seed,
+                               sampler=args.sampler, compile=args.compile, deterministic=args.deterministic,
+                               seed=args.seed,
                                problems_path=args.problems, workers=args.workers)
             records = summary.pop("records")
             output = Path(args.output) if args.output else None

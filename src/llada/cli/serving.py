@@ -48,7 +48,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_connections=args.max_connections, max_body_bytes=args.max_body_bytes,
                         body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout,
                         drain_timeout_s=args.drain_timeout,
-                        compile=args.compile, settings=settings_from_args(args), **key)
+                        compile=args.compile, deterministic=args.deterministic, settings=settings_from_args(args),
+                        **key)
 
 
 def run_serve(model: str, config: ServerConfig, device: str = "auto", dtype: str = "auto", seed: int = 0) -> None:

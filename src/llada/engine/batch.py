@@ -239,7 +239,8 @@ class BatchRun:
         offsets = self._block_offsets()  # (B, L) answer positions
         refresh = [r for r in live if settings.cache_behaviour.exact or self.rows.block_step[r] == 0
                    or (settings.refresh_every and self.rows.block_step[r] % settings.refresh_every == 0)]
-        chosen, committed_at, progress = self._run_passes(live, refresh, offsets, self._counts(live))
+        with self.runtime.numerics():
+            chosen, committed_at, progress = self._run_passes(live, refresh, offsets, self._counts(live))
         flags: list[list[int]] | None = None  # ``progress`` read back, when needed
         if settings.reuse_decided and self.schedule is not None:
             self.rows.needed = self._needed_by_schedule(live)  # known on the host: no read-back

@@ -50,7 +50,8 @@ class Engine:
     """Fast generation for one model. Keep one per model and process; it caches compiled graphs."""
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
-                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True) -> None:
+                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True,
+                 deterministic: bool = False) -> None:
         """
         Args:
             model: the mask predictor, in eval mode, on its device and dtype.
@@ -69,8 +70,14 @@ class Engine:
             capture_sampling: with CUDA graphs, capture greedy block steps whole — the forward pass and
                 the choice and commit of tokens — as one graph, so that the host launches one graph
                 per step instead of a dozen small kernels after it. False captures the forward pass only.
+            deterministic: batch-invariant numerics (``batch_invariant``): an answer is the same bits
+                whatever the batch size, its row's place, the other rows' lengths and padding, and
+                the scheduler's joins (greedy decoding, or sampling with a request's own generator,
+                which runs alone). Rotary positions count from each row's first real token, so a
+                left-padded row computes what it computes alone. Eager only (no ``compile``), no
+                quantized layers; slower (docs/engine.md has the cost).
         """
-        self.runtime = Runtime(model, cuda_graphs, compile, max_pooled_caches, fuse, capture_sampling)
+        self.runtime = Runtime(model, cuda_graphs, compile, max_pooled_caches, fuse, capture_sampling, deterministic)
         self.model = self.runtime.model
         self.device = self.runtime.device
         self.mask_id, self.end_ids = self.runtime.mask_id, self.runtime.end_ids

@@ -9,14 +9,17 @@ block steps, forward pass and commits, through ``Runtime.replay`` over its cache
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from llada.model import batch_invariant, block_attention
 from llada.model.fusion import fuse_projections, projections_fused_in
 from llada.model.kv_cache import KVCache, cached_forward
+from llada.model.quantize import Fp8Linear, Int8Linear
 from llada.model.transformer import LLaDAModel
 
 
@@ -42,10 +45,14 @@ class Runtime:
     """One model's caches, compiled passes and captured graphs; the ``Engine`` holds one, its batches share it."""
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
-                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True) -> None:
+                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True,
+                 deterministic: bool = False) -> None:
         """The arguments are ``Engine``'s (``engine.Engine.__init__`` documents them)."""
         self.model = model.eval()
         self.device = model.device
+        self.deterministic = deterministic
+        if deterministic:
+            _check_deterministic(model, compile)
         self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
         self.weights_version = getattr(model, "weights_version", 0)  # see check_weights
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -69,6 +76,10 @@ class Runtime:
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
         if self.mask_id is None:
             raise ValueError("the model config has no mask_token_id")
+
+    def numerics(self) -> contextlib.AbstractContextManager:
+        """The context a batch's step runs in: batch-invariant kernels on deterministic engines."""
+        return batch_invariant.enabled() if self.deterministic else contextlib.nullcontext()
 
     def release_memory(self) -> None:
         """Drop pooled caches and captured graphs (they are rebuilt on demand)."""
@@ -192,3 +203,22 @@ class Runtime:
                 cache.graph_pool = None  # a failed capture leaves its pool's count unreliable
             raise
         return entry
+
+
+def _check_deterministic(model: LLaDAModel, compile: bool) -> None:
+    """Refuse what deterministic mode cannot make batch-invariant, naming it."""
+    if compile:
+        raise ValueError("deterministic mode runs the forward passes eagerly (captured as CUDA graphs on GPUs); "
+                         "torch.compile generates reductions whose split depends on the batch: drop compile")
+    quantized = sorted({type(module).__name__ for module in model.modules() if isinstance(module, (Int8Linear, Fp8Linear))})
+    if quantized:
+        raise ValueError(f"deterministic mode has no batch-invariant kernels for quantized layers ({', '.join(quantized)}); "
+                         "load the model without quantization")
+    if model.device.type == "cuda":
+        dim = model.config.head_dim
+        if not batch_invariant.gpu_kernels_available(model.device):
+            raise ValueError("deterministic mode on a GPU needs Triton and compute capability 8.0 or later")
+        probe = torch.empty(1, 1, 1, dim, dtype=model.dtype, device=model.device)
+        if not block_attention.available(probe, probe):
+            raise ValueError(f"deterministic mode on a GPU needs bf16 or fp16 weights and a head dimension that is a "
+                             f"power of two from 16 to 128 (the attention kernel's); got {model.dtype}, {dim}")

@@ -63,7 +63,8 @@ from llada.model.transformer import LLaDAModel
 # eval_llada.py's generation defaults: one block of 1024 tokens, decoded in 1024 steps.
 OFFICIAL_GENERATION = {"gen_length": 1024, "block_length": 1024, "steps": 1024, "policy": "fixed"}
 MODEL_ARGS = ("pretrained", "model_path", "device", "dtype", "max_length", "mask_id", "batch_size", "max_batch_size",
-              "mc_num", "is_check_greedy", "greedy_check", "cfg", "sampler", "gen_batch_size", "seed", "compile")
+              "mc_num", "is_check_greedy", "greedy_check", "cfg", "sampler", "gen_batch_size", "seed", "compile",
+              "deterministic")
 _GREEDY_CHECKS = ("suffix", "one_pass")
 _SAMPLERS = ("reference", "engine")
 _DEFAULT_AUTO_BATCH = 32
@@ -84,7 +85,8 @@ class LLaDAEvalModel(LM):
     """lm-eval model args (official names where the official wrapper has them): pretrained (or the
     official model_path), device, dtype, max_length, mask_id (checked against the checkpoint),
     batch_size (MC samples per forward pass), mc_num, is_check_greedy, greedy_check, cfg, sampler,
-    gen_batch_size, seed, compile, and every GenerationSettings field (gen_length, steps,
+    gen_batch_size, seed, compile, deterministic (the engine's batch-invariant mode: generated answers
+    that do not depend on gen_batch_size; likelihood scoring is not covered), and every GenerationSettings field (gen_length, steps,
     block_length, remasking, policy, threshold, cache, temperature, logits_eos_inf, ...)."""
 
     def __init__(self, pretrained: str | tuple[LLaDAModel, Tokenizer] | None = None, model_path: str | None = None,
@@ -92,7 +94,7 @@ class LLaDAEvalModel(LM):
                  mask_id: int | None = None, batch_size: int | str | None = None, max_batch_size: int | None = None,
                  mc_num: int = 128, is_check_greedy: bool = True, greedy_check: str = "suffix",
                  cfg: float | None = None, sampler: str = "reference", gen_batch_size: int | None = None,
-                 seed: int = 0, compile: bool = False, **settings: Any) -> None:
+                 seed: int = 0, compile: bool = False, deterministic: bool = False, **settings: Any) -> None:
         super().__init__()
         unknown = sorted(set(settings) - set(setting_names()))
         if unknown:
@@ -129,7 +131,9 @@ class LLaDAEvalModel(LM):
         if self.gen_batch_size < 1:
             raise ValueError(f"gen_batch_size must be >= 1, got {gen_batch_size}")
         self.seed = _int("seed", seed)
-        self.engine = Engine(self.model, compile=convert("model arg compile", compile, bool)) if sampler == "engine" else None
+        self.engine = Engine(self.model, compile=convert("model arg compile", compile, bool),
+                             deterministic=convert("model arg deterministic", deterministic, bool)
+                             ) if sampler == "engine" else None
 
     # --- set-up -----------------------------------------------------------------------------------
 

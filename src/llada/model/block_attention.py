@@ -56,22 +56,32 @@ def _kernels():
 
 @torch.library.custom_op("llada::block_attention", mutates_args=())
 def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor,
-                    k: torch.Tensor, v: torch.Tensor, fresh_bias: torch.Tensor | None) -> torch.Tensor:
+                    k: torch.Tensor | None, v: torch.Tensor | None, fresh_bias: torch.Tensor | None,
+                    starts: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of ``q`` (B, H, Q, D) over the cache (B, K, T, D) under ``bias`` (B, 1, 1, T)
-    and the fresh ``k``/``v`` (B, K, Q, D) under ``fresh_bias`` (B, 1, 1, Q) if given; returns
-    (B, Q, H·D), as ``kv_cache._attend_cache_and_fresh``. Check ``available`` first. A custom operator,
-    so that ``torch.compile`` and CUDA graphs take the kernel as one opaque call."""
+    and the fresh ``k``/``v`` (B, K, Q, D), if any, under ``fresh_bias`` (B, 1, 1, Q) if given;
+    returns (B, Q, H·D), as ``kv_cache._attend_cache_and_fresh``. Check ``available`` first. A custom
+    operator, so that ``torch.compile`` and CUDA graphs take the kernel as one opaque call.
+
+    ``starts`` (B,) int: batch-invariant attention (``batch_invariant``). Row b attends to the cache
+    from key ``starts[b]`` (its first real key) on, in one part, with tiles of one shape: its result
+    does not depend on its left padding nor on the batch's size. Keys before ``starts[b]`` must be
+    hidden by ``bias``."""
     batch, heads, queries, dim = q.shape
     kv_heads, length = cache_k.shape[1], cache_k.shape[2]
     group = heads // kv_heads
+    fresh = k is not None
+    k, v = (k, v) if fresh else (q, q)  # without fresh keys the kernel never reads these
     q, cache_k, cache_v, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, cache_k, cache_v, k, v))
     bias = bias.expand(batch, 1, 1, length)  # one bias for every row arrives with a batch dimension of 1
     fresh_bias = None if fresh_bias is None else fresh_bias.expand(batch, 1, 1, queries)
     out = q.new_empty((batch, queries, heads * dim))
-    # Rows of a program: up to 64 of its query heads × queries, a power of two (16 at least for tl.dot).
-    block_m = min(64, max(16, 1 << (group * queries - 1).bit_length()))
+    aligned = starts is not None
+    # Rows of a program: up to 64 of its query heads × queries, a power of two (16 at least for tl.dot);
+    # aligned, always 64, so that a row's tile has one shape however many queries there are.
+    block_m = 64 if aligned else min(64, max(16, 1 << (group * queries - 1).bit_length()))
     programs = (batch * kv_heads, -(-group * queries // block_m))
-    parts, split_keys = _split(programs[0] * programs[1], length, q.device)
+    parts, split_keys = (1, length) if aligned else _split(programs[0] * programs[1], length, q.device)
     rows = programs[0] * programs[1] * parts * block_m  # of the parts' partial results
     partial = q.new_empty(rows * (dim + 2) if parts > 1 else 0, dtype=torch.float32)  # sums, peaks, totals
     fresh_bias_strides = (0, 0) if fresh_bias is None else (fresh_bias.stride(0), fresh_bias.stride(3))
@@ -84,11 +94,12 @@ def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
         sums, peaks, totals = partial.split([rows * dim, rows, rows]) if parts > 1 else (out,) * 3
         attend[(*programs, parts)](
             q, cache_k, cache_v, bias, k, v, bias if fresh_bias is None else fresh_bias, out, sums, peaks, totals,
-            kv_heads, length, queries, split_keys, dim ** -0.5, *q.stride()[:3], *cache_k.stride()[:3],
+            starts if aligned else bias, kv_heads, length, queries, split_keys, dim ** -0.5, *q.stride()[:3],
+            *cache_k.stride()[:3],
             *cache_v.stride()[:3], *k.stride()[:3], *v.stride()[:3], bias.stride(0), bias.stride(3),
             *fresh_bias_strides, out.stride(0), out.stride(1),
-            **shapes, BLOCK=BLOCK_KEYS, FRESH_BIAS=fresh_bias is not None, SPLIT=parts > 1, num_warps=WARPS,
-            num_stages=STAGES)
+            **shapes, BLOCK=BLOCK_KEYS, FRESH=fresh, FRESH_BIAS=fresh_bias is not None, SPLIT=parts > 1,
+            ALIGNED=aligned, num_warps=WARPS, num_stages=STAGES)
         if parts > 1:
             combine[programs](sums, peaks, totals, out, kv_heads, queries, parts, out.stride(0), out.stride(1),
                               **shapes, num_warps=4)
@@ -116,6 +127,6 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 @block_attention.register_fake
-def _(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor, k: torch.Tensor,
-      v: torch.Tensor, fresh_bias: torch.Tensor | None) -> torch.Tensor:
+def _(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, bias: torch.Tensor, k: torch.Tensor | None,
+      v: torch.Tensor | None, fresh_bias: torch.Tensor | None, starts: torch.Tensor | None = None) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1] * q.shape[3]))

@@ -59,17 +59,19 @@ def _store(out_ptr, b, head, query, real, out_batch, out_row, out, DIM: tl.const
 
 @triton.jit
 def block_attention(q_ptr, cache_k_ptr, cache_v_ptr, bias_ptr, k_ptr, v_ptr, fresh_bias_ptr, out_ptr,
-                    partial_ptr, peak_ptr, total_ptr,
+                    partial_ptr, peak_ptr, total_ptr, starts_ptr,
                     kv_heads, length, queries, split_keys, scale,
                     q_batch, q_head, q_row, ck_batch, ck_head, ck_row, cv_batch, cv_head, cv_row,
                     k_batch, k_head, k_row, v_batch, v_head, v_row,
                     bias_batch, bias_row, fresh_bias_batch, fresh_bias_row, out_batch, out_row,
                     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-                    FRESH_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                    FRESH: tl.constexpr, FRESH_BIAS: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr):
     """One program: BLOCK_M query rows of one batch row and key/value head, over the cache's keys
-    from ``split_keys`` × program_id(2) on (``split_keys`` of them), and over the fresh keys if its
-    part of the cache is the last. Without SPLIT (one part) it writes the attention's output; with
-    SPLIT, its unnormalised sums, peaks and totals for ``combine_splits``."""
+    from ``split_keys`` × program_id(2) on (``split_keys`` of them), and over the fresh keys (FRESH)
+    if its part of the cache is the last. Without SPLIT (one part) it writes the attention's output;
+    with SPLIT, its unnormalised sums, peaks and totals for ``combine_splits``. ALIGNED (one part):
+    the row's keys from ``starts[b]`` on, its first real key, so that its tiles hold the same keys
+    however much left padding precedes them."""
     b, kv, head, query, real = _rows(queries, kv_heads, GROUP, BLOCK_M)
     d = tl.arange(0, DIM)
     q = tl.load(q_ptr + b * q_batch + head[:, None] * q_head + query[:, None] * q_row + d[None, :],
@@ -79,17 +81,20 @@ def block_attention(q_ptr, cache_k_ptr, cache_v_ptr, bias_ptr, k_ptr, v_ptr, fre
     accumulator = tl.zeros((BLOCK_M, DIM), tl.float32)
     part = tl.program_id(2)
     first = part.to(tl.int64) * split_keys
+    if ALIGNED:
+        first += tl.load(starts_ptr + b).to(tl.int64)
     count = tl.minimum(length - first, split_keys)
     accumulator, peak, total = _attend_keys(
         q, cache_k_ptr + b * ck_batch + kv * ck_head + first * ck_row,
         cache_v_ptr + b * cv_batch + kv * cv_head + first * cv_row, ck_row, cv_row,
         bias_ptr + b * bias_batch + first * bias_row, bias_row, count, accumulator, peak, total, scale,
         True, BLOCK, DIM)
-    fresh = tl.where(part == tl.num_programs(2) - 1, queries, 0)
-    accumulator, peak, total = _attend_keys(
-        q, k_ptr + b * k_batch + kv * k_head, v_ptr + b * v_batch + kv * v_head, k_row, v_row,
-        fresh_bias_ptr + b * fresh_bias_batch, fresh_bias_row, fresh, accumulator, peak, total, scale,
-        FRESH_BIAS, BLOCK, DIM)
+    if FRESH:
+        fresh = tl.where(part == tl.num_programs(2) - 1, queries, 0)
+        accumulator, peak, total = _attend_keys(
+            q, k_ptr + b * k_batch + kv * k_head, v_ptr + b * v_batch + kv * v_head, k_row, v_row,
+            fresh_bias_ptr + b * fresh_bias_batch, fresh_bias_row, fresh, accumulator, peak, total, scale,
+            FRESH_BIAS, BLOCK, DIM)
     if SPLIT:
         rows = ((tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + part).to(tl.int64) \
             * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llada.model import block_attention
+from llada.model import batch_invariant, block_attention
 from llada.model.transformer import LLaDAModel
 
 
@@ -133,7 +133,12 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be equal (B, Q)")
     if input_ids.shape[0] != cache.batch:
         raise ValueError(f"batch of {input_ids.shape[0]} rows does not match the cache's {cache.batch}")
-    angles = model.rope[:, positions]  # (2, B, Q, D)
+    # Batch-invariant numerics (``batch_invariant.enabled()``): a row must compute what it computes
+    # alone, without its left padding, so its rotary positions count from its first real token and
+    # its attention starts there (``starts``).
+    starts = first_real_keys(key_bias, positions) if batch_invariant.active() else None
+    rotary = positions if starts is None else (positions - starts[:, None]).clamp_min(0)  # padding: any angle
+    angles = model.rope[:, rotary]  # (2, B, Q, D)
     cos, sin = angles[0][:, None], angles[1][:, None]  # (B, 1, Q, D), broadcast over heads
     lowest = torch.finfo(model.dtype).min
     fresh_bias = None
@@ -150,7 +155,7 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
     for layer, block in enumerate(model.blocks):
         attention = functools.partial(_attend_layer, keys=cache.keys[layer], values=cache.values[layer],
                                       sdpa=block.sdpa, positions=positions, key_bias=key_bias, write=write,
-                                      query_mask=query_mask, fresh_bias=fresh_bias,
+                                      query_mask=query_mask, fresh_bias=fresh_bias, starts=starts,
                                       stored=(stored_keys, stored_values) if return_entries else None)
         x = block.run(x, cos, sin, attention, fused)
     if logits_index is not None:
@@ -163,20 +168,67 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
 
 def _attend_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor,
                   sdpa: Callable[..., torch.Tensor], positions: torch.Tensor, key_bias: torch.Tensor | None, write: bool,
-                  query_mask: torch.Tensor | None, fresh_bias: torch.Tensor | None,
+                  query_mask: torch.Tensor | None, fresh_bias: torch.Tensor | None, starts: torch.Tensor | None,
                   stored: tuple[list[torch.Tensor], list[torch.Tensor]] | None) -> torch.Tensor:
     """One layer's attention in ``cached_forward`` (the ``attention`` of ``Block.run``): the queries'
     fresh keys/values ``k``, ``v`` (B, K, Q, D) stored into the layer's cache ``keys``, ``values``
     (B, K, T, D) and attended through it (``write``), or attended beside it; with ``stored``, the
-    entries to store later are appended to its two lists."""
+    entries to store later are appended to its two lists. ``starts``: each row's first real key,
+    for batch-invariant attention (``aligned_attention``)."""
     index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, Q, D)
     if stored is not None:
         stored[0].append(_entries_to_store(keys, index, k, query_mask))
         stored[1].append(_entries_to_store(values, index, v, query_mask))
     if write:
-        return sdpa(q, store_queries(keys, index, k, query_mask), store_queries(values, index, v, query_mask),
-                    key_bias)
+        keys, values = store_queries(keys, index, k, query_mask), store_queries(values, index, v, query_mask)
+        if starts is not None:
+            return aligned_attention(q, keys, values, key_bias, None, None, None, starts, positions, sdpa)
+        return sdpa(q, keys, values, key_bias)
+    if starts is not None:
+        return aligned_attention(q, keys, values, key_bias, k, v, fresh_bias, starts, positions, sdpa)
     return _attend_cache_and_fresh(q, keys, values, key_bias, k, v, fresh_bias)
+
+
+def first_real_keys(key_bias: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: each row's first key that ``key_bias`` (B or 1, 1, 1, T; 0 where a key is seen)
+    leaves visible, the length of its left padding (0 for every row without a bias); B is the
+    batch of ``positions`` (B, Q), on whose device it is."""
+    batch = positions.shape[0]
+    if key_bias is None:
+        return torch.zeros(batch, dtype=torch.int32, device=positions.device)
+    visible = key_bias[:, 0, 0, :].expand(batch, -1) == 0
+    return visible.to(torch.int32).argmax(1).to(torch.int32)  # the first maximum: the first visible key
+
+
+def aligned_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                      k: torch.Tensor | None, v: torch.Tensor | None, fresh_bias: torch.Tensor | None,
+                      starts: torch.Tensor, positions: torch.Tensor, sdpa: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Batch-invariant attention of ``q`` (B, H, Q, D, at ``positions``) over the cache ``keys``/``values``
+    (B, K, T, D) under ``bias``, and over the fresh ``k``/``v`` under ``fresh_bias`` if given: row b
+    as it is computed alone, over the keys from ``starts[b]`` (its first real one) on; (B, Q, H·D).
+
+    On a GPU the fused kernel does this (``block_attention`` with ``starts``: one part, tiles of one
+    shape from the row's first key). Elsewhere each row runs on its own, over its own keys and real
+    queries only, so that every operation sees the shapes it sees for the row alone; outputs of
+    padding queries are zeros."""
+    batch, _, length, _ = keys.shape
+    bias = torch.zeros(1, 1, 1, length, dtype=q.dtype, device=q.device) if bias is None else bias
+    bias = bias.expand(batch, 1, 1, length)
+    if block_attention.available(q, keys):
+        return block_attention.block_attention(q, keys, values, bias, k, v, fresh_bias, starts.to(q.device))
+    out = q.new_zeros(batch, q.shape[2], q.shape[1] * q.shape[3])
+    for b, start in enumerate(starts.tolist()):
+        first = int((positions[b] < start).sum())  # padding queries come first
+        row, queries = slice(b, b + 1), slice(first, None)
+        row_q, row_keys, row_values, row_bias = (q[row, :, queries], keys[row, :, start:], values[row, :, start:],
+                                                 bias[row, ..., start:])
+        if k is None:
+            out[b, first:] = sdpa(row_q, row_keys, row_values, row_bias)[0]
+        else:
+            row_fresh_bias = None if fresh_bias is None else fresh_bias.expand(batch, -1, -1, -1)[row, ..., queries]
+            out[b, first:] = _attend_cache_and_fresh(row_q, row_keys, row_values, row_bias, k[row, :, queries],
+                                                     v[row, :, queries], row_fresh_bias)[0]
+    return out
 
 
 def _entries_to_store(cache: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor,

@@ -95,7 +95,7 @@ def create_app(config: ServerConfig, model: LLaDAModel, tokenizer: Tokenizer) ->
     """
     config.validate()
     metrics = Metrics()
-    engine = Engine(model, compile=config.compile)
+    engine = Engine(model, compile=config.compile, deterministic=config.deterministic)
     worker = Worker(Scheduler(engine, max_batch=config.max_batch, max_waiting=config.max_queue), metrics)
     metrics.gauge("llada_queue_depth", "Requests waiting for a batch slot", lambda: worker.queued)
     metrics.gauge("llada_active_rows", "Rows decoding after the last step", lambda: worker.active_rows)

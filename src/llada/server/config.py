@@ -39,6 +39,8 @@ class ServerConfig:
     request_timeout_s: float = 300.0  # a request still running after this is cancelled (504)
     drain_timeout_s: float = 30.0  # on shutdown, how long in-flight requests may take before they are ended
     compile: bool = False  # torch.compile the engine's block steps (GPU)
+    # Batch-invariant numerics: an answer does not depend on the requests it is batched with (slower).
+    deterministic: bool = False
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # gen_length = default max_tokens
 
     def validate(self) -> None:
