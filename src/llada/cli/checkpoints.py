@@ -156,7 +156,31 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {used} -> {args.destination}")
 
 
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", help="the cache root (default: $LLADA_CACHE_DIR, else ~/.cache/llada)")
+
+
+def _cache_info(args: argparse.Namespace) -> None:
+    from llada.engine.compile_cache import cache_root
+
+    root = Path(args.dir) if args.dir else cache_root()
+    sizes = {name: sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
+             for name in ("compile", "inductor", "triton") if (root / name).is_dir()}
+    engines = sorted(path.parent.name for path in (root / "compile").glob("*/artifacts.bin"))
+    print(json.dumps({"root": str(root), "bytes": sizes, "compiled_engines": engines}, indent=2))
+
+
+def _cache_clear(args: argparse.Namespace) -> None:
+    from llada.engine.compile_cache import clear
+
+    print(f"cleared the compile caches under {clear(Path(args.dir) if args.dir else None)}")
+
+
 COMMANDS = [
+    Command("cache info", "Show where compiled engines are cached and how much space the caches take.",
+            "example:\n  llada cache info", _cache_arguments, _cache_info),
+    Command("cache clear", "Delete the compile caches (the next --compile start compiles from scratch).",
+            "example:\n  llada cache clear", _cache_arguments, _cache_clear),
     Command("info", "Show a checkpoint's (or preset's) config, parameter count and memory needs.",
             "examples:\n  llada info ckpt/\n  llada info 8b",
             _info_arguments, lambda args: print(json.dumps(run_info(args.model), indent=2))),

@@ -1,6 +1,6 @@
 """The ``llada`` command line: a table of subcommands, each a typed function in its family's module.
 
-Subcommands: generate, chat, score, serve, eval, info, convert, init, data tokenize, data sft, tokenizer train,
+Subcommands: generate, chat, score, serve, eval, info, convert, init, cache, data tokenize, data sft, tokenizer train,
 train, export, plot. Run ``llada SUBCOMMAND --help`` for examples. A new subcommand is one ``Command``
 in the ``COMMANDS`` list of its family's module.
 """
@@ -20,7 +20,8 @@ from llada.model.tokenizer import TokenizerError
 from llada.training.corpus import CorpusError
 
 COMMANDS: list[Command] = [*generation.COMMANDS, *serving.COMMANDS, *checkpoints.COMMANDS, *training.COMMANDS]
-GROUPS = {"data": "Prepare training data (tokenize corpora, build SFT pairs).", "tokenizer": "Train tokenizers."}
+GROUPS = {"data": "Prepare training data (tokenize corpora, build SFT pairs).", "tokenizer": "Train tokenizers.",
+          "cache": "Inspect or clear the compile cache of --compile engines."}
 # Errors a user can cause (bad values, files, checkpoints): one line on stderr and exit status 2, no traceback.
 # (TrainingError is a RuntimeError.)
 USER_ERRORS = (CliError, CheckpointError, CorpusError, TokenizerError, ValueError, OSError, RuntimeError)

@@ -62,7 +62,11 @@ def run_serve(model: str, config: ServerConfig, device: str = "auto", dtype: str
     config.validate()  # before the model is loaded
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
-    uvicorn_server(create_app(config, net, tokenizer)).run()
+    app = create_app(config, net, tokenizer)
+    if config.compile:  # compile (or load from the compile cache) and capture before the first request
+        scheduler = app.state.worker.scheduler
+        scheduler.engine.warm_up(config.settings, batch_sizes=(1,), prompt_lengths=(scheduler.prompt_bucket,))
+    uvicorn_server(app).run()
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,9 @@ no host synchronisation except where the policy needs a count.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -51,7 +53,7 @@ class Engine:
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
                  max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True,
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, compile_cache: bool = True) -> None:
         """
         Args:
             model: the mask predictor, in eval mode, on its device and dtype.
@@ -76,13 +78,33 @@ class Engine:
                 which runs alone). Rotary positions count from each row's first real token, so a
                 left-padded row computes what it computes alone. Eager only (no ``compile``), no
                 quantized layers; slower (docs/engine.md has the cost).
+            compile_cache: with ``compile``, keep what compiling produced on disk and reuse it in later
+                processes (``compile_cache``: under ``$LLADA_CACHE_DIR``, default ``~/.cache/llada``).
         """
-        self.runtime = Runtime(model, cuda_graphs, compile, max_pooled_caches, fuse, capture_sampling, deterministic)
+        self.runtime = Runtime(model, cuda_graphs, compile, max_pooled_caches, fuse, capture_sampling, deterministic,
+                               compile_cache)
         self.model = self.runtime.model
         self.device = self.runtime.device
         self.mask_id, self.end_ids = self.runtime.mask_id, self.runtime.end_ids
 
     # --- public API ------------------------------------------------------------------------------
+
+    def warm_up(self, settings: GenerationSettings | None = None, batch_sizes: Sequence[int] = (1,),
+                prompt_lengths: Sequence[int] = (64,), progress: bool = True) -> float:
+        """Compile and capture the passes of these batch sizes and (left-padded) prompt lengths now,
+        so that the first requests do not wait for it (a server's start-up), and save the compile
+        cache; returns the seconds taken. Every block is decoded (no early stop), so that every pass
+        of the layout is captured. (Graph engines also save the cache after each new capture.)"""
+        settings = replace(settings or GenerationSettings(), early_stop=False)
+        filler = self.end_ids[0] if self.end_ids else 0
+        shapes = [(batch, length) for batch in batch_sizes for length in prompt_lengths]
+        start = time.perf_counter()
+        for batch, length in tqdm(shapes, desc="warming up: compiling and capturing", unit="shape",
+                                  disable=not progress):
+            self.generate([[filler] * length] * batch, settings)
+        if self.runtime.compile_cache is not None:  # engines without CUDA graphs save nothing on their own
+            self.runtime.compile_cache.save()
+        return time.perf_counter() - start
 
     def start(self, prompts: Sequence[Sequence[int]] | torch.Tensor, settings: GenerationSettings | None = None,
               generator: torch.Generator | None = None, prompt_room: int = 0) -> BatchRun:

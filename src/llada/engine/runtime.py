@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llada.engine.compile_cache import CompileCache
 from llada.model import batch_invariant, block_attention
 from llada.model.fusion import fuse_projections, projections_fused_in
 from llada.model.kv_cache import KVCache, cached_forward
@@ -46,7 +47,7 @@ class Runtime:
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
                  max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True,
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, compile_cache: bool = True) -> None:
         """The arguments are ``Engine``'s (``engine.Engine.__init__`` documents them)."""
         self.model = model.eval()
         self.device = model.device
@@ -54,6 +55,9 @@ class Runtime:
         if deterministic:
             _check_deterministic(model, compile)
         self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
+        self.compile_cache = CompileCache.for_engine(model, bool(self.fused)) if compile and compile_cache else None
+        if self.compile_cache is not None:
+            self.compile_cache.activate()
         self.weights_version = getattr(model, "weights_version", 0)  # see check_weights
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -169,6 +173,8 @@ class Runtime:
             self.check_weights(replay=False)  # every block, before the weights are baked into a graph
             entry = self._capture(cache, function, inputs, state)
             self._graphs[key] = entry
+            if self.compile_cache is not None:  # a new shape may have compiled: keep it for the next process
+                self.compile_cache.save()
         if entry.state_pointers != [tensor.data_ptr() for tensor in state]:
             raise RuntimeError("a captured step was replayed on other state tensors than it was captured on")
         for static, value in zip(entry.inputs, inputs, strict=True):
