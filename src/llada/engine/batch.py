@@ -143,7 +143,11 @@ class BatchRun:
 
     def _sparse_width(self, live: list[int]) -> int:
         """Queries per row of a ``reuse_decided`` step: the most any live row needs, rounded up to an
-        eighth of the block (fewer shapes to capture)."""
+        eighth of the block (fewer shapes to capture); the whole block in deterministic mode."""
+        if self.runtime.deterministic:
+            # The whole block: a row's fresh keys must not depend on how many its batch-mates need
+            # (padding queries would shift its real ones within the attention's tiles).
+            return self.block_length
         grain = max(1, self.block_length // 8)
         need = max(self.rows.needed[r] for r in live)
         return min(self.block_length, max(grain, -(-need // grain) * grain))
