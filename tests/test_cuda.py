@@ -345,6 +345,17 @@ def test_deterministic_mode_answers_are_bit_identical_in_batches_of_1_to_32_in_b
     assert_batch_invariant(engine, demo_prompts(32), settings, (2, 5, 16, 32))
 
 
+def test_deterministic_mode_on_the_shipped_demo_model() -> None:
+    """The demo model in bf16 with the serving defaults (dual cache, threshold 0.9), 64-token answers:
+    the setting in which 3 of 16 default-mode answers changed between batch 1 and 16."""
+    from llada.model.loading import DEMO_MODEL
+    from llada.model.transformer import LLaDAModel
+
+    net = LLaDAModel.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16, device="cuda").eval()
+    settings = GenerationSettings(gen_length=64, block_length=32)
+    assert_batch_invariant(Engine(net, deterministic=True), demo_prompts(32, seed=11), settings, (3, 16, 32))
+
+
 def test_deterministic_mode_survives_scheduler_joins_on_the_gpu() -> None:
     net = gpu_model(n_layers=4)
     rows = demo_prompts(12, seed=3)
