@@ -69,7 +69,7 @@ def measure(name: str, batches: list[int], settings: GenerationSettings, repeats
             seconds = _timed(functools.partial(engine.generate, chosen, settings), repeats)
             together = [r.tokens for r in engine.generate(chosen, settings)]
             row[kind] = {"seconds": round(seconds, 4), "tokens_per_s": round(batch * settings.gen_length / seconds, 1),
-                         "answers_unlike_alone": sum(a != b for a, b in zip(together, alone[kind], strict=True))}
+                         "answers_unlike_alone": sum(a != b for a, b in zip(together, alone[kind][:batch], strict=True))}
         for kind in kinds:
             row[kind]["time_vs_default"] = round(row[kind]["seconds"] / row["default"]["seconds"], 3)
         print(json.dumps(row), flush=True)
