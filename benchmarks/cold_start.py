@@ -60,6 +60,7 @@ def start(directory: str, launched: float, compile: bool) -> None:
     marks["weights_loaded"] = time.time() - launched
     engine = Engine(model, compile=compile)
     marks["engine_made"] = time.time() - launched
+    marks["cache_blobs_loaded"] = engine.runtime.compile_cache_loaded
     prompt = [(7 * i) % 1000 + 10 for i in range(PROMPT_LENGTH)]
     settings = GenerationSettings(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, early_stop=False)
     for update in engine.stream([prompt], settings):
@@ -67,7 +68,7 @@ def start(directory: str, launched: float, compile: bool) -> None:
             marks["first_token"] = time.time() - launched
     marks["answer_complete"] = time.time() - launched
     cache = engine.runtime.compile_cache
-    marks["cache_bytes"] = cache.artifacts.stat().st_size if cache is not None and cache.artifacts.is_file() else 0
+    marks["cache_bytes"] = sum(blob.stat().st_size for blob in cache.artifacts) if cache is not None else 0
     print(json.dumps(marks))
 
 

@@ -29,6 +29,18 @@ CORPUS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_compile_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Compiled engines in tests keep their compile cache in a temporary directory, not the user's."""
+    saved = os.environ.get("LLADA_CACHE_DIR")
+    os.environ["LLADA_CACHE_DIR"] = str(tmp_path_factory.mktemp("llada-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("LLADA_CACHE_DIR", None)
+    else:
+        os.environ["LLADA_CACHE_DIR"] = saved
+
+
 def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> LLaDAModel:
     """A random tiny model; float64 by default so that exact-equality tests are not at the mercy of ties."""
     torch.manual_seed(seed)

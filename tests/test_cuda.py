@@ -333,8 +333,9 @@ def assert_batch_invariant(engine: Engine, rows: list[list[int]], settings: Gene
             assert got == [alone[i] for i in chosen], f"batch of {size}: rows {chosen}"
 
 
-@pytest.mark.parametrize("overrides", [{}, {"cache": "none", "policy": "fixed", "steps": 32},
-                                       {"reuse_decided": True}, {"keep_prompt": True, "cfg_scale": 1.0}])
+@pytest.mark.parametrize("overrides", [{}, {"cache": "none", "policy": "fixed", "steps": 32}, {"cache": "prefix"},
+                                       {"reuse_decided": True}, {"keep_prompt": True, "cfg_scale": 1.0},
+                                       {"policy": "fixed", "steps": 24}])
 def test_deterministic_mode_answers_are_bit_identical_in_batches_of_1_to_32_in_bf16(overrides: dict) -> None:
     """bf16, CUDA graphs, whole captured steps: every answer alone equals it in batches of 2 to 32
     mixed-length (left-padded) prompts, in shuffled orders."""

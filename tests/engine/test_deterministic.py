@@ -3,14 +3,13 @@
 Without the mode a left-padded row's rotary positions and attention tiles are shifted by its
 padding, and PyTorch's CPU matmul takes another path for a single row: in float32 the logits differ
 in their last bits (greedy answers rarely change), in bfloat16 answers change (10–14 of 16 here).
-So the logits are compared bit for bit in float32, the engine's answers in bfloat16; each test fails
-without the mode. tests/test_cuda.py checks the property on a GPU, where the kernels themselves
+So the logits are compared bit for bit in float32, the engine's answers in bfloat16; with the mode
+forced off, every test of the property fails but the even fixed schedule's (its answers happen to
+agree). tests/test_cuda.py checks the property on a GPU, where the kernels themselves
 change with the batch size.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 import torch
@@ -105,6 +104,27 @@ def test_deterministic_answers_survive_scheduler_joins_and_prompt_room() -> None
     assert [request.result.tokens for request in requests] == alone
 
 
+def test_fixed_schedules_break_ties_alike_alone_and_among_rows_at_other_steps() -> None:
+    """The fixed policy with an uneven schedule (6 steps over blocks of 8: 2, 2, 1, 1, 1, 1 tokens): rows that
+    joined later are at other steps of it, so the batch's counts differ by row, where a row alone has
+    one count. Saturated bf16 confidences (the output weights scaled up, as a trained model's are
+    sharp) tie often; the ties must fall on the same positions either way."""
+    net = bfloat16_model()
+    with torch.no_grad():
+        net.ff_out.weight.mul_(20)
+    rows = prompts(LENGTHS, seed=7)
+    settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=12)
+    engine = Engine(net, deterministic=True)
+    alone = [engine.generate([row], settings)[0].tokens for row in rows]
+    scheduler = Scheduler(engine, max_batch=4, prompt_bucket=16)
+    requests = []
+    for row in rows:  # one joins per step
+        requests.append(scheduler.submit(row, settings))
+        scheduler.step()
+    scheduler.run_until_idle()
+    assert [request.result.tokens for request in requests] == alone
+
+
 def test_deterministic_mode_refuses_what_it_cannot_make_invariant() -> None:
     net = float32_model()
     with pytest.raises(ValueError, match="compile"):
@@ -125,13 +145,3 @@ def test_mode_is_scoped_to_its_thread_and_block() -> None:
             assert batch_invariant.active()
         assert batch_invariant.active()
     assert not batch_invariant.active()
-
-
-def test_sampling_with_a_seed_is_reproducible_in_deterministic_mode() -> None:
-    net = float32_model()
-    settings = replace(GenerationSettings(gen_length=16, block_length=8, threshold=0.3), temperature=0.8)
-    engine = Engine(net, deterministic=True)
-    rows = prompts((4, 6), seed=2)
-    first = engine.generate(rows, settings, generator=torch.Generator().manual_seed(11))
-    second = engine.generate(rows, settings, generator=torch.Generator().manual_seed(11))
-    assert [r.tokens for r in first] == [r.tokens for r in second]

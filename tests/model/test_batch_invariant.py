@@ -133,3 +133,29 @@ def test_aligned_block_attention_gives_a_row_the_same_bits_under_any_left_paddin
         truth = F.scaled_dot_product_attention(q.double(), keys.double(), values.double(), enable_gqa=True)
         truth = truth.transpose(1, 2).reshape(1, queries, heads * dim)
     torch.testing.assert_close(outputs[0].double(), truth, rtol=2e-3, atol=2e-3)
+
+
+@interpreted
+def test_aligned_block_attention_rows_of_one_launch_each_equal_the_row_alone() -> None:
+    """Three rows with 0, 5 and 70 keys of left padding in one launch, fresh keys partly hidden by
+    ``fresh_bias``: each row's output is the bits of its real keys attended alone."""
+    heads, kv_heads, queries, dim, length = 4, 2, 6, 16, 160
+    dtype, lowest = torch.float16, torch.finfo(torch.float16).min
+    paddings = (0, 5, 70)
+    q = randn(3, heads, queries, dim, dtype=dtype)
+    keys, values = randn(3, kv_heads, length, dim, dtype=dtype, seed=1), randn(3, kv_heads, length, dim, dtype=dtype,
+                                                                              seed=2)
+    k, v = randn(3, kv_heads, queries, dim, dtype=dtype, seed=3), randn(3, kv_heads, queries, dim, dtype=dtype, seed=4)
+    bias = torch.zeros(3, 1, 1, length, dtype=dtype)
+    for row, padding in enumerate(paddings):
+        bias[row, ..., :padding] = lowest
+    fresh_bias = torch.zeros(3, 1, 1, queries, dtype=dtype)
+    fresh_bias[..., 2] = lowest
+    together = block_attention.block_attention(q, keys, values, bias, k, v, fresh_bias,
+                                               torch.tensor(paddings, dtype=torch.int32))
+    for row, padding in enumerate(paddings):
+        one = slice(row, row + 1)
+        alone = block_attention.block_attention(q[one], keys[one, :, padding:], values[one, :, padding:],
+                                                bias[one, ..., padding:], k[one], v[one], fresh_bias[one],
+                                                torch.zeros(1, dtype=torch.int32))
+        assert torch.equal(together[one], alone)

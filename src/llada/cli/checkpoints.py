@@ -166,7 +166,7 @@ def _cache_info(args: argparse.Namespace) -> None:
     root = Path(args.dir) if args.dir else cache_root()
     sizes = {name: sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
              for name in ("compile", "inductor", "triton") if (root / name).is_dir()}
-    engines = sorted(path.parent.name for path in (root / "compile").glob("*/artifacts.bin"))
+    engines = sorted({path.parent.name for path in (root / "compile").glob("*/artifacts-*.bin")})
     print(json.dumps({"root": str(root), "bytes": sizes, "compiled_engines": engines}, indent=2))
 
 

@@ -16,15 +16,16 @@ from llada.engine.settings import GenerationSettings
 def commit(logits: torch.Tensor, x: torch.Tensor, undecided: torch.Tensor, offsets: torch.Tensor,
            limits: torch.Tensor, count: int | torch.Tensor, *, settings: GenerationSettings, prompt_length: int,
            block_length: int, mask_id: int, end_ids: tuple[int, ...], generator: torch.Generator | None,
-           unwritten: torch.Tensor | None = None, columns: torch.Tensor | None = None
+           unwritten: torch.Tensor | None = None, columns: torch.Tensor | None = None, stable_ties: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose this step's tokens at ``offsets`` (B, N: each row's block, or, with their ``columns`` in
     the block, the part of it a step queried) and write them into ``x`` and ``undecided`` (and mark
     them in ``unwritten``).
 
     ``logits`` (B, N, V) are guided. ``limits``: the policy's threshold and factor, as float32 device
-    scalars (the policies compare float32 confidences with them). Returns ``chosen`` (B, N), the
-    positions committed, and ``pending`` (B,), rows with undecided positions left among ``offsets``.
+    scalars (the policies compare float32 confidences with them). ``stable_ties``: as in
+    ``decoding.select`` (deterministic engines). Returns ``chosen`` (B, N), the positions committed,
+    and ``pending`` (B,), rows with undecided positions left among ``offsets``.
     """
     answer = x[:, prompt_length:]  # a view: scattering into it writes x
     current = answer.gather(1, offsets)
@@ -35,12 +36,12 @@ def commit(logits: torch.Tensor, x: torch.Tensor, undecided: torch.Tensor, offse
                                     exact_confidence=settings.policy == "fixed", forbid=forbid, demote=demote,
                                     never=(mask_id,))
     if columns is None:
-        chosen = select(confidence, masked, settings.policy, count, limits[0], limits[1])
+        chosen = select(confidence, masked, settings.policy, count, limits[0], limits[1], stable_ties)
     else:  # choose over the whole block, as without reuse_decided: top-k breaks ties by position and width
         block = (masked.shape[0], block_length)
         chosen = select(confidence.new_zeros(block).scatter_(1, columns, confidence),
                         masked.new_zeros(block).scatter_(1, columns, masked), settings.policy, count,
-                        limits[0], limits[1]).gather(1, columns)
+                        limits[0], limits[1], stable_ties).gather(1, columns)
     answer.scatter_(1, offsets, torch.where(chosen, proposals, current))
     still_masked = masked & ~chosen
     undecided.scatter_(1, offsets, still_masked)

@@ -10,14 +10,18 @@ lowering and tuning are found in the cache.
 Layout, under ``cache_root()`` (``$LLADA_CACHE_DIR``, else ``$XDG_CACHE_HOME/llada``, else
 ``~/.cache/llada``):
 
-- ``compile/<key>/artifacts.bin``: the blob of one engine kind, ``<key>`` a hash of everything the
-  compiled code depends on (the network's shape and dtype, fused projections, quantization, the GPU,
-  and the PyTorch, Triton and CUDA versions); ``compile/<key>/key.json`` says what the hash is of;
+- ``compile/<key>/artifacts-<hash>.bin``: blobs saved by engines of one kind, ``<key>`` a hash of
+  everything the compiled code depends on besides its shapes (the network's shape and dtype, fused
+  projections, quantization, the GPU, and the PyTorch, Triton and CUDA versions), ``key.json``
+  beside them says what. A blob holds what its process compiled or found in the cache, so one
+  process's blob may lack shapes another compiled: each distinct blob is kept (named by the hash of
+  its bytes) and all are preloaded;
 - ``inductor/`` and ``triton/``: Inductor's and Triton's own on-disk caches, pointed there (unless
   ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are set) so that one directory holds it all.
 
-Clearing it is deleting the directory (``llada cache clear`` does that); nothing in it is needed for
-correctness, a corrupt or stale blob is reported and ignored.
+Clearing it is deleting the directory (``llada cache clear`` does that). Nothing in it is needed for
+correctness: an unreadable blob is reported and skipped, and a cache directory that cannot be
+created or written turns the cache off with a warning (the engine compiles as without it).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +41,6 @@ import torch
 from llada.model.transformer import LLaDAModel
 
 CACHE_ENV = "LLADA_CACHE_DIR"
-ARTIFACTS = "artifacts.bin"
 
 
 def cache_root() -> Path:
@@ -79,43 +83,52 @@ class CompileCache:
     directory: Path
 
     @classmethod
-    def for_engine(cls, model: LLaDAModel, fused: bool, root: Path | None = None) -> CompileCache:
+    def for_engine(cls, model: LLaDAModel, fused: bool, root: Path | None = None) -> CompileCache | None:
+        """The cache of this engine kind, its directory created; None (with a warning) where it cannot be."""
         key = engine_key(model, fused)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         cache = cls((root or cache_root()) / "compile" / digest)
-        cache.directory.mkdir(parents=True, exist_ok=True)
-        description = cache.directory / "key.json"
-        if not description.exists():
-            _write_atomically(description, json.dumps(key, indent=1, sort_keys=True).encode())
+        try:
+            cache.directory.mkdir(parents=True, exist_ok=True)
+            description = cache.directory / "key.json"
+            if not description.exists():
+                _write_atomically(description, json.dumps(key, indent=1, sort_keys=True).encode())
+        except OSError as error:
+            warnings.warn(f"compiling without a compile cache: {cache.directory} cannot be written ({error}); "
+                          f"set {CACHE_ENV} to a writable directory", stacklevel=2)
+            return None
         return cache
 
     @property
-    def artifacts(self) -> Path:
-        return self.directory / ARTIFACTS
+    def artifacts(self) -> list[Path]:
+        """The saved blobs, oldest first."""
+        return sorted(self.directory.glob("artifacts-*.bin"), key=lambda path: path.stat().st_mtime)
 
-    def activate(self) -> bool:
+    def activate(self) -> int:
         """Point Inductor's and Triton's caches under the cache root (unless set already) and preload
-        this engine's saved artifacts; returns whether there were any to load."""
+        this engine kind's saved blobs; returns how many loaded."""
         root = self.directory.parent.parent
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
-        if not self.artifacts.is_file():
-            return False
-        # PyTorch checks the blob (a checksum) and returns None for one it cannot read: the engine then
-        # compiles as without a cache and the blob is rewritten after it.
-        if torch.compiler.load_cache_artifacts(self.artifacts.read_bytes()) is None:
-            warnings.warn(f"ignoring the unreadable compile cache {self.artifacts}; it is rewritten after this run "
-                          "compiles", stacklevel=2)
-            return False
-        return True
+        loaded = 0
+        for blob in self.artifacts:
+            # PyTorch checks a blob (a checksum) and returns None for one it cannot read.
+            if torch.compiler.load_cache_artifacts(blob.read_bytes()) is None:
+                warnings.warn(f"skipping the unreadable compile cache blob {blob}", stacklevel=2)
+            else:
+                loaded += 1
+        return loaded
 
     def save(self) -> bool:
-        """Write everything this process has compiled so far (PyTorch accumulates it) over the saved
-        artifacts, atomically; returns whether there was anything to write."""
+        """Save what this process has compiled or loaded so far (PyTorch records it) as a blob named by
+        its hash, unless an identical one is there; returns whether a blob was written."""
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return False
-        _write_atomically(self.artifacts, saved[0])
+        blob = self.directory / f"artifacts-{hashlib.sha256(saved[0]).hexdigest()[:20]}.bin"
+        if blob.exists():
+            return False
+        _write_atomically(blob, saved[0])
         return True
 
 
@@ -128,6 +141,14 @@ def clear(root: Path | None = None) -> Path:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_bytes(data)
-    os.replace(staging, path)
+    """Write to a unique file beside ``path``, flush it to disk, then rename it over ``path``."""
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise

@@ -81,7 +81,8 @@ def _top_count(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def select(confidence: torch.Tensor, masked: torch.Tensor, policy: Policy, count: int | torch.Tensor = 1,
-           threshold: float | torch.Tensor = 0.9, factor: float | torch.Tensor = 1.0) -> torch.Tensor:
+           threshold: float | torch.Tensor = 0.9, factor: float | torch.Tensor = 1.0,
+           stable_ties: bool = False) -> torch.Tensor:
     """Which masked positions to commit this step: (B, Q) bool.
 
     Args:
@@ -92,10 +93,15 @@ def select(confidence: torch.Tensor, masked: torch.Tensor, policy: Policy, count
         threshold: τ of the ``threshold`` policy, in [0, 1] (a number, or a 0-d tensor, which a
             CUDA graph can take as an input).
         factor: f of the ``factor`` policy, > 0 (a number or a 0-d tensor).
+        stable_ties: ``fixed``: break ties by position whether ``count`` is an int or a tensor (the
+            deterministic engine: a row alone gets an int, in a batch whose rows are at different
+            steps of their schedules a tensor, and ``topk``'s ties may fall elsewhere).
     Rows without masked positions commit nothing; every other row commits at least one position.
     """
     confidence = confidence.masked_fill(~masked, -torch.inf)
     if policy == "fixed":
+        if isinstance(count, int) and stable_ties:
+            count = torch.full((confidence.shape[0],), count, dtype=torch.long, device=confidence.device)
         if isinstance(count, int):  # the reference's topk, same ties
             chosen = torch.zeros_like(masked)
             if count > 0:

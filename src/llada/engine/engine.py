@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -74,8 +73,8 @@ class Engine:
                 per step instead of a dozen small kernels after it. False captures the forward pass only.
             deterministic: batch-invariant numerics (``batch_invariant``): an answer is the same bits
                 whatever the batch size, its row's place, the other rows' lengths and padding, and
-                the scheduler's joins (greedy decoding, or sampling with a request's own generator,
-                which runs alone). Rotary positions count from each row's first real token, so a
+                the scheduler's joins, when decoding draws nothing at random (temperature 0,
+                ``low_confidence``); a batch that samples shares one generator across its rows. Rotary positions count from each row's first real token, so a
                 left-padded row computes what it computes alone. Eager only (no ``compile``), no
                 quantized layers; slower (docs/engine.md has the cost).
             compile_cache: with ``compile``, keep what compiling produced on disk and reuse it in later
@@ -91,19 +90,25 @@ class Engine:
 
     def warm_up(self, settings: GenerationSettings | None = None, batch_sizes: Sequence[int] = (1,),
                 prompt_lengths: Sequence[int] = (64,), progress: bool = True) -> float:
-        """Compile and capture the passes of these batch sizes and (left-padded) prompt lengths now,
-        so that the first requests do not wait for it (a server's start-up), and save the compile
-        cache; returns the seconds taken. Every block is decoded (no early stop), so that every pass
-        of the layout is captured. (Graph engines also save the cache after each new capture.)"""
-        settings = replace(settings or GenerationSettings(), early_stop=False)
+        """Compile and capture the passes of these batch sizes and prompt lengths (prompts left-padded
+        to them) now, so that the first requests do not wait for it (a server's start-up), and save
+        the compile cache; returns the seconds taken. Lengths that leave no room for the answer are
+        skipped. (Graph engines also save the cache after each new capture.)"""
+        settings = settings or GenerationSettings()
         filler = self.end_ids[0] if self.end_ids else 0
-        shapes = [(batch, length) for batch in batch_sizes for length in prompt_lengths]
+        limit = self.model.config.max_sequence_length - settings.gen_length
+        shapes = [(batch, length) for batch in batch_sizes for length in prompt_lengths if length <= limit]
         start = time.perf_counter()
         for batch, length in tqdm(shapes, desc="warming up: compiling and capturing", unit="shape",
                                   disable=not progress):
-            self.generate([[filler] * length] * batch, settings)
+            # Shorter prompts left-padded to the length, as a server's are (the padding's bias is part
+            # of the compiled and captured passes), with the caller's settings (early_stop is part of
+            # a captured step's key).
+            run = self.start([[filler] * max(1, length // 2)] * batch, settings, prompt_room=length)
+            while run.advance():
+                pass
         if self.runtime.compile_cache is not None:  # engines without CUDA graphs save nothing on their own
-            self.runtime.compile_cache.save()
+            self.runtime.save_compile_cache()
         return time.perf_counter() - start
 
     def start(self, prompts: Sequence[Sequence[int]] | torch.Tensor, settings: GenerationSettings | None = None,

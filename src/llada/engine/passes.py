@@ -64,7 +64,8 @@ class Passes:
         layout = self.layout
         return commit(logits, x, undecided, offsets, limits, count, settings=self.settings,
                       prompt_length=layout.prompt_length, block_length=layout.block_length, mask_id=layout.mask_id,
-                      end_ids=self.runtime.end_ids, generator=self.generator, unwritten=unwritten, columns=columns)
+                      end_ids=self.runtime.end_ids, generator=self.generator, unwritten=unwritten, columns=columns,
+                      stable_ties=self.runtime.deterministic)
 
     def progress(self, x: torch.Tensor, undecided: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
         return progress(x[:, self.layout.prompt_length:], undecided, pending, self.runtime.end_ids,

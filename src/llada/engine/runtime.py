@@ -10,6 +10,7 @@ block steps, forward pass and commits, through ``Runtime.replay`` over its cache
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,8 @@ class Runtime:
             _check_deterministic(model, compile)
         self.fused = fuse_projections(model) if (self.device.type == "cuda" if fuse is None else fuse) else False
         self.compile_cache = CompileCache.for_engine(model, bool(self.fused)) if compile and compile_cache else None
-        if self.compile_cache is not None:
-            self.compile_cache.activate()
+        # How many saved blobs were preloaded (0 for a first start; none without a cache).
+        self.compile_cache_loaded = self.compile_cache.activate() if self.compile_cache is not None else 0
         self.weights_version = getattr(model, "weights_version", 0)  # see check_weights
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -80,6 +81,15 @@ class Runtime:
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
         if self.mask_id is None:
             raise ValueError("the model config has no mask_token_id")
+
+    def save_compile_cache(self) -> None:
+        """Save the compile cache; a write that fails (a full disk) turns it off with a warning."""
+        try:
+            self.compile_cache.save()
+        except OSError as error:
+            warnings.warn(f"compile cache turned off: saving to {self.compile_cache.directory} failed ({error})",
+                          stacklevel=2)
+            self.compile_cache = None
 
     def numerics(self) -> contextlib.AbstractContextManager:
         """The context a batch's step runs in: batch-invariant kernels on deterministic engines."""
@@ -174,7 +184,7 @@ class Runtime:
             entry = self._capture(cache, function, inputs, state)
             self._graphs[key] = entry
             if self.compile_cache is not None:  # a new shape may have compiled: keep it for the next process
-                self.compile_cache.save()
+                self.save_compile_cache()
         if entry.state_pointers != [tensor.data_ptr() for tensor in state]:
             raise RuntimeError("a captured step was replayed on other state tensors than it was captured on")
         for static, value in zip(entry.inputs, inputs, strict=True):
@@ -220,6 +230,8 @@ def _check_deterministic(model: LLaDAModel, compile: bool) -> None:
     if quantized:
         raise ValueError(f"deterministic mode has no batch-invariant kernels for quantized layers ({', '.join(quantized)}); "
                          "load the model without quantization")
+    if model.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"deterministic mode runs on CPUs and CUDA GPUs; the model is on {model.device.type}")
     if model.device.type == "cuda":
         dim = model.config.head_dim
         if not batch_invariant.gpu_kernels_available(model.device):

@@ -41,13 +41,19 @@ BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, WARPS, STAGES = 64, 128, 64, 8, 4, 3
 ROW_BLOCK = 1024  # the row sum's chunk
 CPU_ROWS = 16  # rows of a CPU matmul (``_fixed_shape_mm``)
 
-_thread = threading.local()
+class _ThreadState(threading.local):
+    on = False  # a class default: every thread reads the attribute, none has to create it
+
+
+_thread = _ThreadState()
 aten = torch.ops.aten
 
 
 def active() -> bool:
-    """Whether batch-invariant numerics are on in this thread."""
-    return getattr(_thread, "on", False)
+    """Whether batch-invariant numerics are on in this thread. False while ``torch.compile`` traces
+    (deterministic engines never compile; guarding compiled code on a thread's flag would only make
+    default engines recompile)."""
+    return not torch.compiler.is_compiling() and _thread.on
 
 
 @contextlib.contextmanager
@@ -156,11 +162,16 @@ def _fixed_shape_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float = 1, alpha: float = 1
            ) -> torch.Tensor | None:
+    """``beta · bias + alpha · a @ b``; the product is rounded to its dtype before the bias is added
+    (cuBLAS adds it before), and with ``beta`` 0 the bias is ignored (NaNs in it too), as in PyTorch."""
     product = _mm(a, b)
     if product is None:
         return None
     compute = torch.promote_types(product.dtype, torch.float32)
-    return (alpha * product.to(compute) + beta * bias.to(compute)).to(product.dtype)
+    result = alpha * product.to(compute)
+    if beta != 0:
+        result = result + beta * bias.to(compute)
+    return result.to(product.dtype)
 
 
 def _last_dim_only(x: torch.Tensor, dims: list[int] | None) -> bool:
@@ -170,6 +181,12 @@ def _last_dim_only(x: torch.Tensor, dims: list[int] | None) -> bool:
 
 def _sum(x: torch.Tensor, dims: list[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None,
          mean: bool = False) -> torch.Tensor | None:
+    """A sum (or mean) over the last dimension; ``dtype``, as in PyTorch, is what ``x`` is cast to
+    first (integer ones left to PyTorch)."""
+    if dtype is not None and dtype != x.dtype:
+        if not dtype.is_floating_point:
+            return None
+        x = x.to(dtype)
     if x.dim() == 0 or not _served(x) or not _last_dim_only(x, dims):
         return None
     total = row_sums(x)
