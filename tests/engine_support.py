@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model
 
-from llada.engine.engine import Engine
+from llada.engine.engine import Engine, GenerationSettings
+from llada.engine.scheduler import Scheduler
 
 END = 7  # EOS of the test models (a token id their weights emit now and then)
 
@@ -48,3 +49,16 @@ def left_padded(rows: list[list[int]], pad: int = END) -> tuple[torch.Tensor, to
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def answers_joining_one_per_step(engine: Engine, rows: list[list[int]], settings: GenerationSettings,
+                                 max_batch: int, prompt_bucket: int) -> list[list[int]]:
+    """The answers to ``rows`` submitted to a scheduler one per step, so that each joins a batch
+    already decoding (or waits for a free row), in submission order."""
+    scheduler = Scheduler(engine, max_batch=max_batch, prompt_bucket=prompt_bucket)
+    requests = []
+    for row in rows:
+        requests.append(scheduler.submit(row, settings))
+        scheduler.step()
+    scheduler.run_until_idle()
+    return [request.result.tokens for request in requests]

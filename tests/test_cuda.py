@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from engine_support import answers, left_padded, model, prompts
+from engine_support import answers, answers_joining_one_per_step, left_padded, model, prompts
 
 from llada.diffusion.sampling import generate
 from llada.engine.engine import Engine, GenerationSettings
@@ -363,13 +363,7 @@ def test_deterministic_mode_survives_scheduler_joins_on_the_gpu() -> None:
     settings = GenerationSettings(gen_length=32, block_length=8, threshold=0.5)
     engine = Engine(net, deterministic=True)
     alone = [engine.generate([row], settings)[0].tokens for row in rows]
-    scheduler = Scheduler(engine, max_batch=8, prompt_bucket=64)
-    requests = []
-    for row in rows:  # one joins per step
-        requests.append(scheduler.submit(row, settings))
-        scheduler.step()
-    scheduler.run_until_idle()
-    assert [request.result.tokens for request in requests] == alone
+    assert answers_joining_one_per_step(engine, rows, settings, max_batch=8, prompt_bucket=64) == alone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40e9,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import model, prompts
+from engine_support import answers_joining_one_per_step, model, prompts
 
 from llada.engine.engine import Engine, GenerationSettings
 from llada.engine.scheduler import Scheduler
@@ -116,13 +116,7 @@ def test_fixed_schedules_break_ties_alike_alone_and_among_rows_at_other_steps() 
     settings = GenerationSettings(gen_length=16, block_length=8, policy="fixed", steps=12)
     engine = Engine(net, deterministic=True)
     alone = [engine.generate([row], settings)[0].tokens for row in rows]
-    scheduler = Scheduler(engine, max_batch=4, prompt_bucket=16)
-    requests = []
-    for row in rows:  # one joins per step
-        requests.append(scheduler.submit(row, settings))
-        scheduler.step()
-    scheduler.run_until_idle()
-    assert [request.result.tokens for request in requests] == alone
+    assert answers_joining_one_per_step(engine, rows, settings, max_batch=4, prompt_bucket=16) == alone
 
 
 def test_deterministic_mode_refuses_what_it_cannot_make_invariant() -> None:
