@@ -68,8 +68,9 @@ def measure(name: str, batches: list[int], settings: GenerationSettings, repeats
         for kind, engine in engines.items():
             seconds = _timed(functools.partial(engine.generate, chosen, settings), repeats)
             together = [r.tokens for r in engine.generate(chosen, settings)]
+            unlike = sum(a != b for a, b in zip(together, alone[kind][:batch], strict=True))
             row[kind] = {"seconds": round(seconds, 4), "tokens_per_s": round(batch * settings.gen_length / seconds, 1),
-                         "answers_unlike_alone": sum(a != b for a, b in zip(together, alone[kind][:batch], strict=True))}
+                         "answers_unlike_alone": unlike}
         for kind in kinds:
             row[kind]["time_vs_default"] = round(row[kind]["seconds"] / row["default"]["seconds"], 3)
         print(json.dumps(row), flush=True)

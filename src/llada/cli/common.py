@@ -63,8 +63,8 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling(parser: argparse.ArgumentParser) -> None:
-    """The model, the sampler, ``--compile``, ``--deterministic``, and one flag per ``GenerationSettings`` field, made from the
-    field (name, type, default, help): a new setting is a new field, and its flag follows."""
+    """The model, the sampler, ``--compile``, ``--deterministic``, and one flag per ``GenerationSettings``
+    field, made from the field (name, type, default, help): a new setting is a new field, and its flag follows."""
     add_model(parser)
     parser.add_argument("--sampler", choices=SAMPLERS, default="engine",
                         help="engine (fast, default) or reference (the official algorithm, a full forward per step)")

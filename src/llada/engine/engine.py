@@ -74,9 +74,10 @@ class Engine:
             deterministic: batch-invariant numerics (``batch_invariant``): an answer is the same bits
                 whatever the batch size, its row's place, the other rows' lengths and padding, and
                 the scheduler's joins, when decoding draws nothing at random (temperature 0,
-                ``low_confidence``); a batch that samples shares one generator across its rows. Rotary positions count from each row's first real token, so a
-                left-padded row computes what it computes alone. Eager only (no ``compile``), no
-                quantized layers; slower (docs/engine.md has the cost).
+                ``low_confidence``); a batch that samples shares one generator across its rows.
+                Rotary positions count from each row's first real token, so a left-padded row
+                computes what it computes alone. Eager only (no ``compile``), no quantized layers;
+                slower (docs/engine.md has the cost).
             compile_cache: with ``compile``, keep what compiling produced on disk and reuse it in later
                 processes (``compile_cache``: under ``$LLADA_CACHE_DIR``, default ``~/.cache/llada``).
         """

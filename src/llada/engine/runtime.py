@@ -226,10 +226,11 @@ def _check_deterministic(model: LLaDAModel, compile: bool) -> None:
     if compile:
         raise ValueError("deterministic mode runs the forward passes eagerly (captured as CUDA graphs on GPUs); "
                          "torch.compile generates reductions whose split depends on the batch: drop compile")
-    quantized = sorted({type(module).__name__ for module in model.modules() if isinstance(module, (Int8Linear, Fp8Linear))})
+    quantized = sorted({type(module).__name__ for module in model.modules()
+                        if isinstance(module, (Int8Linear, Fp8Linear))})
     if quantized:
-        raise ValueError(f"deterministic mode has no batch-invariant kernels for quantized layers ({', '.join(quantized)}); "
-                         "load the model without quantization")
+        raise ValueError(f"deterministic mode has no batch-invariant kernels for quantized layers "
+                         f"({', '.join(quantized)}); load the model without quantization")
     if model.device.type not in ("cpu", "cuda"):
         raise ValueError(f"deterministic mode runs on CPUs and CUDA GPUs; the model is on {model.device.type}")
     if model.device.type == "cuda":

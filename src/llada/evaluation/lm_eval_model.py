@@ -86,8 +86,9 @@ class LLaDAEvalModel(LM):
     official model_path), device, dtype, max_length, mask_id (checked against the checkpoint),
     batch_size (MC samples per forward pass), mc_num, is_check_greedy, greedy_check, cfg, sampler,
     gen_batch_size, seed, compile, deterministic (the engine's batch-invariant mode: generated answers
-    that do not depend on gen_batch_size; likelihood scoring is not covered), and every GenerationSettings field (gen_length, steps,
-    block_length, remasking, policy, threshold, cache, temperature, logits_eos_inf, ...)."""
+    that do not depend on gen_batch_size; likelihood scoring is not covered), and every
+    GenerationSettings field (gen_length, steps, block_length, remasking, policy, threshold, cache,
+    temperature, logits_eos_inf, ...)."""
 
     def __init__(self, pretrained: str | tuple[LLaDAModel, Tokenizer] | None = None, model_path: str | None = None,
                  device: str | None = None, dtype: str = "auto", max_length: int | None = None,

@@ -41,6 +41,7 @@ BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, WARPS, STAGES = 64, 128, 64, 8, 4, 3
 ROW_BLOCK = 1024  # the row sum's chunk
 CPU_ROWS = 16  # rows of a CPU matmul (``_fixed_shape_mm``)
 
+
 class _ThreadState(threading.local):
     on = False  # a class default: every thread reads the attribute, none has to create it
 
@@ -70,9 +71,10 @@ def enabled() -> Iterator[None]:
         _thread.on = False
 
 
+@functools.cache
 def gpu_kernels_available(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device``: a CUDA GPU of compute capability 8 or later
-    (bf16 tensor-core products) with Triton installed."""
+    (bf16 tensor-core products) with Triton installed. Cached: every routed operation asks."""
     return (device.type == "cuda" and TRITON_INSTALLED
             and torch.cuda.get_device_properties(device).major >= 8)
 

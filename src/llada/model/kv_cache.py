@@ -215,7 +215,7 @@ def aligned_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     bias = torch.zeros(1, 1, 1, length, dtype=q.dtype, device=q.device) if bias is None else bias
     bias = bias.expand(batch, 1, 1, length)
     if block_attention.available(q, keys):
-        return block_attention.block_attention(q, keys, values, bias, k, v, fresh_bias, starts.to(q.device))
+        return block_attention.block_attention(q, keys, values, bias, k, v, fresh_bias, starts)
     out = q.new_zeros(batch, q.shape[2], q.shape[1] * q.shape[3])
     for b, start in enumerate(starts.tolist()):
         first = int((positions[b] < start).sum())  # padding queries come first
