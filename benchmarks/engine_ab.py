@@ -31,7 +31,7 @@ CASES = {
 }
 
 
-def child(case_names: list[str], repeats: int) -> None:
+def child(case_names: list[str], repeats: int, compile: bool) -> None:
     """Time the cases with whichever ``llada`` is first on the path; print one JSON line per case."""
     import torch
 
@@ -48,7 +48,7 @@ def child(case_names: list[str], repeats: int) -> None:
                 with torch.device("cuda"):
                     models["8b"] = LLaDAModel(preset("8b")).to(torch.bfloat16).eval()
         model = models[case["model"]]
-        engine = Engine(model)
+        engine = Engine(model, compile=compile)
         generator = torch.Generator().manual_seed(1)
         vocab = min(model.config.vocab_size, 8000)
         prompts = [torch.randint(0, vocab, (case["prompt"],), generator=generator).tolist() for _ in range(case["batch"])]
@@ -77,11 +77,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--rounds", type=int, default=2, help="A/B alternations (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per case and process (default 5)")
+    parser.add_argument("--compile", action="store_true", help="time compiled engines (the first call compiles)")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.cases, args.repeats)
+        child(args.cases, args.repeats, args.compile)
         return
     runs: dict[str, dict[str, list[dict]]] = {"a": {}, "b": {}}
     for _ in range(args.rounds):
@@ -89,8 +90,8 @@ def main() -> None:
             path = [str(Path(getattr(args, tree)).resolve()), os.environ.get("PYTHONPATH", "")]
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
             out = subprocess.run([sys.executable, __file__, "--child", "--a", args.a, "--b", args.b, "--repeats",
-                                  str(args.repeats), "--cases", *args.cases], env=env, capture_output=True, text=True,
-                                 check=True).stdout
+                                  str(args.repeats), "--cases", *args.cases, *(["--compile"] if args.compile else [])],
+                                 env=env, capture_output=True, text=True, check=True).stdout
             for line in out.splitlines():
                 print(tree, line, file=sys.stderr, flush=True)
                 record = json.loads(line)
@@ -111,7 +112,7 @@ def main() -> None:
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                              "a": args.a, "b": args.b, "cases": summary}, indent=1) + "\n")
+                                              "a": args.a, "b": args.b, "compile": args.compile, "cases": summary}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ COMPILED_RUN = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
     from engine_support import model, prompts
+    import torch
     from llada.engine.engine import Engine, GenerationSettings
-    engine = Engine(model(), compile=True)
+    net = model() if sys.argv[2] == "cpu" else model().to(sys.argv[2], torch.bfloat16)
+    engine = Engine(net, compile=True)
     loaded = engine.runtime.compile_cache_loaded
     settings = GenerationSettings(gen_length=8, block_length=4, threshold=0.3)
     engine.warm_up(settings, prompt_lengths=(6,), progress=False)
@@ -83,15 +85,21 @@ COMPILED_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.inductor
-def test_a_second_process_starts_from_the_first_ones_compiled_artifacts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.inductor),
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+])
+def test_a_second_process_starts_from_the_first_ones_compiled_artifacts(tmp_path: Path, device: str) -> None:
     """Two processes compile the same engine with one cache root: the first writes the artifacts, the
-    second finds them (and answers the same)."""
+    second finds them (and answers the same). On a GPU the engine also captures CUDA graphs (in bf16)."""
     environment = {**os.environ, "LLADA_CACHE_DIR": str(tmp_path)}
     environment.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    environment.pop("TRITON_CACHE_DIR", None)
     tests = str(Path(__file__).parents[1])
-    runs = [json.loads(subprocess.run([sys.executable, "-c", COMPILED_RUN, tests], env=environment, check=True,
-                                      capture_output=True, text=True, timeout=900).stdout.splitlines()[-1])
+    runs = [json.loads(subprocess.run([sys.executable, "-c", COMPILED_RUN, tests, device], env=environment,
+                                      check=True, capture_output=True, text=True,
+                                      timeout=900).stdout.splitlines()[-1])
             for _ in range(2)]
     assert runs[0]["had_cache"] == 0 and runs[1]["had_cache"] >= 1
     assert runs[0]["tokens"] == runs[1]["tokens"]

@@ -99,15 +99,35 @@ def test_compiled_refreshes_do_not_recompile_per_batch_size() -> None:
     PyTorch's duck sizing, as with separate tensors per layer.)"""
     from torch._dynamo.testing import CompileCounter
 
-    from llada.engine.runtime import _refresh_pass
+    from llada.engine.runtime import _refresh_layer
     net = model(n_kv_heads=4)  # two layers, four key/value heads
     counter = CompileCounter()
-    refresh = torch.compile(_refresh_pass, dynamic=True, fullgraph=True, backend=counter)
+    refresh = torch.compile(_refresh_layer, dynamic=True, fullgraph=True, backend=counter)
     for batch in (2, 3, 5):  # the first equals 2 (keys/values) and n_layers, then changes
         cache = KVCache.allocate(net, batch, 12)
         positions = torch.arange(12).expand(batch, -1).contiguous()
-        refresh(net, torch.randint(0, 50, (batch, 12)), positions, cache, None, positions, False)
+        cached_forward(net, torch.randint(0, 50, (batch, 12)), positions, cache, None, positions, layer_pass=refresh)
     assert counter.frame_count == 1
+
+
+def test_a_compiled_engine_compiles_one_layer_for_all_layers() -> None:
+    """Regional compilation: the layer function traced for the first block serves every other block
+    (their code and shapes are the same, their weights are inputs), so compile time does not grow
+    with depth; and the compiled layers compute what the eager ones do."""
+    from torch._dynamo.testing import CompileCounter
+
+    from llada.engine.runtime import _step_layer
+    net = model(n_layers=4)
+    counter = CompileCounter()
+    step = torch.compile(_step_layer, dynamic=None, fullgraph=True, backend=counter)
+    ids = torch.randint(0, 50, (2, 12))
+    everything = torch.arange(12).expand(2, -1)
+    cache = KVCache.allocate(net, 2, 12)
+    cached_forward(net, ids, everything, cache)
+    block = torch.arange(4, 8).expand(2, -1)
+    compiled = cached_forward(net, ids[:, 4:8], block, cache, write=False, layer_pass=step)
+    assert counter.frame_count == 1  # one trace for four layers
+    assert torch.equal(compiled, cached_forward(net, ids[:, 4:8], block, cache, write=False))
 
 
 def test_copying_rows_into_a_cache_of_another_shape_is_refused() -> None:

@@ -70,7 +70,7 @@ def add_sampling(parser: argparse.ArgumentParser) -> None:
                         help="engine (fast, default) or reference (the official algorithm, a full forward per step)")
     parser.add_argument("--compile", action="store_true",
                         help="engine: torch.compile the block steps and refreshes (GPU; the first call of a "
-                             "shape compiles for tens of seconds)")
+                             "shape compiles for seconds; compiled code is cached, see `llada cache`)")
     parser.add_argument("--deterministic", action="store_true",
                         help="engine: batch-invariant numerics, so that an answer is the same bits whatever the "
                              "batch and the other prompts (slower; not with --compile)")

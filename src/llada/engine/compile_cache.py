@@ -1,7 +1,7 @@
 """What ``torch.compile`` produces for a compiled engine, kept on disk so that the next process reuses it.
 
-A compiled engine's first call of each shape traces the forward pass, lowers it through Inductor,
-generates and benchmarks Triton kernels: tens of seconds at the 8B shape, paid again by every new
+A compiled engine's first call of each shape traces a layer, lowers it through Inductor, generates
+and benchmarks Triton kernels: about 8 s at the 8B shape on an H100, paid again by every new
 ``llada serve --compile``. PyTorch can serialise those results (Inductor's compiled graphs, AOT
 autograd's, the kernels' autotuning choices) as one blob, ``torch.compiler.save_cache_artifacts``,
 and preload them into a new process, ``load_cache_artifacts``; tracing still runs, the expensive

@@ -57,8 +57,8 @@ class Engine:
         Args:
             model: the mask predictor, in eval mode, on its device and dtype.
             cuda_graphs: capture each forward shape as a CUDA graph (default: on CUDA devices).
-            compile: ``torch.compile`` the forward passes (fuses norms, RoPE and SwiGLU; the first
-                call of each shape compiles for some seconds, up to a minute at the 8B shape): block
+            compile: ``torch.compile`` the forward passes, one layer compiled for all (fuses norms,
+                RoPE and SwiGLU; the first call of each shape compiles for a few seconds): block
                 steps, and refreshes except in the exact mode (``cache="none"``), which keeps the
                 model's own eager arithmetic so as to equal the reference sampler bit for bit.
             max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a

@@ -20,15 +20,20 @@ import torch
 from llada.engine.compile_cache import CompileCache
 from llada.model import batch_invariant, block_attention
 from llada.model.fusion import fuse_projections, projections_fused_in
-from llada.model.kv_cache import KVCache, cached_forward
+from llada.model.kv_cache import KVCache, LayerPass, cached_forward, run_layer
 from llada.model.quantize import Fp8Linear, Int8Linear
 from llada.model.transformer import LLaDAModel
 
 
-def _refresh_pass(model: LLaDAModel, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                  key_bias: torch.Tensor | None, logits_index: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``cached_forward`` writing the cache (a refresh), as a function of its own to compile apart."""
-    return cached_forward(model, tokens, positions, cache, key_bias, logits_index, True, fused)
+def _step_layer(*args: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``run_layer`` in a read-only block step: a function of its own, so that its compiled
+    versions (a few shapes, static first) are kept and counted apart from the refreshes'."""
+    return run_layer(*args)
+
+
+def _refresh_layer(*args: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``run_layer`` in a refresh (writing the cache; any number of rows and queries)."""
+    return run_layer(*args)
 
 
 @dataclass
@@ -63,16 +68,17 @@ class Runtime:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
+        # One layer is compiled, not the unrolled network (``kv_cache.run_layer``): every layer
+        # reuses it, so the 8B shape compiles in seconds and a cached start re-traces one layer.
         # Block steps (read-only, a few shapes) compile with static shapes first (dynamic=None: a
         # second cache length recompiles once, with symbolic lengths); refreshes, whose number of
         # rows and queries varies (rows joining, answer-only refreshes), compile once with symbolic
         # shapes, as a function of their own so that they keep their own recompile budget.
         self.compiled = compile
         self.capture_sampling = capture_sampling
-        self.step_fn: Callable[..., torch.Tensor] = (
-            torch.compile(cached_forward, dynamic=None, fullgraph=True) if compile else cached_forward)
-        self.refresh_fn: Callable[..., torch.Tensor] = (
-            torch.compile(_refresh_pass, dynamic=True, fullgraph=True) if compile else _refresh_pass)
+        self.step_layer: LayerPass = torch.compile(_step_layer, dynamic=None, fullgraph=True) if compile else run_layer
+        self.refresh_layer: LayerPass = (
+            torch.compile(_refresh_layer, dynamic=True, fullgraph=True) if compile else run_layer)
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Graph] = {}
@@ -153,16 +159,12 @@ class Runtime:
 
         ``exact``: the model's own arithmetic, eagerly (the exact mode, which equals the reference
         sampler bit for bit). Otherwise fused matmuls, and on compiling engines the compiled
-        functions: read-only block steps (``write=False``) or refreshes writing the cache.
-        ``query_mask`` and ``return_entries`` as in ``cached_forward`` (block steps only).
+        layer functions: read-only block steps (``write=False``) or refreshes writing the cache.
+        ``query_mask`` and ``return_entries`` as in ``cached_forward``.
         """
-        if exact or not self.compiled:
-            return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
-                                  self.fused and not exact, query_mask, return_entries)
-        if write:
-            return self.refresh_fn(self.model, tokens, positions, cache, key_bias, logits_index, self.fused)
-        return self.step_fn(self.model, tokens, positions, cache, key_bias, logits_index, False, self.fused,
-                            query_mask, return_entries)
+        compiled_layer = None if exact or not self.compiled else self.refresh_layer if write else self.step_layer
+        return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
+                              self.fused and not exact, query_mask, return_entries, compiled_layer)
 
     def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
                state: Sequence[torch.Tensor] = (), graph: bool = True) -> Any:

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from llada.model import batch_invariant, block_attention
-from llada.model.transformer import LLaDAModel
+from llada.model.transformer import Block, LLaDAModel
+
+LayerPass = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+"""``run_layer``'s signature: what ``cached_forward`` runs each layer with (compiled on compiling engines)."""
 
 
 @dataclass
@@ -98,7 +101,8 @@ def _check_rows(part: KVCache, whole: KVCache, rows: torch.Tensor) -> None:
 def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                    key_bias: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
                    write: bool = True, fused: bool = False, query_mask: torch.Tensor | None = None,
-                   return_entries: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   return_entries: bool = False,
+                   layer_pass: LayerPass | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``input_ids`` at ``positions`` against the cache.
 
     Args:
@@ -125,6 +129,8 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
             ``KVCache.entries`` (padding queries carry their positions' cached entries), for the
             caller to store after a read-only pass with ``store_entries`` (a store inside a
             compiled pass copies the cache; one outside it is one kernel for all layers).
+        layer_pass: what runs each layer (``run_layer`` by default); a compiled engine passes a
+            ``torch.compile``d one, compiled once for all the layers (``run_layer`` says why).
     Returns:
         (B, N, V) logits in the model's dtype (N = Q without ``logits_index``); with
         ``return_entries``, (logits, entries).
@@ -138,8 +144,9 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
     # its attention starts there (``starts``).
     starts = first_real_keys(key_bias, positions) if batch_invariant.active() else None
     rotary = positions if starts is None else (positions - starts[:, None]).clamp_min(0)  # padding: any angle
-    angles = model.rope[:, rotary]  # (2, B, Q, D)
-    cos, sin = angles[0][:, None], angles[1][:, None]  # (B, 1, Q, D), broadcast over heads
+    # (B, 1, Q, D), broadcast over heads; gathered apart rather than as views of one (2, B, Q, D)
+    # tensor, whose leading 2 a compiled layer (dynamic shapes) would tie to a batch of 2.
+    cos, sin = model.rope[0][rotary][:, None], model.rope[1][rotary][:, None]
     lowest = torch.finfo(model.dtype).min
     fresh_bias = None
     if not write:
@@ -150,20 +157,42 @@ def cached_forward(model: LLaDAModel, input_ids: torch.Tensor, positions: torch.
         if query_mask is not None:  # padding queries' fresh keys hidden: their cached ones stand
             fresh_bias = torch.zeros(query_mask.shape, dtype=model.dtype, device=query_mask.device).masked_fill(
                 ~query_mask, lowest)[:, None, None, :]  # (B, 1, 1, Q)
+    layer_pass = run_layer if layer_pass is None else layer_pass
     stored_keys, stored_values = [], []
     x = model.wte(input_ids)  # (B, Q, E)
     for layer, block in enumerate(model.blocks):
-        attention = functools.partial(_attend_layer, keys=cache.keys[layer], values=cache.values[layer],
-                                      sdpa=block.sdpa, positions=positions, key_bias=key_bias, write=write,
-                                      query_mask=query_mask, fresh_bias=fresh_bias, starts=starts,
-                                      stored=(stored_keys, stored_values) if return_entries else None)
-        x = block.run(x, cos, sin, attention, fused)
+        x, entries = layer_pass(block, x, cos, sin, cache.keys[layer], cache.values[layer], positions, key_bias,
+                                write, fused, query_mask, fresh_bias, starts, return_entries)
+        if entries is not None:
+            stored_keys.append(entries[0])
+            stored_values.append(entries[1])
     if logits_index is not None:
         x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[2]))  # (B, N, E)
     logits = F.linear(model.ln_f(x), model.output_weight())
     if return_entries:
         return logits, torch.stack([torch.stack(stored_keys), torch.stack(stored_values)])
     return logits
+
+
+def run_layer(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor, positions: torch.Tensor, key_bias: torch.Tensor | None, write: bool, fused: bool,
+              query_mask: torch.Tensor | None, fresh_bias: torch.Tensor | None, starts: torch.Tensor | None,
+              return_entries: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One block of ``cached_forward`` over its layer's cache ``keys``/``values`` (B, K, T, D): the new
+    hidden states, and with ``return_entries`` the (keys, values) entries to store.
+
+    A function of its own, taking the block as an argument, so that a compiled engine compiles
+    one layer rather than the unrolled network: every layer has the same code and shapes, so
+    ``torch.compile`` traces and lowers once and reuses the result for all of them, which is what
+    makes the 8B shape's compile (and a cached start's re-tracing) a matter of seconds.
+    """
+    stored: tuple[list[torch.Tensor], list[torch.Tensor]] | None = ([], []) if return_entries else None
+    attention = functools.partial(_attend_layer, keys=keys, values=values, sdpa=block.sdpa, positions=positions,
+                                  key_bias=key_bias, write=write, query_mask=query_mask, fresh_bias=fresh_bias,
+                                  starts=starts, stored=stored)
+    x = block.run(x, cos, sin, attention, fused)
+    return x, None if stored is None else (stored[0][0], stored[1][0])
+
 
 
 def _attend_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor,
