@@ -1,6 +1,7 @@
 """GPU-only behaviour: CUDA graphs, fused projections in bf16, fp8 matmuls, capture on a worker thread.
 
-Deselected by default (marker ``cuda``); on a GPU machine run ``python -m pytest -m cuda tests/test_cuda.py``.
+Deselected by default (marker ``cuda``); on a GPU machine run ``python -m pytest -m cuda tests``, which also
+runs the GPU cases kept beside their CPU tests in other files.
 """
 
 from __future__ import annotations

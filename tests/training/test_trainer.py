@@ -378,3 +378,15 @@ def test_two_runs_cannot_share_a_run_directory(workspace: Path, tmp_path: Path) 
         Trainer(recipe(workspace, tmp_path / "run")).run()
     first.close()
     Trainer(recipe(workspace, tmp_path / "run", "steps=2")).run()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_steps_on_a_gpu_log_their_peak_memory(workspace: Path, tmp_path: Path) -> None:
+    """Each step's record holds the step's own peak GPU memory: at least the float32 weights, their
+    gradients and Adam's two moments, which live through every step."""
+    trainer = Trainer(recipe(workspace, tmp_path / "run", "device=cuda", "steps=3", "save_every=0"))
+    state_gib = 4 * sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**30
+    records = trainer.run()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(state_gib <= r["peak_memory_gib"] < state_gib + 1 for r in records)

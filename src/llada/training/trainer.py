@@ -380,6 +380,8 @@ class Trainer:
                    **({"disable": True} if self.rank else {}))
         try:
             while self.step < self.config.steps:
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 start = time.perf_counter()
                 result = self.train_step()
                 if self.device.type == "cuda":
@@ -388,6 +390,8 @@ class Trainer:
                 record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
                           "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
                           "skipped": result.skipped, **result.metrics}
+                if self.device.type == "cuda":  # this process's peak within the step (rollouts included)
+                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if peak:  # per device: all processes' tokens over all devices' peak
                     record["mfu"] = flops_per_token * result.tokens / seconds / (peak * self.world)
                 if result.skipped:
