@@ -31,8 +31,8 @@ from pathlib import Path
 
 RECIPES = {"sft": "configs/llada8b_sft_lora.yaml", "vrpo": "configs/llada8b_vrpo_lora.yaml",
            "grpo": "configs/llada8b_grpo_lora.yaml"}
-WORDS = ("river stone crown sword light night field bread water north voice table green winter paper "
-         "garden silver window market letter mountain").split()
+WORDS = ["river", "stone", "crown", "sword", "light", "night", "field", "bread", "water", "north", "voice", "table",
+         "green", "winter", "paper", "garden", "silver", "window", "market", "letter", "mountain"]
 
 
 def _text(tokenizer, length: int, rng: random.Random) -> str:

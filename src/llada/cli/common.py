@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from llada.engine.generation import SAMPLERS
+from llada.engine.generation import SAMPLERS, Decoder
 from llada.engine.options import setting_names, setting_types, settings_from_options
 from llada.engine.settings import GenerationSettings
 from llada.model.loading import DEMO_MODEL
@@ -104,6 +104,11 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     options = {name: getattr(args, name) for name in setting_names() if hasattr(args, name)}
     options["policy"] = args.policy or ("fixed" if args.steps is not None or args.sampler == "reference" else "threshold")
     return settings_from_options(options)
+
+
+def decoder_from_args(args: argparse.Namespace) -> Decoder:
+    """The sampler and the engine's options from ``--sampler``, ``--compile`` and ``--deterministic``."""
+    return Decoder(args.sampler, compile=args.compile, deterministic=args.deterministic)
 
 
 def add_runtime(parser: argparse.ArgumentParser) -> None:

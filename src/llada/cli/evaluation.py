@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from llada.cli.common import CliError, add_runtime, add_sampling, atomic_text_writer, settings_from_args
+from llada.cli.common import (
+    CliError,
+    add_runtime,
+    add_sampling,
+    atomic_text_writer,
+    decoder_from_args,
+    settings_from_args,
+)
 from llada.model.checkpoint import CheckpointError
 from llada.model.loading import DEMO_MODEL, load, resolve_device
 from llada.model.tokenizer import TokenizerError
@@ -72,9 +79,8 @@ def run_humaneval(argv: list[str]) -> int:
             net, tokenizer = load(args.model, args.device, args.dtype)
             summary = evaluate(net, tokenizer, settings_from_args(args), limit=args.limit,
                                batch_size=args.batch_size, chat=args.chat, limits=limits, isolation=isolation,
-                               sampler=args.sampler, compile=args.compile, deterministic=args.deterministic,
-                               seed=args.seed,
-                               problems_path=args.problems, workers=args.workers)
+                               decoder=decoder_from_args(args), seed=args.seed, problems_path=args.problems,
+                               workers=args.workers)
             records = summary.pop("records")
             output = Path(args.output) if args.output else None
         if output is not None:

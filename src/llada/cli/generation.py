@@ -19,14 +19,14 @@ from llada.cli.common import (
     add_runtime,
     add_sampling,
     atomic_text_writer,
+    decoder_from_args,
     settings_from_args,
 )
 from llada.diffusion.infilling import infill_text
 from llada.diffusion.likelihood import log_likelihood
 from llada.diffusion.sampling import REMASKING_CHOICES, Remasking
 from llada.engine.answer_text import AnswerText, answer_text
-from llada.engine.engine import Engine
-from llada.engine.generation import Sampler, answer_ids
+from llada.engine.generation import DEFAULT_DECODER, Decoder, answer_ids
 from llada.engine.settings import GenerationSettings
 from llada.model.loading import load
 from llada.model.tokenizer import Message
@@ -34,17 +34,16 @@ from llada.training.corpus import iter_jsonl
 from llada.training.sft_data import checked_messages
 
 
-def run_generate(model: str, prompt: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
+def run_generate(model: str, prompt: str, settings: GenerationSettings | None = None, decoder: Decoder = DEFAULT_DECODER,
                  chat: bool = True, device: str = "auto", dtype: str = "auto", seed: int = 0,
-                 show_prompt: bool = False, compile: bool = False, deterministic: bool = False) -> str:
+                 show_prompt: bool = False) -> str:
     """Generate one answer for ``prompt`` and return its text."""
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
     messages: list[Message] = [{"role": "user", "content": prompt}]
     ids = tokenizer.encode_chat(messages) if chat else tokenizer.encode(prompt)
     generator = torch.Generator(device=net.device).manual_seed(seed)
-    engine = Engine(net, compile=compile, deterministic=deterministic) if sampler == "engine" else None
-    answer = answer_ids(net, ids, settings or GenerationSettings(), sampler, engine, generator)
+    answer = answer_ids(net, ids, settings or GenerationSettings(), decoder.sampler, decoder.engine(net), generator)
     text = answer_text(tokenizer, answer)
     return (prompt + text) if show_prompt else text
 
@@ -71,8 +70,8 @@ GENERATE_BATCH_SIZE = 16  # ``llada generate --input``'s prompts per batch (the 
 
 
 def run_generate_file(model: str, input: str, output: str | None = None, settings: GenerationSettings | None = None,
-                      sampler: Sampler = "engine", batch_size: int = GENERATE_BATCH_SIZE, chat: bool = True, device: str = "auto",
-                      dtype: str = "auto", seed: int = 0, compile: bool = False, deterministic: bool = False) -> int:
+                      decoder: Decoder = DEFAULT_DECODER, batch_size: int = GENERATE_BATCH_SIZE, chat: bool = True,
+                      device: str = "auto", dtype: str = "auto", seed: int = 0) -> int:
     """Answer every line of a JSONL file ({"prompt": str} or {"messages": [...]}, other fields kept).
 
     The engine decodes ``batch_size`` prompts at a time (each at its own pace); the reference
@@ -95,7 +94,7 @@ def run_generate_file(model: str, input: str, output: str | None = None, setting
         if not prompts[-1]:
             raise CliError(f"{input}:{number}: the prompt tokenizes to nothing")
     generator = torch.Generator(device=net.device).manual_seed(seed)
-    engine = Engine(net, compile=compile, deterministic=deterministic) if sampler == "engine" else None
+    engine = decoder.engine(net)
     stream, commit = atomic_text_writer(Path(output)) if output else (sys.stdout, lambda: None)
     with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=len(prompts) < 2) as bar:
         for start in range(0, len(prompts), batch_size if engine else 1):
@@ -147,17 +146,16 @@ def _print_settled(text: AnswerText, stdout: TextIO) -> Callable[[list[int]], No
     return show
 
 
-def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sampler = "engine",
+def run_chat(model: str, settings: GenerationSettings | None = None, decoder: Decoder = DEFAULT_DECODER,
              device: str = "auto", dtype: str = "auto", seed: int = 0, system: str | None = None,
-             compile: bool = False, deterministic: bool = False, stdin: TextIO | None = None,
-             stdout: TextIO | None = None) -> None:
+             stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """Multi-turn chat on the terminal (or the given streams); the answer is printed as its beginning is decided."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     settings = settings or GenerationSettings()
     torch.manual_seed(seed)
     net, tokenizer = load(model, device, dtype)
     generator = torch.Generator(device=net.device).manual_seed(seed)
-    engine = Engine(net, compile=compile, deterministic=deterministic) if sampler == "engine" else None
+    engine = decoder.engine(net)
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     stdout.write("Chat with the model. Commands: /reset clears the history, /exit quits.\n")
     while True:
@@ -181,7 +179,7 @@ def run_chat(model: str, settings: GenerationSettings | None = None, sampler: Sa
             continue
         end_ids = [i for i in (tokenizer.ids.eos, tokenizer.ids.eot) if i is not None]
         live = AnswerText(tokenizer, tokenizer.ids.mask, end_ids, max_tokens=settings.gen_length)
-        reply = answer_text(tokenizer, answer_ids(net, ids, settings, sampler, engine, generator,
+        reply = answer_text(tokenizer, answer_ids(net, ids, settings, decoder.sampler, engine, generator,
                                                   on_update=_print_settled(live, stdout)))
         shown = live.sent
         stdout.write(reply[len(shown):] if reply.startswith(shown) else "\n" + reply)
@@ -242,9 +240,8 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def _sampling(args: argparse.Namespace) -> dict:
     """The keyword arguments ``run_generate``, ``run_generate_file`` and ``run_chat`` share."""
-    return {"model": args.model, "settings": settings_from_args(args), "sampler": args.sampler, "device": args.device,
-            "dtype": args.dtype, "seed": args.seed, "compile": args.compile,
-            "deterministic": args.deterministic}
+    return {"model": args.model, "settings": settings_from_args(args), "decoder": decoder_from_args(args),
+            "device": args.device, "dtype": args.dtype, "seed": args.seed}
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ which supports the fixed policy with a full forward pass per step only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,6 +20,33 @@ from llada.model.transformer import LLaDAModel, left_pad
 
 Sampler = Literal["engine", "reference"]
 SAMPLERS: tuple[str, ...] = ("engine", "reference")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Which sampler decodes, and how the engine runs: the choices every generating command
+    (``generate``, ``chat``, ``eval humaneval``) takes together, passed as one value.
+
+    ``compile`` and ``deterministic`` are the engine's (``Engine``); the reference sampler has neither.
+    """
+
+    sampler: Sampler = "engine"
+    compile: bool = False
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+
+    def engine(self, model: LLaDAModel) -> Engine | None:
+        """An engine for ``model`` with these options; None for the reference sampler."""
+        if self.sampler != "engine":
+            return None
+        return Engine(model, compile=self.compile, deterministic=self.deterministic)
+
+
+DEFAULT_DECODER = Decoder()
+"""The engine with its defaults (frozen, so one shared value serves as every default argument)."""
 
 
 def reference_settings_error(settings: GenerationSettings) -> str | None:

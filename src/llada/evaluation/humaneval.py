@@ -21,8 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llada.engine.answer_text import answer_text
-from llada.engine.engine import Engine
-from llada.engine.generation import Sampler, batch_answers
+from llada.engine.generation import DEFAULT_DECODER, Decoder, batch_answers
 from llada.engine.settings import GenerationSettings
 from llada.evaluation.code_extraction import chat_solution, truncate_completion
 from llada.evaluation.code_grading import Verdict, run_check
@@ -144,12 +143,12 @@ def read_samples(path: str | Path) -> list[dict]:
 
 
 def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dict], settings: GenerationSettings,
-                     *, chat: bool = False, batch_size: int = 16, sampler: Sampler = "engine", compile: bool = False,
-                     deterministic: bool = False, seed: int = 0) -> list[dict]:
+                     *, chat: bool = False, batch_size: int = 16, decoder: Decoder = DEFAULT_DECODER,
+                     seed: int = 0) -> list[dict]:
     """One sample per problem: ``task_id`` and ``completion`` (the answer text up to its first
     end-of-text token: a body, or a chat answer). With ``chat`` the problem is asked through the
-    chat template; ``sampler="reference"`` decodes with the official algorithm."""
-    engine = Engine(model, compile=compile, deterministic=deterministic) if sampler == "engine" else None
+    chat template; ``Decoder("reference")`` decodes with the official algorithm."""
+    engine = decoder.engine(model)
     generator = torch.Generator(device=model.device).manual_seed(seed)
     if chat:
         prompts = [tokenizer.encode_chat([{"role": "user", "content": CHAT_QUESTION.format(prompt=p["prompt"])}])
@@ -168,8 +167,7 @@ def generate_samples(model: LLaDAModel, tokenizer: Tokenizer, problems: list[dic
 
 def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettings, limit: int | None = None,
              batch_size: int = 16, chat: bool = False, limits: SandboxLimits | None = None,
-             isolation: Isolation = "bubblewrap", sampler: Sampler = "engine", compile: bool = False,
-             deterministic: bool = False, seed: int = 0,
+             isolation: Isolation = "bubblewrap", decoder: Decoder = DEFAULT_DECODER, seed: int = 0,
              problems_path: str | Path | None = None, workers: int = 4) -> dict:
     """Generate a sample per problem, grade it, and return the summary (pass@1 with its standard
     error) with ``records`` (task id, completion, passed, result)."""
@@ -178,7 +176,7 @@ def evaluate(model: LLaDAModel, tokenizer: Tokenizer, settings: GenerationSettin
     if not problems:
         raise ValueError("no problems to evaluate (limit must be >= 1)")
     samples = generate_samples(model, tokenizer, problems, settings, chat=chat, batch_size=batch_size,
-                               sampler=sampler, compile=compile, deterministic=deterministic, seed=seed)
+                               decoder=decoder, seed=seed)
     records = grade(samples, {p["task_id"]: p for p in problems}, chat=chat, limits=limits, isolation=isolation,
                     workers=workers)
     return {**summarize(records, ks=(1,)), "records": records}
