@@ -702,3 +702,29 @@ def test_every_cache_mode_has_its_behaviour() -> None:
 
     assert set(CACHE_BEHAVIOURS) == set(CACHE_MODES)
     assert [name for name, mode in CACHE_BEHAVIOURS.items() if mode.exact] == ["none"]
+
+
+def test_the_pool_keeps_small_idle_caches_beyond_two_and_large_ones_only_two(monkeypatch) -> None:
+    """By default the engine keeps every idle cache while they total at most ``POOLED_BYTES`` (a batch
+    of short answers shrinks through six shapes; each shape that leaves the pool recaptures its
+    graphs on the next call), but never fewer than two; ``max_pooled_caches`` sets the count."""
+    import llada.engine.runtime as runtime_module
+
+    shapes = (32, 21, 4, 3, 2, 1)
+
+    def pooled_after_releasing(runtime: Runtime) -> list[KVCache]:
+        caches = [runtime.acquire_cache(rows, 16) for rows in shapes]
+        for cache in caches:
+            runtime.release_cache(cache)
+        return caches
+
+    runtime = Runtime(model())
+    caches = pooled_after_releasing(runtime)
+    assert all(runtime.acquire_cache(rows, 16) is cache for rows, cache in zip(shapes, caches))
+    monkeypatch.setattr(runtime_module, "POOLED_BYTES", 0)  # every cache counts as large
+    runtime = Runtime(model())
+    caches = pooled_after_releasing(runtime)
+    assert runtime._free_caches == caches[-2:]  # the two most recently released
+    runtime = Runtime(model(), max_pooled_caches=3)
+    caches = pooled_after_releasing(runtime)
+    assert runtime._free_caches == caches[-3:]

@@ -51,7 +51,7 @@ class Engine:
     """Fast generation for one model. Keep one per model and process; it caches compiled graphs."""
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
-                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True,
+                 max_pooled_caches: int | None = None, fuse: bool | None = None, capture_sampling: bool = True,
                  deterministic: bool = False, compile_cache: bool = True) -> None:
         """
         Args:
@@ -62,7 +62,8 @@ class Engine:
                 steps, and refreshes except in the exact mode (``cache="none"``), which keeps the
                 model's own eager arithmetic so as to equal the reference sampler bit for bit.
             max_pooled_caches: idle KV caches kept for reuse (each keeps its captured graphs, so a
-                later batch of the same shape starts without capturing again).
+                later batch of the same shape starts without capturing again). Default: two, and
+                more while the idle caches total at most 1 GiB (``runtime.POOLED_BYTES``).
             fuse: run q/k/v and gate/up as one matmul each (``fusion.fuse_projections``: the
                 model's weights become views of fused matrices, in place; default: on CUDA devices).
                 The model must not be moved or reloaded while the engine is in use. The exact mode

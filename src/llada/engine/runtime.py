@@ -36,6 +36,10 @@ def _refresh_layer(*args: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.
     return run_layer(*args)
 
 
+POOLED_CACHES = 2  # idle caches an engine keeps whatever their size (unless max_pooled_caches says otherwise)
+POOLED_BYTES = 1 << 30  # and more while all idle caches' keys and values total at most this
+
+
 @dataclass
 class _Graph:
     """One captured pass: its copied inputs, the state tensors it works on in place, its output, and
@@ -52,7 +56,7 @@ class Runtime:
     """One model's caches, compiled passes and captured graphs; the ``Engine`` holds one, its batches share it."""
 
     def __init__(self, model: LLaDAModel, cuda_graphs: bool | None = None, compile: bool = False,
-                 max_pooled_caches: int = 2, fuse: bool | None = None, capture_sampling: bool = True,
+                 max_pooled_caches: int | None = None, fuse: bool | None = None, capture_sampling: bool = True,
                  deterministic: bool = False, compile_cache: bool = True) -> None:
         """The arguments are ``Engine``'s (``engine.Engine.__init__`` documents them)."""
         self.model = model.eval()
@@ -129,13 +133,26 @@ class Runtime:
         return KVCache.allocate(self.model, rows, length)
 
     def release_cache(self, cache: KVCache) -> None:
-        """Return a cache to the pool; beyond ``max_pooled_caches`` the oldest is freed with its graphs."""
+        """Return a cache to the pool; past the pool's limit (``_pool_full``) the oldest idle caches
+        are freed with their graphs."""
         self._free_caches.append(cache)
-        while len(self._free_caches) > self.max_pooled_caches:
+        while self._pool_full():
             evicted = self._free_caches.pop(0)
             for key in [k for k, entry in self._graphs.items() if entry.cache is evicted]:
                 del self._graphs[key]
             evicted.graph_pool = None
+
+    def _pool_full(self) -> bool:
+        """Whether the idle caches are more than the pool keeps: ``max_pooled_caches`` of them if set;
+        by default at least ``POOLED_CACHES`` and more while their entries total at most
+        ``POOLED_BYTES``. A batch shrinks through several cache shapes as its rows finish (six for 32
+        short answers), and a shape that left the pool captures its graphs again on the next call:
+        small caches are cheap to keep, large ones (the 8B shape's) are not."""
+        count = len(self._free_caches)
+        if self.max_pooled_caches is not None:
+            return count > self.max_pooled_caches
+        pooled_bytes = sum(cache.entries.numel() * cache.entries.element_size() for cache in self._free_caches)
+        return count > POOLED_CACHES and pooled_bytes > POOLED_BYTES
 
     @torch.no_grad()
     def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor,
