@@ -13,7 +13,8 @@ block projection, activation checkpointing) for ``--steps`` steps, each in its o
 nothing of one stays allocated in the next, on that checkpoint and data, with ``batch_size`` set to
 two micro-batches (the peak is a micro-batch's: more accumulation only lengthens the step). GRPO's
 rollouts are ``--answer-length`` tokens. It reads ``metrics.jsonl``: the largest ``peak_memory_gib``
-over the steps (rollouts included) and the median tokens/s after the first step.
+(tensors) and ``peak_reserved_gib`` (held by PyTorch's allocator) over the steps, rollouts
+included, and the median tokens/s after the first step.
 
 Random weights: memory does not depend on their values, and random weights never end an answer
 early, so GRPO's rollouts always run to their full length (the most memory they take).
@@ -104,17 +105,17 @@ def measure(directory: Path, objectives: list[str], steps: int, answer_length: i
         overrides = [f"model.init_from={directory / 'checkpoint'}", f"data.path={directory / objective}",
                      f"out_dir={run}", f"steps={steps}", "batch_size=2", "micro_batch_size=1", "save_every=0",
                      "eval_every=0", "log_every=1", "data.eval_fraction=0.05"]
-        if objective == "grpo":
-            overrides += [f"rl.rollout.gen_length={answer_length}",
-                          f"rl.rollout.block_length={min(32, answer_length)}"]
+        if objective == "grpo":  # blocks of 32 tokens, or the largest that divides the answer
+            block = max(size for size in range(1, min(32, answer_length) + 1) if answer_length % size == 0)
+            overrides += [f"rl.rollout.gen_length={answer_length}", f"rl.rollout.block_length={block}"]
         arguments = ["train", RECIPES[objective]]
         for override in overrides:
             arguments += ["--set", override]
         _llada(*arguments)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         row = {"objective": objective, "recipe": RECIPES[objective], "overrides": overrides, "steps": len(records),
-               "peak_memory_gib": max((round(r["peak_memory_gib"], 2) for r in records if "peak_memory_gib" in r),
-                                      default=None),  # None on the CPU
+               **{key: max((round(r[key], 2) for r in records if key in r), default=None)  # None on the CPU
+                  for key in ("peak_memory_gib", "peak_reserved_gib")},
                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in records[1:] or records), 1)}
         for key in ("rollout_tokens_per_s", "rollout_seconds"):
             if key in records[-1]:

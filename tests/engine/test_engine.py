@@ -113,12 +113,13 @@ def test_compiled_refreshes_do_not_recompile_per_batch_size() -> None:
 def test_a_compiled_engine_compiles_one_layer_for_all_layers() -> None:
     """Regional compilation: the layer function traced for the first block serves every other block
     (their code and shapes are the same, their weights are inputs), so compile time does not grow
-    with depth; and the compiled layers compute what the eager ones do."""
-    from torch._dynamo.testing import CompileCounter
+    with depth; and the traced layers compute what the eager ones do (Inductor's own kernels are
+    compared with eager ones in the ``inductor`` and ``cuda`` tests)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     from llada.engine.runtime import _step_layer
     net = model(n_layers=4)
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")  # traced, functionalized by AOT autograd, then run
     step = torch.compile(_step_layer, dynamic=None, fullgraph=True, backend=counter)
     ids = torch.randint(0, 50, (2, 12))
     everything = torch.arange(12).expand(2, -1)
@@ -728,3 +729,24 @@ def test_the_pool_keeps_small_idle_caches_beyond_two_and_large_ones_only_two(mon
     runtime = Runtime(model(), max_pooled_caches=3)
     caches = pooled_after_releasing(runtime)
     assert runtime._free_caches == caches[-3:]
+
+
+def test_compiled_engines_outlive_dynamos_recompile_limit(monkeypatch) -> None:
+    """The compiled layer functions are shared by every compiled engine of a process, and each new
+    shape dimension, cache mode or model adds a variant; with ``fullgraph=True`` Dynamo's limit (8
+    by default, 1 here) would make the next one an error. Compiled with the eager backend (Dynamo's
+    tracing, the model's own kernels), the engine must answer exactly as the uncompiled one."""
+    import torch._dynamo
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_function(
+        function, **{**options, "backend": "eager"}))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    net = model()
+    base = GenerationSettings(gen_length=8, block_length=4, threshold=0.3)
+    compiled, eager = Engine(net, compile=True), Engine(net)
+    for settings in (base, replace(base, cache="prefix")):
+        for lengths in ((4, 6), (3,)):
+            rows = prompts(lengths)
+            assert torch.equal(answers(compiled.generate(rows, settings)), answers(eager.generate(rows, settings)))

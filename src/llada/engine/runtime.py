@@ -36,6 +36,24 @@ def _refresh_layer(*args: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.
     return run_layer(*args)
 
 
+LAYER_RECOMPILE_LIMIT = 64
+"""Compiled variants each layer function may have (Dynamo's default is 8). They are module-level,
+so every compiled engine in a process adds to the same ones: a shape dimension that changes for
+the first time, a cache mode whose optional inputs are None, another model. With ``fullgraph=True``
+passing the limit is an error, which two models and a few settings reached at Dynamo's default."""
+
+
+def _compiled(function: Callable[..., Any], dynamic: bool | None) -> LayerPass:
+    """``function`` compiled whole (``fullgraph``), allowed ``LAYER_RECOMPILE_LIMIT`` variants."""
+    compiled = torch.compile(function, dynamic=dynamic, fullgraph=True)
+
+    def call(*args: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        with torch._dynamo.config.patch(recompile_limit=LAYER_RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return call
+
+
 POOLED_CACHES = 2  # idle caches an engine keeps whatever their size (unless max_pooled_caches says otherwise)
 POOLED_BYTES = 1 << 30  # and more while all idle caches' keys and values total at most this
 
@@ -80,9 +98,8 @@ class Runtime:
         # shapes, as a function of their own so that they keep their own recompile budget.
         self.compiled = compile
         self.capture_sampling = capture_sampling
-        self.step_layer: LayerPass = torch.compile(_step_layer, dynamic=None, fullgraph=True) if compile else run_layer
-        self.refresh_layer: LayerPass = (
-            torch.compile(_refresh_layer, dynamic=True, fullgraph=True) if compile else run_layer)
+        self.step_layer: LayerPass = _compiled(_step_layer, dynamic=None) if compile else run_layer
+        self.refresh_layer: LayerPass = _compiled(_refresh_layer, dynamic=True) if compile else run_layer
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Graph] = {}

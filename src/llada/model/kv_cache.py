@@ -194,7 +194,6 @@ def run_layer(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return x, None if stored is None else (stored[0][0], stored[1][0])
 
 
-
 def _attend_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor,
                   sdpa: Callable[..., torch.Tensor], positions: torch.Tensor, key_bias: torch.Tensor | None, write: bool,
                   query_mask: torch.Tensor | None, fresh_bias: torch.Tensor | None, starts: torch.Tensor | None,

@@ -390,8 +390,11 @@ class Trainer:
                 record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
                           "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
                           "skipped": result.skipped, **result.metrics}
-                if self.device.type == "cuda":  # this process's peak within the step (rollouts included)
+                if self.device.type == "cuda":  # this process's peaks within the step (rollouts included):
+                    # tensors allocated, and memory the caching allocator held (what must fit the card,
+                    # less the CUDA context)
                     record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
                 if peak:  # per device: all processes' tokens over all devices' peak
                     record["mfu"] = flops_per_token * result.tokens / seconds / (peak * self.world)
                 if result.skipped:
