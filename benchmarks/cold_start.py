@@ -9,6 +9,7 @@ start (empty cache), and ``--runs - 1`` later compiled starts (the cache filled 
 
     python benchmarks/cold_start.py prepare /tmp/ckpt-8b --preset 8b          # random bf16 weights
     python benchmarks/cold_start.py measure /tmp/ckpt-8b --cache /tmp/llada-cache --out cold_start.json
+    python benchmarks/cold_start.py measure /tmp/ckpt-8b --cache /tmp/llada-cache --fp8 --keep-prompt   # fp8 layers
 
 The weights are read from the page cache after the first start (the file was just written or read):
 "including weight loading" here means from memory, not from a cold disk.
@@ -47,14 +48,17 @@ def prepare(directory: str, preset_name: str) -> None:
     print(f"saved random {preset_name} weights to {directory}")
 
 
-def start(directory: str, launched: float, compile: bool) -> None:
+def start(directory: str, launched: float, compile: bool, fp8: bool, keep_prompt: bool) -> None:
     """One start, timed from ``launched`` (the parent's clock, seconds since the epoch)."""
     import torch
 
     from llada import Engine, GenerationSettings, LLaDAModel
+    from llada.model.quantize import quantize_fp8
 
     marks = {"imported": time.time() - launched}
     model = LLaDAModel.from_pretrained(directory, dtype=torch.bfloat16, device=_device()).eval()
+    if fp8:
+        quantize_fp8(model)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     marks["weights_loaded"] = time.time() - launched
@@ -62,7 +66,8 @@ def start(directory: str, launched: float, compile: bool) -> None:
     marks["engine_made"] = time.time() - launched
     marks["cache_blobs_loaded"] = engine.runtime.compile_cache_loaded
     prompt = [(7 * i) % 1000 + 10 for i in range(PROMPT_LENGTH)]
-    settings = GenerationSettings(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, early_stop=False)
+    settings = GenerationSettings(gen_length=GEN_LENGTH, block_length=BLOCK_LENGTH, early_stop=False,
+                                  keep_prompt=keep_prompt)
     for update in engine.stream([prompt], settings):
         if "first_token" not in marks and bool(update.decided.any()):
             marks["first_token"] = time.time() - launched
@@ -72,25 +77,27 @@ def start(directory: str, launched: float, compile: bool) -> None:
     print(json.dumps(marks))
 
 
-def _launch(directory: str, compile: bool, environment: dict) -> dict:
+def _launch(directory: str, compile: bool, variant: list[str], environment: dict) -> dict:
     launched = time.time()
-    command = [sys.executable, __file__, "start", directory, "--launched", repr(launched)]
+    command = [sys.executable, __file__, "start", directory, "--launched", repr(launched), *variant]
     if compile:
         command.append("--compile")
     done = subprocess.run(command, env=environment, check=True, capture_output=True, text=True)
     return {name: round(value, 2) for name, value in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
-def measure(directory: str, cache_root: str, runs: int) -> dict:
+def measure(directory: str, cache_root: str, runs: int, fp8: bool, keep_prompt: bool) -> dict:
     shutil.rmtree(cache_root, ignore_errors=True)
     environment = {**os.environ, "LLADA_CACHE_DIR": cache_root}
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         environment.pop(name, None)  # under the cache root, emptied above
+    variant = [*(["--fp8"] if fp8 else []), *(["--keep-prompt"] if keep_prompt else [])]
     report = {"checkpoint": directory, "prompt_length": PROMPT_LENGTH, "gen_length": GEN_LENGTH,
-              "block_length": BLOCK_LENGTH, "eager": _launch(directory, False, environment), "compiled": []}
+              "block_length": BLOCK_LENGTH, "fp8": fp8, "keep_prompt": keep_prompt,
+              "eager": _launch(directory, False, variant, environment), "compiled": []}
     print("eager", report["eager"], flush=True)
     for run in range(runs):
-        report["compiled"].append(_launch(directory, True, environment))
+        report["compiled"].append(_launch(directory, True, variant, environment))
         print("compiled start", run + 1, report["compiled"][-1], flush=True)
     return report
 
@@ -106,6 +113,9 @@ def main() -> None:
     starting.add_argument("--launched", type=float, required=True)
     starting.add_argument("--compile", action="store_true")
     measuring = commands.add_parser("measure")
+    for group in (starting, measuring):
+        group.add_argument("--fp8", action="store_true", help="fp8 block weights (quantize_fp8), as --dtype fp8")
+        group.add_argument("--keep-prompt", action="store_true", help="the keep_prompt setting")
     measuring.add_argument("directory")
     measuring.add_argument("--cache", required=True, help="the cache root to use (emptied first)")
     measuring.add_argument("--runs", type=int, default=2)
@@ -114,11 +124,11 @@ def main() -> None:
     if args.command == "prepare":
         prepare(args.directory, args.preset)
     elif args.command == "start":
-        start(args.directory, args.launched, args.compile)
+        start(args.directory, args.launched, args.compile, args.fp8, args.keep_prompt)
     else:
         import torch
 
-        report = {"device": None, **measure(args.directory, args.cache, args.runs)}
+        report = {"device": None, **measure(args.directory, args.cache, args.runs, args.fp8, args.keep_prompt)}
         report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         if args.out:
             with open(args.out, "w", encoding="utf-8") as out:
