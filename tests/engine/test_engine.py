@@ -741,12 +741,12 @@ def test_compiled_engines_outlive_dynamos_recompile_limit(monkeypatch) -> None:
     compile_function = torch.compile
     monkeypatch.setattr(torch, "compile", lambda function, **options: compile_function(
         function, **{**options, "backend": "eager"}))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     net = model()
     base = GenerationSettings(gen_length=8, block_length=4, threshold=0.3)
     compiled, eager = Engine(net, compile=True), Engine(net)
-    for settings in (base, replace(base, cache="prefix")):
-        for lengths in ((4, 6), (3,)):
-            rows = prompts(lengths)
-            assert torch.equal(answers(compiled.generate(rows, settings)), answers(eager.generate(rows, settings)))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for settings in (base, replace(base, cache="prefix")):
+            for lengths in ((4, 6), (3,)):
+                rows = prompts(lengths)
+                assert torch.equal(answers(compiled.generate(rows, settings)), answers(eager.generate(rows, settings)))

@@ -86,3 +86,19 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
         name = torch.cuda.get_device_name(device)
         return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
     return None
+
+
+def start_memory_peaks(device: torch.device) -> None:
+    """Count this process's peak GPU memory afresh from now (nothing off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_peaks(device: torch.device) -> dict[str, float]:
+    """This process's peak GPU memory since ``start_memory_peaks``, in GiB: tensors allocated
+    (``peak_memory_gib``) and memory PyTorch's caching allocator held (``peak_reserved_gib``, closer
+    to what must fit the card, less the CUDA context); nothing off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}

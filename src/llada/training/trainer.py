@@ -1,5 +1,5 @@
-"""The training loop: pretraining, SFT, preference optimization (DPO, VRPO) and the autoregressive
-baseline from one recipe, training every weight or LoRA adapters.
+"""The training loop: pretraining, SFT, preference optimization (DPO, VRPO), RL (GRPO) and the
+autoregressive baseline from one recipe, training every weight or LoRA adapters.
 
 What it guarantees:
 - Exact resume: the masks of step s come from a generator seeded by (seed, s), the data order from
@@ -17,8 +17,7 @@ What it guarantees:
   processes, so N processes train like one (up to float summation order). Checkpoints hold full,
   unsharded states, so a run can resume on any number of processes.
 
-Metrics go to ``metrics.jsonl`` (and TensorBoard with ``tensorboard: true``); with ``sample_every``,
-generations from fixed prompts go to ``samples.jsonl``.
+Metrics go to ``metrics.jsonl`` (TensorBoard too with ``tensorboard: true``); samples to ``samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ from llada.training.objectives import OBJECTIVES, Batch, LossSettings, greedy_te
 from llada.training.parallelize import apply_fsdp, compile_model, init_process_group
 from llada.training.rollouts import RolloutCycle, grpo_settings
 from llada.training.run_dir import claim_run_dir
-from llada.training.run_log import RunLog, peak_flops
+from llada.training.run_log import RunLog, memory_peaks, peak_flops, start_memory_peaks
 from llada.training.schedule import lr_multiplier
 from llada.training.token_rows import check_made_with
 
@@ -380,8 +379,7 @@ class Trainer:
                    **({"disable": True} if self.rank else {}))
         try:
             while self.step < self.config.steps:
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
+                start_memory_peaks(self.device)
                 start = time.perf_counter()
                 result = self.train_step()
                 if self.device.type == "cuda":
@@ -389,12 +387,7 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
                           "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
-                          "skipped": result.skipped, **result.metrics}
-                if self.device.type == "cuda":  # this process's peaks within the step (rollouts included):
-                    # tensors allocated, and memory the caching allocator held (what must fit the card,
-                    # less the CUDA context)
-                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+                          "skipped": result.skipped, **result.metrics, **memory_peaks(self.device)}
                 if peak:  # per device: all processes' tokens over all devices' peak
                     record["mfu"] = flops_per_token * result.tokens / seconds / (peak * self.world)
                 if result.skipped:
