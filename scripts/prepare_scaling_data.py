@@ -43,7 +43,7 @@ from pathlib import Path
 
 from text_sources import debian_package, download_shakespeare, glosses, works
 
-DEFAULT_PACKAGES = "torch,transformers,numpy,sympy,triton,networkx,setuptools,pip"
+DEFAULT_PACKAGES = "torch,transformers,numpy,sympy,triton,networkx,setuptools,pip,scipy,sklearn,pandas,matplotlib"
 HELD_OUT_PER_MILLE = 40
 WINDOWS_PER_DOCUMENT = 4  # downstream items drawn from one held-out document, at most
 MAX_SOURCE_FILE_BYTES = 1_000_000  # larger .py files are generated tables, not code people write
