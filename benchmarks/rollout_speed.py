@@ -1,7 +1,8 @@
 """GRPO rollout throughput: the engine against the reference sampler on the same prompts.
 
 A batch of RL rollouts is ``prompts × group`` completions of one length. This times, on the demo model
-(bf16 on a GPU, float32 on the CPU), three ways to make them:
+(bf16 on a GPU, float32 on the CPU) and chat prompts asking 2-digit products (the RL demo's task),
+three ways to make them:
 
 - the engine with its serving defaults (dual cache, confidence threshold 0.9), as ``rl.rollout: {}``;
 - the engine with the reference sampler's rule (fixed policy, one token per step);
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -24,6 +26,7 @@ import torch
 from llada import Engine, GenerationSettings, LLaDAModel
 from llada.engine.generation import batch_answers
 from llada.model.loading import DEMO_MODEL
+from llada.model.tokenizer import Tokenizer
 
 
 def _sync() -> None:
@@ -55,8 +58,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = LLaDAModel.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                        device=device).eval()
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 8000, (24,), generator=generator).tolist() for _ in range(args.prompts)]
+    tokenizer = Tokenizer.from_pretrained(DEMO_MODEL)
+    questions = random.Random(0)  # the RL demo's kind of prompt: a 2-digit product, through the chat template
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": f"What is {questions.randint(10, 99)} * "
+                                                                  f"{questions.randint(10, 99)}?"}])
+               for _ in range(args.prompts)]
     rows = [prompt for prompt in prompts for _ in range(args.group)]
     served = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0)
     fixed = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0,
