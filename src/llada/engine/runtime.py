@@ -43,16 +43,6 @@ the first time, a cache mode whose optional inputs are None, another model. With
 passing the limit is an error, which two models and a few settings reached at Dynamo's default."""
 
 
-def _compiled(function: Callable[..., Any], dynamic: bool | None) -> LayerPass:
-    """``function`` compiled whole (``fullgraph``), allowed ``LAYER_RECOMPILE_LIMIT`` variants."""
-    compiled = torch.compile(function, dynamic=dynamic, fullgraph=True)
-
-    def call(*args: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        with torch._dynamo.config.patch(recompile_limit=LAYER_RECOMPILE_LIMIT):
-            return compiled(*args)
-
-    return call
-
 
 POOLED_CACHES = 2  # idle caches an engine keeps whatever their size (unless max_pooled_caches says otherwise)
 POOLED_BYTES = 1 << 30  # and more while all idle caches' keys and values total at most this
@@ -98,8 +88,10 @@ class Runtime:
         # shapes, as a function of their own so that they keep their own recompile budget.
         self.compiled = compile
         self.capture_sampling = capture_sampling
-        self.step_layer: LayerPass = _compiled(_step_layer, dynamic=None) if compile else run_layer
-        self.refresh_layer: LayerPass = _compiled(_refresh_layer, dynamic=True) if compile else run_layer
+        self.step_layer: LayerPass = (
+            torch.compile(_step_layer, dynamic=None, fullgraph=True) if compile else run_layer)
+        self.refresh_layer: LayerPass = (
+            torch.compile(_refresh_layer, dynamic=True, fullgraph=True) if compile else run_layer)
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Graph] = {}
@@ -197,8 +189,12 @@ class Runtime:
         ``query_mask`` and ``return_entries`` as in ``cached_forward``.
         """
         compiled_layer = None if exact or not self.compiled else self.refresh_layer if write else self.step_layer
-        return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
-                              self.fused and not exact, query_mask, return_entries, compiled_layer)
+        # Dynamo's limit applies while a call compiles; patched once per pass, not per layer (~26 µs each)
+        limit = (torch._dynamo.config.patch(recompile_limit=LAYER_RECOMPILE_LIMIT) if compiled_layer is not None
+                 else contextlib.nullcontext())
+        with limit:
+            return cached_forward(self.model, tokens, positions, cache, key_bias, logits_index, write,
+                                  self.fused and not exact, query_mask, return_entries, compiled_layer)
 
     def replay(self, key: tuple, cache: KVCache, function: Callable[..., Any], inputs: list[torch.Tensor | None],
                state: Sequence[torch.Tensor] = (), graph: bool = True) -> Any:
