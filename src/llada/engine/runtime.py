@@ -43,7 +43,6 @@ the first time, a cache mode whose optional inputs are None, another model. With
 passing the limit is an error, which two models and a few settings reached at Dynamo's default."""
 
 
-
 POOLED_CACHES = 2  # idle caches an engine keeps whatever their size (unless max_pooled_caches says otherwise)
 POOLED_BYTES = 1 << 30  # and more while all idle caches' keys and values total at most this
 

@@ -53,8 +53,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from llada.diffusion.likelihood import log_likelihood, packed_elbo_samples, padded_logits, suffix_greedy
-from llada.engine.engine import Engine
-from llada.engine.generation import batch_answers
+from llada.engine.generation import Decoder, batch_answers
 from llada.engine.options import convert, setting_names, settings_from_options
 from llada.model.loading import load
 from llada.model.tokenizer import Tokenizer
@@ -132,9 +131,8 @@ class LLaDAEvalModel(LM):
         if self.gen_batch_size < 1:
             raise ValueError(f"gen_batch_size must be >= 1, got {gen_batch_size}")
         self.seed = _int("seed", seed)
-        self.engine = Engine(self.model, compile=convert("model arg compile", compile, bool),
-                             deterministic=convert("model arg deterministic", deterministic, bool)
-                             ) if sampler == "engine" else None
+        self.engine = Decoder(sampler, compile=convert("model arg compile", compile, bool),
+                              deterministic=convert("model arg deterministic", deterministic, bool)).engine(self.model)
 
     # --- set-up -----------------------------------------------------------------------------------
 
