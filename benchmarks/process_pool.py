@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,11 +17,16 @@ from pathlib import Path
 
 
 def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
-    """Run every ``(command, log file)``, at most ``parallel`` at once; SystemExit naming the failures."""
+    """Run every ``(command, log file)``, at most ``parallel`` at once; SystemExit naming the failures.
+
+    SIGTERM (a time limit's ``timeout``, a scheduler) is passed on to the running commands, and the
+    pool waits for them to exit before it stops, starting nothing new: a training run gets to save
+    its checkpoint rather than being orphaned mid-write."""
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, got {parallel}")
     running: list[tuple[subprocess.Popen, Path]] = []
     failed: list[str] = []
+    stopping = False
 
     def reap(limit: int) -> None:
         while len(running) > limit:
@@ -30,13 +36,30 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
                     failed.append(f"{' '.join(map(str, process.args))} (exit {process.returncode}; log {log})")
             time.sleep(0.2)
 
-    for command, log in jobs:
-        reap(parallel - 1)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as stream:
-            running.append((subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
-                                             env={**os.environ, "TQDM_DISABLE": "1"}), log))
-    reap(0)
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process, _ in running:
+            process.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    started = 0
+    try:
+        for command, log in jobs:
+            reap(parallel - 1)
+            if stopping:
+                break
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("w") as stream:
+                running.append((subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                                 env={**os.environ, "TQDM_DISABLE": "1"}), log))
+            started += 1
+        reap(0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopping:
+        raise SystemExit(f"stopped by SIGTERM: {started} of {len(jobs)} runs started, {len(failed)} of them "
+                         "exited with an error:\n" + "\n".join(failed))
     if failed:
         raise SystemExit(f"{len(failed)} of {len(jobs)} runs failed:\n" + "\n".join(failed))
 

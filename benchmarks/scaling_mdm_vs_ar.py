@@ -16,6 +16,10 @@ by its FLOPs budget (``BUDGETS``: 3e15 to 1e17, 33x). Measured per run:
   Monte-Carlo ELBO (``--mc-num`` samples) for the diffusion model, exact for the autoregressive one.
   Every choice has the same number of tokens; chance is 25%, the manifest's unigram baseline ~24%.
 
+A run saves a checkpoint every tenth of its steps and on SIGTERM (``timeout``, a scheduler); the
+same command, or the sweep, resumes it and counts its training time across the pieces, so a run can
+outlast one time-limited command. Only a finished run writes its result file.
+
 ``report`` picks each (size, objective)'s rate by validation loss, fits test loss against FLOPs
 as a power law per objective (log-log line) and states how much more compute the diffusion model
 needs to reach the autoregressive model's loss, with the range over leave-one-size-out fits, and
@@ -44,12 +48,14 @@ from preference_demo import wilson
 from process_pool import add_sweep_arguments, run_grid
 from tqdm.auto import tqdm
 
-from llada.diffusion.likelihood import log_likelihood
+from llada.diffusion.likelihood import packed_elbo_samples
 from llada.model.config import preset
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
+from llada.training.checkpoints import checkpoint_dirs
 from llada.training.config import load_config
 from llada.training.packing import PackedDataset
+from llada.training.plot import read_metrics
 from llada.training.trainer import Trainer
 
 SIZES: dict[str, dict[str, int]] = {
@@ -78,8 +84,10 @@ def choice_scores(model: LLaDAModel, item: dict, autoregressive: bool, mc_num: i
         sequences = torch.cat([context.expand(len(choices), -1), choices], dim=1)
         logits = model(sequences, causal=True).logits[:, len(context) - 1:-1].float()
         return logits.log_softmax(-1).gather(2, choices[..., None]).squeeze(-1).sum(1).tolist()
-    return [log_likelihood(model, context, choice, mc_num=mc_num, batch_size=mc_num, generator=generator,
-                           progress=False).log_likelihood for choice in choices]
+    # The four choices' samples in one pass: the estimator (and draws) of log_likelihood with
+    # batch_size=mc_num called on each choice in turn, at a quarter of the forward passes.
+    samples = packed_elbo_samples(model, [(context, choice) for choice in choices], mc_num, generator=generator)
+    return [float(values.double().mean()) for values in samples]
 
 
 def downstream(model: LLaDAModel, items: list[dict], autoregressive: bool, mc_num: int) -> dict:
@@ -95,6 +103,15 @@ def downstream(model: LLaDAModel, items: list[dict], autoregressive: bool, mc_nu
             "by_source": {source: {"items": len(v), "accuracy": sum(v) / len(v)} for source, v in sorted(right.items())}}
 
 
+def add_training_seconds(out_dir: Path, seconds: float) -> float:
+    """Add one segment's training time to the run's total (a run may be stopped and resumed) and return
+    the total."""
+    file = out_dir / "training_seconds.json"
+    total = (json.loads(file.read_text())["seconds"] if file.is_file() else 0.0) + seconds
+    file.write_text(json.dumps({"seconds": total}) + "\n")
+    return total
+
+
 def run(args: argparse.Namespace) -> None:
     manifest = json.loads((args.data / "manifest.json").read_text())
     tokens_per_step = args.batch_size * args.seq_len
@@ -103,23 +120,27 @@ def run(args: argparse.Namespace) -> None:
                      **SIZES[args.size])
     steps = args.steps or steps_for(args.size, network.flops_per_token(args.seq_len, training=True), tokens_per_step)
     out_dir = args.runs / f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a run without its result file starts over
+    if not checkpoint_dirs(out_dir):
+        shutil.rmtree(out_dir, ignore_errors=True)  # a run that never saved starts over; one that did resumes
     overrides = [f"objective={args.objective}", f"model.tokenizer={args.data / 'tokenizer'}",
                  f"data.path={args.data / 'train'}", f"data.seq_len={args.seq_len}", "data.eval_fraction=0.005",
                  f"steps={steps}", f"batch_size={args.batch_size}", f"optim.lr={args.lr}",
                  f"optim.warmup_steps={max(1, steps // 20)}", f"seed={args.seed}", f"out_dir={out_dir}",
-                 f"eval_every={max(1, steps // 10)}", "eval_batches=8", "save_every=0", "sample_every=0",
+                 f"eval_every={max(1, steps // 10)}", "eval_batches=8", f"save_every={max(1, steps // 10)}",
+                 "keep_last=1", "sample_every=0",
                  f"model.overrides={json.dumps(SIZES[args.size])}", f"compile={torch.cuda.is_available()}"]
     if args.objective == "autoregressive":
         overrides.append("data.random_length_probability=0")  # a causal model sees every prefix anyway
     trainer = Trainer(load_config(args.config, overrides))
     started = time.perf_counter()
-    records = trainer.run()
-    seconds = time.perf_counter() - started
+    trainer.run()
+    seconds = add_training_seconds(out_dir, time.perf_counter() - started)
+    if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
+        raise SystemExit(f"{out_dir}: stopped at step {trainer.step} of {steps} with a checkpoint; run again to resume")
     model = trainer.model
     flops_per_token = model.config.flops_per_token(args.seq_len, training=True)
     curve = [{"step": r["step"], "flops": flops_per_token * tokens_per_step * r["step"], "val_loss": r["eval_loss"]}
-             for r in records if r.get("eval_loss") is not None]
+             for r in read_metrics(out_dir) if r.get("eval_loss") is not None]  # all segments of a resumed run
     heldout = PackedDataset(args.data / "heldout_tokens", args.seq_len)
     test_loss = trainer.evaluate(heldout, batches=math.ceil(len(heldout) / trainer.micro_batch_size))["eval_loss"]
     items = json.loads((args.data / "choices.json").read_text())

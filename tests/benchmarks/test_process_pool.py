@@ -42,3 +42,35 @@ def test_a_grid_runs_each_point_once_with_its_options_and_skips_finished_points(
     assert (out_dir / "b-lr0.003-seed0.json").read_text() == "finished earlier"
     assert json.loads((out_dir / "a-lr0.003-seed0.json").read_text()) == [
         "run", "--objective", "a", "--lr", "3e-3", "--seed", "0", "--data", "d", "--out", str(out_dir / "a-lr0.003-seed0.json")]
+
+
+def test_sigterm_lets_running_commands_save_and_starts_nothing_new(tmp_path: Path) -> None:
+    """A time limit's SIGTERM reaches the running command, which saves and exits; the pool waits for it
+    and does not start the queued ones."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    command = ("import signal, sys, time\n"
+               "def save(*_):\n"
+               "    open(sys.argv[1], 'w').write('saved'); sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, save)\n"
+               "open(sys.argv[1] + '.started', 'w').close()\n"
+               "time.sleep(60)\n")
+    pool = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from process_pool import run_all\n"
+            "folder = Path(sys.argv[2]); code = sys.argv[3]\n"
+            "run_all([([sys.executable, '-c', code, str(folder / name)], folder / f'{name}.log') for name in 'abc'], 1)\n")
+    benchmarks = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    # Its own session: the signal goes to the pool alone, not to a process group (the pool must forward it).
+    process = subprocess.Popen([sys.executable, "-c", pool, benchmarks, str(tmp_path), command],
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "a.started").exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, error = process.communicate(timeout=30)
+    assert process.returncode == 1 and "stopped by SIGTERM: 1 of 3 runs started" in error
+    assert (tmp_path / "a").read_text() == "saved"
+    assert not (tmp_path / "b.started").exists() and not (tmp_path / "c.started").exists()

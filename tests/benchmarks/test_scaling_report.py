@@ -69,3 +69,22 @@ def test_choice_scores_are_the_exact_likelihoods() -> None:
     with torch.no_grad():
         log_probs = model(torch.tensor([item["context"] + [mask]])).logits[0, -1].log_softmax(-1)
     assert scores == pytest.approx([log_probs[c[0]].item() for c in single["choices"]], abs=1e-9)
+
+
+def test_diffusion_choice_scores_are_the_monte_carlo_elbo_of_each_choice() -> None:
+    """Several-token choices: the scores are log_likelihood's estimates (mc_num samples in one batch)
+    of each choice in turn, with the same random draws."""
+    import torch
+    from conftest import tiny_model
+
+    from llada.diffusion.likelihood import log_likelihood
+
+    model = tiny_model()
+    item = {"context": [5, 17, 42, 9], "choices": [[7, 3, 8], [100, 200, 5], [11, 12, 13], [64, 65, 66]]}
+    scores = scaling.choice_scores(model, item, autoregressive=False, mc_num=8,
+                                   generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    expected = [log_likelihood(model, torch.tensor(item["context"]), torch.tensor(choice), mc_num=8, batch_size=8,
+                               generator=generator).log_likelihood for choice in item["choices"]]
+    assert scores == pytest.approx(expected, rel=1e-5)
+    assert len(set(scores)) == 4
