@@ -1,7 +1,8 @@
 """Run benchmark commands as separate processes, several at a time (small models share one GPU well).
 
 Each command writes its own log; a failed command is reported at the end with its log, never
-silently dropped, and the others still run.
+silently dropped, and the others still run. On a machine with several GPUs the commands are spread
+over them (each sees one, through ``CUDA_VISIBLE_DEVICES``), so a sweep's runs go side by side.
 """
 
 from __future__ import annotations
@@ -16,22 +17,34 @@ import time
 from pathlib import Path
 
 
-def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (its own list if set)."""
+    if (listed := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] | None = None) -> None:
     """Run every ``(command, log file)``, at most ``parallel`` at once; SystemExit naming the failures.
+
+    ``gpus``: each command is shown only the one of these with the fewest commands running (None:
+    the environment is passed on as it is).
 
     SIGTERM (a time limit's ``timeout``, a scheduler) is passed on to the running commands, and the
     pool waits for them to exit before it stops, starting nothing new: a training run gets to save
     its checkpoint rather than being orphaned mid-write."""
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, got {parallel}")
-    running: list[tuple[subprocess.Popen, Path]] = []
+    running: list[tuple[subprocess.Popen, Path, str | None]] = []
     failed: list[str] = []
     stopping = False
 
     def reap(limit: int) -> None:
         while len(running) > limit:
-            for process, log in [entry for entry in running if entry[0].poll() is not None]:
-                running.remove((process, log))
+            for process, log, gpu in [entry for entry in running if entry[0].poll() is not None]:
+                running.remove((process, log, gpu))
                 if process.returncode:
                     failed.append(f"{' '.join(map(str, process.args))} (exit {process.returncode}; log {log})")
             time.sleep(0.2)
@@ -39,7 +52,7 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for process, _ in running:
+        for process, _, _ in running:
             process.send_signal(signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -50,9 +63,13 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
             if stopping:
                 break
             log.parent.mkdir(parents=True, exist_ok=True)
+            environment = {**os.environ, "TQDM_DISABLE": "1"}
+            gpu = min(gpus, key=lambda g: sum(entry[2] == g for entry in running)) if gpus else None
+            if gpu is not None:
+                environment["CUDA_VISIBLE_DEVICES"] = gpu
             with log.open("w") as stream:
-                running.append((subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
-                                                 env={**os.environ, "TQDM_DISABLE": "1"}), log))
+                running.append((subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment),
+                                log, gpu))
             started += 1
         reap(0)
     finally:
@@ -70,16 +87,20 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, data: str, runs: str, l
     parser.add_argument("--objectives", default="pretrain,autoregressive")
     parser.add_argument("--lrs", default=lrs)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--parallel", type=int, default=parallel, help="runs at a time")
+    parser.add_argument("--parallel", type=int, default=parallel, help="runs at a time (over all GPUs)")
+    parser.add_argument("--gpus", help="comma-separated CUDA_VISIBLE_DEVICES entries to spread the runs over "
+                                       "(default: every visible GPU)")
     parser.add_argument("--runs", type=Path, default=Path(runs), help="training run directories")
     parser.add_argument("--out-dir", type=Path, required=True, help="one JSON per run; runs already there are "
                                                                      "kept, not repeated")
 
 
-def run_grid(script: str, grid: dict[str, list[str]], options: list[str], out_dir: Path, parallel: int) -> None:
+def run_grid(script: str, grid: dict[str, list[str]], options: list[str], out_dir: Path, parallel: int,
+             gpus: str | None = None) -> None:
     """``script run`` once per point of the grid (option name -> values), as ``--name value`` plus
     ``options``, each writing OUT_DIR/<point>.json (e.g. ``pretrain-lr0.001-seed0.json``) and its log;
-    points whose JSON exists are skipped, so a study can be spread over several sessions."""
+    points whose JSON exists are skipped, so a study can be spread over several sessions. ``gpus``:
+    the ``--gpus`` option (None: every visible GPU)."""
     jobs = []
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
@@ -88,4 +109,5 @@ def run_grid(script: str, grid: dict[str, list[str]], options: list[str], out_di
         if not out.is_file():
             flags = [part for key, value in point.items() for part in (f"--{key}", value)]
             jobs.append(([sys.executable, script, "run", *flags, *options, "--out", str(out)], out_dir / f"{name}.log"))
-    run_all(jobs, parallel)
+    chosen = [g for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
+    run_all(jobs, parallel, chosen if gpus or len(chosen) > 1 else None)  # one visible GPU: nothing to spread

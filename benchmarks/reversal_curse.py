@@ -215,7 +215,7 @@ def sweep(args: argparse.Namespace) -> None:
     share one GPU well)."""
     grid = {"objective": args.objectives.split(","), "lr": args.lrs.split(","), "seed": args.seeds.split(",")}
     run_grid(__file__, grid, ["--data", str(args.data), "--steps", str(args.steps), "--runs", str(args.runs)],
-             args.out_dir, args.parallel)
+             args.out_dir, args.parallel, args.gpus)
 
 
 def report(paths: list[Path]) -> dict:

@@ -169,7 +169,7 @@ def sweep(args: argparse.Namespace) -> None:
             "seed": args.seeds.split(",")}
     options = ["--data", str(args.data), "--runs", str(args.runs), "--mc-num", str(args.mc_num),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    run_grid(__file__, grid, options, args.out_dir, args.parallel)
+    run_grid(__file__, grid, options, args.out_dir, args.parallel, args.gpus)
 
 
 def power_law(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -74,3 +74,24 @@ def test_sigterm_lets_running_commands_save_and_starts_nothing_new(tmp_path: Pat
     assert process.returncode == 1 and "stopped by SIGTERM: 1 of 3 runs started" in error
     assert (tmp_path / "a").read_text() == "saved"
     assert not (tmp_path / "b.started").exists() and not (tmp_path / "c.started").exists()
+
+
+def test_commands_are_spread_over_the_gpus_given(tmp_path: Path) -> None:
+    """Each command sees one GPU, the one with the fewest commands running when it starts."""
+    code = ("import os, sys, time; open(sys.argv[1], 'w').write(os.environ['CUDA_VISIBLE_DEVICES']); "
+            "time.sleep(float(sys.argv[2]))")
+    jobs = [([sys.executable, "-c", code, str(tmp_path / name), seconds], tmp_path / f"{name}.log")
+            for name, seconds in (("a", "2"), ("b", "0"), ("c", "4"), ("d", "0"))]
+    run_all(jobs, parallel=2, gpus=["5", "7"])
+    seen = {name: (tmp_path / name).read_text() for name in "abcd"}
+    # a -> 5 and b -> 7 at once; b ends first, so c takes 7 beside a; a ends next, so d takes 5.
+    assert seen == {"a": "5", "b": "7", "c": "7", "d": "5"}
+
+
+def test_visible_gpus_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from process_pool import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
