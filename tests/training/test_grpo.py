@@ -79,6 +79,8 @@ def test_grpo_raises_a_learnable_reward(prompts: Path, checkpoint_dir: Path, tmp
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
     assert {"kl", "clip_fraction", "rollout_tokens_per_s", "rollout_seconds", "zero_variance_groups",
             "reward_grpo_test_rewards:letter_e", "eval_reward_mean"} <= set(records[-1]) | set(records[-2])
+    # A step that makes rollouts times them too: its wall time is at least the rollouts' time.
+    assert all(r["step_seconds"] >= r["rollout_seconds"] > 0 for r in records[::2])
     # On the CPU the engine's numerics and the update's are the same float32 forward pass.
     assert all(r["logprob_mismatch"] == 0 for r in records)
 

@@ -385,7 +385,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 seconds = time.perf_counter() - start
-                record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(),
+                record = {"step": self.step + 1, "loss": result.loss, "lr": self.current_lr(), "step_seconds": seconds,
                           "grad_norm": result.grad_norm, "tokens_per_s": result.tokens / seconds,
                           "skipped": result.skipped, **result.metrics, **memory_peaks(self.device)}
                 if peak:  # per device: all processes' tokens over all devices' peak
