@@ -17,10 +17,15 @@ import time
 from pathlib import Path
 
 
+def gpu_list(text: str) -> list[str]:
+    """The entries of a comma-separated ``CUDA_VISIBLE_DEVICES``-style list."""
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
+
+
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (its own list if set)."""
     if (listed := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
-        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+        return gpu_list(listed)
     import torch
 
     return [str(index) for index in range(torch.cuda.device_count())]
@@ -109,5 +114,5 @@ def run_grid(script: str, grid: dict[str, list[str]], options: list[str], out_di
         if not out.is_file():
             flags = [part for key, value in point.items() for part in (f"--{key}", value)]
             jobs.append(([sys.executable, script, "run", *flags, *options, "--out", str(out)], out_dir / f"{name}.log"))
-    chosen = [g for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
+    chosen = gpu_list(gpus) if gpus else visible_gpus()
     run_all(jobs, parallel, chosen if gpus or len(chosen) > 1 else None)  # one visible GPU: nothing to spread

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> None:
     network = preset(load_config(args.config).model.preset, vocab_size=vocabulary, embedding_size=vocabulary,
                      **SIZES[args.size])
     steps = args.steps or steps_for(args.size, network.flops_per_token(args.seq_len, training=True), tokens_per_step)
+    tenth = max(1, steps // 10)  # evaluations and checkpoints
     out_dir = args.runs / f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}"
     if not checkpoint_dirs(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)  # a run that never saved starts over; one that did resumes
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
                  f"data.path={args.data / 'train'}", f"data.seq_len={args.seq_len}", "data.eval_fraction=0.005",
                  f"steps={steps}", f"batch_size={args.batch_size}", f"optim.lr={args.lr}",
                  f"optim.warmup_steps={max(1, steps // 20)}", f"seed={args.seed}", f"out_dir={out_dir}",
-                 f"eval_every={max(1, steps // 10)}", "eval_batches=8", f"save_every={max(1, steps // 10)}",
+                 f"eval_every={tenth}", "eval_batches=8", f"save_every={tenth}",
                  "keep_last=1", "sample_every=0",
                  f"model.overrides={json.dumps(SIZES[args.size])}", f"compile={torch.cuda.is_available()}"]
     if args.objective == "autoregressive":
