@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,15 @@ def visible_gpus() -> list[str]:
     import torch
 
     return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a run's result JSON atomically: a sweep skips every point whose file exists, so a half-written
+    one (a run killed mid-write) must never appear."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.partial")
+    staged.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(staged, path)
 
 
 def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 from preference_demo import wilson
-from process_pool import add_sweep_arguments, run_grid
+from process_pool import add_sweep_arguments, run_grid, write_result
 
 from llada import Engine, GenerationSettings
 from llada.diffusion.infilling import infill
@@ -205,8 +205,7 @@ def run(args: argparse.Namespace) -> None:
               "flops": model.config.flops_per_token(args.seq_len, training=True) * args.steps * args.batch_size * args.seq_len,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "no_recall_baseline": 1 / len(pairs["test"]), "scores": scores, "examples": examples}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     print(json.dumps({k: round(v["accuracy"], 4) for k, v in scores.items()}), flush=True)
 
 

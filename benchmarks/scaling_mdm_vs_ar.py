@@ -12,9 +12,9 @@ by its FLOPs budget (``BUDGETS``: 3e15 to 1e17, 33x). Measured per run:
 - test likelihood on the held-out documents, nats per token: for the diffusion model the
   masked-diffusion bound (an upper bound on the negative log-likelihood), for the autoregressive
   model the exact negative log-likelihood — labelled as such everywhere;
-- continuation choice (the data's ``choices.json``, ~1,900 items): log p(choice | context), a
+- continuation choice (the data's ``choices.json``, ~2,000 items): log p(choice | context), a
   Monte-Carlo ELBO (``--mc-num`` samples) for the diffusion model, exact for the autoregressive one.
-  Every choice has the same number of tokens; chance is 25%, the manifest's unigram baseline ~24%.
+  Every choice has the same number of tokens; chance is 25%, the manifest's unigram baseline ~25%.
 
 A run saves a checkpoint every tenth of its steps and on SIGTERM (``timeout``, a scheduler); the
 same command, or the sweep, resumes it and counts its training time across the pieces, so a run can
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 from preference_demo import wilson
-from process_pool import add_sweep_arguments, run_grid
+from process_pool import add_sweep_arguments, run_grid, write_result
 from tqdm.auto import tqdm
 
 from llada.diffusion.likelihood import packed_elbo_samples
@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> None:
                      **SIZES[args.size])
     steps = args.steps or steps_for(args.size, network.flops_per_token(args.seq_len, training=True), tokens_per_step)
     tenth = max(1, steps // 10)  # evaluations and checkpoints
-    out_dir = args.runs / f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}"
+    # The name holds everything that sets the run's schedule, so a quick check (--steps) or another batch
+    # never resumes into (or from) a study run.
+    out_dir = args.runs / f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}-{steps}x{args.batch_size}x{args.seq_len}"
     if not checkpoint_dirs(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)  # a run that never saved starts over; one that did resumes
     overrides = [f"objective={args.objective}", f"model.tokenizer={args.data / 'tokenizer'}",
@@ -151,14 +153,14 @@ def run(args: argparse.Namespace) -> None:
               "non_embedding_parameters": model.config.num_parameters(include_embedding=False),
               "tokens": tokens_per_step * steps, "flops": flops_per_token * tokens_per_step * steps,
               "epochs": tokens_per_step * steps / manifest["train_tokens"], "train_seconds": round(seconds, 1),
+              "rollbacks": sum(1 for r in read_metrics(out_dir) if r.get("rollback")),  # each one lowers the rate
               "val_loss": curve[-1]["val_loss"] if curve else None, "test_loss": test_loss,
               "test_loss_kind": LABELS[args.objective], "mc_num": args.mc_num,
               "choice": downstream(model, items, args.objective == "autoregressive", args.mc_num), "curve": curve,
               "data": {k: manifest[k] for k in ("train_tokens", "train_documents_sha256", "tokenizer_sha256",
                                                 "unigram_baseline")},
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "choice")}), flush=True)
 
 
@@ -186,13 +188,32 @@ def compute_multiplier(diffusion: list[tuple[float, float]], autoregressive: lis
     return [math.exp((math.log(loss) - intercept) / slope) / flops for flops, loss in autoregressive]
 
 
-def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Per (size, objective), the runs (all seeds) of the rate with the lowest mean validation loss."""
+def mean_val_loss(runs: list[dict]) -> float:
+    """The runs' mean validation loss; a run without a finite one (diverged) counts as infinitely bad."""
+    losses = [r["val_loss"] for r in runs]
+    return statistics.mean(losses) if all(v is not None and math.isfinite(v) for v in losses) else math.inf
+
+
+def grouped_by_rate(results: list[dict]) -> dict[tuple[str, str], dict[float, list[dict]]]:
     grouped: dict[tuple[str, str], dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for result in results:
         grouped[result["size"], result["objective"]][result["lr"]].append(result)
-    return {key: min(by_lr.values(), key=lambda runs: statistics.mean(r["val_loss"] for r in runs))
-            for key, by_lr in grouped.items()}
+    return grouped
+
+
+def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Per (size, objective), the runs (all seeds) of the rate with the lowest mean validation loss."""
+    return {key: min(by_lr.values(), key=mean_val_loss) for key, by_lr in grouped_by_rate(results).items()}
+
+
+def rates_at_the_edge(results: list[dict]) -> list[str]:
+    """The (size/objective)s whose chosen rate is the lowest or highest tried: a better one may lie outside."""
+    edges = []
+    for (size, objective), by_lr in grouped_by_rate(results).items():
+        chosen = min(by_lr, key=lambda lr: mean_val_loss(by_lr[lr]))
+        if len(by_lr) > 1 and chosen in (min(by_lr), max(by_lr)):
+            edges.append(f"{size}/{objective}: {chosen:g} of {sorted(by_lr)}")
+    return sorted(edges)
 
 
 def report(results: list[dict]) -> dict:
@@ -203,13 +224,15 @@ def report(results: list[dict]) -> dict:
         losses = [r["test_loss"] for r in runs]
         rows.append({"size": size, "objective": objective, "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
                      "flops": runs[0]["flops"], "epochs": runs[0]["epochs"],
+                     "rollbacks": sum(r.get("rollbacks", 0) for r in runs),
                      "non_embedding_parameters": runs[0]["non_embedding_parameters"],
                      "test_loss": statistics.mean(losses), "test_loss_kind": LABELS[objective],
                      "test_loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
                      "accuracy": statistics.mean(accuracies), "interval_seed0": runs[0]["choice"]["interval"],
                      "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                      "items": runs[0]["choice"]["items"]})
-    summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()}}
+    summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()},
+                     "rate_at_edge_of_sweep": rates_at_the_edge(results)}
     points = {o: [(r["flops"], r["test_loss"]) for r in rows if r["objective"] == o] for o in OBJECTIVES}
     if all(len(points[o]) >= 2 for o in OBJECTIVES):
         summary["power_law"] = {o: dict(zip(("log_intercept", "slope"), power_law(points[o]))) for o in OBJECTIVES}

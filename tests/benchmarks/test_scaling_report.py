@@ -88,3 +88,14 @@ def test_diffusion_choice_scores_are_the_monte_carlo_elbo_of_each_choice() -> No
                                generator=generator).log_likelihood for choice in item["choices"]]
     assert scores == pytest.approx(expected, rel=1e-5)
     assert len(set(scores)) == 4
+
+
+def test_a_diverged_rate_is_never_chosen_and_a_chosen_rate_at_the_sweep_edge_is_named() -> None:
+    results = [result("xs", "pretrain", 1e-3, 0, 5.0, math.nan, 0.4),  # diverged, listed first
+               result("xs", "pretrain", 3e-3, 0, 6.0, 3.0, 0.3),
+               result("xs", "autoregressive", 1e-3, 0, 5.0, 2.5, 0.4),
+               result("xs", "autoregressive", 2e-3, 0, 5.0, 2.0, 0.4),
+               result("xs", "autoregressive", 3e-3, 0, 5.0, 2.2, 0.4)]
+    summary = scaling.report(results)
+    assert summary["lr_by_size"] == {"xs/pretrain": 3e-3, "xs/autoregressive": 2e-3}
+    assert summary["rate_at_edge_of_sweep"] == ["xs/pretrain: 0.003 of [0.001, 0.003]"]

@@ -27,17 +27,54 @@ def test_chunks_cut_at_blank_lines_and_keep_every_paragraph() -> None:
 
 
 def test_held_out_documents_are_never_trained_on_and_duplicates_are_dropped(monkeypatch) -> None:
-    monkeypatch.setattr(scaling, "HELD_OUT_PER_MILLE", 300)  # enough held-out pieces in a small corpus
-    sources = {"prose": {f"book{i}": paragraphs(i, 40) for i in range(6)},
-               "code": {"a.py": paragraphs(99, 40), "copy_of_a.py": paragraphs(99, 40)}}
+    monkeypatch.setattr(scaling, "HELD_OUT_PER_MILLE", 300)  # enough held-out files in a small corpus
+    sources = {"python-doc": {f"page{i}": paragraphs(i, 40) for i in range(12)},
+               "code": {"a.py": paragraphs(99, 40), "copy_of_a.py": paragraphs(99, 40)},
+               "literature": {"hamlet": paragraphs(7, 200)}}
     train, test = scaling.split_documents(sources, 400)
     assert train and test
     train_texts = {d["text"] for d in train}
     assert train_texts.isdisjoint(d["text"] for d in test)
     texts = [d["text"] for d in train + test]
     assert len(texts) == len(set(texts))  # copy_of_a.py added nothing
-    # The split depends on a document's text alone: the same piece is held out wherever it comes from.
-    assert all(scaling.held_out(d["text"]) for d in test) and not any(scaling.held_out(t) for t in train_texts)
+    # A file is held out whole (its pieces never on both sides); prose piece by piece.
+    side = {}
+    for held, documents in ((True, test), (False, train)):
+        for d in documents:
+            side.setdefault(d["name"].split("#")[0], set()).add(held)
+    assert all(len(sides) == 1 for name, sides in side.items() if name != "hamlet")
+    assert side["hamlet"] == {True, False}
+    assert {d["name"].split("#")[0] for d in test if d["source"] == "python-doc"} == {
+        f"page{i}" for i in range(12) if scaling.held_out(f"python-doc/page{i}")}
+
+
+def test_held_out_documents_copied_from_training_are_dropped() -> None:
+    words = paragraphs(3, 60).split()
+    train = [{"source": "code", "name": "a#0", "text": " ".join(words)}]
+    fresh = {"source": "code", "name": "b#0", "text": paragraphs(4, 60)}
+    copy = {"source": "code", "name": "c#0", "text": " ".join(words[:200]) + "\n\n" + paragraphs(5, 10)}
+    seen = scaling.training_ngrams(train)
+    kept, shares = scaling.decontaminate([fresh, copy], seen, max_overlap=0.2)
+    # The copy's share, counted by brute force over its word sequences.
+    train_runs = {tuple(words[i:i + scaling.NGRAM]) for i in range(len(words) - scaling.NGRAM + 1)}
+    copy_words = copy["text"].split()
+    runs = [tuple(copy_words[i:i + scaling.NGRAM]) for i in range(len(copy_words) - scaling.NGRAM + 1)]
+    assert shares[1] == sum(run in train_runs for run in runs) / len(runs) > 0.5
+    assert shares[0] < 0.2 and kept == [fresh]
+
+
+def test_items_whose_right_continuation_is_in_training_are_replaced(tokenizer: Tokenizer) -> None:
+    documents = [{"source": "prose", "name": f"doc{i}", "text": paragraphs(i, 30)} for i in range(8)]
+    items = scaling.continuation_items(documents, tokenizer, 20, context=80, continuation=30, seed=0)
+    leaked = items[0]
+    text = tokenizer.decode(leaked["context"] + leaked["choices"][leaked["label"]])
+    seen = scaling.training_ngrams([{"text": "alpha beta " + text + " gamma"}])
+    assert scaling.item_seen_in_training(leaked, tokenizer, seen)
+    context_only = scaling.training_ngrams([{"text": tokenizer.decode(leaked["context"])}])
+    assert not scaling.item_seen_in_training(leaked, tokenizer, context_only)  # the context alone is no leak
+    kept = scaling.continuation_items(documents, tokenizer, 20, context=80, continuation=30, seed=0,
+                                      keep=lambda item: not scaling.item_seen_in_training(item, tokenizer, seen))
+    assert len(kept) == len(items) and all(item["context"] != leaked["context"] for item in kept)
 
 
 def test_continuation_items_are_the_true_continuation_among_equal_length_choices(tokenizer: Tokenizer) -> None:
