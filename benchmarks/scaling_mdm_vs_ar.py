@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> None:
     curve = [{"step": r["step"], "flops": flops_per_token * tokens_per_step * r["step"], "val_loss": r["eval_loss"]}
              for r in read_metrics(out_dir) if r.get("eval_loss") is not None]  # all segments of a resumed run
     heldout = PackedDataset(args.data / "heldout_tokens", args.seq_len)
-    test_loss = trainer.evaluate(heldout, batches=math.ceil(len(heldout) / trainer.micro_batch_size))["eval_loss"]
+    # Whole batches only: a last partial one would wrap around and count some sequences twice.
+    test_loss = trainer.evaluate(heldout, batches=max(1, len(heldout) // trainer.micro_batch_size))["eval_loss"]
     items = json.loads((args.data / "choices.json").read_text())
     result = {"size": args.size, "objective": args.objective, "lr": args.lr, "seed": args.seed, "steps": steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "architecture": SIZES[args.size],
