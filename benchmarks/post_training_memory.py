@@ -8,7 +8,7 @@
 made with that tokenizer: dialogues of ``--sft-length`` tokens (a quarter prompt), preference pairs
 and RL prompts with ``--prompt-length``-token prompts and ``--answer-length``-token answers.
 
-``measure`` runs each recipe (``configs/llada8b_{sft,vrpo,grpo}_lora.yaml``: LoRA rank 16 on every
+``measure`` runs each recipe (``configs/llada8b_{sft,dpo,vrpo,grpo}_lora.yaml``: LoRA rank 16 on every
 block projection, activation checkpointing) for ``--steps`` steps, each in its own process so that
 nothing of one stays allocated in the next, on that checkpoint and data, with ``batch_size`` set to
 two micro-batches (the peak is a micro-batch's: more accumulation only lengthens the step). GRPO's
@@ -30,8 +30,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {"sft": "configs/llada8b_sft_lora.yaml", "vrpo": "configs/llada8b_vrpo_lora.yaml",
-           "grpo": "configs/llada8b_grpo_lora.yaml"}
+RECIPES = {"sft": "configs/llada8b_sft_lora.yaml", "dpo": "configs/llada8b_dpo_lora.yaml",
+           "vrpo": "configs/llada8b_vrpo_lora.yaml", "grpo": "configs/llada8b_grpo_lora.yaml"}
+DATA = {"sft": "sft", "dpo": "pairs", "vrpo": "pairs", "grpo": "prompts"}  # prepared data folder of each
 WORDS = ["river", "stone", "crown", "sword", "light", "night", "field", "bread", "water", "north", "voice", "table",
          "green", "winter", "paper", "garden", "silver", "window", "market", "letter", "mountain"]
 
@@ -92,9 +93,9 @@ def prepare(directory: Path, preset_name: str, tokenizer_dir: str, sft_length: i
     _llada("data", "sft", str(raw / "chats.jsonl"), "--tokenizer", str(checkpoint), "--output",
            str(directory / "sft"), "--max-length", longest)
     _llada("data", "preference", str(raw / "pairs.jsonl"), "--tokenizer", str(checkpoint), "--output",
-           str(directory / "vrpo"), "--max-length", longest)
+           str(directory / "pairs"), "--max-length", longest)
     _llada("data", "prompts", str(raw / "prompts.jsonl"), "--tokenizer", str(checkpoint), "--output",
-           str(directory / "grpo"), "--max-length", longest)
+           str(directory / "prompts"), "--max-length", longest)
     print(f"prepared {preset_name} weights and {samples} samples of each kind in {directory}")
 
 
@@ -102,7 +103,7 @@ def measure(directory: Path, objectives: list[str], steps: int, answer_length: i
     rows = []
     for objective in objectives:
         run = directory / f"run-{objective}"
-        overrides = [f"model.init_from={directory / 'checkpoint'}", f"data.path={directory / objective}",
+        overrides = [f"model.init_from={directory / 'checkpoint'}", f"data.path={directory / DATA[objective]}",
                      f"out_dir={run}", f"steps={steps}", "batch_size=2", "micro_batch_size=1", "save_every=0",
                      "eval_every=0", "log_every=1", "data.eval_fraction=0.05"]
         if objective == "grpo":  # blocks of 32 tokens, or the largest that divides the answer
@@ -138,7 +139,7 @@ def main() -> None:
     making.add_argument("--samples", type=int, default=64)
     measuring = commands.add_parser("measure")
     measuring.add_argument("directory", type=Path)
-    measuring.add_argument("--objectives", default="sft,vrpo,grpo")
+    measuring.add_argument("--objectives", default="sft,dpo,vrpo,grpo")
     measuring.add_argument("--steps", type=int, default=3)
     measuring.add_argument("--answer-length", type=int, default=256, help="GRPO rollout length (default 256)")
     measuring.add_argument("--out", type=Path)

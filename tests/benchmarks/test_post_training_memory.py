@@ -24,7 +24,7 @@ def test_the_8b_recipes_train_a_few_steps_on_prepared_data(tmp_path: Path) -> No
     subprocess.run([*script, "measure", str(tmp_path), "--steps", "2", "--answer-length", "8", "--out",
                     str(tmp_path / "out.json")], check=True, cwd=ROOT, env=environment, capture_output=True)
     rows = {row["objective"]: row for row in json.loads((tmp_path / "out.json").read_text())["rows"]}
-    assert set(rows) == {"sft", "vrpo", "grpo"}
+    assert set(rows) == {"sft", "dpo", "vrpo", "grpo"}
     for objective, row in rows.items():
         records = [json.loads(line) for line in (tmp_path / f"run-{objective}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2] and row["tokens_per_s"] > 0
