@@ -6,6 +6,9 @@ three ways to make them:
 
 - the engine with its serving defaults (dual cache, confidence threshold 0.9), as ``rl.rollout: {}``;
 - the engine with the reference sampler's rule (fixed policy, one token per step);
+- the same without early stopping (``early_stop=False``: every block decoded, as the reference
+  sampler always does), which separates what the engine's caches and graphs gain from what stopping
+  a batch once every answer has ended gains;
 - the reference sampler (``sampling.generate``: a full forward pass per step), what FSDP runs use.
 
 Tokens/s = completions × gen_length / seconds, median of ``--repeats`` after a warm-up.
@@ -67,11 +70,14 @@ def main() -> None:
     served = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0)
     fixed = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0,
                                policy="fixed", steps=args.gen_length)
+    full_length = GenerationSettings(gen_length=args.gen_length, block_length=args.block_length, temperature=1.0,
+                                     policy="fixed", steps=args.gen_length, early_stop=False)
     engine = Engine(model)
     cuda = torch.Generator(device=device).manual_seed(1)
     variants = {
         "engine_defaults": lambda: batch_answers(model, rows, served, engine, cuda),
         "engine_fixed": lambda: batch_answers(model, rows, fixed, engine, cuda),
+        "engine_fixed_full_length": lambda: batch_answers(model, rows, full_length, engine, cuda),
         "reference_sampler": lambda: batch_answers(model, rows, fixed, None, cuda),
     }
     tokens = len(rows) * args.gen_length

@@ -53,7 +53,8 @@ from llada.model.config import preset
 from llada.model.tokenizer import Tokenizer
 from llada.model.transformer import LLaDAModel
 from llada.training.checkpoints import checkpoint_dirs
-from llada.training.config import load_config
+from llada.training.config import METRICS_FILE, load_config
+from llada.training.corpus import iter_jsonl
 from llada.training.packing import PackedDataset
 from llada.training.plot import read_metrics
 from llada.training.trainer import Trainer
@@ -112,6 +113,12 @@ def add_training_seconds(out_dir: Path, seconds: float) -> float:
     return total
 
 
+def rollbacks(out_dir: Path) -> int:
+    """How many times the run went back to a checkpoint after a loss spike (each lowers its rate). The
+    records are skipped steps, which ``read_metrics`` leaves out, so the file is read whole."""
+    return sum(1 for _, record in iter_jsonl(out_dir / METRICS_FILE) if record.get("rollback"))
+
+
 def run(args: argparse.Namespace) -> None:
     manifest = json.loads((args.data / "manifest.json").read_text())
     tokens_per_step = args.batch_size * args.seq_len
@@ -120,9 +127,10 @@ def run(args: argparse.Namespace) -> None:
                      **SIZES[args.size])
     steps = args.steps or steps_for(args.size, network.flops_per_token(args.seq_len, training=True), tokens_per_step)
     tenth = max(1, steps // 10)  # evaluations and checkpoints
-    # The name holds everything that sets the run's schedule, so a quick check (--steps) or another batch
-    # never resumes into (or from) a study run.
-    out_dir = args.runs / f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}-{steps}x{args.batch_size}x{args.seq_len}"
+    # The name holds everything that sets the run's schedule and its data, so a quick check (--steps),
+    # another batch or a rebuilt corpus never resumes into (or from) a study run.
+    out_dir = args.runs / (f"{args.size}-{args.objective}-lr{args.lr:g}-seed{args.seed}-{steps}x{args.batch_size}"
+                           f"x{args.seq_len}-{manifest['train_documents_sha256'][:8]}")
     if not checkpoint_dirs(out_dir):
         shutil.rmtree(out_dir, ignore_errors=True)  # a run that never saved starts over; one that did resumes
     overrides = [f"objective={args.objective}", f"model.tokenizer={args.data / 'tokenizer'}",
@@ -154,7 +162,7 @@ def run(args: argparse.Namespace) -> None:
               "non_embedding_parameters": model.config.num_parameters(include_embedding=False),
               "tokens": tokens_per_step * steps, "flops": flops_per_token * tokens_per_step * steps,
               "epochs": tokens_per_step * steps / manifest["train_tokens"], "train_seconds": round(seconds, 1),
-              "rollbacks": sum(1 for r in read_metrics(out_dir) if r.get("rollback")),  # each one lowers the rate
+              "rollbacks": rollbacks(out_dir), "lr_scale": trainer.lr_scale,  # below 1 after rollbacks
               "val_loss": curve[-1]["val_loss"] if curve else None, "test_loss": test_loss,
               "test_loss_kind": LABELS[args.objective], "mc_num": args.mc_num,
               "choice": downstream(model, items, args.objective == "autoregressive", args.mc_num), "curve": curve,
@@ -165,6 +173,23 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "choice")}), flush=True)
 
 
+def check_finished_runs(out_dir: Path, manifest: dict, args: argparse.Namespace) -> None:
+    """A sweep skips every point whose result file exists, so the results already in ``out_dir`` must come
+    from the same corpus and settings; SystemExit naming the first that does not."""
+    wanted = {"batch_size": args.batch_size, "seq_len": args.seq_len, "mc_num": args.mc_num,
+              "train_documents_sha256": manifest["train_documents_sha256"]}
+    for path in sorted(out_dir.glob("*.json")) if out_dir.is_dir() else []:
+        if path.name == "report.json":
+            continue
+        result = json.loads(path.read_text())
+        found = {**{key: result.get(key) for key in ("batch_size", "seq_len", "mc_num")},
+                 "train_documents_sha256": result.get("data", {}).get("train_documents_sha256")}
+        if found != wanted:
+            differ = {key: (found[key], wanted[key]) for key in wanted if found[key] != wanted[key]}
+            raise SystemExit(f"{path} was made with other settings or data ({differ}, found -> wanted); "
+                             f"use another --out-dir")
+
+
 def sweep(args: argparse.Namespace) -> None:
     """Every (size, objective, rate, seed) as its own ``run`` process."""
     if unknown := set(args.sizes.split(",")) - set(SIZES):
@@ -173,6 +198,7 @@ def sweep(args: argparse.Namespace) -> None:
             "seed": args.seeds.split(",")}
     options = ["--data", str(args.data), "--runs", str(args.runs), "--mc-num", str(args.mc_num),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    check_finished_runs(args.out_dir, json.loads((args.data / "manifest.json").read_text()), args)
     run_grid(__file__, grid, options, args.out_dir, args.parallel, args.gpus)
 
 
@@ -208,11 +234,12 @@ def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def rates_at_the_edge(results: list[dict]) -> list[str]:
-    """The (size/objective)s whose chosen rate is the lowest or highest tried: a better one may lie outside."""
+    """The (size/objective)s whose chosen rate is the lowest or highest tried (or the only one): a better
+    one may lie outside."""
     edges = []
     for (size, objective), by_lr in grouped_by_rate(results).items():
         chosen = min(by_lr, key=lambda lr: mean_val_loss(by_lr[lr]))
-        if len(by_lr) > 1 and chosen in (min(by_lr), max(by_lr)):
+        if chosen in (min(by_lr), max(by_lr)):
             edges.append(f"{size}/{objective}: {chosen:g} of {sorted(by_lr)}")
     return sorted(edges)
 

@@ -3,6 +3,7 @@ compute multiplier, rates are chosen by validation loss, and accuracy lines cros
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -99,3 +100,26 @@ def test_a_diverged_rate_is_never_chosen_and_a_chosen_rate_at_the_sweep_edge_is_
     summary = scaling.report(results)
     assert summary["lr_by_size"] == {"xs/pretrain": 3e-3, "xs/autoregressive": 2e-3}
     assert summary["rate_at_edge_of_sweep"] == ["xs/pretrain: 0.003 of [0.001, 0.003]"]
+
+
+def test_rollbacks_are_counted_from_the_skipped_steps_that_record_them(tmp_path: Path) -> None:
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 1e9, "skipped": True},
+               {"step": 2, "loss": 1e9, "skipped": True, "rollback": True}, {"step": 2, "loss": 2.9},
+               {"step": 3, "loss": 1e9, "skipped": True, "rollback": True}, {"step": 3, "loss": 2.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert scaling.rollbacks(tmp_path) == 2
+
+
+def test_a_sweep_refuses_finished_results_of_other_settings_or_data(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    manifest = {"train_documents_sha256": "ab" * 32}
+    finished = {"batch_size": 64, "seq_len": 512, "mc_num": 32, "data": dict(manifest)}
+    (tmp_path / "xs-pretrain-lr0.001-seed0.json").write_text(json.dumps(finished))
+    (tmp_path / "report.json").write_text("{}")
+    scaling.check_finished_runs(tmp_path, manifest, Namespace(batch_size=64, seq_len=512, mc_num=32))
+    with pytest.raises(SystemExit, match="batch_size"):
+        scaling.check_finished_runs(tmp_path, manifest, Namespace(batch_size=32, seq_len=512, mc_num=32))
+    with pytest.raises(SystemExit, match="train_documents_sha256"):
+        scaling.check_finished_runs(tmp_path, {"train_documents_sha256": "cd" * 32},
+                                    Namespace(batch_size=64, seq_len=512, mc_num=32))
