@@ -57,7 +57,7 @@ from llada.training.config import METRICS_FILE, load_config
 from llada.training.corpus import iter_jsonl
 from llada.training.packing import PackedDataset
 from llada.training.plot import read_metrics
-from llada.training.trainer import Trainer
+from llada.training.trainer import Trainer, TrainingError
 
 SIZES: dict[str, dict[str, int]] = {
     "xs": {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 704},
@@ -144,7 +144,14 @@ def run(args: argparse.Namespace) -> None:
         overrides.append("data.random_length_probability=0")  # a causal model sees every prefix anyway
     trainer = Trainer(load_config(args.config, overrides))
     started = time.perf_counter()
-    trainer.run()
+    try:
+        trainer.run()
+    except TrainingError as error:  # diverged before its first checkpoint: a finished run, and a bad rate
+        write_result(args.out, {"size": args.size, "objective": args.objective, "lr": args.lr, "seed": args.seed,
+                                "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                                "mc_num": args.mc_num, "diverged": str(error), "val_loss": None,
+                                "data": {"train_documents_sha256": manifest["train_documents_sha256"]}})
+        raise SystemExit(f"{out_dir}: diverged ({error}); recorded in {args.out}") from error
     seconds = add_training_seconds(out_dir, time.perf_counter() - started)
     if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
         raise SystemExit(f"{out_dir}: stopped at step {trainer.step} of {steps} with a checkpoint; run again to resume")
@@ -229,8 +236,10 @@ def grouped_by_rate(results: list[dict]) -> dict[tuple[str, str], dict[float, li
 
 
 def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Per (size, objective), the runs (all seeds) of the rate with the lowest mean validation loss."""
-    return {key: min(by_lr.values(), key=mean_val_loss) for key, by_lr in grouped_by_rate(results).items()}
+    """Per (size, objective), the runs (all seeds) of the rate with the lowest mean validation loss; a
+    (size, objective) whose every rate diverged has none."""
+    chosen = {key: min(by_lr.values(), key=mean_val_loss) for key, by_lr in grouped_by_rate(results).items()}
+    return {key: runs for key, runs in chosen.items() if math.isfinite(mean_val_loss(runs))}
 
 
 def rates_at_the_edge(results: list[dict]) -> list[str]:
@@ -239,7 +248,7 @@ def rates_at_the_edge(results: list[dict]) -> list[str]:
     edges = []
     for (size, objective), by_lr in grouped_by_rate(results).items():
         chosen = min(by_lr, key=lambda lr: mean_val_loss(by_lr[lr]))
-        if chosen in (min(by_lr), max(by_lr)):
+        if math.isfinite(mean_val_loss(by_lr[chosen])) and chosen in (min(by_lr), max(by_lr)):
             edges.append(f"{size}/{objective}: {chosen:g} of {sorted(by_lr)}")
     return sorted(edges)
 
@@ -260,7 +269,9 @@ def report(results: list[dict]) -> dict:
                      "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                      "items": runs[0]["choice"]["items"]})
     summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()},
-                     "rate_at_edge_of_sweep": rates_at_the_edge(results)}
+                     "rate_at_edge_of_sweep": rates_at_the_edge(results),
+                     "diverged_runs": sorted(f"{r['size']}/{r['objective']} lr {r['lr']:g} seed {r['seed']}"
+                                             for r in results if r.get("diverged"))}
     points = {o: [(r["flops"], r["test_loss"]) for r in rows if r["objective"] == o] for o in OBJECTIVES}
     if all(len(points[o]) >= 2 for o in OBJECTIVES):
         summary["power_law"] = {o: dict(zip(("log_intercept", "slope"), power_law(points[o]))) for o in OBJECTIVES}

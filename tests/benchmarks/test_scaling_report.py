@@ -123,3 +123,15 @@ def test_a_sweep_refuses_finished_results_of_other_settings_or_data(tmp_path: Pa
     with pytest.raises(SystemExit, match="train_documents_sha256"):
         scaling.check_finished_runs(tmp_path, {"train_documents_sha256": "cd" * 32},
                                     Namespace(batch_size=64, seq_len=512, mc_num=32))
+
+
+def test_runs_that_diverged_are_reported_and_their_rate_is_never_chosen() -> None:
+    diverged = {"size": "xs", "objective": "pretrain", "lr": 1e-2, "seed": 1, "val_loss": None,
+                "diverged": "3 bad steps in a row and no checkpoint to roll back to"}
+    results = [result("xs", "pretrain", 3e-3, 0, 5.0, 3.1, 0.4), result("xs", "pretrain", 1e-2, 0, 4.0, 2.0, 0.5),
+               diverged, {**diverged, "objective": "autoregressive", "lr": 3e-3, "seed": 0}]
+    summary = scaling.report(results)
+    assert summary["lr_by_size"] == {"xs/pretrain": 3e-3}  # 1e-2 lost a seed; every AR rate diverged: no row
+    assert [row["objective"] for row in summary["rows"]] == ["pretrain"]
+    assert summary["diverged_runs"] == ["xs/autoregressive lr 0.003 seed 0", "xs/pretrain lr 0.01 seed 1"]
+    assert summary["rate_at_edge_of_sweep"] == ["xs/pretrain: 0.003 of [0.003, 0.01]"]
