@@ -19,7 +19,8 @@ import scaling_mdm_vs_ar as scaling
 from llada.model.tokenizer import Tokenizer
 from llada.training.packing import tokenize_corpus
 
-WORDS = "the river runs past a stone wall where the old crown lies under green water and night".split()
+WORDS = ["the", "river", "runs", "past", "a", "stone", "wall", "where", "the", "old", "crown", "lies", "under",
+         "green", "water", "and", "night"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,8 @@ def test_a_run_finishes_with_its_scores_and_a_diverged_one_is_recorded(corpus: P
     assert result["steps"] == 6 and result["tokens"] == 6 * 2 * 32 and result["rollbacks"] == 0
     assert len(result["curve"]) >= 1 and result["test_loss"] > 0 and result["choice"]["items"] == 3
     assert result["data"]["train_documents_sha256"] == hashlib.sha256(b"t").hexdigest()
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == [f"xs-pretrain-lr0.001-seed0-6x2x32-"
-                                                                f"{hashlib.sha256(b't').hexdigest()[:8]}"]
+    corpus_id = hashlib.sha256(b"t").hexdigest()[:8]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [f"xs-pretrain-lr0.001-seed0-6x2x32-{corpus_id}"]
 
     wild = arguments(corpus, tmp_path, lr=1e4, out=tmp_path / "wild.json", runs=tmp_path / "wild-runs", steps=40)
     with pytest.raises(SystemExit, match="diverged"):
