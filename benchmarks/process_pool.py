@@ -35,10 +35,11 @@ def visible_gpus() -> list[str]:
 def write_result(path: Path, result: dict) -> None:
     """Write a run's result JSON atomically: a sweep skips every point whose file exists, so a half-written
     one (a run killed mid-write) must never appear."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.partial")
-    staged.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(staged, path)
+    from llada.cli.common import atomic_text_writer
+
+    stream, commit = atomic_text_writer(path)
+    stream.write(json.dumps(result, indent=1) + "\n")
+    commit()
 
 
 def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] | None = None) -> None:

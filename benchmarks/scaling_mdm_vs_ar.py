@@ -242,14 +242,15 @@ def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {key: runs for key, runs in chosen.items() if math.isfinite(mean_val_loss(runs))}
 
 
-def rates_at_the_edge(results: list[dict]) -> list[str]:
-    """The (size/objective)s whose chosen rate is the lowest or highest tried (or the only one): a better
-    one may lie outside."""
+def rates_at_the_edge(results: list[dict], chosen: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """The (size/objective)s whose chosen rate (``best_runs``) is the lowest or highest tried (or the only
+    one): a better one may lie outside."""
+    grouped = grouped_by_rate(results)
     edges = []
-    for (size, objective), by_lr in grouped_by_rate(results).items():
-        chosen = min(by_lr, key=lambda lr: mean_val_loss(by_lr[lr]))
-        if math.isfinite(mean_val_loss(by_lr[chosen])) and chosen in (min(by_lr), max(by_lr)):
-            edges.append(f"{size}/{objective}: {chosen:g} of {sorted(by_lr)}")
+    for (size, objective), runs in chosen.items():
+        rates = sorted(grouped[size, objective])
+        if runs[0]["lr"] in (rates[0], rates[-1]):
+            edges.append(f"{size}/{objective}: {runs[0]['lr']:g} of {rates}")
     return sorted(edges)
 
 
@@ -269,7 +270,7 @@ def report(results: list[dict]) -> dict:
                      "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                      "items": runs[0]["choice"]["items"]})
     summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()},
-                     "rate_at_edge_of_sweep": rates_at_the_edge(results),
+                     "rate_at_edge_of_sweep": rates_at_the_edge(results, chosen),
                      "diverged_runs": sorted(f"{r['size']}/{r['objective']} lr {r['lr']:g} seed {r['seed']}"
                                              for r in results if r.get("diverged"))}
     points = {o: [(r["flops"], r["test_loss"]) for r in rows if r["objective"] == o] for o in OBJECTIVES}

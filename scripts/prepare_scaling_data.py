@@ -189,8 +189,10 @@ def found_in(hashes: list[int], seen):
     import numpy as np
 
     queries = np.array(hashes, dtype=np.int64)
-    places = np.minimum(np.searchsorted(seen, queries), max(len(seen) - 1, 0))
-    return seen[places] == queries if len(seen) else np.zeros(len(queries), dtype=bool)
+    if not len(seen):
+        return np.zeros(len(queries), dtype=bool)
+    places = np.minimum(np.searchsorted(seen, queries), len(seen) - 1)
+    return seen[places] == queries
 
 
 def seen_share(hashes: list[int], seen) -> float:
@@ -210,10 +212,10 @@ def item_seen_in_training(item: dict, tokenizer, seen) -> bool:
     at least one word into the continuation, occurs in the training text."""
     context = tokenizer.decode(item["context"])
     text = tokenizer.decode(item["context"] + item["choices"][item["label"]])
-    words = [(match.group(), match.end()) for match in re.finditer(r"\S+", text)]
-    reaching = [i for i in range(len(words) - NGRAM + 1) if words[i + NGRAM - 1][1] > len(context)]
-    hashes = [hash("\x00".join(word for word, _ in words[i:i + NGRAM])) for i in reaching]
-    return bool(found_in(hashes, seen).any())
+    matches = list(re.finditer(r"\S+", text))
+    hashes = ngram_hashes([match.group() for match in matches])
+    reaching = [h for i, h in enumerate(hashes) if matches[i + NGRAM - 1].end() > len(context)]
+    return bool(found_in(reaching, seen).any())
 
 
 def continuation_items(documents: list[dict], tokenizer, count: int, context: int, continuation: int,
