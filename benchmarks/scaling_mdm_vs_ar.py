@@ -254,6 +254,29 @@ def rates_at_the_edge(results: list[dict], chosen: dict[tuple[str, str], list[di
     return sorted(edges)
 
 
+def accuracy_line(rows: list[dict]) -> tuple[float, float]:
+    """(intercept, slope per decade) of accuracy against log10(FLOPs), least squares."""
+    slope, intercept = statistics.linear_regression([math.log10(r["flops"]) for r in rows],
+                                                    [r["accuracy"] for r in rows])
+    return intercept, slope
+
+
+def accuracy_crossing(diffusion: tuple[float, float], autoregressive: tuple[float, float]) -> float | None:
+    """The FLOPs where the two accuracy lines meet; None if they are parallel."""
+    (a1, b1), (a2, b2) = diffusion, autoregressive
+    return 10 ** ((a2 - a1) / (b1 - b2)) if b1 != b2 else None
+
+
+def where_in_runs(flops: float | None, run_flops: list[float]) -> str:
+    """Whether a crossing lies ahead of the runs (the model behind is catching up), among them, or
+    behind them (the lines move apart over the runs: the one behind falls further behind)."""
+    if flops is None:
+        return "parallel: no crossing"
+    if flops < min(run_flops):
+        return "below the smallest run: the lines move apart"
+    return "within the runs" if flops <= max(run_flops) else "beyond the largest run: extrapolated"
+
+
 def report(results: list[dict]) -> dict:
     chosen = best_runs(results)
     rows = []
@@ -281,15 +304,17 @@ def report(results: list[dict]) -> dict:
             spread = [m for i in range(len(points["pretrain"])) for m in
                       compute_multiplier(points["pretrain"][:i] + points["pretrain"][i + 1:], points["autoregressive"])]
             summary["compute_multiplier_range"] = [min(spread), max(spread)]
-        lines = {}
-        for objective in OBJECTIVES:
-            mine = [r for r in rows if r["objective"] == objective]
-            slope, intercept = statistics.linear_regression([math.log10(r["flops"]) for r in mine],
-                                                            [r["accuracy"] for r in mine])
-            lines[objective] = (intercept, slope)
-        (a1, b1), (a2, b2) = lines["pretrain"], lines["autoregressive"]
+        lines = {o: accuracy_line([r for r in rows if r["objective"] == o]) for o in OBJECTIVES}
         summary["accuracy_lines"] = {o: {"intercept": a, "slope_per_decade": b} for o, (a, b) in lines.items()}
-        summary["accuracy_crossing_flops"] = 10 ** ((a2 - a1) / (b1 - b2)) if b1 != b2 else None
+        crossing = accuracy_crossing(lines["pretrain"], lines["autoregressive"])
+        summary["accuracy_crossing_flops"] = crossing
+        summary["accuracy_crossing_where"] = where_in_runs(crossing, [r["flops"] for r in rows])
+        sizes = sorted({r["size"] for r in rows if r["objective"] == "pretrain"}
+                       & {r["size"] for r in rows if r["objective"] == "autoregressive"}, key=BUDGETS.__getitem__)
+        if len(sizes) >= 3:  # the spread when one size at a time is left out of both lines
+            spread = [accuracy_crossing(*(accuracy_line([r for r in rows if r["objective"] == o and r["size"] != left])
+                                          for o in OBJECTIVES)) for left in sizes]
+            summary["accuracy_crossing_range"] = ([min(spread), max(spread)] if None not in spread else None)
     return summary
 
 
@@ -306,7 +331,8 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
         style = "-" if objective == "pretrain" else "--"
         curve = runs[0]["curve"]
         loss_axis.plot([p["flops"] for p in curve], [p["val_loss"] for p in curve], style, color=colours[size],
-                       alpha=0.7, label=f"{size} ({runs[0]['non_embedding_parameters'] / 1e6:.0f}M) {objective}")
+                       alpha=0.7, label=f"{size} ({runs[0]['non_embedding_parameters'] / 1e6:.0f}M) "
+                       f"{LABELS[objective].split(' (')[0]}")
     for objective, marker in (("pretrain", "o"), ("autoregressive", "s")):
         rows = [r for r in summary["rows"] if r["objective"] == objective]
         loss_axis.plot([r["flops"] for r in rows], [r["test_loss"] for r in rows], marker, color="black",
@@ -314,7 +340,7 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
         task_axis.errorbar([r["flops"] for r in rows], [100 * r["accuracy"] for r in rows],
                            yerr=[[100 * (r["accuracy"] - r["interval_seed0"][0]) for r in rows],
                                  [100 * (r["interval_seed0"][1] - r["accuracy"]) for r in rows]],
-                           fmt=marker + ("-" if objective == "pretrain" else "--"), capsize=3,
+                           fmt=marker + ("-" if objective == "pretrain" else "--"), capsize=3, color="black",
                            fillstyle="full" if marker == "o" else "none", label=LABELS[objective].split(" (")[0])
     loss_axis.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="nats / token",
                   title="Validation curves (best rate) and held-out test loss")

@@ -38,8 +38,21 @@ def test_power_laws_give_back_their_compute_multiplier_and_crossing(tmp_path: Pa
     assert summary["compute_multiplier_range"] == pytest.approx([1.25 ** 20] * 2, rel=1e-9)
     assert summary["power_law"]["pretrain"]["slope"] == pytest.approx(-0.05)
     assert summary["accuracy_crossing_flops"] == pytest.approx(10 ** (0.2 / 0.03), rel=1e-9)
+    assert summary["accuracy_crossing_range"] == pytest.approx([10 ** (0.2 / 0.03)] * 2, rel=1e-9)
+    assert summary["accuracy_crossing_where"].startswith("below the smallest run")  # diffusion pulls ahead
     scaling.plot(results, summary, tmp_path / "scaling.png", unigram=0.24)
     assert (tmp_path / "scaling.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_crossing_is_placed_against_the_runs() -> None:
+    runs = [3e15, 1e16, 1e17]
+    assert scaling.where_in_runs(5e16, runs) == "within the runs"
+    assert scaling.where_in_runs(1e18, runs).startswith("beyond the largest run")
+    assert scaling.where_in_runs(1e15, runs).startswith("below the smallest run")
+    assert scaling.where_in_runs(None, runs).startswith("parallel")
+    assert scaling.accuracy_crossing((0.1, 0.02), (0.3, 0.02)) is None
+    # 0.1 + 0.05 d = 0.9 + 0.0 d at d = 16: the diffusion line reaches the flat one at 1e16
+    assert scaling.accuracy_crossing((0.1, 0.05), (0.9, 0.0)) == pytest.approx(1e16)
 
 
 def test_seeds_are_averaged_within_the_chosen_rate() -> None:
