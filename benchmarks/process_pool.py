@@ -1,7 +1,9 @@
 """Run benchmark commands as separate processes, several at a time (small models share one GPU well).
 
 Each command writes its own log; a failed command is reported at the end with its log, never
-silently dropped, and the others still run. On a machine with several GPUs the commands are spread
+silently dropped, and the others still run. A command stopped with its progress saved (a time
+limit's SIGTERM) exits with ``RESUMABLE_EXIT`` and is reported as resumable, not as failed; running
+it again appends the next segment to the same log. On a machine with several GPUs the commands are spread
 over them (each sees one, through ``CUDA_VISIBLE_DEVICES``), so a sweep's runs go side by side.
 """
 
@@ -16,6 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+RESUMABLE_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped with a checkpoint; the same command resumes it
+RESUMED_LOG_MARK = "--- the run started again: a later segment follows ---\n"
 
 
 def gpu_list(text: str) -> list[str]:
@@ -55,13 +60,16 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
         raise ValueError(f"parallel must be at least 1, got {parallel}")
     running: list[tuple[subprocess.Popen, Path, str | None]] = []
     failed: list[str] = []
+    resumable: list[str] = []
     stopping = False
 
     def reap(limit: int) -> None:
         while len(running) > limit:
             for process, log, gpu in [entry for entry in running if entry[0].poll() is not None]:
                 running.remove((process, log, gpu))
-                if process.returncode:
+                if process.returncode == RESUMABLE_EXIT:
+                    resumable.append(f"{' '.join(map(str, process.args))} (log {log})")
+                elif process.returncode:
                     failed.append(f"{' '.join(map(str, process.args))} (exit {process.returncode}; log {log})")
             time.sleep(0.2)
 
@@ -83,18 +91,23 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
             gpu = min(gpus, key=lambda g: sum(entry[2] == g for entry in running)) if gpus else None
             if gpu is not None:
                 environment["CUDA_VISIBLE_DEVICES"] = gpu
-            with log.open("w") as stream:
+            with log.open("a") as stream:  # a resumed run's log keeps its earlier segments
+                if stream.tell():
+                    stream.write(RESUMED_LOG_MARK)
+                    stream.flush()
                 running.append((subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment),
                                 log, gpu))
             started += 1
         reap(0)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    report = "".join(f"\n{len(names)} {what}:\n" + "\n".join(names) for what, names in (
+        ("exited with an error", failed),
+        ("stopped with a checkpoint (the same command resumes them)", resumable)) if names)
     if stopping:
-        raise SystemExit(f"stopped by SIGTERM: {started} of {len(jobs)} runs started, {len(failed)} of them "
-                         "exited with an error:\n" + "\n".join(failed))
-    if failed:
-        raise SystemExit(f"{len(failed)} of {len(jobs)} runs failed:\n" + "\n".join(failed))
+        raise SystemExit(f"stopped by SIGTERM: {started} of {len(jobs)} runs started{report}")
+    if failed or resumable:
+        raise SystemExit(f"{len(failed) + len(resumable)} of {len(jobs)} runs did not finish{report}")
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, data: str, runs: str, lrs: str, parallel: int) -> None:

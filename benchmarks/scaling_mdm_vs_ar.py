@@ -39,13 +39,14 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from preference_demo import wilson
-from process_pool import add_sweep_arguments, run_grid, write_result
+from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
 from tqdm.auto import tqdm
 
 from llada.diffusion.likelihood import packed_elbo_samples
@@ -154,7 +155,9 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"{out_dir}: diverged ({error}); recorded in {args.out}") from error
     seconds = add_training_seconds(out_dir, time.perf_counter() - started)
     if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
-        raise SystemExit(f"{out_dir}: stopped at step {trainer.step} of {steps} with a checkpoint; run again to resume")
+        print(f"{out_dir}: stopped at step {trainer.step} of {steps} with a checkpoint; run again to resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(RESUMABLE_EXIT)
     model = trainer.model
     flops_per_token = model.config.flops_per_token(args.seq_len, training=True)
     curve = [{"step": r["step"], "flops": flops_per_token * tokens_per_step * r["step"], "val_loss": r["eval_loss"]}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from process_pool import run_all
+from process_pool import RESUMABLE_EXIT, RESUMED_LOG_MARK, run_all
 
 
 def test_every_command_runs_and_failures_are_named(tmp_path: Path) -> None:
@@ -17,13 +17,29 @@ def test_every_command_runs_and_failures_are_named(tmp_path: Path) -> None:
         return [sys.executable, "-c", code], tmp_path / f"{name}.log"
 
     jobs = [job("a", "print('done a')"), job("bad", "import sys; print('oops'); sys.exit(3)"), job("c", "print('done c')")]
-    with pytest.raises(SystemExit, match=r"1 of 3 runs failed:\n.*exit 3; log .*bad\.log"):
+    with pytest.raises(SystemExit, match=r"1 of 3 runs did not finish\n1 exited with an error:\n.*exit 3; log .*bad\.log"):
         run_all(jobs, parallel=2)
     assert (tmp_path / "a.log").read_text() == "done a\n" and (tmp_path / "c.log").read_text() == "done c\n"
     assert (tmp_path / "bad.log").read_text() == "oops\n"
     run_all([job("d", "print(1)")], parallel=1)
     with pytest.raises(ValueError, match="at least 1"):
         run_all([], parallel=0)
+
+
+def test_a_run_stopped_with_a_checkpoint_is_resumable_not_failed_and_its_log_grows(tmp_path: Path) -> None:
+    """Exit RESUMABLE_EXIT: named apart from failures; running it again appends to the same log."""
+    code = ("import pathlib, sys; state = pathlib.Path(sys.argv[1]); done = state.exists(); state.touch(); "
+            f"print('finished' if done else 'stopped'); sys.exit(0 if done else {RESUMABLE_EXIT})")
+    jobs = [([sys.executable, "-c", code, str(tmp_path / "state")], tmp_path / "run.log"),
+            ([sys.executable, "-c", "import sys; sys.exit(2)"], tmp_path / "bad.log")]
+    with pytest.raises(SystemExit) as stopped:
+        run_all(jobs, parallel=2)
+    message = str(stopped.value)
+    assert message.startswith("2 of 2 runs did not finish")
+    assert "1 exited with an error:\n" in message and "exit 2; log" in message
+    assert "1 stopped with a checkpoint (the same command resumes them):\n" in message and "run.log" in message
+    run_all(jobs[:1], parallel=1)  # the second segment finishes
+    assert (tmp_path / "run.log").read_text() == "stopped\n" + RESUMED_LOG_MARK + "finished\n"
 
 
 def test_a_grid_runs_each_point_once_with_its_options_and_skips_finished_points(tmp_path: Path) -> None:
