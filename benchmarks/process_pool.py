@@ -20,7 +20,12 @@ import time
 from pathlib import Path
 
 RESUMABLE_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped with a checkpoint; the same command resumes it
-RESUMED_LOG_MARK = "--- the run started again: a later segment follows ---\n"
+
+
+def log_mark() -> str:
+    """The line between two segments of one log: the command ran again (from its run's last checkpoint
+    if it saved one, otherwise from the start)."""
+    return f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: the same command runs again ---\n"
 
 
 def gpu_list(text: str) -> list[str]:
@@ -93,7 +98,7 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
                 environment["CUDA_VISIBLE_DEVICES"] = gpu
             with log.open("a") as stream:  # a resumed run's log keeps its earlier segments
                 if stream.tell():
-                    stream.write(RESUMED_LOG_MARK)
+                    stream.write(log_mark())
                     stream.flush()
                 running.append((subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment),
                                 log, gpu))
@@ -104,10 +109,14 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
     report = "".join(f"\n{len(names)} {what}:\n" + "\n".join(names) for what, names in (
         ("exited with an error", failed),
         ("stopped with a checkpoint (the same command resumes them)", resumable)) if names)
-    if stopping:
-        raise SystemExit(f"stopped by SIGTERM: {started} of {len(jobs)} runs started{report}")
-    if failed or resumable:
-        raise SystemExit(f"{len(failed) + len(resumable)} of {len(jobs)} runs did not finish{report}")
+    if stopping or failed or resumable:
+        finished = f"stopped by SIGTERM: {started} of {len(jobs)} runs started" if stopping else \
+            f"{len(failed) + len(resumable)} of {len(jobs)} runs did not finish"
+        if failed:
+            raise SystemExit(finished + report)
+        # Nothing failed: the sweep is unfinished, not broken. The same exit status as a stopped run.
+        print(finished + report, file=sys.stderr, flush=True)
+        raise SystemExit(RESUMABLE_EXIT)
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, data: str, runs: str, lrs: str, parallel: int) -> None:

@@ -185,6 +185,9 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     trainer = train(args.data, args.objective, args.lr, args.seed, args.steps, args.batch_size, args.seq_len, args.runs)
     seconds = time.perf_counter() - started
+    if trainer.step < args.steps:  # stopped early (SIGTERM): a part-trained model's scores are no result
+        raise SystemExit(f"stopped at step {trainer.step} of {args.steps}; no result written (these short runs "
+                         f"start over rather than resume)")
     model, tokenizer = trainer.model.eval(), trainer.tokenizer
     causal = args.objective == "autoregressive"
     scores: dict[str, dict] = {}

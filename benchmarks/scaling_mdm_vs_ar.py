@@ -218,11 +218,17 @@ def power_law(points: list[tuple[float, float]]) -> tuple[float, float]:
     return intercept, slope
 
 
-def compute_multiplier(diffusion: list[tuple[float, float]], autoregressive: list[tuple[float, float]]) -> list[float]:
+def compute_multiplier(diffusion: list[tuple[float, float]],
+                       autoregressive: list[tuple[float, float]]) -> list[float | None]:
     """For each autoregressive (FLOPs, loss): the FLOPs the diffusion fit needs for that loss, divided
-    by the autoregressive FLOPs."""
+    by the autoregressive FLOPs; None where no FLOPs do (a fit that does not fall with compute, or a
+    multiplier beyond 1e300)."""
     intercept, slope = power_law(diffusion)
-    return [math.exp((math.log(loss) - intercept) / slope) / flops for flops, loss in autoregressive]
+    multipliers: list[float | None] = []
+    for flops, loss in autoregressive:
+        exponent = (math.log(loss) - intercept) / slope - math.log(flops) if slope < 0 else math.inf
+        multipliers.append(math.exp(exponent) if exponent < 690 else None)
+    return multipliers
 
 
 def mean_val_loss(runs: list[dict]) -> float:
@@ -265,9 +271,12 @@ def accuracy_line(rows: list[dict]) -> tuple[float, float]:
 
 
 def accuracy_crossing(diffusion: tuple[float, float], autoregressive: tuple[float, float]) -> float | None:
-    """The FLOPs where the two accuracy lines meet; None if they are parallel."""
+    """The FLOPs where the two accuracy lines meet; None if they are parallel, or so nearly parallel
+    that they meet beyond 1e±300 FLOPs (no float holds it, and no study could reach it)."""
     (a1, b1), (a2, b2) = diffusion, autoregressive
-    return 10 ** ((a2 - a1) / (b1 - b2)) if b1 != b2 else None
+    if b1 == b2 or abs(decade := (a2 - a1) / (b1 - b2)) > 300:
+        return None
+    return 10 ** decade
 
 
 def where_in_runs(flops: float | None, run_flops: list[float]) -> str:
@@ -277,7 +286,38 @@ def where_in_runs(flops: float | None, run_flops: list[float]) -> str:
         return "parallel: no crossing"
     if flops < min(run_flops):
         return "below the smallest run: the lines move apart"
-    return "within the runs" if flops <= max(run_flops) else "beyond the largest run: extrapolated"
+    if flops <= max(run_flops):
+        return "within the runs"
+    return "beyond the largest run: the one behind is catching up (extrapolated)"
+
+
+def shared_sizes(rows: list[dict]) -> list[str]:
+    """The sizes with a result for both objectives, smallest first."""
+    return sorted(set.intersection(*({r["size"] for r in rows if r["objective"] == o} for o in OBJECTIVES)),
+                  key=BUDGETS.__getitem__)
+
+
+def crossings(rows: list[dict], sizes: list[str]) -> dict:
+    """Where the accuracy lines cross, fitted on ``sizes`` (those both objectives have); with three or
+    more, also with each size left out in turn (each with its place against the runs, since crossings
+    on different sides of the runs mean different things and make no range)."""
+
+    def crossing(kept: list[str]) -> dict:
+        mine = [r for r in rows if r["size"] in kept]
+        lines = [accuracy_line([r for r in mine if r["objective"] == o]) for o in OBJECTIVES]
+        flops = accuracy_crossing(*lines)
+        return {"flops": flops, "where": where_in_runs(flops, [r["flops"] for r in mine]), "lines": lines}
+
+    whole = crossing(sizes)
+    summary: dict = {"accuracy_lines": {o: {"intercept": a, "slope_per_decade": b}
+                                        for o, (a, b) in zip(OBJECTIVES, whole["lines"])},
+                     "accuracy_crossing_flops": whole["flops"], "accuracy_crossing_where": whole["where"],
+                     "accuracy_sizes": sizes}
+    if len(sizes) >= 3:
+        summary["accuracy_crossing_leave_one_out"] = [
+            {"left_out": left, **{k: v for k, v in crossing([s for s in sizes if s != left]).items() if k != "lines"}}
+            for left in sizes]
+    return summary
 
 
 def report(results: list[dict]) -> dict:
@@ -306,18 +346,9 @@ def report(results: list[dict]) -> dict:
         if len(points["pretrain"]) >= 3:  # the spread when one size at a time is left out of the fit
             spread = [m for i in range(len(points["pretrain"])) for m in
                       compute_multiplier(points["pretrain"][:i] + points["pretrain"][i + 1:], points["autoregressive"])]
-            summary["compute_multiplier_range"] = [min(spread), max(spread)]
-        lines = {o: accuracy_line([r for r in rows if r["objective"] == o]) for o in OBJECTIVES}
-        summary["accuracy_lines"] = {o: {"intercept": a, "slope_per_decade": b} for o, (a, b) in lines.items()}
-        crossing = accuracy_crossing(lines["pretrain"], lines["autoregressive"])
-        summary["accuracy_crossing_flops"] = crossing
-        summary["accuracy_crossing_where"] = where_in_runs(crossing, [r["flops"] for r in rows])
-        sizes = sorted({r["size"] for r in rows if r["objective"] == "pretrain"}
-                       & {r["size"] for r in rows if r["objective"] == "autoregressive"}, key=BUDGETS.__getitem__)
-        if len(sizes) >= 3:  # the spread when one size at a time is left out of both lines
-            spread = [accuracy_crossing(*(accuracy_line([r for r in rows if r["objective"] == o and r["size"] != left])
-                                          for o in OBJECTIVES)) for left in sizes]
-            summary["accuracy_crossing_range"] = ([min(spread), max(spread)] if None not in spread else None)
+            summary["compute_multiplier_range"] = [min(spread), max(spread)] if None not in spread else None
+    if len(sizes := shared_sizes(rows)) >= 2:
+        summary.update(crossings(rows, sizes))
     return summary
 
 
@@ -341,8 +372,8 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
         loss_axis.plot([r["flops"] for r in rows], [r["test_loss"] for r in rows], marker, color="black",
                        fillstyle="full" if marker == "o" else "none", label=f"test: {LABELS[objective]}")
         task_axis.errorbar([r["flops"] for r in rows], [100 * r["accuracy"] for r in rows],
-                           yerr=[[100 * (r["accuracy"] - r["interval_seed0"][0]) for r in rows],
-                                 [100 * (r["interval_seed0"][1] - r["accuracy"]) for r in rows]],
+                           # the mean over seeds, ± half the width of one seed's 95% interval on these items
+                           yerr=[50 * (r["interval_seed0"][1] - r["interval_seed0"][0]) for r in rows],
                            fmt=marker + ("-" if objective == "pretrain" else "--"), capsize=3, color="black",
                            fillstyle="full" if marker == "o" else "none", label=LABELS[objective].split(" (")[0])
     loss_axis.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="nats / token",
@@ -352,7 +383,7 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
         task_axis.axhline(100 * unigram, color="tab:red", linewidth=0.8, linestyle=":",
                           label=f"unigram baseline {100 * unigram:.1f}%")
     task_axis.set(xscale="log", xlabel="training FLOPs", ylabel="accuracy (%)",
-                  title=f"Continuation choice, {summary['rows'][0]['items']} items (95% interval, seed 0)")
+                  title=f"Continuation choice, {summary['rows'][0]['items']} items (mean of seeds, ± one seed's 95% interval)")
     loss_axis.legend(fontsize=6)
     task_axis.legend(fontsize=7)
     figure.tight_layout()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from process_pool import RESUMABLE_EXIT, RESUMED_LOG_MARK, run_all
+from process_pool import RESUMABLE_EXIT, run_all
 
 
 def test_every_command_runs_and_failures_are_named(tmp_path: Path) -> None:
@@ -39,7 +40,18 @@ def test_a_run_stopped_with_a_checkpoint_is_resumable_not_failed_and_its_log_gro
     assert "1 exited with an error:\n" in message and "exit 2; log" in message
     assert "1 stopped with a checkpoint (the same command resumes them):\n" in message and "run.log" in message
     run_all(jobs[:1], parallel=1)  # the second segment finishes
-    assert (tmp_path / "run.log").read_text() == "stopped\n" + RESUMED_LOG_MARK + "finished\n"
+    first, mark, second = (tmp_path / "run.log").read_text().splitlines()
+    assert (first, second) == ("stopped", "finished")
+    assert re.fullmatch(r"--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: the same command runs again ---", mark)
+
+
+def test_a_sweep_with_only_resumable_runs_exits_resumable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Nothing failed, so the sweep is unfinished rather than broken: it exits RESUMABLE_EXIT too."""
+    jobs = [([sys.executable, "-c", f"import sys; sys.exit({RESUMABLE_EXIT})"], tmp_path / "run.log")]
+    with pytest.raises(SystemExit) as stopped:
+        run_all(jobs, parallel=1)
+    assert stopped.value.code == RESUMABLE_EXIT
+    assert "1 of 1 runs did not finish\n1 stopped with a checkpoint" in capsys.readouterr().err
 
 
 def test_a_grid_runs_each_point_once_with_its_options_and_skips_finished_points(tmp_path: Path) -> None:
@@ -87,7 +99,7 @@ def test_sigterm_lets_running_commands_save_and_starts_nothing_new(tmp_path: Pat
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGTERM)
     _, error = process.communicate(timeout=30)
-    assert process.returncode == 1 and "stopped by SIGTERM: 1 of 3 runs started" in error
+    assert process.returncode == RESUMABLE_EXIT and "stopped by SIGTERM: 1 of 3 runs started" in error
     assert (tmp_path / "a").read_text() == "saved"
     assert not (tmp_path / "b.started").exists() and not (tmp_path / "c.started").exists()
 

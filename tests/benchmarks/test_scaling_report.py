@@ -38,8 +38,8 @@ def test_power_laws_give_back_their_compute_multiplier_and_crossing(tmp_path: Pa
     assert summary["compute_multiplier_range"] == pytest.approx([1.25 ** 20] * 2, rel=1e-9)
     assert summary["power_law"]["pretrain"]["slope"] == pytest.approx(-0.05)
     assert summary["accuracy_crossing_flops"] == pytest.approx(10 ** (0.2 / 0.03), rel=1e-9)
-    assert summary["accuracy_crossing_range"] == pytest.approx([10 ** (0.2 / 0.03)] * 2, rel=1e-9)
     assert summary["accuracy_crossing_where"].startswith("below the smallest run")  # diffusion pulls ahead
+    assert [c["flops"] for c in summary["accuracy_crossing_leave_one_out"]] == pytest.approx([10 ** (0.2 / 0.03)] * 4)
     scaling.plot(results, summary, tmp_path / "scaling.png", unigram=0.24)
     assert (tmp_path / "scaling.png").read_bytes().startswith(b"\x89PNG")
 
@@ -47,12 +47,49 @@ def test_power_laws_give_back_their_compute_multiplier_and_crossing(tmp_path: Pa
 def test_a_crossing_is_placed_against_the_runs() -> None:
     runs = [3e15, 1e16, 1e17]
     assert scaling.where_in_runs(5e16, runs) == "within the runs"
+    assert scaling.where_in_runs(3e15, runs) == scaling.where_in_runs(1e17, runs) == "within the runs"
     assert scaling.where_in_runs(1e18, runs).startswith("beyond the largest run")
     assert scaling.where_in_runs(1e15, runs).startswith("below the smallest run")
     assert scaling.where_in_runs(None, runs).startswith("parallel")
     assert scaling.accuracy_crossing((0.1, 0.02), (0.3, 0.02)) is None
     # 0.1 + 0.05 d = 0.9 + 0.0 d at d = 16: the diffusion line reaches the flat one at 1e16
     assert scaling.accuracy_crossing((0.1, 0.05), (0.9, 0.0)) == pytest.approx(1e16)
+
+
+def crossing_by_hand(points: dict[str, dict[str, float]], sizes: list[str]) -> float:
+    """The two least-squares lines of accuracy against log10(FLOPs), through numpy, and where they meet."""
+    import numpy as np
+
+    decades = [math.log10(scaling.BUDGETS[s]) for s in sizes]
+    (b1, a1), (b2, a2) = (np.polyfit(decades, [points[o][s] for s in sizes], 1) for o in scaling.OBJECTIVES)
+    return 10 ** ((a2 - a1) / (b1 - b2))
+
+
+def test_crossings_leave_each_shared_size_out_and_ignore_a_size_one_objective_lacks() -> None:
+    accuracy = {"pretrain": {"xs": 0.40, "s": 0.47, "m": 0.50, "l": 0.58},
+                "autoregressive": {"xs": 0.60, "s": 0.62, "m": 0.66, "l": 0.67}}
+    results = [result(size, objective, 1e-3, 0, 3.0, 2.0, accuracy[objective][size])
+               for objective in scaling.OBJECTIVES for size in scaling.BUDGETS]
+    summary = scaling.report(results)
+    assert summary["compute_multiplier"] == [None] * 4  # a flat diffusion loss never reaches the other's
+    sizes = list(scaling.BUDGETS)
+    assert summary["accuracy_crossing_flops"] == pytest.approx(crossing_by_hand(accuracy, sizes), rel=1e-9)
+    assert summary["accuracy_crossing_where"].startswith("beyond the largest run")  # diffusion catches up
+    for left_out in summary["accuracy_crossing_leave_one_out"]:
+        kept = [s for s in sizes if s != left_out["left_out"]]
+        assert left_out["flops"] == pytest.approx(crossing_by_hand(accuracy, kept), rel=1e-9)
+    assert [c["left_out"] for c in summary["accuracy_crossing_leave_one_out"]] == sizes
+
+    without = [r for r in results if not (r["objective"] == "autoregressive" and r["size"] == "l")]
+    summary = scaling.report(without)
+    assert summary["accuracy_sizes"] == ["xs", "s", "m"]  # l has no autoregressive twin: left out of both lines
+    assert summary["accuracy_crossing_flops"] == pytest.approx(crossing_by_hand(accuracy, ["xs", "s", "m"]), rel=1e-9)
+    assert len(summary["accuracy_crossing_leave_one_out"]) == 3
+
+
+def test_nearly_parallel_accuracy_lines_have_no_crossing() -> None:
+    assert scaling.accuracy_crossing((0.1, 0.0501), (0.3, 0.05)) is None  # 10**2000: no float, no study
+    assert scaling.where_in_runs(scaling.accuracy_crossing((0.1, 0.0501), (0.3, 0.05)), [1e15]).startswith("parallel")
 
 
 def test_seeds_are_averaged_within_the_chosen_rate() -> None:

@@ -63,3 +63,25 @@ def test_a_run_finishes_with_its_scores_and_a_diverged_one_is_recorded(corpus: P
         scaling.run(wild)
     recorded = json.loads((tmp_path / "wild.json").read_text())
     assert recorded["diverged"] and recorded["val_loss"] is None and recorded["lr"] == 1e4
+
+
+@pytest.mark.slow
+def test_a_stopped_run_exits_resumable_and_the_same_command_finishes_it(corpus: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """As under a time limit's SIGTERM: the trainer saves at step 3 and stops; the run exits with the
+    pool's resumable status and writes no result; run again, it resumes and finishes."""
+    from process_pool import RESUMABLE_EXIT
+
+    class StoppedAtThree(scaling.Trainer):
+        def _agree_on_stop(self) -> None:
+            self.stop_requested = self.step >= 3
+            super()._agree_on_stop()
+
+    monkeypatch.setattr(scaling, "Trainer", StoppedAtThree)
+    with pytest.raises(SystemExit) as stopped:
+        scaling.run(arguments(corpus, tmp_path))
+    assert stopped.value.code == RESUMABLE_EXIT and not (tmp_path / "result.json").exists()
+    monkeypatch.undo()
+    scaling.run(arguments(corpus, tmp_path))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["steps"] == 6 and [p["step"] for p in result["curve"]] == [1, 2, 3, 4, 5, 6]
