@@ -37,8 +37,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, repeats: int) -> float:
-    function()  # warm-up: captures graphs
+def timed(function, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls after a warm-up call (which captures graphs)."""
+    function()
     seconds = []
     for _ in range(repeats):
         _sync()
@@ -46,7 +47,7 @@ def timed(function, repeats: int) -> float:
         function()
         _sync()
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return seconds
 
 
 def main() -> None:
@@ -82,10 +83,13 @@ def main() -> None:
     }
     tokens = len(rows) * args.gen_length
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "completions": len(rows), "gen_length": args.gen_length,
-              "block_length": args.block_length, "variants": {}}
+              "block_length": args.block_length, "repeats": args.repeats, "torch": torch.__version__,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
     for name, function in variants.items():
-        seconds = timed(function, args.repeats)
-        result["variants"][name] = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+        each = timed(function, args.repeats)  # every timing is kept: run-to-run spread is part of the result
+        seconds = statistics.median(each)
+        result["variants"][name] = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+                                    "each_seconds": [round(s, 4) for s in each]}
         print(name, result["variants"][name], flush=True)
     base = result["variants"]["reference_sampler"]["seconds"]
     for name, row in result["variants"].items():
