@@ -148,16 +148,24 @@ def evaluate(model_dir: str, pairs_path: Path, device: str, draws: int, seed: in
             "per_item": {"prefers_correct": prefers, "exact": exact}}
 
 
+def paired_difference(old: list, new: list) -> tuple[float, float]:
+    """Mean of new - old over the same items (booleans or numbers), and its standard error: pairing
+    removes the items' own difficulty from the error, which two separate intervals would keep."""
+    if len(old) != len(new) or len(old) < 2:
+        raise ValueError(f"a paired difference needs two equally long lists of 2+ items, got {len(old)} and {len(new)}")
+    differences = [float(b) - float(a) for a, b in zip(old, new)]
+    mean = sum(differences) / len(differences)
+    spread = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return mean, math.sqrt(spread / len(differences))
+
+
 def compare(before: dict, after: dict) -> dict:
     """Paired before/after differences on the same items, with standard errors."""
     result = {}
     for name, key in (("preference_accuracy", "prefers_correct"), ("exact_match", "exact")):
-        old, new = before["per_item"][key], after["per_item"][key]
-        differences = [float(b) - float(a) for a, b in zip(old, new)]
-        mean = sum(differences) / len(differences)
-        spread = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+        mean, stderr = paired_difference(before["per_item"][key], after["per_item"][key])
         result[name] = {"before": before[name], "after": after[name], "difference": round(mean, 4),
-                        "difference_stderr": round(math.sqrt(spread / len(differences)), 4), "items": len(differences)}
+                        "difference_stderr": round(stderr, 4), "items": len(before["per_item"][key])}
     return result
 
 

@@ -45,7 +45,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from preference_demo import wilson
+from preference_demo import paired_difference, wilson
 from process_pool import add_sweep_arguments, run_grid, write_result
 
 from llada import Engine, GenerationSettings
@@ -175,9 +175,12 @@ def infill_names(model, tokenizer: Tokenizer, pairs: list[dict], gap: str) -> li
 
 
 def accuracy(answers: list[str], expected: list[str]) -> dict:
-    right = sum(name_of(a) == e for a, e in zip(answers, expected))
+    """Exact-match accuracy with its interval, and each item's outcome ("1"/"0", in order) so that two
+    directions on the same pairs can be compared item by item."""
+    outcomes = [name_of(a) == e for a, e in zip(answers, expected)]
+    right = sum(outcomes)
     return {"items": len(expected), "correct": right, "accuracy": right / len(expected),
-            "interval": wilson(right, len(expected))}
+            "interval": wilson(right, len(expected)), "per_item": "".join("1" if ok else "0" for ok in outcomes)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -240,6 +243,15 @@ def report(paths: list[Path]) -> dict:
                 values = [r["scores"][key]["accuracy"] for r in chosen]
                 row[key] = {"per_seed": [r["scores"][key] for r in chosen], "mean": statistics.mean(values),
                             "sd_over_seeds": statistics.stdev(values) if len(values) > 1 else None}
+        for forward, reverse in (("test_forward", "test_reverse"), ("test_forward_infill", "test_reverse_infill")):
+            # Forward minus reverse on the same pairs, item by item (runs that kept their outcomes).
+            kept = [r for r in chosen
+                    if all("per_item" in r["scores"].get(key, {}) for key in (forward, reverse))]
+            if kept:
+                row[f"{forward}_minus_reverse"] = [
+                    dict(zip(("seed", "difference", "stderr"), (r["seed"], *paired_difference(
+                        [c == "1" for c in r["scores"][reverse]["per_item"]],
+                        [c == "1" for c in r["scores"][forward]["per_item"]])))) for r in kept]
         summary[objective] = row
     return summary
 

@@ -45,7 +45,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from preference_demo import wilson
+from preference_demo import paired_difference, wilson
 from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
 from tqdm.auto import tqdm
 
@@ -96,12 +96,15 @@ def downstream(model: LLaDAModel, items: list[dict], autoregressive: bool, mc_nu
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(0)
     right: dict[str, list[bool]] = defaultdict(list)
+    outcomes = []
     for item in tqdm(items, desc="continuation choice", unit="item"):
         scores = choice_scores(model, item, autoregressive, mc_num, generator)
-        right[item["source"]].append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
-    correct = sum(sum(v) for v in right.values())
+        outcomes.append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        right[item["source"]].append(outcomes[-1])
+    correct = sum(outcomes)
     return {"items": len(items), "correct": correct, "accuracy": correct / len(items),
             "interval": wilson(correct, len(items)),
+            "per_item": "".join("1" if ok else "0" for ok in outcomes),  # for paired comparisons on these items
             "by_source": {source: {"items": len(v), "accuracy": sum(v) / len(v)} for source, v in sorted(right.items())}}
 
 
@@ -320,6 +323,22 @@ def crossings(rows: list[dict], sizes: list[str]) -> dict:
     return summary
 
 
+def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """Per size and seed where both objectives' chosen runs kept their per-item outcomes: autoregressive
+    minus diffusion accuracy on the same items, with the paired standard error (the items' own
+    difficulty cancels, so it is tighter than two separate intervals suggest)."""
+    differences = []
+    for size in sorted({s for s, _ in chosen}, key=BUDGETS.__getitem__):
+        by_seed = [{r["seed"]: r["choice"].get("per_item") for r in chosen.get((size, o), [])} for o in OBJECTIVES]
+        for seed in sorted(set(by_seed[0]) & set(by_seed[1])):
+            diffusion, autoregressive = by_seed[0][seed], by_seed[1][seed]
+            if diffusion and autoregressive:
+                mean, stderr = paired_difference([c == "1" for c in diffusion], [c == "1" for c in autoregressive])
+                differences.append({"size": size, "seed": seed, "autoregressive_minus_diffusion": mean,
+                                    "stderr": stderr})
+    return differences
+
+
 def report(results: list[dict]) -> dict:
     chosen = best_runs(results)
     rows = []
@@ -337,6 +356,7 @@ def report(results: list[dict]) -> dict:
                      "items": runs[0]["choice"]["items"]})
     summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()},
                      "rate_at_edge_of_sweep": rates_at_the_edge(results, chosen),
+                     "paired_accuracy_differences": paired_accuracy_differences(chosen),
                      "diverged_runs": sorted(f"{r['size']}/{r['objective']} lr {r['lr']:g} seed {r['seed']}"
                                              for r in results if r.get("diverged"))}
     points = {o: [(r["flops"], r["test_loss"]) for r in rows if r["objective"] == o] for o in OBJECTIVES}

@@ -92,6 +92,26 @@ def test_nearly_parallel_accuracy_lines_have_no_crossing() -> None:
     assert scaling.where_in_runs(scaling.accuracy_crossing((0.1, 0.0501), (0.3, 0.05)), [1e15]).startswith("parallel")
 
 
+def test_accuracy_differences_are_paired_on_the_same_items() -> None:
+    """Autoregressive minus diffusion per item, by hand: the standard error of the paired difference,
+    per size and seed where both kept their outcomes."""
+    diffusion, autoregressive = "1100101100", "1110111101"
+    results = []
+    for objective, outcomes in (("pretrain", diffusion), ("autoregressive", autoregressive)):
+        run = result("xs", objective, 1e-3, 0, 3.0, 2.0, outcomes.count("1") / 10)
+        run["choice"]["per_item"] = outcomes
+        results.append(run)
+    results.append(result("s", "pretrain", 1e-3, 0, 2.9, 1.9, 0.5))  # no outcomes kept: no pair
+    results.append(result("s", "autoregressive", 1e-3, 0, 2.0, 1.5, 0.7))
+    [pair] = scaling.report(results)["paired_accuracy_differences"]
+    differences = [int(b) - int(a) for a, b in zip(diffusion, autoregressive)]  # 3 items +1, the rest 0
+    mean = sum(differences) / 10
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in differences) / 9 / 10)
+    assert pair == {"size": "xs", "seed": 0, "autoregressive_minus_diffusion": pytest.approx(0.3),
+                    "stderr": pytest.approx(stderr)}
+    assert stderr == pytest.approx(math.sqrt(0.3 * 0.7 * 10 / 9 / 10))
+
+
 def test_seeds_are_averaged_within_the_chosen_rate() -> None:
     results = [result("xs", "pretrain", 1e-3, seed, 5.0 + seed, 3.0, 0.4 + 0.1 * seed) for seed in (0, 1)]
     row = scaling.report(results)["rows"][0]

@@ -54,6 +54,7 @@ def test_a_run_finishes_with_its_scores_and_a_diverged_one_is_recorded(corpus: P
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == 6 and result["tokens"] == 6 * 2 * 32 and result["rollbacks"] == 0
     assert len(result["curve"]) >= 1 and result["test_loss"] > 0 and result["choice"]["items"] == 3
+    assert len(result["choice"]["per_item"]) == 3 and result["choice"]["per_item"].count("1") == result["choice"]["correct"]
     assert result["data"]["train_documents_sha256"] == hashlib.sha256(b"t").hexdigest()
     corpus_id = hashlib.sha256(b"t").hexdigest()[:8]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [f"xs-pretrain-lr0.001-seed0-6x2x32-{corpus_id}"]

@@ -1,0 +1,99 @@
+"""The reversal-curse benchmark's design, checked on its own data: test facts are taught in one
+direction only, the sets share no one, infilling asks for exactly the missing name, and the rate is
+chosen on the tuning pairs, never the test pairs."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import reversal_curse as reversal
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reversal")
+    reversal.make_data(out, seed=0, vocab=512, copies=2)
+    return out
+
+
+def test_test_facts_are_taught_forward_only_and_the_sets_share_no_one(data: Path) -> None:
+    pairs = json.loads((data / "pairs.json").read_text())
+    assert {name: len(p) for name, p in pairs.items()} == reversal.SETS
+    people = [person for p in pairs.values() for pair in p for person in (pair["a"], pair["b"])]
+    assert len(people) == len(set(people))  # nobody is in two pairs or two sets
+    lines = (data / "facts.txt").read_text().splitlines()
+    by_person: dict[str, list[str]] = {}
+    for line in lines:
+        for person in re.findall(r"[A-Z][a-z]+ [A-Z][a-z]+", line):
+            by_person.setdefault(person, []).append(line)
+    for name in ("test", "tune"):
+        for pair in pairs[name]:
+            taught = by_person[pair["a"]]
+            assert taught == by_person[pair["b"]]  # every sentence naming one names the other
+            assert sorted(set(taught)) == sorted(t.format(**pair) for t in reversal.FORWARD_TEMPLATES)
+            assert all(line.index(pair["a"]) < line.index(pair["b"]) for line in taught)  # A before B, always
+            assert len(taught) == 2 * len(reversal.FORWARD_TEMPLATES)  # each phrasing once per copy
+    for pair in pairs["both"]:
+        expected = [t.format(**pair) for t in reversal.FORWARD_TEMPLATES + reversal.REVERSE_TEMPLATES]
+        assert sorted(set(by_person[pair["a"]])) == sorted(expected)
+    # The reverse question's wording never appears with a test person in it.
+    reverse_heads = {reversal.REVERSE_QUESTION.format(b=p["b"]) for p in pairs["test"]}
+    assert not any(line.startswith(head) for line in lines for head in reverse_heads)
+
+
+def test_infilling_masks_exactly_the_missing_name(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in model that fills each mask with the right token shows where the gap is and how long:
+    the answers read back are exactly the missing names, in both directions."""
+    import torch
+
+    from llada.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(data / "tokenizer")
+    pairs = json.loads((data / "pairs.json").read_text())["test"][:20]
+    truth = iter([tokenizer.encode(reversal.TAUGHT_SENTENCE.format(**pair), add_special_tokens=False)
+                  for gap in ("b", "a") for pair in pairs])
+    seen = []
+
+    def perfect_infill(model: object, ids: torch.Tensor) -> torch.Tensor:
+        sentence = [tokenizer.ids.eos, *next(truth)]
+        seen.append(ids.tolist())
+        assert len(ids) == len(sentence)  # the gap has the name's length in tokens
+        masked = ids == tokenizer.ids.mask
+        assert masked.any() and torch.equal(ids[~masked], torch.tensor(sentence)[~masked])  # the rest is given
+        return torch.tensor(sentence)
+
+    monkeypatch.setattr(reversal, "infill", perfect_infill)
+    assert reversal.infill_names(None, tokenizer, pairs, "b") == [p["b"] for p in pairs]
+    assert reversal.infill_names(None, tokenizer, pairs, "a") == [p["a"] for p in pairs]
+    assert seen[0].index(tokenizer.ids.mask) > 1 and seen[len(pairs)].index(tokenizer.ids.mask) == 1  # B late, A first
+
+
+def test_scores_keep_each_item_and_the_rate_is_chosen_on_the_tuning_pairs(tmp_path: Path) -> None:
+    scored = reversal.accuracy(["Bo Ka. extra", "Wrong", "Li Mo\nmore"], ["Bo Ka", "Di Ra", "Li Mo"])
+    assert scored["correct"] == 2 and scored["per_item"] == "101"
+
+    def run(lr: float, tune: float, test: float) -> dict:
+        return {"objective": "pretrain", "lr": lr, "seed": 0,
+                "scores": {"tune_forward": {"accuracy": tune}, "test_forward": {"accuracy": test, "items": 1},
+                           "test_reverse": {"accuracy": 0.0, "items": 1}}}
+
+    paths = []
+    for i, r in enumerate((run(1e-3, tune=0.8, test=0.1), run(3e-3, tune=0.2, test=0.9))):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    summary = reversal.report(paths)["pretrain"]
+    assert summary["lr"] == 1e-3 and summary["test_forward"]["mean"] == 0.1  # the test score never chooses
+    assert "test_forward_minus_reverse" not in summary  # no per-item outcomes kept: no paired difference
+
+    paired = run(1e-3, tune=0.8, test=0.75)
+    paired["scores"]["test_forward"]["per_item"], paired["scores"]["test_reverse"]["per_item"] = "1101", "0100"
+    paths[0].write_text(json.dumps(paired))
+    [difference] = reversal.report(paths)["pretrain"]["test_forward_minus_reverse"]
+    # differences per pair: 1, 0, 0, 1 -> mean 0.5, sd sqrt(1/3), stderr sqrt(1/3)/2
+    assert difference == {"seed": 0, "difference": 0.5, "stderr": pytest.approx((1 / 3) ** 0.5 / 2)}
