@@ -372,6 +372,19 @@ def report(results: list[dict]) -> dict:
     return summary
 
 
+def unigram_test_loss(data: Path) -> float:
+    """Nats per token of the held-out tokens under the training tokens' frequencies (add-one smoothed):
+    the loss of a model that ignores all context, a floor that both objectives must get below (it is
+    an exact NLL, so it bounds the autoregressive loss and the diffusion bound alike)."""
+    import numpy as np
+
+    vocabulary = Tokenizer.from_pretrained(data / "tokenizer").vocab_size
+    train = PackedDataset(data / "train", 1).token_counts(vocabulary)
+    heldout = PackedDataset(data / "heldout_tokens", 1).token_counts(vocabulary)
+    log_frequency = np.log(train + 1.0) - np.log(train.sum() + vocabulary)
+    return float(-(heldout * log_frequency).sum() / heldout.sum())
+
+
 def plot(results: list[dict], summary: dict, output: Path, unigram: float | None) -> None:
     import matplotlib
 
@@ -396,14 +409,18 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
                            yerr=[50 * (r["interval_seed0"][1] - r["interval_seed0"][0]) for r in rows],
                            fmt=marker + ("-" if objective == "pretrain" else "--"), capsize=3, color="black",
                            fillstyle="full" if marker == "o" else "none", label=LABELS[objective].split(" (")[0])
+    if "unigram_test_loss" in summary:
+        loss_axis.axhline(summary["unigram_test_loss"], color="grey", linewidth=0.8, linestyle=":",
+                          label=f"test: unigram frequencies, no context ({summary['unigram_test_loss']:.2f})")
     loss_axis.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="nats / token",
                   title="Validation curves (best rate) and held-out test loss")
     task_axis.axhline(25, color="grey", linewidth=0.8, linestyle=":", label="chance 25%")
     if unigram is not None:
         task_axis.axhline(100 * unigram, color="tab:red", linewidth=0.8, linestyle=":",
                           label=f"unigram baseline {100 * unigram:.1f}%")
-    task_axis.set(xscale="log", xlabel="training FLOPs", ylabel="accuracy (%)",
-                  title=f"Continuation choice, {summary['rows'][0]['items']} items (mean of seeds, ± one seed's 95% interval)")
+    task_axis.set(xscale="log", xlabel="training FLOPs", ylabel="accuracy (%)")
+    task_axis.set_title(f"Continuation choice, {summary['rows'][0]['items']} items "
+                        f"(seed mean, ± one seed's 95% interval)", fontsize=10)
     loss_axis.legend(fontsize=6)
     task_axis.legend(fontsize=7)
     figure.tight_layout()
@@ -437,6 +454,7 @@ def main() -> None:
     summary.add_argument("results", type=Path, nargs="+")
     summary.add_argument("--out", type=Path)
     summary.add_argument("--plot", type=Path)
+    summary.add_argument("--data", type=Path, help="the corpus folder: adds the unigram baseline's test loss")
     args = parser.parse_args()
     if args.command == "run":
         run(args)
@@ -445,6 +463,8 @@ def main() -> None:
     else:
         results = [json.loads(path.read_text()) for path in args.results if path.name != "report.json"]
         result = report(results)
+        if args.data:
+            result["unigram_test_loss"] = unigram_test_loss(args.data)
         print(json.dumps(result, indent=1))
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")

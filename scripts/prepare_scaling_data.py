@@ -267,9 +267,7 @@ def unigram_accuracy(train_dir: Path, items: list[dict], vocab_size: int) -> flo
 
     from llada.training.packing import PackedDataset
 
-    counts = np.zeros(vocab_size, dtype=np.float64)
-    for shard in PackedDataset(train_dir, 1).shards:
-        counts += np.bincount(shard, minlength=vocab_size)[:vocab_size]
+    counts = PackedDataset(train_dir, 1).token_counts(vocab_size)
     log_frequency = np.log(counts + 1) - np.log(counts.sum() + vocab_size)
     right = sum(int(np.argmax([log_frequency[choice].sum() for choice in item["choices"]])) == item["label"]
                 for item in items)

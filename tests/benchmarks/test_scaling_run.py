@@ -48,6 +48,25 @@ def arguments(corpus: Path, tmp_path: Path, **changes) -> Namespace:
     return Namespace(**{**values, **changes})
 
 
+def test_the_unigram_baseline_is_the_held_out_cross_entropy_of_training_frequencies(corpus: Path) -> None:
+    """By hand from the two token streams read window by window: add-one smoothed frequencies of the
+    training tokens, averaged negative log over every held-out token."""
+    import math
+    from collections import Counter
+
+    from llada.training.packing import PackedDataset
+
+    def stream(folder: str) -> list[int]:
+        data = PackedDataset(corpus / folder, 1)
+        return [int(data[i]) for i in range(len(data))]
+
+    vocabulary = Tokenizer.from_pretrained(corpus / "tokenizer").vocab_size
+    train, heldout = Counter(stream("train")), stream("heldout_tokens")
+    total = sum(train.values())
+    expected = -sum(math.log((train[t] + 1) / (total + vocabulary)) for t in heldout) / len(heldout)
+    assert scaling.unigram_test_loss(corpus) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_a_run_finishes_with_its_scores_and_a_diverged_one_is_recorded(corpus: Path, tmp_path: Path) -> None:
     scaling.run(arguments(corpus, tmp_path))

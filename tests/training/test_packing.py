@@ -101,6 +101,21 @@ def test_packed_dataset_windows_span_documents_and_shards(tmp_path: Path, tokeni
         PackedDataset(tmp_path / "out", seq_len=len(stream) + 1)
 
 
+def test_token_counts_count_the_whole_stream(tmp_path: Path, tokenizer_dir: Path, tokenizer: Tokenizer) -> None:
+    """Every token of every shard, the tail a window would drop included; an id past the vocabulary is
+    an error, since the data then belongs to another tokenizer."""
+    from collections import Counter
+
+    make_corpus(tmp_path / "corpus")
+    tokenize_corpus([str(tmp_path / "corpus" / "*")], tmp_path / "out", tokenizer_dir, workers=1, progress=False)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    stream = [int(i) for s in index["shards"] for i in np.fromfile(tmp_path / "out" / s["file"], dtype=index["dtype"])]
+    counts = PackedDataset(tmp_path / "out", seq_len=17).token_counts(tokenizer.vocab_size)
+    assert counts.sum() == len(stream) and dict(Counter(stream)) == {i: c for i, c in enumerate(counts.tolist()) if c}
+    with pytest.raises(ValueError, match="outside a vocabulary of 5"):
+        PackedDataset(tmp_path / "out", seq_len=17).token_counts(5)
+
+
 def test_packed_dataset_detects_damage(tmp_path: Path, tokenizer_dir: Path) -> None:
     make_corpus(tmp_path / "corpus")
     tokenize_corpus([str(tmp_path / "corpus" / "*")], tmp_path / "out", tokenizer_dir, workers=1, progress=False)

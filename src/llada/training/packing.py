@@ -255,6 +255,18 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.total_tokens // self.seq_len
 
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """How often each token id occurs in the whole stream (the tail too): the unigram statistics that
+        frequency baselines are built from. Ids at or above ``vocab_size`` are an error, not dropped."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for shard in self.shards:
+            found = np.bincount(shard, minlength=vocab_size)
+            if len(found) > vocab_size:
+                raise ValueError(f"token id {len(found) - 1} is outside a vocabulary of {vocab_size}: the data "
+                                 f"was tokenized with another tokenizer")
+            counts += found
+        return counts
+
     def __getitem__(self, item: int) -> torch.Tensor:
         if not 0 <= item < len(self):
             raise IndexError(f"sequence {item} out of range (dataset has {len(self)})")
