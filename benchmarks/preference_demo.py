@@ -148,6 +148,15 @@ def evaluate(model_dir: str, pairs_path: Path, device: str, draws: int, seed: in
             "per_item": {"prefers_correct": prefers, "exact": exact}}
 
 
+def outcome_string(outcomes: list[bool]) -> str:
+    """Per-item outcomes as "1"/"0" in item order: compact in a result JSON, read back by ``outcomes``."""
+    return "".join("1" if ok else "0" for ok in outcomes)
+
+
+def outcomes(text: str) -> list[bool]:
+    return [c == "1" for c in text]
+
+
 def paired_difference(old: list, new: list) -> tuple[float, float]:
     """Mean of new - old over the same items (booleans or numbers), and its standard error: pairing
     removes the items' own difficulty from the error, which two separate intervals would keep."""

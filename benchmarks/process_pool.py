@@ -1,9 +1,9 @@
 """Run benchmark commands as separate processes, several at a time (small models share one GPU well).
 
 Each command writes its own log; a failed command is reported at the end with its log, never
-silently dropped, and the others still run. A command stopped with its progress saved (a time
-limit's SIGTERM) exits with ``RESUMABLE_EXIT`` and is reported as resumable, not as failed; running
-it again appends the next segment to the same log. On a machine with several GPUs the commands are spread
+silently dropped, and the others still run. A command stopped by a time limit's SIGTERM (it exits
+with ``RESUMABLE_EXIT``, or dies of the signal the pool passed on) is reported as unfinished, not as
+failed; running the sweep again resumes or restarts it and appends to the same log. On a machine with several GPUs the commands are spread
 over them (each sees one, through ``CUDA_VISIBLE_DEVICES``), so a sweep's runs go side by side.
 """
 
@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-RESUMABLE_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped with a checkpoint; the same command resumes it
+RESUMABLE_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped early, not broken; the same command resumes or restarts it
 
 
 def log_mark() -> str:
     """The line between two segments of one log: the command ran again (from its run's last checkpoint
     if it saved one, otherwise from the start)."""
-    return f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: the same command runs again ---\n"
+    return f"--- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: the same command runs again ---\n"
 
 
 def gpu_list(text: str) -> list[str]:
@@ -53,7 +53,9 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] | None = None) -> None:
-    """Run every ``(command, log file)``, at most ``parallel`` at once; SystemExit naming the failures.
+    """Run every ``(command, log file)``, at most ``parallel`` at once. SystemExit if any did not finish:
+    status 1 with a message naming them if any failed; otherwise (all only stopped early) the message on
+    stderr and ``RESUMABLE_EXIT``, since running the sweep again completes it.
 
     ``gpus``: each command is shown only the one of these with the fewest commands running (None:
     the environment is passed on as it is).
@@ -72,7 +74,9 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
         while len(running) > limit:
             for process, log, gpu in [entry for entry in running if entry[0].poll() is not None]:
                 running.remove((process, log, gpu))
-                if process.returncode == RESUMABLE_EXIT:
+                # A run killed by the SIGTERM passed on (before its trainer took the signal, or while
+                # scoring) lost nothing that a rerun does not redo.
+                if process.returncode == RESUMABLE_EXIT or (stopping and process.returncode == -signal.SIGTERM):
                     resumable.append(f"{' '.join(map(str, process.args))} (log {log})")
                 elif process.returncode:
                     failed.append(f"{' '.join(map(str, process.args))} (exit {process.returncode}; log {log})")
@@ -108,14 +112,14 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
         signal.signal(signal.SIGTERM, previous)
     report = "".join(f"\n{len(names)} {what}:\n" + "\n".join(names) for what, names in (
         ("exited with an error", failed),
-        ("stopped with a checkpoint (the same command resumes them)", resumable)) if names)
+        ("stopped early (the same command resumes or restarts them)", resumable)) if names)
     if stopping or failed or resumable:
-        finished = f"stopped by SIGTERM: {started} of {len(jobs)} runs started" if stopping else \
+        headline = f"stopped by SIGTERM: {started} of {len(jobs)} runs started" if stopping else \
             f"{len(failed) + len(resumable)} of {len(jobs)} runs did not finish"
         if failed:
-            raise SystemExit(finished + report)
+            raise SystemExit(headline + report)
         # Nothing failed: the sweep is unfinished, not broken. The same exit status as a stopped run.
-        print(finished + report, file=sys.stderr, flush=True)
+        print(headline + report, file=sys.stderr, flush=True)
         raise SystemExit(RESUMABLE_EXIT)
 
 

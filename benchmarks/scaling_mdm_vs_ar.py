@@ -23,7 +23,10 @@ outlast one time-limited command. Only a finished run writes its result file.
 ``report`` picks each (size, objective)'s rate by validation loss, fits test loss against FLOPs
 as a power law per objective (log-log line) and states how much more compute the diffusion model
 needs to reach the autoregressive model's loss, with the range over leave-one-size-out fits, and
-where the accuracy lines cross.
+where the accuracy lines cross (also with each size left out, each placed against the runs). Runs
+keep each choice item's outcome, so the objectives' accuracy difference at a size is also given
+paired on the same items. ``--data`` adds a no-context baseline: the held-out loss of the training
+tokens' unigram frequencies.
 
     python scripts/prepare_scaling_data.py --out data/scaling
     python benchmarks/scaling_mdm_vs_ar.py sweep --data data/scaling --sizes xs,s --lrs 1e-3,3e-3 --seeds 0,1 \\
@@ -45,7 +48,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from preference_demo import paired_difference, wilson
+from preference_demo import outcome_string, outcomes, paired_difference, wilson
 from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
 from tqdm.auto import tqdm
 
@@ -96,15 +99,15 @@ def downstream(model: LLaDAModel, items: list[dict], autoregressive: bool, mc_nu
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(0)
     right: dict[str, list[bool]] = defaultdict(list)
-    outcomes = []
+    outcome = []
     for item in tqdm(items, desc="continuation choice", unit="item"):
         scores = choice_scores(model, item, autoregressive, mc_num, generator)
-        outcomes.append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
-        right[item["source"]].append(outcomes[-1])
-    correct = sum(outcomes)
+        outcome.append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        right[item["source"]].append(outcome[-1])
+    correct = sum(outcome)
     return {"items": len(items), "correct": correct, "accuracy": correct / len(items),
             "interval": wilson(correct, len(items)),
-            "per_item": "".join("1" if ok else "0" for ok in outcomes),  # for paired comparisons on these items
+            "per_item": outcome_string(outcome),  # for paired comparisons on these items
             "by_source": {source: {"items": len(v), "accuracy": sum(v) / len(v)} for source, v in sorted(right.items())}}
 
 
@@ -325,17 +328,18 @@ def crossings(rows: list[dict], sizes: list[str]) -> dict:
 
 def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
     """Per size and seed where both objectives' chosen runs kept their per-item outcomes: autoregressive
-    minus diffusion accuracy on the same items, with the paired standard error (the items' own
-    difficulty cancels, so it is tighter than two separate intervals suggest)."""
+    minus diffusion accuracy on the same items (``difference``), with the paired standard error (the
+    items' own difficulty cancels, so it is tighter than two separate intervals suggest). Runs are
+    paired by seed number; a seed only one objective has, or a run from before outcomes were kept, is
+    left out."""
     differences = []
     for size in sorted({s for s, _ in chosen}, key=BUDGETS.__getitem__):
         by_seed = [{r["seed"]: r["choice"].get("per_item") for r in chosen.get((size, o), [])} for o in OBJECTIVES]
         for seed in sorted(set(by_seed[0]) & set(by_seed[1])):
             diffusion, autoregressive = by_seed[0][seed], by_seed[1][seed]
             if diffusion and autoregressive:
-                mean, stderr = paired_difference([c == "1" for c in diffusion], [c == "1" for c in autoregressive])
-                differences.append({"size": size, "seed": seed, "autoregressive_minus_diffusion": mean,
-                                    "stderr": stderr})
+                mean, stderr = paired_difference(outcomes(diffusion), outcomes(autoregressive))
+                differences.append({"size": size, "seed": seed, "difference": mean, "stderr": stderr})
     return differences
 
 
@@ -374,8 +378,8 @@ def report(results: list[dict]) -> dict:
 
 def unigram_test_loss(data: Path) -> float:
     """Nats per token of the held-out tokens under the training tokens' frequencies (add-one smoothed):
-    the loss of a model that ignores all context, a floor that both objectives must get below (it is
-    an exact NLL, so it bounds the autoregressive loss and the diffusion bound alike)."""
+    the loss of a model that ignores all context, a reference both objectives should beat. It is an
+    exact NLL, so it compares directly with the autoregressive NLL and with the diffusion bound."""
     import numpy as np
 
     vocabulary = Tokenizer.from_pretrained(data / "tokenizer").vocab_size

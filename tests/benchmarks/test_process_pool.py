@@ -38,11 +38,17 @@ def test_a_run_stopped_with_a_checkpoint_is_resumable_not_failed_and_its_log_gro
     message = str(stopped.value)
     assert message.startswith("2 of 2 runs did not finish")
     assert "1 exited with an error:\n" in message and "exit 2; log" in message
-    assert "1 stopped with a checkpoint (the same command resumes them):\n" in message and "run.log" in message
+    assert "1 stopped early (the same command resumes or restarts them):\n" in message and "run.log" in message
     run_all(jobs[:1], parallel=1)  # the second segment finishes
     first, mark, second = (tmp_path / "run.log").read_text().splitlines()
     assert (first, second) == ("stopped", "finished")
-    assert re.fullmatch(r"--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: the same command runs again ---", mark)
+    assert re.fullmatch(r"--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S*: the same command runs again ---", mark)
+
+
+def test_a_run_killed_by_a_signal_is_a_failure_unless_the_pool_is_stopping(tmp_path: Path) -> None:
+    jobs = [([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], tmp_path / "k.log")]
+    with pytest.raises(SystemExit, match=r"1 exited with an error:\n.*exit -15"):
+        run_all(jobs, parallel=1)
 
 
 def test_a_sweep_with_only_resumable_runs_exits_resumable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -51,7 +57,7 @@ def test_a_sweep_with_only_resumable_runs_exits_resumable(tmp_path: Path, capsys
     with pytest.raises(SystemExit) as stopped:
         run_all(jobs, parallel=1)
     assert stopped.value.code == RESUMABLE_EXIT
-    assert "1 of 1 runs did not finish\n1 stopped with a checkpoint" in capsys.readouterr().err
+    assert "1 of 1 runs did not finish\n1 stopped early" in capsys.readouterr().err
 
 
 def test_a_grid_runs_each_point_once_with_its_options_and_skips_finished_points(tmp_path: Path) -> None:
@@ -72,17 +78,23 @@ def test_a_grid_runs_each_point_once_with_its_options_and_skips_finished_points(
         "run", "--objective", "a", "--lr", "3e-3", "--seed", "0", "--data", "d", "--out", str(out_dir / "a-lr0.003-seed0.json")]
 
 
-def test_sigterm_lets_running_commands_save_and_starts_nothing_new(tmp_path: Path) -> None:
-    """A time limit's SIGTERM reaches the running command, which saves and exits; the pool waits for it
-    and does not start the queued ones."""
+@pytest.mark.parametrize("on_sigterm, status", [
+    ("open(sys.argv[1], 'w').write('saved'); sys.exit(0)", RESUMABLE_EXIT),  # saves and ends cleanly
+    (("open(sys.argv[1], 'w').write('saved'); signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+      "os.kill(os.getpid(), signal.SIGTERM)"), RESUMABLE_EXIT),  # dies of the signal passed on: unfinished
+    ("open(sys.argv[1], 'w').write('saved'); sys.exit(2)", 1),  # a real failure is never hidden
+])
+def test_sigterm_lets_running_commands_save_and_starts_nothing_new(tmp_path: Path, on_sigterm: str,
+                                                                   status: int) -> None:
+    """A time limit's SIGTERM reaches the running command; the pool waits for it and does not start the
+    queued ones. The sweep exits resumable unless a run failed."""
     import os
     import signal
     import subprocess
     import time
 
-    command = ("import signal, sys, time\n"
-               "def save(*_):\n"
-               "    open(sys.argv[1], 'w').write('saved'); sys.exit(0)\n"
+    command = ("import os, signal, sys, time\n"
+               f"def save(*_):\n    {on_sigterm}\n"
                "signal.signal(signal.SIGTERM, save)\n"
                "open(sys.argv[1] + '.started', 'w').close()\n"
                "time.sleep(60)\n")
@@ -99,7 +111,8 @@ def test_sigterm_lets_running_commands_save_and_starts_nothing_new(tmp_path: Pat
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGTERM)
     _, error = process.communicate(timeout=30)
-    assert process.returncode == RESUMABLE_EXIT and "stopped by SIGTERM: 1 of 3 runs started" in error
+    assert process.returncode == status and "stopped by SIGTERM: 1 of 3 runs started" in error
+    assert ("exited with an error" in error) == (status == 1)
     assert (tmp_path / "a").read_text() == "saved"
     assert not (tmp_path / "b.started").exists() and not (tmp_path / "c.started").exists()
 

@@ -80,8 +80,8 @@ def test_scores_keep_each_item_and_the_rate_is_chosen_on_the_tuning_pairs(tmp_pa
 
     def run(lr: float, tune: float, test: float) -> dict:
         return {"objective": "pretrain", "lr": lr, "seed": 0,
-                "scores": {"tune_forward": {"accuracy": tune}, "test_forward": {"accuracy": test, "items": 1},
-                           "test_reverse": {"accuracy": 0.0, "items": 1}}}
+                "scores": {"tune_forward": {"accuracy": tune}, "test_forward": {"accuracy": test, "items": 4},
+                           "test_reverse": {"accuracy": 0.0, "items": 4}}}
 
     paths = []
     for i, r in enumerate((run(1e-3, tune=0.8, test=0.1), run(3e-3, tune=0.2, test=0.9))):
@@ -89,11 +89,36 @@ def test_scores_keep_each_item_and_the_rate_is_chosen_on_the_tuning_pairs(tmp_pa
         paths[-1].write_text(json.dumps(r))
     summary = reversal.report(paths)["pretrain"]
     assert summary["lr"] == 1e-3 and summary["test_forward"]["mean"] == 0.1  # the test score never chooses
-    assert "test_forward_minus_reverse" not in summary  # no per-item outcomes kept: no paired difference
 
-    paired = run(1e-3, tune=0.8, test=0.75)
-    paired["scores"]["test_forward"]["per_item"], paired["scores"]["test_reverse"]["per_item"] = "1101", "0100"
-    paths[0].write_text(json.dumps(paired))
-    [difference] = reversal.report(paths)["pretrain"]["test_forward_minus_reverse"]
-    # differences per pair: 1, 0, 0, 1 -> mean 0.5, sd sqrt(1/3), stderr sqrt(1/3)/2
-    assert difference == {"seed": 0, "difference": 0.5, "stderr": pytest.approx((1 / 3) ** 0.5 / 2)}
+    assert "test_forward_minus_test_reverse" not in summary  # no per-item outcomes kept: no paired difference
+
+    seeds = []
+    for seed, (forward, reverse) in enumerate((("1101", "0100"), ("1111", "0011"), ("1111", None))):
+        paired = run(1e-3, tune=0.8, test=forward.count("1") / 4)
+        paired["seed"] = seed
+        paired["scores"]["test_forward"].update(items=4, per_item=forward)
+        if reverse:  # seed 2 kept only one direction's outcomes: no pair for it
+            paired["scores"]["test_reverse"].update(items=4, per_item=reverse)
+        seeds.append(tmp_path / f"seed{seed}.json")
+        seeds[-1].write_text(json.dumps(paired))
+    differences = reversal.report([*seeds, paths[1]])["pretrain"]["test_forward_minus_test_reverse"]
+    # seed 0: 1, 0, 0, 1 -> mean 0.5, sd sqrt(1/3), stderr sqrt(1/3)/2; seed 1: 1, 1, 0, 0 -> the same
+    assert differences == [{"seed": 0, "difference": 0.5, "stderr": pytest.approx((1 / 3) ** 0.5 / 2)},
+                           {"seed": 1, "difference": 0.5, "stderr": pytest.approx((1 / 3) ** 0.5 / 2)}]
+
+
+def test_a_run_stopped_early_writes_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part-trained model's scores are no result: the run exits resumable (a rerun starts it over)
+    and the sweep does not skip its point next time."""
+    from argparse import Namespace
+
+    from process_pool import RESUMABLE_EXIT
+
+    (tmp_path / "pairs.json").write_text(json.dumps({"test": [{"a": "Bo Ka", "b": "Di Ra"}]}))
+    stopped = Namespace(step=40)
+    monkeypatch.setattr(reversal, "train", lambda *args: stopped)
+    arguments = Namespace(data=tmp_path, objective="pretrain", lr=1e-3, seed=0, steps=100, batch_size=2,
+                          seq_len=16, runs=tmp_path / "runs", out=tmp_path / "result.json")
+    with pytest.raises(SystemExit) as exit_status:
+        reversal.run(arguments)
+    assert exit_status.value.code == RESUMABLE_EXIT and not (tmp_path / "result.json").exists()

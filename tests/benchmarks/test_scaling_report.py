@@ -78,12 +78,16 @@ def test_crossings_leave_each_shared_size_out_and_ignore_a_size_one_objective_la
     for left_out in summary["accuracy_crossing_leave_one_out"]:
         kept = [s for s in sizes if s != left_out["left_out"]]
         assert left_out["flops"] == pytest.approx(crossing_by_hand(accuracy, kept), rel=1e-9)
+        assert left_out["where"] == scaling.where_in_runs(left_out["flops"], [scaling.BUDGETS[s] for s in kept])
+        assert set(left_out) == {"left_out", "flops", "where"}
     assert [c["left_out"] for c in summary["accuracy_crossing_leave_one_out"]] == sizes
 
     without = [r for r in results if not (r["objective"] == "autoregressive" and r["size"] == "l")]
     summary = scaling.report(without)
     assert summary["accuracy_sizes"] == ["xs", "s", "m"]  # l has no autoregressive twin: left out of both lines
     assert summary["accuracy_crossing_flops"] == pytest.approx(crossing_by_hand(accuracy, ["xs", "s", "m"]), rel=1e-9)
+    assert summary["accuracy_crossing_where"] == scaling.where_in_runs(
+        summary["accuracy_crossing_flops"], [scaling.BUDGETS[s] for s in ("xs", "s", "m")])
     assert len(summary["accuracy_crossing_leave_one_out"]) == 3
 
 
@@ -92,24 +96,42 @@ def test_nearly_parallel_accuracy_lines_have_no_crossing() -> None:
     assert scaling.where_in_runs(scaling.accuracy_crossing((0.1, 0.0501), (0.3, 0.05)), [1e15]).startswith("parallel")
 
 
+def by_hand(diffusion: str, autoregressive: str) -> tuple[float, float]:
+    differences = [int(b) - int(a) for a, b in zip(diffusion, autoregressive)]
+    mean = sum(differences) / len(differences)
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1) / len(differences))
+
+
 def test_accuracy_differences_are_paired_on_the_same_items() -> None:
-    """Autoregressive minus diffusion per item, by hand: the standard error of the paired difference,
-    per size and seed where both kept their outcomes."""
-    diffusion, autoregressive = "1100101100", "1110111101"
+    """Autoregressive minus diffusion per item, by hand, per size (smallest first) and seed where both
+    objectives kept their outcomes; a size where only one did, or a seed only one has, gives no pair."""
+    outcomes = {("m", "pretrain", 0): "1100101100", ("m", "autoregressive", 0): "1110111101",
+                ("m", "pretrain", 1): "0000011111", ("m", "autoregressive", 1): "1000111111",
+                ("xs", "pretrain", 0): "0101010101", ("xs", "autoregressive", 0): "1111010101",
+                ("s", "pretrain", 0): "1111100000"}  # s: the autoregressive run predates per-item outcomes
     results = []
-    for objective, outcomes in (("pretrain", diffusion), ("autoregressive", autoregressive)):
-        run = result("xs", objective, 1e-3, 0, 3.0, 2.0, outcomes.count("1") / 10)
-        run["choice"]["per_item"] = outcomes
+    for size, objective, seed in [*outcomes, ("s", "autoregressive", 0), ("xs", "autoregressive", 2)]:
+        per_item = outcomes.get((size, objective, seed))
+        run = result(size, objective, 1e-3, seed, 3.0, 2.0, per_item.count("1") / 10 if per_item else 0.5)
+        if per_item:
+            run["choice"]["per_item"] = per_item
         results.append(run)
-    results.append(result("s", "pretrain", 1e-3, 0, 2.9, 1.9, 0.5))  # no outcomes kept: no pair
-    results.append(result("s", "autoregressive", 1e-3, 0, 2.0, 1.5, 0.7))
-    [pair] = scaling.report(results)["paired_accuracy_differences"]
-    differences = [int(b) - int(a) for a, b in zip(diffusion, autoregressive)]  # 3 items +1, the rest 0
-    mean = sum(differences) / 10
-    stderr = math.sqrt(sum((d - mean) ** 2 for d in differences) / 9 / 10)
-    assert pair == {"size": "xs", "seed": 0, "autoregressive_minus_diffusion": pytest.approx(0.3),
-                    "stderr": pytest.approx(stderr)}
-    assert stderr == pytest.approx(math.sqrt(0.3 * 0.7 * 10 / 9 / 10))
+    pairs = scaling.report(results)["paired_accuracy_differences"]
+    assert [(p["size"], p["seed"]) for p in pairs] == [("xs", 0), ("m", 0), ("m", 1)]
+    for pair in pairs:
+        mean, stderr = by_hand(outcomes[pair["size"], "pretrain", pair["seed"]],
+                               outcomes[pair["size"], "autoregressive", pair["seed"]])
+        assert (pair["difference"], pair["stderr"]) == (pytest.approx(mean), pytest.approx(stderr))
+    assert pairs[1]["difference"] == pytest.approx(0.3)  # 3 items gained, none lost
+    assert pairs[1]["stderr"] == pytest.approx(math.sqrt(0.3 * 0.7 * 10 / 9 / 10))
+
+
+def test_no_compute_multiplier_where_the_diffusion_fit_does_not_fall() -> None:
+    rising = [(3e15, 3.0), (1e16, 3.1)]
+    assert scaling.compute_multiplier(rising, [(3e15, 2.0)]) == [None]
+    # falling, but so slowly that the multiplier passes any float: None, not an overflow
+    assert scaling.compute_multiplier([(3e15, 3.0), (1e16, 2.9999)], [(3e15, 1.0)]) == [None]
+    assert scaling.compute_multiplier([(1e15, 4.0), (1e16, 2.0)], [(1e15, 2.0)]) == [pytest.approx(10.0)]
 
 
 def test_seeds_are_averaged_within_the_chosen_rate() -> None:
