@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from preference_demo import wilson
+from sample_statistics import wilson
 from tqdm.auto import tqdm
 
 from llada import Engine, GenerationSettings

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 from pathlib import Path
 
 import torch
+from sample_statistics import paired_difference, wilson
 from tqdm.auto import tqdm
 
 from llada import Engine, GenerationSettings
@@ -104,14 +104,6 @@ def make_product_pairs(demo_data: Path, out: Path, train_count: int, heldout_cou
           f"none of the {len(trained)} products in the SFT data) -> {out}")
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
 @torch.no_grad()
 def evaluate(model_dir: str, pairs_path: Path, device: str, draws: int, seed: int) -> dict:
     model, tokenizer = load(model_dir, device, "auto")
@@ -146,26 +138,6 @@ def evaluate(model_dir: str, pairs_path: Path, device: str, draws: int, seed: in
             "exact_match": sum(exact) / n, "exact_match_interval": wilson(sum(exact), n),
             "baseline_chance": 0.5, "baseline_shorter_answer": sum(shorter) / n,
             "per_item": {"prefers_correct": prefers, "exact": exact}}
-
-
-def outcome_string(outcomes: list[bool]) -> str:
-    """Per-item outcomes as "1"/"0" in item order: compact in a result JSON, read back by ``outcomes``."""
-    return "".join("1" if ok else "0" for ok in outcomes)
-
-
-def outcomes(text: str) -> list[bool]:
-    return [c == "1" for c in text]
-
-
-def paired_difference(old: list, new: list) -> tuple[float, float]:
-    """Mean of new - old over the same items (booleans or numbers), and its standard error: pairing
-    removes the items' own difficulty from the error, which two separate intervals would keep."""
-    if len(old) != len(new) or len(old) < 2:
-        raise ValueError(f"a paired difference needs two equally long lists of 2+ items, got {len(old)} and {len(new)}")
-    differences = [float(b) - float(a) for a, b in zip(old, new)]
-    mean = sum(differences) / len(differences)
-    spread = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
-    return mean, math.sqrt(spread / len(differences))
 
 
 def compare(before: dict, after: dict) -> dict:

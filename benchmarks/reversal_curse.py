@@ -47,8 +47,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from preference_demo import outcome_string, outcomes, paired_difference, wilson
 from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
+from sample_statistics import outcome_string, outcomes, paired_difference, wilson
 
 from llada import Engine, GenerationSettings
 from llada.diffusion.infilling import infill

@@ -48,8 +48,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from preference_demo import outcome_string, outcomes, paired_difference, wilson
 from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
+from sample_statistics import outcome_string, outcomes, paired_difference, wilson
 from tqdm.auto import tqdm
 
 from llada.diffusion.likelihood import packed_elbo_samples

@@ -1,5 +1,5 @@
-"""The paired statistics the benchmarks share: outcomes round-trip through their compact form, and a
-paired difference refuses lists that cannot be paired."""
+"""The statistics the benchmarks share: the Wilson interval against its closed form, outcomes
+round-trip through their compact form, and a paired difference refuses lists that cannot be paired."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from preference_demo import outcome_string, outcomes, paired_difference
+from sample_statistics import outcome_string, outcomes, paired_difference, wilson
+
+
+def test_wilson_interval_matches_its_closed_form_at_the_edges() -> None:
+    # No successes in n: the interval is [0, z^2 / (n + z^2)]; all successes mirror it.
+    z2 = 1.96 ** 2
+    assert wilson(0, 10) == [0.0, round(z2 / (10 + z2), 4)]
+    assert wilson(10, 10) == [round(10 / (10 + z2), 4), 1.0]
+    low, high = wilson(953, 1000)
+    assert low < 0.953 < high and high - low < 0.03
 
 
 def test_outcomes_round_trip_in_item_order() -> None:
