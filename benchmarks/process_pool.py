@@ -3,8 +3,9 @@
 Each command writes its own log; a failed command is reported at the end with its log, never
 silently dropped, and the others still run. A command stopped by a time limit's SIGTERM (it exits
 with ``RESUMABLE_EXIT``, or dies of the signal the pool passed on) is reported as unfinished, not as
-failed; running the sweep again resumes or restarts it and appends to the same log. On a machine with several GPUs the commands are spread
-over them (each sees one, through ``CUDA_VISIBLE_DEVICES``), so a sweep's runs go side by side.
+failed; running the sweep again resumes or restarts it and appends to the same log. On a machine with
+several GPUs the commands are spread over them (each sees one, through ``CUDA_VISIBLE_DEVICES``), so a
+sweep's runs go side by side.
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 RESUMABLE_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped early, not broken; the same command resumes or restarts it
+
+
+def exit_unfinished(message: str) -> NoReturn:
+    """End a run (or a sweep) that stopped early but is not broken: the message on stderr, and
+    ``RESUMABLE_EXIT``, which the pool reports as unfinished rather than failed."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(RESUMABLE_EXIT)
 
 
 def log_mark() -> str:
@@ -118,9 +127,7 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str] |
             f"{len(failed) + len(resumable)} of {len(jobs)} runs did not finish"
         if failed:
             raise SystemExit(headline + report)
-        # Nothing failed: the sweep is unfinished, not broken. The same exit status as a stopped run.
-        print(headline + report, file=sys.stderr, flush=True)
-        raise SystemExit(RESUMABLE_EXIT)
+        exit_unfinished(headline + report)  # nothing failed: the sweep is unfinished, not broken
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, data: str, runs: str, lrs: str, parallel: int) -> None:

@@ -41,13 +41,12 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
+from process_pool import add_sweep_arguments, exit_unfinished, run_grid, write_result
 from sample_statistics import outcome_string, outcomes, paired_difference, wilson
 
 from llada import Engine, GenerationSettings
@@ -191,9 +190,8 @@ def run(args: argparse.Namespace) -> None:
     trainer = train(args.data, args.objective, args.lr, args.seed, args.steps, args.batch_size, args.seq_len, args.runs)
     seconds = time.perf_counter() - started
     if trainer.step < args.steps:  # stopped early (SIGTERM): a part-trained model's scores are no result
-        print(f"stopped at step {trainer.step} of {args.steps}; no result written (these short runs start over "
-              f"rather than resume)", file=sys.stderr, flush=True)
-        raise SystemExit(RESUMABLE_EXIT)
+        exit_unfinished(f"stopped at step {trainer.step} of {args.steps}; no result written (these short runs "
+                        f"start over rather than resume)")
     model, tokenizer = trainer.model.eval(), trainer.tokenizer
     causal = args.objective == "autoregressive"
     scores: dict[str, dict] = {}

@@ -42,13 +42,12 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from process_pool import RESUMABLE_EXIT, add_sweep_arguments, run_grid, write_result
+from process_pool import add_sweep_arguments, exit_unfinished, run_grid, write_result
 from sample_statistics import outcome_string, outcomes, paired_difference, wilson
 from tqdm.auto import tqdm
 
@@ -161,9 +160,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"{out_dir}: diverged ({error}); recorded in {args.out}") from error
     seconds = add_training_seconds(out_dir, time.perf_counter() - started)
     if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
-        print(f"{out_dir}: stopped at step {trainer.step} of {steps} with a checkpoint; run again to resume",
-              file=sys.stderr, flush=True)
-        raise SystemExit(RESUMABLE_EXIT)
+        exit_unfinished(f"{out_dir}: stopped at step {trainer.step} of {steps} with a checkpoint; run again to resume")
     model = trainer.model
     flops_per_token = model.config.flops_per_token(args.seq_len, training=True)
     curve = [{"step": r["step"], "flops": flops_per_token * tokens_per_step * r["step"], "val_loss": r["eval_loss"]}
@@ -380,12 +377,9 @@ def unigram_test_loss(data: Path) -> float:
     """Nats per token of the held-out tokens under the training tokens' frequencies (add-one smoothed):
     the loss of a model that ignores all context, a reference both objectives should beat. It is an
     exact NLL, so it compares directly with the autoregressive NLL and with the diffusion bound."""
-    import numpy as np
-
     vocabulary = Tokenizer.from_pretrained(data / "tokenizer").vocab_size
-    train = PackedDataset(data / "train", 1).token_counts(vocabulary)
+    log_frequency = PackedDataset(data / "train", 1).unigram_log_probabilities(vocabulary)
     heldout = PackedDataset(data / "heldout_tokens", 1).token_counts(vocabulary)
-    log_frequency = np.log(train + 1.0) - np.log(train.sum() + vocabulary)
     return float(-(heldout * log_frequency).sum() / heldout.sum())
 
 

@@ -267,8 +267,7 @@ def unigram_accuracy(train_dir: Path, items: list[dict], vocab_size: int) -> flo
 
     from llada.training.packing import PackedDataset
 
-    counts = PackedDataset(train_dir, 1).token_counts(vocab_size)
-    log_frequency = np.log(counts + 1) - np.log(counts.sum() + vocab_size)
+    log_frequency = PackedDataset(train_dir, 1).unigram_log_probabilities(vocab_size)
     right = sum(int(np.argmax([log_frequency[choice].sum() for choice in item["choices"]])) == item["label"]
                 for item in items)
     return right / len(items)

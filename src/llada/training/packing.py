@@ -267,6 +267,12 @@ class PackedDataset(torch.utils.data.Dataset):
             counts += found
         return counts
 
+    def unigram_log_probabilities(self, vocab_size: int) -> np.ndarray:
+        """log p(token) from the stream's token frequencies, add-one smoothed so that a token never seen
+        still has a finite probability: the model behind the frequency baselines (no context at all)."""
+        counts = self.token_counts(vocab_size)
+        return np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+
     def __getitem__(self, item: int) -> torch.Tensor:
         if not 0 <= item < len(self):
             raise IndexError(f"sequence {item} out of range (dataset has {len(self)})")
