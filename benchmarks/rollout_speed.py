@@ -11,7 +11,8 @@ three ways to make them:
   a batch once every answer has ended gains;
 - the reference sampler (``sampling.generate``: a full forward pass per step), what FSDP runs use.
 
-Tokens/s = completions × gen_length / seconds, median of ``--repeats`` after a warm-up.
+Tokens/s = completions × gen_length / seconds, median of ``--repeats`` after a warm-up; every
+repeat's seconds and the CUDA graphs it captured are kept.
 
     PYTHONPATH=src python benchmarks/rollout_speed.py --out benchmarks/results/post_training/rollout_speed_h100.json
 """
@@ -19,6 +20,7 @@ Tokens/s = completions × gen_length / seconds, median of ``--repeats`` after a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -37,17 +39,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls after a warm-up call (which captures graphs)."""
+def timed(function, repeats: int, engine: Engine | None) -> tuple[list[float], list[int]]:
+    """Seconds of each of ``repeats`` calls after a warm-up call, and the CUDA graphs each captured
+    (none listed without an engine).
+
+    The warm-up captures the shapes its batch reached; a later batch whose rows finish in another
+    pattern (the threshold rule commits by confidence, so that varies with the samples) shrinks
+    through new shapes and captures them, which costs far more than replaying. The counts tell those
+    batches from the steady state."""
     function()
-    seconds = []
+    seconds, captures = [], []
     for _ in range(repeats):
+        before = engine.runtime.captures if engine is not None else 0
         _sync()
         start = time.perf_counter()
         function()
         _sync()
         seconds.append(time.perf_counter() - start)
-    return seconds
+        if engine is not None:
+            captures.append(engine.runtime.captures - before)
+    return seconds, captures
 
 
 def main() -> None:
@@ -56,7 +67,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--gen-length", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,20 +87,24 @@ def main() -> None:
     engine = Engine(model)
     cuda = torch.Generator(device=device).manual_seed(1)
     variants = {
-        "engine_defaults": lambda: batch_answers(model, rows, served, engine, cuda),
-        "engine_fixed": lambda: batch_answers(model, rows, fixed, engine, cuda),
-        "engine_fixed_full_length": lambda: batch_answers(model, rows, full_length, engine, cuda),
-        "reference_sampler": lambda: batch_answers(model, rows, fixed, None, cuda),
+        "engine_defaults": (served, engine),
+        "engine_fixed": (fixed, engine),
+        "engine_fixed_full_length": (full_length, engine),
+        "reference_sampler": (fixed, None),
     }
     tokens = len(rows) * args.gen_length
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "completions": len(rows), "gen_length": args.gen_length,
               "block_length": args.block_length, "repeats": args.repeats, "torch": torch.__version__,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
-    for name, function in variants.items():
-        each = timed(function, args.repeats)  # every timing is kept: run-to-run spread is part of the result
+    for name, (settings, maker) in variants.items():
+        # every timing is kept: run-to-run spread is part of the result
+        each, captures = timed(functools.partial(batch_answers, model, rows, settings, maker, cuda), args.repeats,
+                               maker)
         seconds = statistics.median(each)
         result["variants"][name] = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                                     "each_seconds": [round(s, 4) for s in each]}
+        if maker is not None:
+            result["variants"][name]["each_captures"] = captures
         print(name, result["variants"][name], flush=True)
     base = result["variants"]["reference_sampler"]["seconds"]
     for name, row in result["variants"].items():

@@ -94,6 +94,9 @@ class Runtime:
         self.max_pooled_caches = max_pooled_caches
         self._free_caches: list[KVCache] = []  # oldest first
         self._graphs: dict[tuple, _Graph] = {}
+        # Graphs captured so far, recaptures after a pooled cache's eviction included: a capture costs
+        # far more than a replay, so benchmarks count them to tell warm-up from steady state.
+        self.captures = 0
         config = model.config
         self.mask_id = config.mask_token_id
         self.end_ids = tuple(i for i in (config.eos_token_id, config.eot_token_id) if i is not None)
@@ -214,6 +217,7 @@ class Runtime:
             self.check_weights(replay=False)  # every block, before the weights are baked into a graph
             entry = self._capture(cache, function, inputs, state)
             self._graphs[key] = entry
+            self.captures += 1
             if self.compile_cache is not None:  # a new shape may have compiled: keep it for the next process
                 self.save_compile_cache()
         if entry.state_pointers != [tensor.data_ptr() for tensor in state]:
