@@ -266,6 +266,35 @@ def rates_at_the_edge(results: list[dict], chosen: dict[tuple[str, str], list[di
     return sorted(edges)
 
 
+def rate_optima(results: list[dict], chosen: dict[tuple[str, str], list[dict]]) -> dict[str, float | None]:
+    """Per (size/objective) whose chosen rate has a tried rate on each side: where a parabola through
+    the three mean validation losses, against log10(rate), has its minimum. A sweep on a grid can only
+    say which grid point won; this says where between the neighbours the optimum probably lies (and so
+    which rates a larger size should try). None where the three points do not curve upwards."""
+    grouped = grouped_by_rate(results)
+    optima: dict[str, float | None] = {}
+    for (size, objective), runs in sorted(chosen.items()):
+        rates = sorted(grouped[size, objective])
+        at = rates.index(runs[0]["lr"])
+        if 0 < at < len(rates) - 1:
+            points = [(math.log10(r), mean_val_loss(grouped[size, objective][r])) for r in rates[at - 1:at + 2]]
+            optima[f"{size}/{objective}"] = parabola_minimum(points)
+    return optima
+
+
+def parabola_minimum(points: list[tuple[float, float]]) -> float | None:
+    """10 ** x at the minimum of the parabola through three (x, y) points with distinct x; None if it
+    opens downwards or is a line (no minimum), or if a point is infinite (a diverged rate)."""
+    (x0, y0), (x1, y1), (x2, y2) = points
+    if not all(math.isfinite(y) for y in (y0, y1, y2)):
+        return None
+    # Divided differences: y = y0 + d1 (x - x0) + d2 (x - x0)(x - x1); its derivative vanishes where
+    # d1 + d2 (2x - x0 - x1) = 0.
+    d1 = (y1 - y0) / (x1 - x0)
+    d2 = ((y2 - y1) / (x2 - x1) - d1) / (x2 - x0)
+    return 10 ** ((x0 + x1) / 2 - d1 / (2 * d2)) if d2 > 0 else None
+
+
 def accuracy_line(rows: list[dict]) -> tuple[float, float]:
     """(intercept, slope per decade) of accuracy against log10(FLOPs), least squares."""
     slope, intercept = statistics.linear_regression([math.log10(r["flops"]) for r in rows],
@@ -357,6 +386,7 @@ def report(results: list[dict]) -> dict:
                      "items": runs[0]["choice"]["items"]})
     summary: dict = {"rows": rows, "lr_by_size": {f"{s}/{o}": runs[0]["lr"] for (s, o), runs in chosen.items()},
                      "rate_at_edge_of_sweep": rates_at_the_edge(results, chosen),
+                     "rate_optimum_estimates": rate_optima(results, chosen),
                      "paired_accuracy_differences": paired_accuracy_differences(chosen),
                      "diverged_runs": sorted(f"{r['size']}/{r['objective']} lr {r['lr']:g} seed {r['seed']}"
                                              for r in results if r.get("diverged"))}
@@ -368,7 +398,12 @@ def report(results: list[dict]) -> dict:
             spread = [m for i in range(len(points["pretrain"])) for m in
                       compute_multiplier(points["pretrain"][:i] + points["pretrain"][i + 1:], points["autoregressive"])]
             summary["compute_multiplier_range"] = [min(spread), max(spread)] if None not in spread else None
-    if len(sizes := shared_sizes(rows)) >= 2:
+    by_key = {(r["size"], r["objective"]): r for r in rows}
+    sizes = shared_sizes(rows)
+    # The ratio, not the difference, is what a common power-law slope keeps constant.
+    summary["loss_ratio_by_size"] = {size: by_key[size, "pretrain"]["test_loss"] / by_key[size, "autoregressive"]["test_loss"]
+                                     for size in sizes}
+    if len(sizes) >= 2:
         summary.update(crossings(rows, sizes))
     return summary
 

@@ -227,3 +227,27 @@ def test_runs_that_diverged_are_reported_and_their_rate_is_never_chosen() -> Non
     assert [row["objective"] for row in summary["rows"]] == ["pretrain"]
     assert summary["diverged_runs"] == ["xs/autoregressive lr 0.003 seed 0", "xs/pretrain lr 0.01 seed 1"]
     assert summary["rate_at_edge_of_sweep"] == ["xs/pretrain: 0.003 of [0.003, 0.01]"]
+
+
+def test_the_rate_optimum_is_the_minimum_of_the_parabola_through_the_chosen_rate_and_its_neighbours() -> None:
+    """Validation losses from an exact parabola in log10(rate), minimum at 10^-2.8, on an uneven grid:
+    the estimate gives it back. A rate chosen at the sweep's edge has no estimate, and points that
+    do not curve upwards (a line, a dip) give None rather than a maximum."""
+    def loss(lr: float) -> float:
+        return 2.0 + 0.3 * (math.log10(lr) + 2.8) ** 2
+
+    grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    results = [result("s", "autoregressive", lr, seed, 2.0, loss(lr) + noise, 0.5)
+               for lr in grid for seed, noise in ((0, 0.01), (1, -0.01))]  # seeds average back to the parabola
+    results += [result("s", "pretrain", lr, 0, 3.0, 3.0 + lr, 0.5) for lr in grid]  # lowest rate best: an edge
+    summary = scaling.report(results)
+    assert summary["rate_optimum_estimates"] == {"s/autoregressive": pytest.approx(10 ** -2.8, rel=1e-9)}
+    assert scaling.parabola_minimum([(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]) is None
+    assert scaling.parabola_minimum([(0.0, 1.0), (1.0, 2.0), (2.0, 1.0)]) is None
+    assert scaling.parabola_minimum([(0.0, math.inf), (1.0, 2.0), (2.0, 3.0)]) is None
+
+
+def test_the_loss_ratio_is_given_for_each_size_both_objectives_have() -> None:
+    results = [result("xs", "pretrain", 1e-3, 0, 3.0, 3.0, 0.5), result("xs", "autoregressive", 1e-3, 0, 2.0, 2.0, 0.6),
+               result("s", "pretrain", 1e-3, 0, 2.7, 2.7, 0.5)]
+    assert scaling.report(results)["loss_ratio_by_size"] == {"xs": pytest.approx(1.5)}
