@@ -12,7 +12,7 @@ three ways to make them:
 - the reference sampler (``sampling.generate``: a full forward pass per step), what FSDP runs use.
 
 Tokens/s = completions × gen_length / seconds, median of ``--repeats`` after a warm-up; every
-repeat's seconds and the CUDA graphs it captured are kept.
+repeat's seconds are kept, and for the engine the CUDA graphs it captured and its denoising steps.
 
     PYTHONPATH=src python benchmarks/rollout_speed.py --out benchmarks/results/post_training/rollout_speed_h100.json
 """
@@ -39,26 +39,39 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, repeats: int, engine: Engine | None) -> tuple[list[float], list[int]]:
-    """Seconds of each of ``repeats`` calls after a warm-up call, and the CUDA graphs each captured
-    (none listed without an engine).
-
-    The warm-up captures the shapes its batch reached; a later batch whose rows finish in another
-    pattern (the threshold rule commits by confidence, so that varies with the samples) shrinks
-    through new shapes and captures them, which costs far more than replaying. The counts tell those
-    batches from the steady state."""
+def timed(function, repeats: int) -> tuple[list[float], list[dict]]:
+    """Seconds of each of ``repeats`` calls after a warm-up call, and what each call observed."""
     function()
-    seconds, captures = [], []
+    seconds, observed = [], []
     for _ in range(repeats):
-        before = engine.runtime.captures if engine is not None else 0
         _sync()
         start = time.perf_counter()
-        function()
+        observed.append(function())
         _sync()
         seconds.append(time.perf_counter() - start)
-        if engine is not None:
-            captures.append(engine.runtime.captures - before)
-    return seconds, captures
+    return seconds, observed
+
+
+def engine_batch(engine: Engine, rows: list[list[int]], settings: GenerationSettings,
+                 generator: torch.Generator) -> dict:
+    """One batch from the engine, brought to the host as ``batch_answers`` brings it; the CUDA graphs it
+    captured and its denoising steps.
+
+    The warm-up captures the shapes its batch reached. Under the threshold rule both the steps a
+    block takes and which rows end when vary with the samples (it commits by confidence), and the
+    engine shrinks a batch to the rows still decoding: a batch that meets a new shape captures it,
+    which costs far more than replaying. The two counts tell such batches from the steady state."""
+    captured = engine.runtime.captures
+    results = engine.generate(rows, settings, generator)
+    for result in results:
+        result.answer.tolist()
+    return {"captures": engine.runtime.captures - captured, "steps": max(result.steps for result in results)}
+
+
+def reference_batch(model: LLaDAModel, rows: list[list[int]], settings: GenerationSettings,
+                    generator: torch.Generator) -> dict:
+    batch_answers(model, rows, settings, None, generator)
+    return {}
 
 
 def main() -> None:
@@ -87,25 +100,24 @@ def main() -> None:
     engine = Engine(model)
     cuda = torch.Generator(device=device).manual_seed(1)
     variants = {
-        "engine_defaults": (served, engine),
-        "engine_fixed": (fixed, engine),
-        "engine_fixed_full_length": (full_length, engine),
-        "reference_sampler": (fixed, None),
+        "engine_defaults": functools.partial(engine_batch, engine, rows, served, cuda),
+        "engine_fixed": functools.partial(engine_batch, engine, rows, fixed, cuda),
+        "engine_fixed_full_length": functools.partial(engine_batch, engine, rows, full_length, cuda),
+        "reference_sampler": functools.partial(reference_batch, model, rows, fixed, cuda),
     }
     tokens = len(rows) * args.gen_length
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "completions": len(rows), "gen_length": args.gen_length,
               "block_length": args.block_length, "repeats": args.repeats, "torch": torch.__version__,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
-    for name, (settings, maker) in variants.items():
-        # every timing is kept: run-to-run spread is part of the result
-        each, captures = timed(functools.partial(batch_answers, model, rows, settings, maker, cuda), args.repeats,
-                               maker)
+    for name, function in variants.items():
+        each, observed = timed(function, args.repeats)  # every timing is kept: the spread is part of the result
         seconds = statistics.median(each)
-        result["variants"][name] = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-                                    "each_seconds": [round(s, 4) for s in each]}
-        if maker is not None:
-            result["variants"][name]["each_captures"] = captures
-        print(name, result["variants"][name], flush=True)
+        row = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+               "each_seconds": [round(s, 4) for s in each]}
+        for key in observed[0]:  # the engine's: graphs captured and denoising steps, batch by batch
+            row[f"each_{key}"] = [o[key] for o in observed]
+        result["variants"][name] = row
+        print(name, row, flush=True)
     base = result["variants"]["reference_sampler"]["seconds"]
     for name, row in result["variants"].items():
         row["speedup_over_reference"] = round(base / row["seconds"], 2)
