@@ -22,8 +22,10 @@ outlast one time-limited command. Only a finished run writes its result file.
 
 ``report`` picks each (size, objective)'s rate by validation loss, fits test loss against FLOPs
 as a power law per objective (log-log line) and states how much more compute the diffusion model
-needs to reach the autoregressive model's loss, with the range over leave-one-size-out fits, and
-where the accuracy lines cross (also with each size left out, each placed against the runs). Runs
+needs to reach the autoregressive model's loss, with a 95% interval from the fit's scatter
+(Fieller's, ``inverse_prediction``) and the range over leave-one-size-out fits, and where the
+accuracy lines cross (with an interval from the accuracies' binomial errors, and with each size left
+out, each placed against the runs). Runs
 keep each choice item's outcome, so the objectives' accuracy difference at a size is also given
 paired on the same items. ``--data`` adds a no-context baseline: the held-out loss of the training
 tokens' unigram frequencies.
@@ -47,6 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from inverse_prediction import where_line_reaches
 from process_pool import add_sweep_arguments, exit_unfinished, run_grid, write_result
 from sample_statistics import outcome_string, outcomes, paired_difference, wilson
 from tqdm.auto import tqdm
@@ -234,6 +237,21 @@ def compute_multiplier(diffusion: list[tuple[float, float]],
     return multipliers
 
 
+def multiplier_intervals(diffusion: list[tuple[float, float]],
+                         autoregressive: list[tuple[float, float]]) -> list[list[float] | None]:
+    """For each autoregressive (FLOPs, loss): the 95% interval of ``compute_multiplier``, from the
+    diffusion power law's scatter about its points (Student's t on n - 2 degrees of freedom, so
+    three sizes give one). None where the interval is unbounded: the fit's slope is not clearly
+    below zero at that level, so no compute can be ruled out."""
+    log_flops = [math.log(c) for c, _ in diffusion]
+    log_losses = [math.log(v) for _, v in diffusion]
+    intervals: list[list[float] | None] = []
+    for flops, loss in autoregressive:
+        _, interval = where_line_reaches(log_flops, log_losses, math.log(loss))
+        intervals.append(None if interval is None else [math.exp(bound - math.log(flops)) for bound in interval])
+    return intervals
+
+
 def mean_val_loss(runs: list[dict]) -> float:
     """The runs' mean validation loss; a run without a finite one (diverged) counts as infinitely bad."""
     losses = [r["val_loss"] for r in runs]
@@ -344,12 +362,29 @@ def crossings(rows: list[dict], sizes: list[str]) -> dict:
     summary: dict = {"accuracy_lines": {o: {"intercept": a, "slope_per_decade": b}
                                         for o, (a, b) in zip(OBJECTIVES, whole["lines"])},
                      "accuracy_crossing_flops": whole["flops"], "accuracy_crossing_where": whole["where"],
-                     "accuracy_sizes": sizes}
+                     "accuracy_crossing_interval": crossing_interval(rows, sizes), "accuracy_sizes": sizes}
     if len(sizes) >= 3:
         summary["accuracy_crossing_leave_one_out"] = [
             {"left_out": left, **{k: v for k, v in crossing([s for s in sizes if s != left]).items() if k != "lines"}}
             for left in sizes]
     return summary
+
+
+def crossing_interval(rows: list[dict], sizes: list[str]) -> list[float] | None:
+    """95% interval of the FLOPs where the accuracy lines cross: where the line of the gap
+    (autoregressive minus diffusion accuracy, per size) reaches 0, given each gap's binomial standard
+    error over the items (as if the two objectives' items were independent, which overstates it:
+    they are the same items). It assumes the straight lines are right, so it covers sampling noise,
+    not misfit. None where it is unbounded: the gap's slope is not clearly non-zero."""
+    by_key = {(r["size"], r["objective"]): r for r in rows}
+    gaps, errors = [], []
+    for size in sizes:
+        diffusion, autoregressive = by_key[size, "pretrain"], by_key[size, "autoregressive"]
+        gaps.append(autoregressive["accuracy"] - diffusion["accuracy"])
+        errors.append(math.sqrt(sum(r["accuracy"] * (1 - r["accuracy"]) / r["items"] for r in (diffusion, autoregressive))))
+    decades = [math.log10(by_key[size, "pretrain"]["flops"]) for size in sizes]
+    _, interval = where_line_reaches(decades, gaps, 0.0, errors)
+    return None if interval is None else [10 ** bound for bound in interval]
 
 
 def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -394,6 +429,7 @@ def report(results: list[dict]) -> dict:
     if all(len(points[o]) >= 2 for o in OBJECTIVES):
         summary["power_law"] = {o: dict(zip(("log_intercept", "slope"), power_law(points[o]))) for o in OBJECTIVES}
         summary["compute_multiplier"] = compute_multiplier(points["pretrain"], points["autoregressive"])
+        summary["compute_multiplier_interval"] = multiplier_intervals(points["pretrain"], points["autoregressive"])
         if len(points["pretrain"]) >= 3:  # the spread when one size at a time is left out of the fit
             spread = [m for i in range(len(points["pretrain"])) for m in
                       compute_multiplier(points["pretrain"][:i] + points["pretrain"][i + 1:], points["autoregressive"])]

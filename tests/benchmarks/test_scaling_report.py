@@ -36,6 +36,8 @@ def test_power_laws_give_back_their_compute_multiplier_and_crossing(tmp_path: Pa
     assert set(summary["lr_by_size"].values()) == {1e-3}
     assert summary["compute_multiplier"] == pytest.approx([1.25 ** 20] * 4, rel=1e-9)
     assert summary["compute_multiplier_range"] == pytest.approx([1.25 ** 20] * 2, rel=1e-9)
+    # Points exactly on the law leave no scatter: the interval closes on the multiplier.
+    assert summary["compute_multiplier_interval"] == [pytest.approx([1.25 ** 20] * 2, rel=1e-6)] * 4
     assert summary["power_law"]["pretrain"]["slope"] == pytest.approx(-0.05)
     assert summary["accuracy_crossing_flops"] == pytest.approx(10 ** (0.2 / 0.03), rel=1e-9)
     assert summary["accuracy_crossing_where"].startswith("below the smallest run")  # diffusion pulls ahead
@@ -251,3 +253,22 @@ def test_the_loss_ratio_is_given_for_each_size_both_objectives_have() -> None:
     results = [result("xs", "pretrain", 1e-3, 0, 3.0, 3.0, 0.5), result("xs", "autoregressive", 1e-3, 0, 2.0, 2.0, 0.6),
                result("s", "pretrain", 1e-3, 0, 2.7, 2.7, 0.5)]
     assert scaling.report(results)["loss_ratio_by_size"] == {"xs": pytest.approx(1.5)}
+
+
+def test_the_crossing_interval_closes_on_the_crossing_as_the_items_grow_and_is_unbounded_for_a_flat_gap() -> None:
+    """Accuracy lines meeting at 10^16.5 FLOPs: with a huge item count the binomial errors vanish and
+    the interval closes on it; with 1,000 items and a gap that hardly moves, it is unbounded (None)."""
+    def results_with(gap_slope: float, items: int) -> list[dict]:
+        made = []
+        for size, flops in scaling.BUDGETS.items():
+            decade = math.log10(flops)
+            made.append(result(size, "pretrain", 1e-3, 0, 3.0, 3.0, 0.6))
+            made.append(result(size, "autoregressive", 1e-3, 0, 2.0, 2.0, 0.6 + gap_slope * (16.5 - decade)))
+        for r in made:
+            r["choice"]["items"] = items
+        return made
+
+    summary = scaling.report(results_with(0.05, 10 ** 12))
+    assert summary["accuracy_crossing_flops"] == pytest.approx(10 ** 16.5, rel=1e-6)
+    assert summary["accuracy_crossing_interval"] == pytest.approx([10 ** 16.5] * 2, rel=1e-3)
+    assert scaling.report(results_with(0.002, 1000))["accuracy_crossing_interval"] is None
