@@ -478,6 +478,12 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
                            yerr=[50 * (r["interval_seed0"][1] - r["interval_seed0"][0]) for r in rows],
                            fmt=marker + ("-" if objective == "pretrain" else "--"), capsize=3, color="black",
                            fillstyle="full" if marker == "o" else "none", label=LABELS[objective].split(" (")[0])
+        if objective in summary.get("power_law", {}):  # a straight line on these axes: its two ends suffice
+            fit = summary["power_law"][objective]
+            ends = [min(r["flops"] for r in rows), max(r["flops"] for r in rows)]
+            loss_axis.plot(ends, [math.exp(fit["log_intercept"]) * c ** fit["slope"] for c in ends],
+                           "-" if objective == "pretrain" else "--", color="black", linewidth=0.8,
+                           label=f"test fit: {LABELS[objective].split(' (')[0]}, slope {fit['slope']:.3f}")
     if "unigram_test_loss" in summary:
         loss_axis.axhline(summary["unigram_test_loss"], color="grey", linewidth=0.8, linestyle=":",
                           label=f"test: unigram frequencies, no context ({summary['unigram_test_loss']:.2f})")
