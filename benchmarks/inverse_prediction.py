@@ -4,8 +4,8 @@ The scaling study asks this twice: how much compute the diffusion model's loss f
 the autoregressive model's loss, and where the two accuracy lines meet (the gap's line reaches 0).
 The point answer inverts the fitted line; its interval is Fieller's: every x whose confidence band
 for the line's height contains the target. When the slope is not clearly non-zero that set is not
-a bounded interval (the line could be flat, and then it reaches the target nowhere or everywhere),
-and the answer is None rather than a misleading pair of numbers.
+a bounded interval (the line could be flat, and then it reaches the target nowhere or everywhere):
+then no interval is given, only the range the set leaves out, if any.
 
 Two sources of uncertainty, chosen by the caller:
 - ``standard_errors=None``: the scatter of the points about the line, estimated from the residuals,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 
 
 def _quantile(level: float, degrees_of_freedom: int | None) -> float:
@@ -32,13 +33,23 @@ def _quantile(level: float, degrees_of_freedom: int | None) -> float:
     return float(t.ppf(upper, degrees_of_freedom))
 
 
-def where_line_reaches(x: list[float], y: list[float], target: float, standard_errors: list[float] | None = None,
-                       level: float = 0.95) -> tuple[float | None, tuple[float, float] | None]:
-    """The x where the least-squares line through (x, y) equals ``target``, and its ``level`` interval.
+@dataclass(frozen=True)
+class Reach:
+    """Where a fitted line reaches a value. ``estimate``: None for a flat line. ``interval``: the
+    bounded confidence set, or None when it is not bounded; then ``excluded`` is the range it leaves
+    out (the set is the two half-lines outside it), or None when it holds every x."""
 
-    Returns (estimate, interval): estimate None for a flat line; interval None where the confidence
-    band does not cut the target in a bounded interval (slope not distinguishable from zero at this
-    level), or, without standard errors, with fewer than three points (no residual scatter to go on).
+    estimate: float | None
+    interval: tuple[float, float] | None
+    excluded: tuple[float, float] | None = None
+
+
+def where_line_reaches(x: list[float], y: list[float], target: float, standard_errors: list[float] | None = None,
+                       level: float = 0.95) -> Reach:
+    """The x where the least-squares line through (x, y) equals ``target``, and its ``level`` set.
+
+    Without standard errors and with fewer than three points there is no residual scatter to go on:
+    the estimate alone.
     """
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"a line needs two or more (x, y) points, got {len(x)} x and {len(y)} y")
@@ -47,12 +58,14 @@ def where_line_reaches(x: list[float], y: list[float], target: float, standard_e
     n = len(x)
     x_mean, y_mean = statistics.fmean(x), statistics.fmean(y)
     sxx = sum((v - x_mean) ** 2 for v in x)
+    if sxx == 0:
+        raise ValueError("a line needs at least two different x")
     slope = sum((u - x_mean) * (v - y_mean) for u, v in zip(x, y)) / sxx
     estimate = x_mean + (target - y_mean) / slope if slope != 0 else None
     # Variances of the fitted mean height (at x_mean), of the slope, and their covariance.
     if standard_errors is None:
         if n < 3:
-            return estimate, None
+            return Reach(estimate, None)
         residual = sum((v - y_mean - slope * (u - x_mean)) ** 2 for u, v in zip(x, y)) / (n - 2)
         var_mean, var_slope, covariance = residual / n, residual / sxx, 0.0
         q = _quantile(level, n - 2)
@@ -63,12 +76,17 @@ def where_line_reaches(x: list[float], y: list[float], target: float, standard_e
         covariance = sum((u - x_mean) * v for u, v in zip(x, variances)) / (n * sxx)
         q = _quantile(level, None)
     # x = x_mean + u lies in the set where (d - slope u)^2 <= q^2 (var_mean + 2 u cov + u^2 var_slope),
-    # d = target - y_mean: a quadratic a u^2 - 2 b u + c <= 0, bounded only when a > 0.
+    # d = target - y_mean: a quadratic a u^2 - 2 b u + c <= 0. With a > 0 (the slope clearly non-zero)
+    # it holds between the roots; with a < 0 outside them (or everywhere, without real roots).
     d = target - y_mean
     a = slope * slope - q * q * var_slope
     b = slope * d + q * q * covariance
     c = d * d - q * q * var_mean
-    if a <= 0:
-        return estimate, None
-    root = math.sqrt(max(0.0, b * b - a * c))
-    return estimate, (x_mean + (b - root) / a, x_mean + (b + root) / a)
+    discriminant = b * b - a * c
+    if a > 0:  # the estimate lies in the set, so the discriminant is >= 0 up to rounding
+        root = math.sqrt(max(0.0, discriminant))
+        return Reach(estimate, (x_mean + (b - root) / a, x_mean + (b + root) / a))
+    if a < 0 and discriminant > 0:
+        ends = sorted(x_mean + (b + sign * math.sqrt(discriminant)) / a for sign in (-1, 1))
+        return Reach(estimate, None, (ends[0], ends[1]))
+    return Reach(estimate, None)

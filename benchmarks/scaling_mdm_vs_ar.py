@@ -237,18 +237,26 @@ def compute_multiplier(diffusion: list[tuple[float, float]],
     return multipliers
 
 
+def exp_or_none(exponent: float, base: float = math.e) -> float | None:
+    """base ** exponent, or None beyond 1e300 (an interval's end that no float holds or study reaches)."""
+    return base ** exponent if exponent * math.log10(base) < 300 else None
+
+
 def multiplier_intervals(diffusion: list[tuple[float, float]],
-                         autoregressive: list[tuple[float, float]]) -> list[list[float] | None]:
+                         autoregressive: list[tuple[float, float]]) -> list[list[float | None] | None]:
     """For each autoregressive (FLOPs, loss): the 95% interval of ``compute_multiplier``, from the
     diffusion power law's scatter about its points (Student's t on n - 2 degrees of freedom, so
-    three sizes give one). None where the interval is unbounded: the fit's slope is not clearly
-    below zero at that level, so no compute can be ruled out."""
+    three sizes give one); an end beyond 1e300 is None. The whole interval is None where the fit does
+    not fall with compute (no multiplier then) or its slope is not clearly non-zero at that level
+    (the multipliers consistent with the fit are then not one bounded range)."""
     log_flops = [math.log(c) for c, _ in diffusion]
     log_losses = [math.log(v) for _, v in diffusion]
-    intervals: list[list[float] | None] = []
+    if power_law(diffusion)[1] >= 0:
+        return [None] * len(autoregressive)
+    intervals: list[list[float | None] | None] = []
     for flops, loss in autoregressive:
-        _, interval = where_line_reaches(log_flops, log_losses, math.log(loss))
-        intervals.append(None if interval is None else [math.exp(bound - math.log(flops)) for bound in interval])
+        interval = where_line_reaches(log_flops, log_losses, math.log(loss)).interval
+        intervals.append(None if interval is None else [exp_or_none(end - math.log(flops)) for end in interval])
     return intervals
 
 
@@ -362,7 +370,7 @@ def crossings(rows: list[dict], sizes: list[str]) -> dict:
     summary: dict = {"accuracy_lines": {o: {"intercept": a, "slope_per_decade": b}
                                         for o, (a, b) in zip(OBJECTIVES, whole["lines"])},
                      "accuracy_crossing_flops": whole["flops"], "accuracy_crossing_where": whole["where"],
-                     "accuracy_crossing_interval": crossing_interval(rows, sizes), "accuracy_sizes": sizes}
+                     **crossing_interval(rows, sizes), "accuracy_sizes": sizes}
     if len(sizes) >= 3:
         summary["accuracy_crossing_leave_one_out"] = [
             {"left_out": left, **{k: v for k, v in crossing([s for s in sizes if s != left]).items() if k != "lines"}}
@@ -370,21 +378,29 @@ def crossings(rows: list[dict], sizes: list[str]) -> dict:
     return summary
 
 
-def crossing_interval(rows: list[dict], sizes: list[str]) -> list[float] | None:
-    """95% interval of the FLOPs where the accuracy lines cross: where the line of the gap
-    (autoregressive minus diffusion accuracy, per size) reaches 0, given each gap's binomial standard
-    error over the items (as if the two objectives' items were independent, which overstates it:
-    they are the same items). It assumes the straight lines are right, so it covers sampling noise,
-    not misfit. None where it is unbounded: the gap's slope is not clearly non-zero."""
+def crossing_interval(rows: list[dict], sizes: list[str]) -> dict:
+    """Where the accuracy lines cross, with its 95% set: where the line of the gap (autoregressive minus
+    diffusion accuracy, per size) reaches 0, given each gap's binomial standard error over the items.
+    It treats the two objectives' outcomes as independent, which overstates the error (they are the
+    same items), and ignores that every size shares the items and that seeds differ. It assumes the
+    straight lines are right, so it covers sampling noise, not misfit.
+
+    ``accuracy_crossing_interval``: the bounded set, in FLOPs (an end beyond 1e300 is None); None
+    when the gap's slope is not clearly non-zero, and then ``accuracy_crossing_excluded`` is the
+    range of FLOPs the set leaves out (None if it leaves none)."""
     by_key = {(r["size"], r["objective"]): r for r in rows}
     gaps, errors = [], []
     for size in sizes:
         diffusion, autoregressive = by_key[size, "pretrain"], by_key[size, "autoregressive"]
         gaps.append(autoregressive["accuracy"] - diffusion["accuracy"])
         errors.append(math.sqrt(sum(r["accuracy"] * (1 - r["accuracy"]) / r["items"] for r in (diffusion, autoregressive))))
-    decades = [math.log10(by_key[size, "pretrain"]["flops"]) for size in sizes]
-    _, interval = where_line_reaches(decades, gaps, 0.0, errors)
-    return None if interval is None else [10 ** bound for bound in interval]
+    reach = where_line_reaches([math.log10(by_key[size, "pretrain"]["flops"]) for size in sizes], gaps, 0.0, errors)
+
+    def in_flops(ends: tuple[float, float] | None) -> list[float | None] | None:
+        return None if ends is None else [exp_or_none(end, 10.0) for end in ends]
+
+    return {"accuracy_crossing_interval": in_flops(reach.interval),
+            "accuracy_crossing_excluded": in_flops(reach.excluded)}
 
 
 def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import scaling_mdm_vs_ar as scaling
+from inverse_prediction import where_line_reaches
 
 
 def result(size: str, objective: str, lr: float, seed: int, test_loss: float, val_loss: float, accuracy: float) -> dict:
@@ -272,3 +273,37 @@ def test_the_crossing_interval_closes_on_the_crossing_as_the_items_grow_and_is_u
     assert summary["accuracy_crossing_flops"] == pytest.approx(10 ** 16.5, rel=1e-6)
     assert summary["accuracy_crossing_interval"] == pytest.approx([10 ** 16.5] * 2, rel=1e-3)
     assert scaling.report(results_with(0.002, 1000))["accuracy_crossing_interval"] is None
+
+
+def test_the_crossing_set_uses_each_gaps_binomial_error_and_survives_ends_beyond_any_float() -> None:
+    """The gap's error is the two accuracies' binomial errors combined; an interval end past 1e300
+    FLOPs is None instead of an overflow; an unbounded set gives the range it excludes."""
+    def rows_with(items: int) -> list[dict]:
+        accuracies = {"xs": (0.669, 0.834), "s": (0.710, 0.878), "m": (0.759, 0.900)}  # the study's three sizes
+        return [{"size": size, "objective": objective, "flops": scaling.BUDGETS[size], "items": items,
+                 "accuracy": accuracies[size][objective == "autoregressive"]}
+                for size in accuracies for objective in scaling.OBJECTIVES]
+
+    sizes = ["xs", "s", "m"]
+    for items in (20000, 5000, 4500, 2000):
+        found = scaling.crossing_interval(rows_with(items), sizes)
+        errors = [math.sqrt(d * (1 - d) / items + a * (1 - a) / items)
+                  for d, a in ((0.669, 0.834), (0.710, 0.878), (0.759, 0.900))]
+        reach = where_line_reaches([math.log10(scaling.BUDGETS[s]) for s in sizes],
+                                   [0.834 - 0.669, 0.878 - 0.710, 0.900 - 0.759], 0.0, errors)
+        if reach.interval is not None:
+            assert found["accuracy_crossing_excluded"] is None
+            low, high = found["accuracy_crossing_interval"]
+            assert low == pytest.approx(10 ** reach.interval[0], rel=1e-9)
+            assert high == (pytest.approx(10 ** reach.interval[1], rel=1e-9) if reach.interval[1] < 300 else None)
+        else:
+            assert found["accuracy_crossing_interval"] is None
+            assert found["accuracy_crossing_excluded"] == pytest.approx([10 ** e for e in reach.excluded], rel=1e-9)
+    assert scaling.crossing_interval(rows_with(4500), sizes)["accuracy_crossing_interval"][1] is None
+    assert scaling.crossing_interval(rows_with(2000), sizes)["accuracy_crossing_interval"] is None
+
+
+def test_no_multiplier_interval_where_the_diffusion_loss_rises_with_compute() -> None:
+    rising = [(1e15, 3.0), (1e16, 3.1005), (1e17, 3.2)]
+    assert scaling.compute_multiplier(rising, [(1e16, 2.0)]) == [None]
+    assert scaling.multiplier_intervals(rising, [(1e16, 2.0)]) == [None]
