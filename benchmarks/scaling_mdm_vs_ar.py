@@ -40,6 +40,7 @@ tokens' unigram frequencies.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -420,6 +421,31 @@ def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> li
     return differences
 
 
+def paired_gap_changes(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """How the autoregressive lead in accuracy changes from one size to the next, paired item by item:
+    per item, (autoregressive - diffusion) at the larger size minus the same at the smaller, each
+    objective's outcome averaged over its chosen runs' seeds. ``change`` < 0: the gap narrows. The
+    items are the same at every size, so their own difficulty cancels, which two sizes' separate
+    gaps cannot do. Only sizes whose four sets of chosen runs all kept per-item outcomes count, and
+    each is compared with the next smaller such size."""
+    def item_gaps(size: str) -> list[float] | None:
+        means = []
+        for objective in OBJECTIVES:
+            texts = [r["choice"].get("per_item") for r in chosen.get((size, objective), [])]
+            if not texts or not all(texts):
+                return None
+            means.append([statistics.fmean(column) for column in zip(*(outcomes(t) for t in texts))])
+        return [autoregressive - diffusion for diffusion, autoregressive in zip(*means)]
+
+    gaps = [(size, g) for size in sorted({s for s, _ in chosen}, key=BUDGETS.__getitem__)
+            if (g := item_gaps(size)) is not None]
+    changes = []
+    for (smaller, before), (larger, after) in itertools.pairwise(gaps):
+        change, stderr = paired_difference(before, after)
+        changes.append({"from": smaller, "to": larger, "change": change, "stderr": stderr})
+    return changes
+
+
 def report(results: list[dict]) -> dict:
     chosen = best_runs(results)
     rows = []
@@ -439,6 +465,7 @@ def report(results: list[dict]) -> dict:
                      "rate_at_edge_of_sweep": rates_at_the_edge(results, chosen),
                      "rate_optimum_estimates": rate_optima(results, chosen),
                      "paired_accuracy_differences": paired_accuracy_differences(chosen),
+                     "paired_gap_changes": paired_gap_changes(chosen),
                      "diverged_runs": sorted(f"{r['size']}/{r['objective']} lr {r['lr']:g} seed {r['seed']}"
                                              for r in results if r.get("diverged"))}
     points = {o: [(r["flops"], r["test_loss"]) for r in rows if r["objective"] == o] for o in OBJECTIVES}

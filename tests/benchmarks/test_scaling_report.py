@@ -100,7 +100,11 @@ def test_nearly_parallel_accuracy_lines_have_no_crossing() -> None:
 
 
 def by_hand(diffusion: str, autoregressive: str) -> tuple[float, float]:
-    differences = [int(b) - int(a) for a, b in zip(diffusion, autoregressive)]
+    return by_hand_numbers([int(a) for a in diffusion], [int(b) for b in autoregressive])
+
+
+def by_hand_numbers(old: list[float], new: list[float]) -> tuple[float, float]:
+    differences = [b - a for a, b in zip(old, new)]
     mean = sum(differences) / len(differences)
     return mean, math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1) / len(differences))
 
@@ -307,3 +311,34 @@ def test_no_multiplier_interval_where_the_diffusion_loss_rises_with_compute() ->
     rising = [(1e15, 3.0), (1e16, 3.1005), (1e17, 3.2)]
     assert scaling.compute_multiplier(rising, [(1e16, 2.0)]) == [None]
     assert scaling.multiplier_intervals(rising, [(1e16, 2.0)]) == [None]
+
+
+def test_the_change_of_the_accuracy_gap_between_sizes_is_paired_item_by_item() -> None:
+    """Per item, (autoregressive - diffusion) at the larger size minus at the smaller, each objective's
+    outcomes averaged over its seeds; computed here from the definition. A size with a run lacking
+    per-item outcomes drops out, and the next size is compared with the last one that has them."""
+    outcomes = {("xs", "pretrain", 0): "0000011111", ("xs", "pretrain", 1): "0000111111",
+                ("xs", "autoregressive", 0): "1111111111",
+                ("m", "pretrain", 0): "0011111111", ("m", "autoregressive", 0): "1111111110",
+                ("m", "autoregressive", 1): "1111111111",
+                ("s", "pretrain", 0): "1111100000"}  # s: its autoregressive run predates per-item outcomes
+    results = []
+    for size, objective, seed in [*outcomes, ("s", "autoregressive", 0)]:
+        per_item = outcomes.get((size, objective, seed))
+        run = result(size, objective, 1e-3, seed, 3.0, 2.0, per_item.count("1") / 10 if per_item else 0.5)
+        if per_item:
+            run["choice"]["per_item"] = per_item
+        results.append(run)
+    [change] = scaling.report(results)["paired_gap_changes"]
+
+    def mean_outcomes(size: str, objective: str) -> list[float]:
+        texts = [t for (s, o, _), t in outcomes.items() if (s, o) == (size, objective)]
+        return [sum(t[i] == "1" for t in texts) / len(texts) for i in range(10)]
+
+    gap = {size: [a - d for d, a in zip(mean_outcomes(size, "pretrain"), mean_outcomes(size, "autoregressive"))]
+           for size in ("xs", "m")}
+    mean, stderr = by_hand_numbers(gap["xs"], gap["m"])
+    assert (change["from"], change["to"]) == ("xs", "m")
+    assert (change["change"], change["stderr"]) == (pytest.approx(mean), pytest.approx(stderr))
+    # Gaps by item: xs 1,1,1,1,.5,0,0,0,0,0 and m 1,1,0,0,0,0,0,0,0,-.5: three items' worth narrower.
+    assert change["change"] == pytest.approx(-0.3)
