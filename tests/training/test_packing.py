@@ -11,6 +11,7 @@ import torch
 from conftest import CORPUS
 
 from llada.model.tokenizer import Tokenizer
+from llada.training import packing
 from llada.training.corpus import CorpusError
 from llada.training.packing import PackedDataset, token_dtype, tokenize_corpus
 
@@ -101,10 +102,14 @@ def test_packed_dataset_windows_span_documents_and_shards(tmp_path: Path, tokeni
         PackedDataset(tmp_path / "out", seq_len=len(stream) + 1)
 
 
-def test_token_counts_count_the_whole_stream(tmp_path: Path, tokenizer_dir: Path, tokenizer: Tokenizer) -> None:
-    """Every token of every shard, the tail a window would drop included; an id past the vocabulary is
-    an error, since the data then belongs to another tokenizer."""
+@pytest.mark.parametrize("chunk", [1 << 24, 7])
+def test_token_counts_count_the_whole_stream(tmp_path: Path, tokenizer_dir: Path, tokenizer: Tokenizer, chunk: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every token of every shard, the tail a window would drop included, whether counted whole or in
+    chunks; an id past the vocabulary is an error, since the data then belongs to another tokenizer."""
     from collections import Counter
+
+    monkeypatch.setattr(packing, "COUNT_CHUNK", chunk)
 
     make_corpus(tmp_path / "corpus")
     tokenize_corpus([str(tmp_path / "corpus" / "*")], tmp_path / "out", tokenizer_dir, workers=1, progress=False)

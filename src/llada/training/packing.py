@@ -36,6 +36,9 @@ INDEX_FILE = "index.json"
 FORMAT = "llada-packed-tokens"
 ENCODE_BATCH = 256  # documents per tokenizer call (the tokenizers library parallelises inside one call)
 MAX_REPORTED_ISSUES = 20  # per shard; the counts are always complete
+# Tokens counted at a time by ``PackedDataset.token_counts``: bincount widens its input to 64-bit
+# integers, so a whole shard at once would take 8 bytes a token.
+COUNT_CHUNK = 1 << 24
 
 
 @dataclass
@@ -260,11 +263,12 @@ class PackedDataset(torch.utils.data.Dataset):
         frequency baselines are built from. Ids at or above ``vocab_size`` are an error, not dropped."""
         counts = np.zeros(vocab_size, dtype=np.int64)
         for shard in self.shards:
-            found = np.bincount(shard, minlength=vocab_size)
-            if len(found) > vocab_size:
-                raise ValueError(f"token id {len(found) - 1} is outside a vocabulary of {vocab_size}: the data "
-                                 f"was tokenized with another tokenizer")
-            counts += found
+            for start in range(0, len(shard), COUNT_CHUNK):
+                found = np.bincount(shard[start:start + COUNT_CHUNK], minlength=vocab_size)
+                if len(found) > vocab_size:
+                    raise ValueError(f"token id {len(found) - 1} is outside a vocabulary of {vocab_size}: the "
+                                     f"data was tokenized with another tokenizer")
+                counts += found
         return counts
 
     def unigram_log_probabilities(self, vocab_size: int) -> np.ndarray:
