@@ -40,6 +40,7 @@ tokens' unigram frequencies.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> None:
         write_result(args.out, {"size": args.size, "objective": args.objective, "lr": args.lr, "seed": args.seed,
                                 "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                 "mc_num": args.mc_num, "diverged": str(error), "val_loss": None,
-                                "data": {"train_documents_sha256": manifest["train_documents_sha256"]}})
+                                "data": {"train_documents_sha256": manifest["train_documents_sha256"],
+                                         "choices_sha256": items_sha256(args.data)}})
         raise SystemExit(f"{out_dir}: diverged ({error}); recorded in {args.out}") from error
     seconds = add_training_seconds(out_dir, time.perf_counter() - started)
     if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
@@ -183,24 +185,31 @@ def run(args: argparse.Namespace) -> None:
               "val_loss": curve[-1]["val_loss"] if curve else None, "test_loss": test_loss,
               "test_loss_kind": LABELS[args.objective], "mc_num": args.mc_num,
               "choice": downstream(model, items, args.objective == "autoregressive", args.mc_num), "curve": curve,
-              "data": {k: manifest[k] for k in ("train_tokens", "train_documents_sha256", "tokenizer_sha256",
-                                                "unigram_baseline")},
+              "data": {**{k: manifest[k] for k in ("train_tokens", "train_documents_sha256", "tokenizer_sha256",
+                                                   "unigram_baseline")}, "choices_sha256": items_sha256(args.data)},
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     write_result(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "choice")}), flush=True)
 
 
-def check_finished_runs(out_dir: Path, manifest: dict, args: argparse.Namespace) -> None:
+def items_sha256(data: Path) -> str:
+    """The choice items' fingerprint: the same corpus can be paired with items built by other code."""
+    return hashlib.sha256((data / "choices.json").read_bytes()).hexdigest()
+
+
+def check_finished_runs(out_dir: Path, manifest: dict, choices_sha256: str, args: argparse.Namespace) -> None:
     """A sweep skips every point whose result file exists, so the results already in ``out_dir`` must come
-    from the same corpus and settings; SystemExit naming the first that does not."""
+    from the same corpus, items and settings; SystemExit naming the first that does not. (Results from
+    before the items' fingerprint was recorded carry none and are checked on the rest.)"""
     wanted = {"batch_size": args.batch_size, "seq_len": args.seq_len, "mc_num": args.mc_num,
-              "train_documents_sha256": manifest["train_documents_sha256"]}
+              "train_documents_sha256": manifest["train_documents_sha256"], "choices_sha256": choices_sha256}
     for path in sorted(out_dir.glob("*.json")) if out_dir.is_dir() else []:
         if path.name == "report.json":
             continue
         result = json.loads(path.read_text())
         found = {**{key: result.get(key) for key in ("batch_size", "seq_len", "mc_num")},
-                 "train_documents_sha256": result.get("data", {}).get("train_documents_sha256")}
+                 **{key: result.get("data", {}).get(key) for key in ("train_documents_sha256", "choices_sha256")}}
+        found["choices_sha256"] = found["choices_sha256"] or choices_sha256
         if found != wanted:
             differ = {key: (found[key], wanted[key]) for key in wanted if found[key] != wanted[key]}
             raise SystemExit(f"{path} was made with other settings or data ({differ}, found -> wanted); "
@@ -215,7 +224,8 @@ def sweep(args: argparse.Namespace) -> None:
             "seed": args.seeds.split(",")}
     options = ["--data", str(args.data), "--runs", str(args.runs), "--mc-num", str(args.mc_num),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    check_finished_runs(args.out_dir, json.loads((args.data / "manifest.json").read_text()), args)
+    check_finished_runs(args.out_dir, json.loads((args.data / "manifest.json").read_text()), items_sha256(args.data),
+                        args)
     run_grid(__file__, grid, options, args.out_dir, args.parallel, args.gpus)
 
 

@@ -212,16 +212,20 @@ def test_rollbacks_are_counted_from_the_skipped_steps_that_record_them(tmp_path:
 def test_a_sweep_refuses_finished_results_of_other_settings_or_data(tmp_path: Path) -> None:
     from argparse import Namespace
 
-    manifest = {"train_documents_sha256": "ab" * 32}
-    finished = {"batch_size": 64, "seq_len": 512, "mc_num": 32, "data": dict(manifest)}
+    manifest, items = {"train_documents_sha256": "ab" * 32}, "12" * 32
+    finished = {"batch_size": 64, "seq_len": 512, "mc_num": 32, "data": {**manifest, "choices_sha256": items}}
     (tmp_path / "xs-pretrain-lr0.001-seed0.json").write_text(json.dumps(finished))
+    older = {"batch_size": 64, "seq_len": 512, "mc_num": 32, "data": dict(manifest)}  # before items were recorded
+    (tmp_path / "s-pretrain-lr0.001-seed0.json").write_text(json.dumps(older))
     (tmp_path / "report.json").write_text("{}")
-    scaling.check_finished_runs(tmp_path, manifest, Namespace(batch_size=64, seq_len=512, mc_num=32))
+    settings = Namespace(batch_size=64, seq_len=512, mc_num=32)
+    scaling.check_finished_runs(tmp_path, manifest, items, settings)
     with pytest.raises(SystemExit, match="batch_size"):
-        scaling.check_finished_runs(tmp_path, manifest, Namespace(batch_size=32, seq_len=512, mc_num=32))
+        scaling.check_finished_runs(tmp_path, manifest, items, Namespace(batch_size=32, seq_len=512, mc_num=32))
     with pytest.raises(SystemExit, match="train_documents_sha256"):
-        scaling.check_finished_runs(tmp_path, {"train_documents_sha256": "cd" * 32},
-                                    Namespace(batch_size=64, seq_len=512, mc_num=32))
+        scaling.check_finished_runs(tmp_path, {"train_documents_sha256": "cd" * 32}, items, settings)
+    with pytest.raises(SystemExit, match="choices_sha256"):
+        scaling.check_finished_runs(tmp_path, manifest, "34" * 32, settings)
 
 
 def test_runs_that_diverged_are_reported_and_their_rate_is_never_chosen() -> None:
