@@ -28,8 +28,10 @@ def _quantile(level: float, degrees_of_freedom: int | None) -> float:
     upper = (1 + level) / 2
     if degrees_of_freedom is None:
         return statistics.NormalDist().inv_cdf(upper)
-    from scipy.stats import t  # only here: the study's runs on GPU machines never need it
-
+    try:
+        from scipy.stats import t  # only here: the study's runs on GPU machines never need it
+    except ImportError as error:
+        raise ImportError("Student's t quantiles need scipy: pip install -e '.[stats]'") from error
     return float(t.ppf(upper, degrees_of_freedom))
 
 

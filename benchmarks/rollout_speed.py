@@ -25,6 +25,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -39,8 +40,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, repeats: int) -> tuple[list[float], list[dict]]:
-    """Seconds of each of ``repeats`` calls after a warm-up call, and what each call observed."""
+@dataclass(frozen=True)
+class EngineBatch:
+    """What an engine batch did besides its tokens: the CUDA graphs it captured and its denoising steps."""
+
+    captures: int
+    steps: int
+
+
+def timed(function, repeats: int) -> tuple[list[float], list]:
+    """Seconds of each of ``repeats`` calls after a warm-up call, and what each call returned."""
     function()
     seconds, observed = [], []
     for _ in range(repeats):
@@ -53,7 +62,7 @@ def timed(function, repeats: int) -> tuple[list[float], list[dict]]:
 
 
 def engine_batch(engine: Engine, rows: list[list[int]], settings: GenerationSettings,
-                 generator: torch.Generator) -> dict:
+                 generator: torch.Generator) -> EngineBatch:
     """One batch from the engine, brought to the host as ``batch_answers`` brings it; the CUDA graphs it
     captured and its denoising steps.
 
@@ -65,13 +74,13 @@ def engine_batch(engine: Engine, rows: list[list[int]], settings: GenerationSett
     results = engine.generate(rows, settings, generator)
     for result in results:
         result.answer.tolist()
-    return {"captures": engine.runtime.captures - captured, "steps": max(result.steps for result in results)}
+    return EngineBatch(captures=engine.runtime.captures - captured, steps=max(result.steps for result in results))
 
 
 def reference_batch(model: LLaDAModel, rows: list[list[int]], settings: GenerationSettings,
-                    generator: torch.Generator) -> dict:
+                    generator: torch.Generator) -> None:
+    """One batch from the reference sampler (a full forward pass a step, no graphs to count)."""
     batch_answers(model, rows, settings, None, generator)
-    return {}
 
 
 def main() -> None:
@@ -106,16 +115,17 @@ def main() -> None:
         "reference_sampler": functools.partial(reference_batch, model, rows, fixed, cuda),
     }
     tokens = len(rows) * args.gen_length
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "completions": len(rows), "gen_length": args.gen_length,
-              "block_length": args.block_length, "repeats": args.repeats, "torch": torch.__version__,
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "completions": len(rows),
+              "gen_length": args.gen_length, "block_length": args.block_length, "repeats": args.repeats, "torch": torch.__version__,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "variants": {}}
     for name, function in variants.items():
         each, observed = timed(function, args.repeats)  # every timing is kept: the spread is part of the result
         seconds = statistics.median(each)
         row = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                "each_seconds": [round(s, 4) for s in each]}
-        for key in observed[0]:  # the engine's: graphs captured and denoising steps, batch by batch
-            row[f"each_{key}"] = [o[key] for o in observed]
+        if observed[0] is not None:  # the engine's: graphs captured and denoising steps, batch by batch
+            row["each_captures"] = [o.captures for o in observed]
+            row["each_steps"] = [o.steps for o in observed]
         result["variants"][name] = row
         print(name, row, flush=True)
     base = result["variants"]["reference_sampler"]["seconds"]

@@ -20,15 +20,15 @@ A run saves a checkpoint every tenth of its steps and on SIGTERM (``timeout``, a
 same command, or the sweep, resumes it and counts its training time across the pieces, so a run can
 outlast one time-limited command. Only a finished run writes its result file.
 
-``report`` picks each (size, objective)'s rate by validation loss, fits test loss against FLOPs
-as a power law per objective (log-log line) and states how much more compute the diffusion model
-needs to reach the autoregressive model's loss, with a 95% interval from the fit's scatter
-(Fieller's, ``inverse_prediction``) and the range over leave-one-size-out fits, and where the
-accuracy lines cross (with an interval from the accuracies' binomial errors, and with each size left
-out, each placed against the runs). Runs
-keep each choice item's outcome, so the objectives' accuracy difference at a size is also given
-paired on the same items. ``--data`` adds a no-context baseline: the held-out loss of the training
-tokens' unigram frequencies.
+``report`` picks each (size, objective)'s rate by validation loss (with where between its
+neighbours the optimum probably lies), fits test loss against FLOPs as a power law per objective
+(log-log line) and states how much more compute the diffusion model needs to reach the
+autoregressive model's loss, with a 95% set from the fit's scatter (Fieller's,
+``inverse_prediction``) and the range over leave-one-size-out fits, and where the accuracy lines
+cross (with a set from the accuracies' binomial errors, and with each size left out, each placed
+against the runs). Runs keep each choice item's outcome, so the objectives' accuracy difference at a
+size, and its change from one size to the next, are also given paired on the same items. ``--data``
+adds a no-context baseline: the held-out loss of the training tokens' unigram frequencies.
 
     python scripts/prepare_scaling_data.py --out data/scaling
     python benchmarks/scaling_mdm_vs_ar.py sweep --data data/scaling --sizes xs,s --lrs 1e-3,3e-3 --seeds 0,1 \\
@@ -132,6 +132,7 @@ def rollbacks(out_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> None:
     manifest = json.loads((args.data / "manifest.json").read_text())
+    choices = (args.data / "choices.json").read_bytes()  # scored at the end; fingerprinted as read
     tokens_per_step = args.batch_size * args.seq_len
     vocabulary = Tokenizer.from_pretrained(args.data / "tokenizer").vocab_size
     network = preset(load_config(args.config).model.preset, vocab_size=vocabulary, embedding_size=vocabulary,
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
                                 "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                 "mc_num": args.mc_num, "diverged": str(error), "val_loss": None,
                                 "data": {"train_documents_sha256": manifest["train_documents_sha256"],
-                                         "choices_sha256": items_sha256(args.data)}})
+                                         "choices_sha256": hashlib.sha256(choices).hexdigest()}})
         raise SystemExit(f"{out_dir}: diverged ({error}); recorded in {args.out}") from error
     seconds = add_training_seconds(out_dir, time.perf_counter() - started)
     if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
     heldout = PackedDataset(args.data / "heldout_tokens", args.seq_len)
     # Whole batches only: a last partial one would wrap around and count some sequences twice.
     test_loss = trainer.evaluate(heldout, batches=max(1, len(heldout) // trainer.micro_batch_size))["eval_loss"]
-    items = json.loads((args.data / "choices.json").read_text())
+    items = json.loads(choices)
     result = {"size": args.size, "objective": args.objective, "lr": args.lr, "seed": args.seed, "steps": steps,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "architecture": SIZES[args.size],
               "parameters": model.config.num_parameters(),
@@ -186,7 +187,8 @@ def run(args: argparse.Namespace) -> None:
               "test_loss_kind": LABELS[args.objective], "mc_num": args.mc_num,
               "choice": downstream(model, items, args.objective == "autoregressive", args.mc_num), "curve": curve,
               "data": {**{k: manifest[k] for k in ("train_tokens", "train_documents_sha256", "tokenizer_sha256",
-                                                   "unigram_baseline")}, "choices_sha256": items_sha256(args.data)},
+                                                   "unigram_baseline")},
+                       "choices_sha256": hashlib.sha256(choices).hexdigest()},
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     write_result(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "choice")}), flush=True)
@@ -253,22 +255,25 @@ def exp_or_none(exponent: float, base: float = math.e) -> float | None:
     return base ** exponent if exponent * math.log10(base) < 300 else None
 
 
-def multiplier_intervals(diffusion: list[tuple[float, float]],
-                         autoregressive: list[tuple[float, float]]) -> list[list[float | None] | None]:
-    """For each autoregressive (FLOPs, loss): the 95% interval of ``compute_multiplier``, from the
-    diffusion power law's scatter about its points (Student's t on n - 2 degrees of freedom, so
-    three sizes give one); an end beyond 1e300 is None. The whole interval is None where the fit does
-    not fall with compute (no multiplier then) or its slope is not clearly non-zero at that level
-    (the multipliers consistent with the fit are then not one bounded range)."""
+def multiplier_sets(diffusion: list[tuple[float, float]],
+                    autoregressive: list[tuple[float, float]]) -> dict[str, list]:
+    """For each autoregressive (FLOPs, loss): the 95% set of ``compute_multiplier``, from the diffusion
+    power law's scatter about its points (Student's t on n - 2 degrees of freedom, so three sizes give
+    one). ``compute_multiplier_interval``: the bounded set, None where it is not bounded (the fit's
+    slope not clearly non-zero at that level), and then ``compute_multiplier_excluded`` is the range
+    it leaves out (None if none). Both are None throughout with two sizes (no scatter to go on) or a
+    fit that does not fall with compute (no multiplier). An end beyond 1e300 is None."""
+    none = [None] * len(autoregressive)
+    if len(diffusion) < 3 or power_law(diffusion)[1] >= 0:
+        return {"compute_multiplier_interval": none, "compute_multiplier_excluded": list(none)}
     log_flops = [math.log(c) for c, _ in diffusion]
     log_losses = [math.log(v) for _, v in diffusion]
-    if power_law(diffusion)[1] >= 0:
-        return [None] * len(autoregressive)
-    intervals: list[list[float | None] | None] = []
+    sets: dict[str, list] = {"compute_multiplier_interval": [], "compute_multiplier_excluded": []}
     for flops, loss in autoregressive:
-        interval = where_line_reaches(log_flops, log_losses, math.log(loss)).interval
-        intervals.append(None if interval is None else [exp_or_none(end - math.log(flops)) for end in interval])
-    return intervals
+        reach = where_line_reaches(log_flops, log_losses, math.log(loss))
+        for key, ends in zip(sets, (reach.interval, reach.excluded)):
+            sets[key].append(None if ends is None else [exp_or_none(end - math.log(flops)) for end in ends])
+    return sets
 
 
 def mean_val_loss(runs: list[dict]) -> float:
@@ -307,10 +312,13 @@ def rate_optima(results: list[dict], chosen: dict[tuple[str, str], list[dict]]) 
     """Per (size/objective) whose chosen rate has a tried rate on each side: where a parabola through
     the three mean validation losses, against log10(rate), has its minimum. A sweep on a grid can only
     say which grid point won; this says where between the neighbours the optimum probably lies (and so
-    which rates a larger size should try). None where the three points do not curve upwards."""
+    which rates a larger size should try). Each point is its rate's mean over the seeds it has, which
+    may differ between the three. None where a neighbour diverged (no finite loss) or on an exact tie
+    (the chosen rate's loss is the lowest, so otherwise the parabola curves upwards). Smallest size
+    first."""
     grouped = grouped_by_rate(results)
     optima: dict[str, float | None] = {}
-    for (size, objective), runs in sorted(chosen.items()):
+    for (size, objective), runs in sorted(chosen.items(), key=lambda item: (BUDGETS[item[0][0]], item[0][1])):
         rates = sorted(grouped[size, objective])
         at = rates.index(runs[0]["lr"])
         if 0 < at < len(rates) - 1:
@@ -404,7 +412,8 @@ def crossing_interval(rows: list[dict], sizes: list[str]) -> dict:
     for size in sizes:
         diffusion, autoregressive = by_key[size, "pretrain"], by_key[size, "autoregressive"]
         gaps.append(autoregressive["accuracy"] - diffusion["accuracy"])
-        errors.append(math.sqrt(sum(r["accuracy"] * (1 - r["accuracy"]) / r["items"] for r in (diffusion, autoregressive))))
+        errors.append(math.sqrt(sum(r["accuracy"] * (1 - r["accuracy"]) / r["items"]
+                                    for r in (diffusion, autoregressive))))
     reach = where_line_reaches([math.log10(by_key[size, "pretrain"]["flops"]) for size in sizes], gaps, 0.0, errors)
 
     def in_flops(ends: tuple[float, float] | None) -> list[float | None] | None:
@@ -436,14 +445,18 @@ def paired_gap_changes(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
     per item, (autoregressive - diffusion) at the larger size minus the same at the smaller, each
     objective's outcome averaged over its chosen runs' seeds. ``change`` < 0: the gap narrows. The
     items are the same at every size, so their own difficulty cancels, which two sizes' separate
-    gaps cannot do. Only sizes whose four sets of chosen runs all kept per-item outcomes count, and
-    each is compared with the next smaller such size."""
+    gaps cannot do; ``stderr`` is over the items only (seed-to-seed variation enters only through
+    the averages). Only sizes whose chosen runs of both objectives all kept per-item outcomes count,
+    and each is compared with the next smaller such size."""
     def item_gaps(size: str) -> list[float] | None:
         means = []
         for objective in OBJECTIVES:
             texts = [r["choice"].get("per_item") for r in chosen.get((size, objective), [])]
             if not texts or not all(texts):
                 return None
+            if len({len(t) for t in texts}) > 1:
+                raise ValueError(f"{size}/{objective}: seeds scored different numbers of items "
+                                 f"({sorted({len(t) for t in texts})})")
             means.append([statistics.fmean(column) for column in zip(*(outcomes(t) for t in texts))])
         return [autoregressive - diffusion for diffusion, autoregressive in zip(*means)]
 
@@ -456,7 +469,19 @@ def paired_gap_changes(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
     return changes
 
 
+def check_same_items(results: list[dict]) -> None:
+    """Paired figures compare runs item by item, so every run must have been scored on the same items;
+    ValueError naming two that were not. (Runs from before the fingerprint was recorded carry none.)"""
+    first: dict[str, str] = {}
+    for r in results:
+        if fingerprint := r.get("data", {}).get("choices_sha256"):
+            first.setdefault(fingerprint, f"{r['size']}/{r['objective']} lr {r['lr']:g} seed {r['seed']}")
+    if len(first) > 1:
+        raise ValueError(f"these results were scored on different choice items: {sorted(first.values())}")
+
+
 def report(results: list[dict]) -> dict:
+    check_same_items(results)
     chosen = best_runs(results)
     rows = []
     for (size, objective), runs in sorted(chosen.items(), key=lambda item: (BUDGETS[item[0][0]], item[0][1])):
@@ -482,7 +507,7 @@ def report(results: list[dict]) -> dict:
     if all(len(points[o]) >= 2 for o in OBJECTIVES):
         summary["power_law"] = {o: dict(zip(("log_intercept", "slope"), power_law(points[o]))) for o in OBJECTIVES}
         summary["compute_multiplier"] = compute_multiplier(points["pretrain"], points["autoregressive"])
-        summary["compute_multiplier_interval"] = multiplier_intervals(points["pretrain"], points["autoregressive"])
+        summary.update(multiplier_sets(points["pretrain"], points["autoregressive"]))
         if len(points["pretrain"]) >= 3:  # the spread when one size at a time is left out of the fit
             spread = [m for i in range(len(points["pretrain"])) for m in
                       compute_multiplier(points["pretrain"][:i] + points["pretrain"][i + 1:], points["autoregressive"])]
@@ -490,8 +515,8 @@ def report(results: list[dict]) -> dict:
     by_key = {(r["size"], r["objective"]): r for r in rows}
     sizes = shared_sizes(rows)
     # The ratio, not the difference, is what a common power-law slope keeps constant.
-    summary["loss_ratio_by_size"] = {size: by_key[size, "pretrain"]["test_loss"] / by_key[size, "autoregressive"]["test_loss"]
-                                     for size in sizes}
+    summary["loss_ratio_by_size"] = {
+        size: by_key[size, "pretrain"]["test_loss"] / by_key[size, "autoregressive"]["test_loss"] for size in sizes}
     if len(sizes) >= 2:
         summary.update(crossings(rows, sizes))
     return summary
@@ -590,7 +615,10 @@ def main() -> None:
         sweep(args)
     else:
         results = [json.loads(path.read_text()) for path in args.results if path.name != "report.json"]
-        result = report(results)
+        try:
+            result = report(results)
+        except ValueError as error:  # results that cannot be compared: say which, without a traceback
+            raise SystemExit(f"report: {error}") from error
         if args.data:
             result["unigram_test_loss"] = unigram_test_loss(args.data)
         print(json.dumps(result, indent=1))

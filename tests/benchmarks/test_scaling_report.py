@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import numpy as np
 import scaling_mdm_vs_ar as scaling
 from inverse_prediction import where_line_reaches
+from test_inverse_prediction import band_holds
 
 
 def result(size: str, objective: str, lr: float, seed: int, test_loss: float, val_loss: float, accuracy: float) -> dict:
@@ -259,6 +261,7 @@ def test_the_rate_optimum_is_the_minimum_of_the_parabola_through_the_chosen_rate
 
 
 def test_the_loss_ratio_is_given_for_each_size_both_objectives_have() -> None:
+    """Diffusion over autoregressive test loss, for xs only: s has no autoregressive run."""
     results = [result("xs", "pretrain", 1e-3, 0, 3.0, 3.0, 0.5), result("xs", "autoregressive", 1e-3, 0, 2.0, 2.0, 0.6),
                result("s", "pretrain", 1e-3, 0, 2.7, 2.7, 0.5)]
     assert scaling.report(results)["loss_ratio_by_size"] == {"xs": pytest.approx(1.5)}
@@ -311,10 +314,52 @@ def test_the_crossing_set_uses_each_gaps_binomial_error_and_survives_ends_beyond
     assert scaling.crossing_interval(rows_with(2000), sizes)["accuracy_crossing_interval"] is None
 
 
-def test_no_multiplier_interval_where_the_diffusion_loss_rises_with_compute() -> None:
+def test_no_multiplier_set_where_the_diffusion_loss_rises_with_compute_or_two_sizes_leave_no_scatter() -> None:
+    """A rising fit has no multiplier, so no set; two points fit any line exactly, so none either."""
     rising = [(1e15, 3.0), (1e16, 3.1005), (1e17, 3.2)]
     assert scaling.compute_multiplier(rising, [(1e16, 2.0)]) == [None]
-    assert scaling.multiplier_intervals(rising, [(1e16, 2.0)]) == [None]
+    assert scaling.multiplier_sets(rising, [(1e16, 2.0)]) == {"compute_multiplier_interval": [None],
+                                                               "compute_multiplier_excluded": [None]}
+    assert scaling.multiplier_sets(rising[:2][::-1], [(1e16, 2.0)])["compute_multiplier_interval"] == [None]
+
+
+@pytest.mark.parametrize("middle_loss", [3.25, 3.30, 3.40])
+def test_the_multiplier_set_is_where_the_diffusion_fits_band_reaches_each_autoregressive_loss(
+        middle_loss: float) -> None:
+    """Scattered diffusion points (the middle one moved): the set, in ln FLOPs, is the grid points where
+    the fit's 95% band (a matrix-form second implementation) holds ln of the autoregressive loss,
+    shifted by ln of its FLOPs. Scatter from bounded to unbounded sets."""
+    diffusion = [(3e15, 3.517), (1e16, middle_loss), (3e16, 2.966)]
+    autoregressive = [(3e15, 2.298), (3e16, 1.930)]
+    sets = scaling.multiplier_sets(diffusion, autoregressive)
+    x = [math.log(c) for c, _ in diffusion]
+    y = [math.log(v) for _, v in diffusion]
+    grid = np.linspace(20.0, 120.0, 400001)
+    step = grid[1] - grid[0]
+    for i, (flops, loss) in enumerate(autoregressive):
+        holds = grid[band_holds(x, y, math.log(loss), None, grid)] - math.log(flops)
+        interval, excluded = sets["compute_multiplier_interval"][i], sets["compute_multiplier_excluded"][i]
+        if interval is not None:
+            assert math.log(interval[0]) == pytest.approx(holds.min(), abs=2 * step)
+            assert math.log(interval[1]) == pytest.approx(holds.max(), abs=2 * step)
+        elif excluded is not None:
+            gap = np.diff(holds).argmax()  # the excluded range lies between the two half-lines
+            assert math.log(excluded[0]) == pytest.approx(holds[gap], abs=2 * step)
+            assert math.log(excluded[1]) == pytest.approx(holds[gap + 1], abs=2 * step)
+        else:
+            assert len(holds) == len(grid)
+
+
+def test_a_report_refuses_runs_scored_on_different_items() -> None:
+    """Runs whose recorded item fingerprints differ are named; a run from before fingerprints is let in."""
+    runs = [result("xs", "pretrain", 1e-3, 0, 3.0, 3.0, 0.5), result("xs", "autoregressive", 1e-3, 0, 2.0, 2.0, 0.6),
+            result("s", "pretrain", 1e-3, 0, 2.8, 2.8, 0.55)]
+    runs[0]["data"] = {"choices_sha256": "ab" * 32}
+    runs[1]["data"] = {"choices_sha256": "ab" * 32}
+    scaling.report(runs)
+    runs[2]["data"] = {"choices_sha256": "cd" * 32}
+    with pytest.raises(ValueError, match="different choice items.*s/pretrain lr 0.001 seed 0"):
+        scaling.report(runs)
 
 
 def test_the_change_of_the_accuracy_gap_between_sizes_is_paired_item_by_item() -> None:
