@@ -133,6 +133,7 @@ def rollbacks(out_dir: Path) -> int:
 def run(args: argparse.Namespace) -> None:
     manifest = json.loads((args.data / "manifest.json").read_text())
     choices = (args.data / "choices.json").read_bytes()  # scored at the end; fingerprinted as read
+    choices_sha256 = hashlib.sha256(choices).hexdigest()
     tokens_per_step = args.batch_size * args.seq_len
     vocabulary = Tokenizer.from_pretrained(args.data / "tokenizer").vocab_size
     network = preset(load_config(args.config).model.preset, vocab_size=vocabulary, embedding_size=vocabulary,
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
                                 "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                 "mc_num": args.mc_num, "diverged": str(error), "val_loss": None,
                                 "data": {"train_documents_sha256": manifest["train_documents_sha256"],
-                                         "choices_sha256": hashlib.sha256(choices).hexdigest()}})
+                                         "choices_sha256": choices_sha256}})
         raise SystemExit(f"{out_dir}: diverged ({error}); recorded in {args.out}") from error
     seconds = add_training_seconds(out_dir, time.perf_counter() - started)
     if trainer.step < steps:  # SIGTERM (e.g. a time limit): the trainer saved; the next run resumes
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> None:
               "choice": downstream(model, items, args.objective == "autoregressive", args.mc_num), "curve": curve,
               "data": {**{k: manifest[k] for k in ("train_tokens", "train_documents_sha256", "tokenizer_sha256",
                                                    "unigram_baseline")},
-                       "choices_sha256": hashlib.sha256(choices).hexdigest()},
+                       "choices_sha256": choices_sha256},
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     write_result(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "choice")}), flush=True)
@@ -296,6 +297,16 @@ def best_runs(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {key: runs for key, runs in chosen.items() if math.isfinite(mean_val_loss(runs))}
 
 
+def smallest_first(chosen: dict[tuple[str, str], list[dict]]) -> list[tuple[tuple[str, str], list[dict]]]:
+    """``best_runs``'s entries by size (smallest budget first), then objective: the report's order."""
+    return sorted(chosen.items(), key=lambda item: (BUDGETS[item[0][0]], item[0][1]))
+
+
+def chosen_sizes(chosen: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """The sizes with a chosen rate for either objective, smallest first."""
+    return sorted({size for size, _ in chosen}, key=BUDGETS.__getitem__)
+
+
 def rates_at_the_edge(results: list[dict], chosen: dict[tuple[str, str], list[dict]]) -> list[str]:
     """The (size/objective)s whose chosen rate (``best_runs``) is the lowest or highest tried (or the only
     one): a better one may lie outside."""
@@ -318,7 +329,7 @@ def rate_optima(results: list[dict], chosen: dict[tuple[str, str], list[dict]]) 
     first."""
     grouped = grouped_by_rate(results)
     optima: dict[str, float | None] = {}
-    for (size, objective), runs in sorted(chosen.items(), key=lambda item: (BUDGETS[item[0][0]], item[0][1])):
+    for (size, objective), runs in smallest_first(chosen):
         rates = sorted(grouped[size, objective])
         at = rates.index(runs[0]["lr"])
         if 0 < at < len(rates) - 1:
@@ -430,7 +441,7 @@ def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> li
     paired by seed number; a seed only one objective has, or a run from before outcomes were kept, is
     left out."""
     differences = []
-    for size in sorted({s for s, _ in chosen}, key=BUDGETS.__getitem__):
+    for size in chosen_sizes(chosen):
         by_seed = [{r["seed"]: r["choice"].get("per_item") for r in chosen.get((size, o), [])} for o in OBJECTIVES]
         for seed in sorted(set(by_seed[0]) & set(by_seed[1])):
             diffusion, autoregressive = by_seed[0][seed], by_seed[1][seed]
@@ -460,8 +471,7 @@ def paired_gap_changes(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
             means.append([statistics.fmean(column) for column in zip(*(outcomes(t) for t in texts))])
         return [autoregressive - diffusion for diffusion, autoregressive in zip(*means)]
 
-    gaps = [(size, g) for size in sorted({s for s, _ in chosen}, key=BUDGETS.__getitem__)
-            if (g := item_gaps(size)) is not None]
+    gaps = [(size, g) for size in chosen_sizes(chosen) if (g := item_gaps(size)) is not None]
     changes = []
     for (smaller, before), (larger, after) in itertools.pairwise(gaps):
         change, stderr = paired_difference(before, after)
@@ -484,7 +494,7 @@ def report(results: list[dict]) -> dict:
     check_same_items(results)
     chosen = best_runs(results)
     rows = []
-    for (size, objective), runs in sorted(chosen.items(), key=lambda item: (BUDGETS[item[0][0]], item[0][1])):
+    for (size, objective), runs in smallest_first(chosen):
         accuracies = [r["choice"]["accuracy"] for r in runs]
         losses = [r["test_loss"] for r in runs]
         rows.append({"size": size, "objective": objective, "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
