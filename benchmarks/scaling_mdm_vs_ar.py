@@ -26,7 +26,8 @@ neighbours the optimum probably lies), fits test loss against FLOPs as a power l
 autoregressive model's loss, with a 95% set from the fit's scatter (Fieller's,
 ``inverse_prediction``) and the range over leave-one-size-out fits, and where the accuracy lines
 cross (with a set from the accuracies' binomial errors, and with each size left out, each placed
-against the runs). Runs keep each choice item's outcome, so the objectives' accuracy difference at a
+against the runs), both in points and in log odds (``ACCURACY_SCALES``: straight lines in points
+must break at the 100% ceiling). Runs keep each choice item's outcome, so the objectives' accuracy difference at a
 size, and its change from one size to the next, are also given paired on the same items. ``--data``
 adds a no-context baseline: the held-out loss of the training tokens' unigram frequencies.
 
@@ -351,10 +352,30 @@ def parabola_minimum(points: list[tuple[float, float]]) -> float | None:
     return 10 ** ((x0 + x1) / 2 - d1 / (2 * d2)) if d2 > 0 else None
 
 
-def accuracy_line(rows: list[dict]) -> tuple[float, float]:
-    """(intercept, slope per decade) of accuracy against log10(FLOPs), least squares."""
+# Accuracy lines are fitted on two scales. In points a straight line must break at 100%; a model
+# nearer its ceiling gains fewer points for the same progress, so a gap in points narrows as the
+# leader saturates even when both models cut their error at the same rate. In logits (log odds) a
+# constant relative improvement of the odds is a straight line that never reaches 100%.
+ACCURACY_SCALES = ("points", "logit")
+
+
+def on_scale(row: dict, scale: str) -> tuple[float, float]:
+    """A row's accuracy on ``scale`` with its standard error over the items: binomial in points; in
+    logits the empirical logit log((k + 1/2) / (n - k + 1/2)) of k right of n, whose variance is
+    1/(k + 1/2) + 1/(n - k + 1/2), finite at 0% and 100% too."""
+    accuracy, items = row["accuracy"], row["items"]
+    if scale == "points":
+        return accuracy, math.sqrt(accuracy * (1 - accuracy) / items)
+    if scale != "logit":
+        raise ValueError(f"unknown accuracy scale {scale!r}; expected one of {ACCURACY_SCALES}")
+    right, wrong = accuracy * items + 0.5, (1 - accuracy) * items + 0.5
+    return math.log(right / wrong), math.sqrt(1 / right + 1 / wrong)
+
+
+def accuracy_line(rows: list[dict], scale: str = "points") -> tuple[float, float]:
+    """(intercept, slope per decade) of accuracy on ``scale`` against log10(FLOPs), least squares."""
     slope, intercept = statistics.linear_regression([math.log10(r["flops"]) for r in rows],
-                                                    [r["accuracy"] for r in rows])
+                                                    [on_scale(r, scale)[0] for r in rows])
     return intercept, slope
 
 
@@ -385,53 +406,58 @@ def shared_sizes(rows: list[dict]) -> list[str]:
                   key=BUDGETS.__getitem__)
 
 
-def crossings(rows: list[dict], sizes: list[str]) -> dict:
-    """Where the accuracy lines cross, fitted on ``sizes`` (those both objectives have); with three or
-    more, also with each size left out in turn (each with its place against the runs, since crossings
-    on different sides of the runs mean different things and make no range)."""
+def crossings(rows: list[dict], sizes: list[str], scale: str = "points") -> dict:
+    """Where the accuracy lines on ``scale`` cross, fitted on ``sizes`` (those both objectives have);
+    with three or more, also with each size left out in turn (each with its place against the runs,
+    since crossings on different sides of the runs mean different things and make no range). Keys
+    start ``accuracy_`` in points and ``accuracy_logit_`` in logits."""
 
     def crossing(kept: list[str]) -> dict:
         mine = [r for r in rows if r["size"] in kept]
-        lines = [accuracy_line([r for r in mine if r["objective"] == o]) for o in OBJECTIVES]
+        lines = [accuracy_line([r for r in mine if r["objective"] == o], scale) for o in OBJECTIVES]
         flops = accuracy_crossing(*lines)
         return {"flops": flops, "where": where_in_runs(flops, [r["flops"] for r in mine]), "lines": lines}
 
+    prefix = "accuracy_" if scale == "points" else f"accuracy_{scale}_"
     whole = crossing(sizes)
-    summary: dict = {"accuracy_lines": {o: {"intercept": a, "slope_per_decade": b}
+    summary: dict = {f"{prefix}lines": {o: {"intercept": a, "slope_per_decade": b}
                                         for o, (a, b) in zip(OBJECTIVES, whole["lines"])},
-                     "accuracy_crossing_flops": whole["flops"], "accuracy_crossing_where": whole["where"],
-                     **crossing_interval(rows, sizes), "accuracy_sizes": sizes}
+                     f"{prefix}crossing_flops": whole["flops"], f"{prefix}crossing_where": whole["where"],
+                     **{prefix + key: value for key, value in crossing_interval(rows, sizes, scale).items()}}
     if len(sizes) >= 3:
-        summary["accuracy_crossing_leave_one_out"] = [
+        summary[f"{prefix}crossing_leave_one_out"] = [
             {"left_out": left, **{k: v for k, v in crossing([s for s in sizes if s != left]).items() if k != "lines"}}
             for left in sizes]
     return summary
 
 
-def crossing_interval(rows: list[dict], sizes: list[str]) -> dict:
-    """Where the accuracy lines cross, with its 95% set: where the line of the gap (autoregressive minus
-    diffusion accuracy, per size) reaches 0, given each gap's binomial standard error over the items.
-    It treats the two objectives' outcomes as independent, which overstates the error (they are the
-    same items), and ignores that every size shares the items and that seeds differ. It assumes the
-    straight lines are right, so it covers sampling noise, not misfit.
+def accuracy_gap(by_key: dict[tuple[str, str], dict], size: str, scale: str) -> tuple[float, float]:
+    """The autoregressive minus the diffusion accuracy at ``size`` on ``scale``, and its standard error
+    with the two objectives' outcomes treated as independent."""
+    (diffusion, diffusion_error), (autoregressive, autoregressive_error) = (
+        on_scale(by_key[size, o], scale) for o in OBJECTIVES)
+    return autoregressive - diffusion, math.hypot(diffusion_error, autoregressive_error)
 
-    ``accuracy_crossing_interval``: the bounded set, in FLOPs (an end beyond 1e300 is None); None
-    when the gap's slope is not clearly non-zero, and then ``accuracy_crossing_excluded`` is the
-    range of FLOPs the set leaves out (None if it leaves none)."""
+
+def crossing_interval(rows: list[dict], sizes: list[str], scale: str = "points") -> dict:
+    """Where the accuracy lines on ``scale`` cross, with its 95% set: where the line of the gap
+    (autoregressive minus diffusion, per size) reaches 0, given each gap's standard error over the
+    items (``on_scale``). It treats the two objectives' outcomes as independent, which overstates the
+    error (they are the same items), and ignores that every size shares the items and that seeds
+    differ. It assumes the straight lines are right, so it covers sampling noise, not misfit.
+
+    ``crossing_interval``: the bounded set, in FLOPs (an end beyond 1e300 is None); None when the
+    gap's slope is not clearly non-zero, and then ``crossing_excluded`` is the range of FLOPs the set
+    leaves out (None if it leaves none)."""
     by_key = {(r["size"], r["objective"]): r for r in rows}
-    gaps, errors = [], []
-    for size in sizes:
-        diffusion, autoregressive = by_key[size, "pretrain"], by_key[size, "autoregressive"]
-        gaps.append(autoregressive["accuracy"] - diffusion["accuracy"])
-        errors.append(math.sqrt(sum(r["accuracy"] * (1 - r["accuracy"]) / r["items"]
-                                    for r in (diffusion, autoregressive))))
-    reach = where_line_reaches([math.log10(by_key[size, "pretrain"]["flops"]) for size in sizes], gaps, 0.0, errors)
+    gaps, errors = zip(*(accuracy_gap(by_key, size, scale) for size in sizes))
+    reach = where_line_reaches([math.log10(by_key[size, "pretrain"]["flops"]) for size in sizes], list(gaps), 0.0,
+                               list(errors))
 
     def in_flops(ends: tuple[float, float] | None) -> list[float | None] | None:
         return None if ends is None else [exp_or_none(end, 10.0) for end in ends]
 
-    return {"accuracy_crossing_interval": in_flops(reach.interval),
-            "accuracy_crossing_excluded": in_flops(reach.excluded)}
+    return {"crossing_interval": in_flops(reach.interval), "crossing_excluded": in_flops(reach.excluded)}
 
 
 def paired_accuracy_differences(chosen: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -527,8 +553,13 @@ def report(results: list[dict]) -> dict:
     # The ratio, not the difference, is what a common power-law slope keeps constant.
     summary["loss_ratio_by_size"] = {
         size: by_key[size, "pretrain"]["test_loss"] / by_key[size, "autoregressive"]["test_loss"] for size in sizes}
+    # The autoregressive lead per size on both scales (see ACCURACY_SCALES), each ± its standard error.
+    summary["accuracy_gap_by_size"] = {size: {scale: dict(zip(("gap", "stderr"), accuracy_gap(by_key, size, scale)))
+                                              for scale in ACCURACY_SCALES} for size in sizes}
     if len(sizes) >= 2:
-        summary.update(crossings(rows, sizes))
+        summary["accuracy_sizes"] = sizes
+        for scale in ACCURACY_SCALES:
+            summary.update(crossings(rows, sizes, scale))
     return summary
 
 

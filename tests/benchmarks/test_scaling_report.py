@@ -303,15 +303,59 @@ def test_the_crossing_set_uses_each_gaps_binomial_error_and_survives_ends_beyond
         reach = where_line_reaches([math.log10(scaling.BUDGETS[s]) for s in sizes],
                                    [0.834 - 0.669, 0.878 - 0.710, 0.900 - 0.759], 0.0, errors)
         if reach.interval is not None:
-            assert found["accuracy_crossing_excluded"] is None
-            low, high = found["accuracy_crossing_interval"]
+            assert found["crossing_excluded"] is None
+            low, high = found["crossing_interval"]
             assert low == pytest.approx(10 ** reach.interval[0], rel=1e-9)
             assert high == (pytest.approx(10 ** reach.interval[1], rel=1e-9) if reach.interval[1] < 300 else None)
         else:
-            assert found["accuracy_crossing_interval"] is None
-            assert found["accuracy_crossing_excluded"] == pytest.approx([10 ** e for e in reach.excluded], rel=1e-9)
-    assert scaling.crossing_interval(rows_with(4500), sizes)["accuracy_crossing_interval"][1] is None
-    assert scaling.crossing_interval(rows_with(2000), sizes)["accuracy_crossing_interval"] is None
+            assert found["crossing_interval"] is None
+            assert found["crossing_excluded"] == pytest.approx([10 ** e for e in reach.excluded], rel=1e-9)
+    assert scaling.crossing_interval(rows_with(4500), sizes)["crossing_interval"][1] is None
+    assert scaling.crossing_interval(rows_with(2000), sizes)["crossing_interval"] is None
+
+
+def test_logit_lines_find_a_crossing_that_straight_lines_in_points_misplace() -> None:
+    """Accuracies made from two straight lines in log odds (equal at 10^18 FLOPs, a million items so
+    the empirical logit's half-item correction is negligible) give that crossing back on the logit
+    scale, with an interval around it, while lines in points, bent by the ceiling, put it elsewhere."""
+    def logistic(value: float) -> float:
+        return 1 / (1 + math.exp(-value))
+
+    results = []
+    for size, flops in scaling.BUDGETS.items():
+        decade = math.log10(flops)
+        results.append(result(size, "pretrain", 1e-3, 0, 3.0, 3.0, logistic(-6.0 + 0.5 * decade)))
+        results.append(result(size, "autoregressive", 1e-3, 0, 2.0, 2.0, logistic(3.0 + 0.0 * decade)))
+    for r in results:
+        r["choice"]["items"] = 10 ** 6
+    summary = scaling.report(results)
+    lines = summary["accuracy_logit_lines"]
+    assert lines["pretrain"]["slope_per_decade"] == pytest.approx(0.5, rel=1e-4)
+    assert lines["autoregressive"]["intercept"] == pytest.approx(3.0, rel=1e-4)
+    assert summary["accuracy_logit_crossing_flops"] == pytest.approx(1e18, rel=1e-3)
+    assert summary["accuracy_logit_crossing_where"].startswith("beyond the largest run")
+    low, high = summary["accuracy_logit_crossing_interval"]
+    assert 1e17 < low < 1e18 < high < 1e19
+    assert [c["flops"] for c in summary["accuracy_logit_crossing_leave_one_out"]] == pytest.approx([1e18] * 4, rel=1e-3)
+    assert not 0.5e18 < summary["accuracy_crossing_flops"] < 2e18  # the points' lines miss it
+    gap = summary["accuracy_gap_by_size"]["xs"]
+    assert gap["logit"]["gap"] == pytest.approx(3.0 - (-6.0 + 0.5 * math.log10(3e15)), rel=1e-4)
+    assert gap["points"]["gap"] == pytest.approx(logistic(3.0) - logistic(-6.0 + 0.5 * math.log10(3e15)), rel=1e-9)
+
+
+def test_the_logit_scale_is_finite_at_the_ends_and_its_error_is_the_empirical_logits() -> None:
+    """0% and 100% get finite logits (the half-item correction); the standard error shrinks as items
+    grow like the delta method's 1 / sqrt(n p (1 - p)); an unknown scale is refused by name."""
+    for accuracy in (0.0, 1.0):
+        value, error = scaling.on_scale({"accuracy": accuracy, "items": 100}, "logit")
+        assert math.isfinite(value) and math.isfinite(error)
+        assert abs(value) == pytest.approx(math.log(100.5 / 0.5))
+    value, error = scaling.on_scale({"accuracy": 0.8, "items": 10 ** 8}, "logit")
+    assert value == pytest.approx(math.log(4), rel=1e-6)
+    assert error == pytest.approx(1 / math.sqrt(10 ** 8 * 0.8 * 0.2), rel=1e-6)
+    assert scaling.on_scale({"accuracy": 0.8, "items": 100}, "points") == pytest.approx((0.8, 0.04))
+    with pytest.raises(ValueError, match="probit"):
+        scaling.on_scale({"accuracy": 0.8, "items": 100}, "probit")
 
 
 def test_no_multiplier_set_where_the_diffusion_loss_rises_with_compute_or_two_sizes_leave_no_scatter() -> None:
