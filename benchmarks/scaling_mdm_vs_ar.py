@@ -579,7 +579,7 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, task_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (loss_axis, task_axis, gap_axis) = plt.subplots(1, 3, figsize=(17, 5.5))
     colours = dict(zip(SIZES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     chosen = best_runs(results)
     for (size, objective), runs in chosen.items():
@@ -615,8 +615,25 @@ def plot(results: list[dict], summary: dict, output: Path, unigram: float | None
     task_axis.set(xscale="log", xlabel="training FLOPs", ylabel="accuracy (%)")
     task_axis.set_title(f"Continuation choice, {summary['rows'][0]['items']} items "
                         f"(seed mean, ± one seed's 95% interval)", fontsize=10)
-    loss_axis.legend(fontsize=6)
+    gap_by_size = summary.get("accuracy_gap_by_size", {})
+    if gap_by_size:  # the lead in log odds, where a constant relative gain of the odds is a straight line
+        flops = {r["size"]: r["flops"] for r in summary["rows"]}
+        sizes = list(gap_by_size)
+        gap_axis.errorbar([flops[size] for size in sizes], [gap_by_size[size]["logit"]["gap"] for size in sizes],
+                          yerr=[1.96 * gap_by_size[size]["logit"]["stderr"] for size in sizes], fmt="D", capsize=3,
+                          color="black", label="autoregressive minus diffusion (± 95%)")
+        if "accuracy_logit_lines" in summary:
+            lines = summary["accuracy_logit_lines"]
+            ends = [min(flops.values()), max(flops.values())]
+            gap_axis.plot(ends, [sum(sign * (lines[o]["intercept"] + lines[o]["slope_per_decade"] * math.log10(c))
+                                     for sign, o in ((-1, "pretrain"), (1, "autoregressive"))) for c in ends],
+                          color="black", linewidth=0.8, label="difference of the fitted lines")
+    gap_axis.axhline(0, color="grey", linewidth=0.8, linestyle=":", label="equal accuracy")
+    gap_axis.set(xscale="log", xlabel="training FLOPs", ylabel="difference in log odds of a right answer")
+    gap_axis.set_title("The autoregressive lead in log odds", fontsize=10)
+    loss_axis.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     task_axis.legend(fontsize=7)
+    gap_axis.legend(fontsize=7)
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)
