@@ -354,12 +354,13 @@ def test_row_buckets_are_the_smallest_power_of_two_or_three_times_one_that_holds
 @pytest.mark.parametrize("settings", [SHRINKING, replace(SHRINKING, cfg_scale=1.0), replace(SHRINKING, reuse_decided=True)])
 def test_a_shrinking_batch_keeps_idle_rows_up_to_a_bucket_and_every_rows_answer(
         settings: GenerationSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nine rows ending at different steps: each shrink keeps ``row_bucket`` slots (so that shapes
-    repeat from batch to batch), here once with an idle row beside five live ones, and every row
-    still gets its single-prompt answer and steps."""
-    engine = Engine(model())
+    """Nine rows ending at different steps: on a graph engine each shrink keeps ``row_bucket`` slots
+    (so that shapes repeat from batch to batch), here once with an idle row beside five live ones,
+    and every row still gets its single-prompt answer and steps; an engine without graphs, which
+    captures nothing, shrinks to the live rows alone."""
+    net = model()
     rows = prompts((3, 8, 5, 6, 4, 7, 3, 5, 6), seed=2)
-    alone = [engine.generate([row], settings)[0] for row in rows]
+    alone = [Engine(net).generate([row], settings)[0] for row in rows]
     kept: list[tuple[int, int]] = []  # (slots kept, of them live)
     keep_rows = BatchRun._keep_rows
 
@@ -368,11 +369,14 @@ def test_a_shrinking_batch_keeps_idle_rows_up_to_a_bucket_and_every_rows_answer(
         keep_rows(run, slots)
 
     monkeypatch.setattr(BatchRun, "_keep_rows", recording)
-    together = engine.generate(rows, settings)
+    together = graph_engine_on_the_cpu(net).generate(rows, settings)
     assert [r.tokens for r in together] == [r.tokens for r in alone]
     assert [r.steps for r in together] == [r.steps for r in alone]
     assert all(size == row_bucket(live) for size, live in kept)
     assert (6, 5) in kept
+    kept.clear()
+    assert [r.tokens for r in Engine(net).generate(rows, settings)] == [r.tokens for r in alone]
+    assert kept and all(size == live for size, live in kept)
 
 
 @pytest.mark.parametrize("settings", [SHRINKING, replace(SHRINKING, cfg_scale=1.0),

@@ -314,12 +314,12 @@ class BatchRun:
             self._shrink_if_idle(live)
 
     def _shrink_if_idle(self, live: list[int]) -> None:
-        """Once half of the batch is idle (unless ``hold_slots``; also checked before every step), shrink
-        it to ``row_bucket(len(live))`` slots, always fewer: the ``live`` ones and idle ones to fill it."""
+        """Once half of the batch is idle (unless ``hold_slots``; also checked before every step), shrink it
+        to the ``live`` rows, and on graph engines idle ones filling it to ``row_bucket`` slots (fewer)."""
         batch = self.x.shape[0]
         if not self.hold_slots and len(live) < batch and len(live) <= math.ceil(batch / 2):
-            idle = [slot for slot in range(batch) if not self.rows.active[slot]]
-            self._keep_rows(sorted(live + idle[:row_bucket(len(live)) - len(live)]))
+            size = row_bucket(len(live)) if self.runtime.cuda_graphs else len(live)
+            self._keep_rows(sorted(live + [s for s in range(batch) if not self.rows.active[s]][:size - len(live)]))
 
     def _keep_rows(self, rows: list[int]) -> None:
         keep = torch.tensor(rows, device=self.runtime.device)

@@ -23,8 +23,10 @@ def row_bucket(rows: int) -> int:
     shape it has not seen at almost every shrink (rollouts of 256 short answers captured one or two
     graphs per batch long after warm-up). On these sizes the shapes repeat from batch to batch, at
     the cost of computing idle rows (whose results are not used) while the batch is small: less
-    than a third of the slots, at most half again as many rows as are live. The same sizes hold for deterministic engines: a row's answer there does
-    not depend on its batch, so keeping idle rows changes no answer.
+    than a third of the slots, at most half again as many rows as are live. So only engines that
+    capture graphs keep them; elsewhere the idle rows would cost without saving anything. The same
+    sizes hold for deterministic engines: a row's answer there does not depend on its batch, so
+    keeping idle rows changes no answer.
     """
     if rows < 1:
         raise ValueError(f"a batch keeps at least one row, got {rows}")
