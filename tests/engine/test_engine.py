@@ -14,6 +14,7 @@ from llada.engine.commits import decided_through_end
 from llada.engine.decoding import select
 from llada.engine.engine import Engine, GenerationSettings
 from llada.engine.passes import Passes
+from llada.engine.rows import row_bucket
 from llada.engine.runtime import Runtime
 from llada.model.fusion import fuse_projections, projections_fused_in
 from llada.model.kv_cache import KVCache, cached_forward, store_entries
@@ -335,6 +336,71 @@ def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bo
     if cache != "prefix":  # each row at its own pace (the prefix cache keeps rows in step)
         assert [r.steps for r in together] == [r.steps for r in alone]
         assert len({r.steps for r in together}) > 1
+
+
+# Threshold steps with short blocks: rows finish at different steps, so the batch shrinks.
+SHRINKING = GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3)
+
+
+def test_row_buckets_are_the_smallest_power_of_two_or_three_times_one_that_holds_the_rows() -> None:
+    sizes = sorted({m << k for m in (1, 3) for k in range(12)})
+    for rows in range(1, 1025):
+        assert row_bucket(rows) == min(size for size in sizes if size >= rows)
+        assert row_bucket(rows) < 1.5 * rows or rows == 1  # at most half as many idle rows again
+    with pytest.raises(ValueError, match="at least one row"):
+        row_bucket(0)
+
+
+@pytest.mark.parametrize("settings", [SHRINKING, replace(SHRINKING, cfg_scale=1.0), replace(SHRINKING, reuse_decided=True)])
+def test_a_shrinking_batch_keeps_idle_rows_up_to_a_bucket_and_every_rows_answer(
+        settings: GenerationSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nine rows ending at different steps: on a graph engine each shrink keeps ``row_bucket`` slots
+    (so that shapes repeat from batch to batch), here once with an idle row beside five live ones,
+    and every row still gets its single-prompt answer and steps; an engine without graphs, which
+    captures nothing, shrinks to the live rows alone."""
+    net = model()
+    rows = prompts((3, 8, 5, 6, 4, 7, 3, 5, 6), seed=2)
+    alone = [Engine(net).generate([row], settings)[0] for row in rows]
+    kept: list[tuple[int, int]] = []  # (slots kept, of them live)
+    keep_rows = BatchRun._keep_rows
+
+    def recording(run: BatchRun, slots: list[int]) -> None:
+        kept.append((len(slots), sum(run.rows.active[s] for s in slots)))
+        keep_rows(run, slots)
+
+    monkeypatch.setattr(BatchRun, "_keep_rows", recording)
+    together = graph_engine_on_the_cpu(net).generate(rows, settings)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert [r.steps for r in together] == [r.steps for r in alone]
+    assert all(size == row_bucket(live) for size, live in kept)
+    assert (6, 5) in kept
+    kept.clear()
+    assert [r.tokens for r in Engine(net).generate(rows, settings)] == [r.tokens for r in alone]
+    assert kept and all(size == live for size, live in kept)
+
+
+@pytest.mark.parametrize("settings", [SHRINKING, replace(SHRINKING, cfg_scale=1.0),
+                                      replace(SHRINKING, reuse_decided=True)])
+def test_a_row_joins_an_idle_slot_kept_by_a_shrink_beside_a_dropped_row(settings: GenerationSettings) -> None:
+    """After nine rows shrink to six slots (one idle, kept for the bucket), a new prompt takes that
+    slot without growing the batch, a live row is dropped, and on the CPU graph engine every other
+    row, the finished ones included, keeps its single-prompt answer."""
+    net = model()
+    rows = prompts((3, 8, 5, 6, 4, 7, 3, 5, 6), seed=2)
+    run = graph_engine_on_the_cpu(net).start(rows, settings, prompt_room=8)
+    while run.x.shape[0] == 9:
+        assert run.advance()
+    assert run.x.shape[0] == 6 and len(run.rows.free()) == 1
+    slot, newcomer = run.rows.free()[0], prompts((4,), seed=77)[0]
+    assert run.add([newcomer]) == [9] and run.rows.ids[slot] == 9 and run.x.shape[0] == 6
+    dropped = next(run.rows.ids[s] for s in run.rows.live() if run.rows.ids[s] != 9)
+    run.drop(dropped)
+    while run.advance():
+        pass
+    plain = Engine(net)
+    kept = [r for r in range(10) if r != dropped]
+    assert [run.result(r).tokens for r in kept] == [plain.generate([(rows + [newcomer])[r]], settings)[0].tokens
+                                                    for r in kept]
 
 
 def record_query_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -707,7 +773,7 @@ def test_every_cache_mode_has_its_behaviour() -> None:
 
 def test_the_pool_keeps_small_idle_caches_beyond_two_and_large_ones_only_two(monkeypatch) -> None:
     """By default the engine keeps every idle cache while they total at most ``POOLED_BYTES`` (a batch
-    of short answers shrinks through six shapes; each shape that leaves the pool recaptures its
+    of short answers shrinks through several shapes; each shape that leaves the pool recaptures its
     graphs on the next call), but never fewer than two; ``max_pooled_caches`` sets the count."""
     import llada.engine.runtime as runtime_module
 

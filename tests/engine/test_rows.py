@@ -34,3 +34,14 @@ def test_rows_follow_their_callers_through_slot_changes() -> None:
     with pytest.raises(RuntimeError, match="still decoding"):
         rows.result(0, end_ids=(END,))
     assert rows.steps == [2, 1, 1, 1, 0, 0]
+
+
+def test_a_shrink_keeps_idle_slots_idle_and_free_to_join() -> None:
+    """A batch shrinking to a bucket keeps some idle slots beside the live ones: they stay idle (not
+    stepped, not decoding) and free for a joining row, and their finished rows keep their results."""
+    rows = Rows(batch=4, gen_length=4, block_length=2, mask_id=MASK)
+    rows.finish([1, 3], torch.tensor([[5, END, MASK, MASK], [6, END, MASK, MASK]]))
+    rows.keep([0, 1, 2])
+    assert rows.ids == [0, 1, 2] and rows.live() == [0, 2] and rows.free() == [1]
+    assert rows.result(1, end_ids=(END,)).tokens == [5, END]
+    assert rows.join(rows.free()) == [4] and rows.ids == [0, 4, 2] and rows.live() == [0, 1, 2]

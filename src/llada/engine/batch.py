@@ -5,10 +5,9 @@ Rows share one KV cache and one forward pass per step, but each row has its own 
 step within it: with a confidence threshold a row whose block is decided moves on to its next block
 (and refreshes its cache rows) while others are still working on theirs, and a row whose answer is
 complete stops. A row can also be dropped between steps (its request was cancelled): it stops at once
-and gets no result. Finished and dropped rows stay in the batch, idle, until half of it is idle; then
-the batch shrinks to the rows still decoding (a smaller shape, captured once more as a CUDA graph),
-unless a scheduler holds the slots for waiting requests (``hold_slots``). Until then a new prompt can
-take an idle row's slot (``add``; with the prefix cache only while every row is in its first block).
+and gets no result. Idle rows stay until half the batch is idle; then it shrinks to the smallest of a
+few sizes (``row_bucket``) holding the rows still decoding, unless a scheduler holds the slots for
+waiting requests (``hold_slots``). An idle slot can take a new prompt (``add``; prefix cache: block 0).
 
 Per step: rows that start a block (or are due a refresh) are refreshed and the other rows take a
 cached step (``passes.py``: their block alone, or, with the prefix cache, everything from the block
@@ -30,7 +29,7 @@ from llada.diffusion.sampling import num_transfer_tokens
 from llada.engine.commits import decided_through_end, needed
 from llada.engine.layout import BatchLayout, BatchTensors
 from llada.engine.passes import Passes
-from llada.engine.rows import Rows
+from llada.engine.rows import Rows, row_bucket
 from llada.engine.runtime import Runtime
 from llada.engine.settings import Generation, GenerationSettings, StepUpdate
 from llada.model.kv_cache import KVCache
@@ -315,11 +314,12 @@ class BatchRun:
             self._shrink_if_idle(live)
 
     def _shrink_if_idle(self, live: list[int]) -> None:
-        """Shrink the batch to its ``live`` rows once half of it is idle, unless ``hold_slots``. Also run
-        before every step: rows that went idle while the slots were held are let go once they are not."""
+        """Once half of the batch is idle (unless ``hold_slots``; also checked before every step), shrink it
+        to the ``live`` rows, and on graph engines idle ones filling it to ``row_bucket`` slots (fewer)."""
         batch = self.x.shape[0]
         if not self.hold_slots and len(live) < batch and len(live) <= math.ceil(batch / 2):
-            self._keep_rows(live)
+            size = row_bucket(len(live)) if self.runtime.cuda_graphs else len(live)
+            self._keep_rows(sorted(live + [s for s in range(batch) if not self.rows.active[s]][:size - len(live)]))
 
     def _keep_rows(self, rows: list[int]) -> None:
         keep = torch.tensor(rows, device=self.runtime.device)

@@ -19,8 +19,9 @@ docs/engine.md for measured agreement and speed.
 
 Batches: prompts of different lengths are left-padded and their padding hidden from attention;
 every row decodes the same answer layout at its own pace (``batch.py``); rows that finish early
-(an end-of-text token with everything before it decided) stop decoding, and the batch shrinks to
-the rows still decoding once half of it is done.
+(an end-of-text token with everything before it decided) stop decoding, and once half of the batch
+is done it shrinks to the rows still decoding (with CUDA graphs, to the smallest of a few sizes
+that holds them, ``rows.row_bucket``: sizes that repeat, so that their graphs are captured once).
 ``Engine.start`` returns a ``BatchRun`` whose ``step()`` advances one denoising step, so a server
 can interleave many runs and let requests join and leave between steps (``scheduler.py``).
 

@@ -14,6 +14,26 @@ import torch
 from llada.engine.settings import Generation
 
 
+def row_bucket(rows: int) -> int:
+    """The number of slots a shrinking batch keeps for ``rows`` rows still decoding: the smallest power
+    of two, or three times one (1, 2, 3, 4, 6, 8, 12, 16, 24, ...), that holds them.
+
+    Every row count is a new shape, and a new shape costs a CUDA graph capture, far more than a
+    replay. Rows end when their answers do, so a batch shrinking to exactly its live rows meets a
+    shape it has not seen at almost every shrink (rollouts of 256 short answers captured one or two
+    graphs per batch long after warm-up). On these sizes the shapes repeat from batch to batch, at
+    the cost of computing idle rows (whose results are not used) while the batch is small: less
+    than a third of the slots, at most half again as many rows as are live. So only engines that
+    capture graphs keep them; elsewhere the idle rows would cost without saving anything. The same
+    sizes hold for deterministic engines: a row's answer there does not depend on its batch, so
+    keeping idle rows changes no answer.
+    """
+    if rows < 1:
+        raise ValueError(f"a batch keeps at least one row, got {rows}")
+    power = 1 << (rows - 1).bit_length()  # the smallest power of two >= rows
+    return power * 3 // 4 if power >= 4 and power * 3 // 4 >= rows else power
+
+
 class Rows:
     """Per slot: the caller's row in it (None: empty), its block, its step in that block, whether it
     is decoding, and (``reuse_decided``) how many positions of its block the next step must query.
@@ -48,12 +68,12 @@ class Rows:
         return [slot for slot in range(self.slots) if not self.active[slot]]
 
     def keep(self, slots: Sequence[int]) -> None:
-        """The batch shrank to ``slots`` (live ones), in that order."""
+        """The batch shrank to ``slots`` (live or idle), in that order."""
         self.ids = [self.ids[s] for s in slots]
         self.block = [self.block[s] for s in slots]
         self.block_step = [self.block_step[s] for s in slots]
         self.needed = [self.needed[s] for s in slots]
-        self.active = [True] * len(slots)
+        self.active = [self.active[s] for s in slots]
 
     def grow(self, extra: int) -> None:
         """The batch grew by ``extra`` empty slots."""

@@ -156,8 +156,8 @@ class Runtime:
     def _pool_full(self) -> bool:
         """Whether the idle caches are more than the pool keeps: ``max_pooled_caches`` of them if set;
         by default at least ``POOLED_CACHES`` and more while their entries total at most
-        ``POOLED_BYTES``. A batch shrinks through several cache shapes as its rows finish (six for 32
-        short answers), and a shape that left the pool captures its graphs again on the next call:
+        ``POOLED_BYTES``. A batch shrinks through several cache shapes as its rows finish (``row_bucket``
+        sizes), and a shape that left the pool captures its graphs again on the next call:
         small caches are cheap to keep, large ones (the 8B shape's) are not."""
         count = len(self._free_caches)
         if self.max_pooled_caches is not None:
