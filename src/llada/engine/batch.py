@@ -319,7 +319,7 @@ class BatchRun:
         batch = self.x.shape[0]
         if not self.hold_slots and len(live) < batch and len(live) <= math.ceil(batch / 2):
             size = row_bucket(len(live)) if self.runtime.cuda_graphs else len(live)
-            self._keep_rows(sorted(live + [s for s in range(batch) if not self.rows.active[s]][:size - len(live)]))
+            self._keep_rows(sorted(live + self.rows.free()[:size - len(live)]))
 
     def _keep_rows(self, rows: list[int]) -> None:
         keep = torch.tensor(rows, device=self.runtime.device)
