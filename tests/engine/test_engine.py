@@ -342,15 +342,6 @@ def test_batched_results_equal_single_prompt_results(cache: str, keep_prompt: bo
 SHRINKING = GenerationSettings(gen_length=16, block_length=4, policy="threshold", threshold=0.3)
 
 
-def test_row_buckets_are_the_smallest_power_of_two_or_three_times_one_that_holds_the_rows() -> None:
-    sizes = sorted({m << k for m in (1, 3) for k in range(12)})
-    for rows in range(1, 1025):
-        assert row_bucket(rows) == min(size for size in sizes if size >= rows)
-        assert row_bucket(rows) < 1.5 * rows or rows == 1  # at most half as many idle rows again
-    with pytest.raises(ValueError, match="at least one row"):
-        row_bucket(0)
-
-
 @pytest.mark.parametrize("settings", [SHRINKING, replace(SHRINKING, cfg_scale=1.0), replace(SHRINKING, reuse_decided=True)])
 def test_a_shrinking_batch_keeps_idle_rows_up_to_a_bucket_and_every_rows_answer(
         settings: GenerationSettings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llada.engine.rows import Rows
+from llada.engine.rows import Rows, row_bucket
 
 MASK, END = 99, 7
 
@@ -45,3 +45,12 @@ def test_a_shrink_keeps_idle_slots_idle_and_free_to_join() -> None:
     assert rows.ids == [0, 1, 2] and rows.live() == [0, 2] and rows.free() == [1]
     assert rows.result(1, end_ids=(END,)).tokens == [5, END]
     assert rows.join(rows.free()) == [4] and rows.ids == [0, 4, 2] and rows.live() == [0, 1, 2]
+
+
+def test_row_buckets_are_the_smallest_power_of_two_or_three_times_one_that_holds_the_rows() -> None:
+    sizes = sorted({m << k for m in (1, 3) for k in range(12)})
+    for rows in range(1, 1025):
+        assert row_bucket(rows) == min(size for size in sizes if size >= rows)
+        assert row_bucket(rows) < 1.5 * rows or rows == 1  # at most half as many idle rows again
+    with pytest.raises(ValueError, match="at least one row"):
+        row_bucket(0)
