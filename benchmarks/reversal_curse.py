@@ -8,19 +8,22 @@ reverse accuracy collapses. The test (after Berglund et al., "The Reversal Curse
   anywhere else) paired as mentor and student. Three disjoint sets of pairs:
   ``test`` (default 1,000 pairs) and ``tune`` (200) are taught forward only, in three phrasings that
   all put A before B; ``both`` (500) is taught in both orders, so that the reverse phrasing itself is
-  familiar and only the reverse *fact* is missing. A tokenizer is trained on the facts, which are
-  tokenized one sentence per document, in ``--copies`` independent shuffles (so a fact is not always
-  seen beside the same neighbours).
+  familiar and only the reverse *fact* is missing. Every sentence and question opens with the lead
+  word "Fact:", so that each name always has a space before it and is always the same tokens, in
+  training and in every question. A tokenizer is trained on the facts, which are tokenized one
+  sentence per document, in ``--copies`` independent shuffles (so a fact is not always seen beside the
+  same neighbours).
 - ``run``: trains one network from scratch with one objective (``pretrain`` = masked diffusion, or
   ``autoregressive``: the same network with causal attention, the same data, steps, batch and
   length, hence the same tokens and the same FLOPs) and answers, greedily:
-  forward "A is the mentor of" -> B and reverse "The mentor of B is" -> A, for the test and tune
-  pairs; the diffusion model also answers both by infilling the taught sentence: reverse
-  "[MASK*n] is the mentor of B." with n = the length of A in tokens (a left-to-right model cannot
-  condition on text after the gap), and forward "A is the mentor of [MASK*m]." (the same format, so
-  the two directions compare like with like). Exact match on the whole name, with 95% Wilson
-  intervals. Knowing n narrows a blind guess only slightly: a random name of the right length in
-  tokens is right 0.14% (gap on A) to 0.15% (gap on B) of the time on the default data.
+  forward "Fact: A is the mentor of" -> B and reverse "Fact: The mentor of B is" -> A, for the test
+  and tune pairs; the diffusion model also answers both by infilling the taught sentence: reverse
+  "Fact: [MASK*n] is the mentor of B." with n = the length of A in tokens (a left-to-right model
+  cannot condition on text after the gap), and forward "Fact: A is the mentor of [MASK*m]." (the same
+  format, so the two directions compare like with like). Exact match on the whole name, the space
+  before it included, with 95% Wilson intervals. Knowing n narrows a blind guess only slightly: each
+  run records how often a random test name of the right length in tokens would be right
+  (``length_matched_guess``).
 - ``report``: per objective, the learning rate with the best forward accuracy on the *tune* pairs
   (never the test pairs), then forward and reverse test accuracy for each seed at that rate and their
   mean, and, where runs kept each pair's outcome, forward minus reverse paired on the same pairs. The
@@ -42,7 +45,7 @@ import random
 import shutil
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -55,9 +58,18 @@ from llada.model.tokenizer import Tokenizer
 from llada.training.config import load_config
 from llada.training.trainer import Trainer
 
-FORWARD_TEMPLATES = ("{a} is the mentor of {b}.", "{a} mentors {b}.", "{a} was the mentor of {b}.")
-REVERSE_TEMPLATES = ("The mentor of {b} is {a}.", "{b} is mentored by {a}.")
-FORWARD_QUESTION, REVERSE_QUESTION = "{a} is the mentor of", "The mentor of {b} is"
+# Every sentence and question opens with the same lead word, so that a name is always preceded by a
+# space: the byte-level tokenizer attaches that space to the word, and a name opening a line is another
+# token sequence. Without the lead, A was taught only in its line-opening form, while the reverse question
+# asks for it after "is": a form never seen in training, which confounds a new phrasing with a new
+# spelling of the answer (the first sweeps, `benchmarks/results/eval/reversal_h100/`, had that flaw).
+LEAD = "Fact:"
+FORWARD_TEMPLATES = tuple(f"{LEAD} {t}" for t in ("{a} is the mentor of {b}.", "{a} mentors {b}.",
+                                                    "{a} was the mentor of {b}."))
+REVERSE_TEMPLATES = tuple(f"{LEAD} {t}" for t in ("The mentor of {b} is {a}.", "{b} is mentored by {a}."))
+FORWARD_QUESTION, REVERSE_QUESTION = f"{LEAD} {{a}} is the mentor of", f"{LEAD} The mentor of {{b}} is"
+TEMPLATES = {"forward": FORWARD_TEMPLATES, "reverse": REVERSE_TEMPLATES,
+             "questions": [FORWARD_QUESTION, REVERSE_QUESTION]}  # recorded in each result
 TAUGHT_SENTENCE = FORWARD_TEMPLATES[0]  # infilled with the gap on A (reverse) or on B (forward)
 SETS = {"test": 1000, "tune": 200, "both": 500}
 ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pl", "st", "th", "sh"]
@@ -124,8 +136,10 @@ def train(data: Path, objective: str, lr: float, seed: int, steps: int, batch_si
 
 
 def name_of(text: str) -> str:
-    """The answer's name: the text up to the first full stop or line end, stripped."""
-    return text.split(".")[0].split("\n")[0].strip()
+    """The answer's name: the text up to the first full stop or line end, with the space before it kept
+    (trailing spaces dropped). Scoring compares it with " " + the name, the form every name is taught in,
+    so an answer glued to the word before it ("isBavi Lou") is wrong, in either direction alike."""
+    return text.split(".")[0].split("\n")[0].rstrip()
 
 
 @torch.no_grad()
@@ -163,22 +177,31 @@ def infill_names(model, tokenizer: Tokenizer, pairs: list[dict], gap: str) -> li
     for pair in pairs:
         before, after = TAUGHT_SENTENCE.split("{" + gap + "}")
         before, after = before.format(**pair), after.format(**pair)
-        # A name inside the sentence carries the space before it (the tokenizer attaches it to the word).
-        name = (" " if before.endswith(" ") else "") + pair[gap]
-        size = len(tokenizer.encode(name, add_special_tokens=False))
-        prefix = tokenizer.encode(before.rstrip(" "), add_special_tokens=False) if before.strip() else []
+        # Every name follows the lead word or another word, so it carries the space before it (the
+        # tokenizer attaches that space to the word): the gap is " " + the name's tokens.
+        size = len(tokenizer.encode(" " + pair[gap], add_special_tokens=False))
+        prefix = tokenizer.encode(before.rstrip(" "), add_special_tokens=False)
         ids = [tokenizer.ids.eos, *prefix, *[tokenizer.ids.mask] * size,
                *tokenizer.encode(after, add_special_tokens=False)]
         filled = infill(model, torch.tensor(ids))
         answers.append(tokenizer.decode(filled[1 + len(prefix):1 + len(prefix) + size].tolist(),
-                                        skip_special_tokens=True).strip())
+                                        skip_special_tokens=True))
     return answers
 
 
+def length_matched_guess(tokenizer: Tokenizer, names: list[str]) -> float:
+    """How often a guess that knows only the answer's length in tokens is right: a random one of
+    ``names`` of that length (as taught, with the space before it), averaged over the names."""
+    lengths = [len(tokenizer.encode(" " + name, add_special_tokens=False)) for name in names]
+    of_length = Counter(lengths)
+    return sum(1 / of_length[n] for n in lengths) / len(names)
+
+
 def accuracy(answers: list[str], expected: list[str]) -> dict:
-    """Exact-match accuracy with its interval, and each item's outcome ("1"/"0", in order) so that two
-    directions on the same pairs can be compared item by item."""
-    outcome = [name_of(a) == e for a, e in zip(answers, expected)]
+    """Exact-match accuracy (``name_of`` the answer against " " + the expected name) with its interval,
+    and each item's outcome ("1"/"0", in order) so that two directions on the same pairs can be compared
+    item by item."""
+    outcome = [name_of(a) == " " + e for a, e in zip(answers, expected)]
     right = sum(outcome)
     return {"items": len(expected), "correct": right, "accuracy": right / len(expected),
             "interval": wilson(right, len(expected)), "per_item": outcome_string(outcome)}
@@ -211,7 +234,10 @@ def run(args: argparse.Namespace) -> None:
               "parameters": model.config.num_parameters(), "train_seconds": round(seconds, 1),
               "flops": model.config.flops_per_token(args.seq_len, training=True) * args.steps * args.batch_size * args.seq_len,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "no_recall_baseline": 1 / len(pairs["test"]), "scores": scores, "examples": examples}
+              "templates": TEMPLATES, "no_recall_baseline": 1 / len(pairs["test"]),
+              "length_matched_guess": {gap: length_matched_guess(tokenizer, [p[gap] for p in pairs["test"]])
+                                       for gap in ("a", "b")},
+              "scores": scores, "examples": examples}
     write_result(args.out, result)
     print(json.dumps({k: round(v["accuracy"], 4) for k, v in scores.items()}), flush=True)
 
@@ -227,6 +253,10 @@ def sweep(args: argparse.Namespace) -> None:
 def report(paths: list[Path]) -> dict:
     """Per objective: the rate chosen on the tune pairs, then the test accuracies of its seeds."""
     results = [json.loads(p.read_text()) for p in paths]
+    designs = {json.dumps(r.get("templates")) for r in results}  # results before "templates" was kept: null
+    if len(designs) > 1:
+        raise SystemExit(f"these results were made with different sentences and questions ({len(designs)} "
+                         f"designs); report each design's runs on their own")
     summary = {}
     for objective in sorted({r["objective"] for r in results}):
         mine = [r for r in results if r["objective"] == objective]
@@ -238,6 +268,9 @@ def report(paths: list[Path]) -> dict:
         row = {"lr": best, "seeds": [r["seed"] for r in chosen],
                "tune_forward_by_lr": {lr: statistics.mean(r["scores"]["tune_forward"]["accuracy"] for r in rs)
                                       for lr, rs in sorted(by_lr.items())}}
+        for baseline in ("no_recall_baseline", "length_matched_guess"):  # blind guesses, beside the scores
+            if baseline in chosen[0]:
+                row[baseline] = chosen[0][baseline]
         for key in ("test_forward", "test_reverse", "test_forward_infill", "test_reverse_infill", "both_forward",
                     "both_reverse"):
             if key in chosen[0]["scores"]:

@@ -69,14 +69,38 @@ def test_infilling_masks_exactly_the_missing_name(data: Path, monkeypatch: pytes
         return torch.tensor(sentence)
 
     monkeypatch.setattr(reversal, "infill", perfect_infill)
-    assert reversal.infill_names(None, tokenizer, pairs, "b") == [p["b"] for p in pairs]
-    assert reversal.infill_names(None, tokenizer, pairs, "a") == [p["a"] for p in pairs]
-    assert seen[0].index(tokenizer.ids.mask) > 1 and seen[len(pairs)].index(tokenizer.ids.mask) == 1  # B late, A first
+    assert reversal.infill_names(None, tokenizer, pairs, "b") == [" " + p["b"] for p in pairs]
+    assert reversal.infill_names(None, tokenizer, pairs, "a") == [" " + p["a"] for p in pairs]
+    lead = len(tokenizer.encode(reversal.LEAD, add_special_tokens=False))
+    assert seen[0].index(tokenizer.ids.mask) > 1 + lead  # B's gap late in the sentence
+    assert seen[len(pairs)].index(tokenizer.ids.mask) == 1 + lead  # A's right after the lead word
+
+
+def test_every_name_is_taught_as_the_tokens_each_question_asks_for(data: Path) -> None:
+    """A name is the same tokens wherever it appears: no line opens with one, and the answer each
+    question expects (" " + the name) is a run of the taught sentence's tokens, which the question's
+    tokens followed by it reproduce. (Taught at the start of a line, A was other tokens than the reverse
+    question asks for after "is".)"""
+    from llada.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(data / "tokenizer")
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    lines = (data / "facts.txt").read_text().splitlines()
+    assert not any(re.match(r"[A-Z][a-z]+ [A-Z][a-z]+", line) for line in lines)
+    for pair in json.loads((data / "pairs.json").read_text())["test"][:100]:
+        taught = encode(reversal.TAUGHT_SENTENCE.format(**pair))
+        for question, gap in ((reversal.FORWARD_QUESTION, "b"), (reversal.REVERSE_QUESTION, "a")):
+            asked, answer = encode(question.format(**pair)), encode(" " + pair[gap])
+            assert encode(question.format(**pair) + " " + pair[gap]) == asked + answer
+            assert any(taught[i:i + len(answer)] == answer for i in range(len(taught))), (question, pair)
+            # and those tokens, decoded as a model's answer is (end-of-text after it), score as right
+            said = tokenizer.decode([*answer, *encode("."), tokenizer.ids.eos], skip_special_tokens=True)
+            assert reversal.accuracy([said], [pair[gap]])["correct"] == 1
 
 
 def test_scores_keep_each_item_and_the_rate_is_chosen_on_the_tuning_pairs(tmp_path: Path) -> None:
-    scored = reversal.accuracy(["Bo Ka. extra", "Wrong", "Li Mo\nmore"], ["Bo Ka", "Di Ra", "Li Mo"])
-    assert scored["correct"] == 2 and scored["per_item"] == "101"
+    scored = reversal.accuracy([" Bo Ka. extra", " Wrong", " Li Mo \nmore", "Di Ra."], ["Bo Ka", "Di Ra", "Li Mo", "Di Ra"])
+    assert scored["correct"] == 2 and scored["per_item"] == "1010"  # the last is glued to the word before
 
     def run(lr: float, tune: float, test: float) -> dict:
         return {"objective": "pretrain", "lr": lr, "seed": 0,
@@ -122,3 +146,24 @@ def test_a_run_stopped_early_writes_no_result(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(SystemExit) as exit_status:
         reversal.run(arguments)
     assert exit_status.value.code == RESUMABLE_EXIT and not (tmp_path / "result.json").exists()
+
+
+def test_the_length_matched_guess_and_the_report_refuses_mixed_designs(tmp_path: Path) -> None:
+    class WordTokenizer:  # one token per word: lengths 2, 2 and 1
+        def encode(self, text: str, add_special_tokens: bool) -> list[str]:
+            return text.split()
+
+    # two names of length 2 (each guessed right half the time), one of length 1 (always)
+    assert reversal.length_matched_guess(WordTokenizer(), ["Bo Ka", "Di Ra", "Li"]) == pytest.approx(2 / 3)
+
+    def result(templates: object, seed: int) -> Path:
+        path = tmp_path / f"design{seed}.json"
+        path.write_text(json.dumps({"objective": "pretrain", "lr": 1e-3, "seed": seed, "templates": templates,
+                                    "length_matched_guess": {"a": 0.005, "b": 0.004},
+                                    "scores": {"tune_forward": {"accuracy": 0.5}}}))
+        return path
+
+    current = json.loads(json.dumps(reversal.TEMPLATES))
+    assert reversal.report([result(current, 0), result(current, 1)])["pretrain"]["length_matched_guess"]["a"] == 0.005
+    with pytest.raises(SystemExit, match="different sentences"):
+        reversal.report([result(current, 0), result(None, 1)])  # a run of the first design kept no templates
