@@ -128,8 +128,6 @@ def train(data: Path, objective: str, lr: float, seed: int, steps: int, batch_si
                  f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 20)}", f"seed={seed}", f"out_dir={out_dir}",
                  "eval_every=0", "save_every=0", "sample_every=0", f"model.overrides={json.dumps(NETWORK)}",
                  f"compile={torch.cuda.is_available()}"]
-    if objective == "autoregressive":
-        overrides.append("data.random_length_probability=0")
     trainer = Trainer(load_config("configs/demo_pretrain.yaml", overrides))
     trainer.run()
     return trainer
