@@ -133,10 +133,15 @@ def train(data: Path, objective: str, lr: float, seed: int, steps: int, batch_si
     return trainer
 
 
+def as_taught(name: str) -> str:
+    """A name as every sentence and question has it: after a space (see ``LEAD``), which the tokenizer
+    attaches to the word. Answers are scored against this form, and gaps are sized by it."""
+    return " " + name
+
+
 def name_of(text: str) -> str:
     """The answer's name: the text up to the first full stop or line end, with the space before it kept
-    (trailing spaces dropped). Scoring compares it with " " + the name, the form every name is taught in,
-    so an answer glued to the word before it ("isBavi Lou") is wrong, in either direction alike."""
+    (trailing spaces dropped). Scoring compares it with ``as_taught`` the name, so an answer glued to the word before it ("isBavi Lou") is wrong, in either direction alike."""
     return text.split(".")[0].split("\n")[0].rstrip()
 
 
@@ -175,9 +180,7 @@ def infill_names(model, tokenizer: Tokenizer, pairs: list[dict], gap: str) -> li
     for pair in pairs:
         before, after = TAUGHT_SENTENCE.split("{" + gap + "}")
         before, after = before.format(**pair), after.format(**pair)
-        # Every name follows the lead word or another word, so it carries the space before it (the
-        # tokenizer attaches that space to the word): the gap is " " + the name's tokens.
-        size = len(tokenizer.encode(" " + pair[gap], add_special_tokens=False))
+        size = len(tokenizer.encode(as_taught(pair[gap]), add_special_tokens=False))
         prefix = tokenizer.encode(before.rstrip(" "), add_special_tokens=False)
         ids = [tokenizer.ids.eos, *prefix, *[tokenizer.ids.mask] * size,
                *tokenizer.encode(after, add_special_tokens=False)]
@@ -189,17 +192,17 @@ def infill_names(model, tokenizer: Tokenizer, pairs: list[dict], gap: str) -> li
 
 def length_matched_guess(tokenizer: Tokenizer, names: list[str]) -> float:
     """How often a guess that knows only the answer's length in tokens is right: a random one of
-    ``names`` of that length (as taught, with the space before it), averaged over the names."""
-    lengths = [len(tokenizer.encode(" " + name, add_special_tokens=False)) for name in names]
+    ``names`` of that length (``as_taught``), averaged over the names."""
+    lengths = [len(tokenizer.encode(as_taught(name), add_special_tokens=False)) for name in names]
     of_length = Counter(lengths)
     return sum(1 / of_length[n] for n in lengths) / len(names)
 
 
 def accuracy(answers: list[str], expected: list[str]) -> dict:
-    """Exact-match accuracy (``name_of`` the answer against " " + the expected name) with its interval,
+    """Exact-match accuracy (``name_of`` the answer against ``as_taught`` the expected name) with its interval,
     and each item's outcome ("1"/"0", in order) so that two directions on the same pairs can be compared
     item by item."""
-    outcome = [name_of(a) == " " + e for a, e in zip(answers, expected)]
+    outcome = [name_of(a) == as_taught(e) for a, e in zip(answers, expected)]
     right = sum(outcome)
     return {"items": len(expected), "correct": right, "accuracy": right / len(expected),
             "interval": wilson(right, len(expected)), "per_item": outcome_string(outcome)}
